@@ -1,0 +1,281 @@
+//! kunpayctl: the operators' command line. Exit codes: 0 success, 1 failure (for `verify`: the
+//! signature is invalid), 2 usage, configuration or I/O error, 3 the daemon cannot be reached.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kunpay::config::{Config, Mode};
+use kunpay::crypto::keyfile::{self, PassphraseSource};
+use kunpay::crypto::sm2::{DEFAULT_DISTID, PrivateKey, SignatureFormat, Signer, Verifier};
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_UNREACHABLE: u8 = 3;
+
+#[derive(Parser)]
+#[command(name = "kunpayctl", version, about = "Operate a kunpay node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an SM2 key pair as standard PEM (PKCS#8 private key, mode 0600; SPKI public key).
+    Keygen {
+        #[arg(long, value_name = "SK.pem")]
+        private: PathBuf,
+        #[arg(long, value_name = "PUB.pem")]
+        public: PathBuf,
+        /// Encrypt the private key (PBES2, AES-256-CBC) with the passphrase in this file.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Sign a file with SM2/SM3; writes a DER signature (or raw r||s with --format raw).
+    Sign {
+        #[arg(long, value_name = "SK.pem")]
+        key: PathBuf,
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        #[arg(long, value_name = "SIG.der")]
+        out: PathBuf,
+        /// Distinguishing id (the signer's user id in GB/T 32918).
+        #[arg(long, default_value = DEFAULT_DISTID)]
+        id: String,
+        #[arg(long, default_value = "der")]
+        format: SignatureFormat,
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Verify an SM2/SM3 signature: exit 0 valid, 1 invalid, 2 usage or I/O error.
+    Verify {
+        #[arg(long, value_name = "PUB.pem")]
+        pubkey: PathBuf,
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+        #[arg(long, value_name = "SIG.der")]
+        sig: PathBuf,
+        #[arg(long, default_value = DEFAULT_DISTID)]
+        id: String,
+        #[arg(long, default_value = "der")]
+        format: SignatureFormat,
+    },
+    /// Validate a configuration file and what it points at; print every problem.
+    CheckConfig {
+        #[arg(long, value_name = "PATH", default_value = kunpay::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Database administration.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+    /// Ask the running daemon how it is (through its ops listener).
+    Status {
+        #[arg(long, value_name = "PATH", default_value = kunpay::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Ops listener base URL, instead of reading ops.listen from the configuration.
+        #[arg(long, value_name = "URL")]
+        ops: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Apply the schema migrations this binary carries (idempotent; safe to run twice).
+    Migrate {
+        #[arg(long, value_name = "PATH", default_value = kunpay::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Database URL instead of database.url (password from database.password_* still applies).
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keygen {
+            private,
+            public,
+            passphrase_file,
+        } => keygen(&private, &public, passphrase_file),
+        Command::Sign {
+            key,
+            input,
+            out,
+            id,
+            format,
+            passphrase_file,
+        } => sign(&key, &input, &out, &id, format, passphrase_file),
+        Command::Verify {
+            pubkey,
+            input,
+            sig,
+            id,
+            format,
+        } => verify(&pubkey, &input, &sig, &id, format),
+        Command::CheckConfig { config } => match kunpay::daemon::check_config(&config) {
+            Ok(_) => {
+                println!("{}: configuration is valid", config.display());
+                Ok(0)
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                Ok(EXIT_USAGE)
+            }
+        },
+        Command::Db {
+            command: DbCommand::Migrate { config, database_url },
+        } => migrate(&config, database_url),
+        Command::Status { config, ops } => status(&config, ops),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("kunpayctl: {}", kunpay::logging::mask::mask_line(&format!("{e:#}")));
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn read_passphrase(path: Option<PathBuf>) -> anyhow::Result<Option<zeroize::Zeroizing<Vec<u8>>>> {
+    path.map(|p| PassphraseSource::File(p).read().context("reading --passphrase-file"))
+        .transpose()
+}
+
+fn keygen(private: &Path, public: &Path, passphrase_file: Option<PathBuf>) -> anyhow::Result<u8> {
+    let passphrase = read_passphrase(passphrase_file)?;
+    let key = PrivateKey::generate()?;
+    keyfile::write_private_key(private, &key, passphrase.as_deref().map(|p| p.as_slice()))?;
+    keyfile::write_public_key(public, &key.public_key())?;
+    println!("wrote private key {} (mode 0600) and public key {}", private.display(), public.display());
+    Ok(0)
+}
+
+fn sign(
+    key: &Path,
+    input: &Path,
+    out: &Path,
+    id: &str,
+    format: SignatureFormat,
+    passphrase_file: Option<PathBuf>,
+) -> anyhow::Result<u8> {
+    let source = passphrase_file.map(PassphraseSource::File);
+    let key = keyfile::load_private_key(key, source.as_ref(), "--passphrase-file")?;
+    let message = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    let signature = Signer::new(&key, id)?.sign(&message, format)?;
+    std::fs::write(out, signature).with_context(|| format!("writing {}", out.display()))?;
+    Ok(0)
+}
+
+fn verify(pubkey: &Path, input: &Path, sig: &Path, id: &str, format: SignatureFormat) -> anyhow::Result<u8> {
+    let public = keyfile::load_public_key(pubkey)?;
+    let message = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    let signature = std::fs::read(sig).with_context(|| format!("reading {}", sig.display()))?;
+    match Verifier::new(&public, id)?.verify(&message, &signature, format) {
+        Ok(()) => {
+            println!("signature valid");
+            Ok(0)
+        }
+        Err(e) => {
+            println!("signature INVALID: {e}");
+            Ok(EXIT_FAILURE)
+        }
+    }
+}
+
+fn migrate(config_path: &Path, database_url: Option<String>) -> anyhow::Result<u8> {
+    let (url, password) = match (database_url, Config::load(config_path, Mode::Development)) {
+        (Some(url), Ok(config)) => (url, config.database.password),
+        (Some(url), Err(_)) => (url, None),
+        (None, Ok(config)) => (
+            config
+                .database
+                .url
+                .as_ref()
+                .map(|u| u.expose().to_string())
+                .with_context(|| format!("{}: database.url is not set; pass --database-url", config_path.display()))?,
+            config.database.password,
+        ),
+        (None, Err(errors)) => {
+            eprintln!("{errors}");
+            return Ok(EXIT_USAGE);
+        }
+    };
+    let password = password
+        .map(|source| -> anyhow::Result<_> {
+            let bytes = source.read()?;
+            Ok(kunpay::config::Secret::new(String::from_utf8(bytes.to_vec()).context("password is not UTF-8")?))
+        })
+        .transpose()?;
+    let settings = kunpay::db::ConnectSettings {
+        url: kunpay::config::Secret::new(url),
+        password,
+        pool_max_size: 1,
+        pool_min_idle: 0,
+        connect_timeout: Duration::from_secs(10),
+        statement_timeout: Duration::from_secs(600),
+        application_name: "kunpayctl db migrate".to_string(),
+    };
+    let mut conn = kunpay::db::connect_one(&settings)?;
+    let applied = kunpay::db::migrate(&mut conn)?;
+    if applied.is_empty() {
+        println!("{}: schema is current; nothing to apply", settings.display_target());
+    } else {
+        for version in &applied {
+            println!("applied migration {version}");
+        }
+        println!("{}: {} migration(s) applied", settings.display_target(), applied.len());
+    }
+    Ok(0)
+}
+
+fn status(config_path: &Path, ops: Option<String>) -> anyhow::Result<u8> {
+    let base = match ops {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => {
+            let config = match Config::load(config_path, Mode::Development) {
+                Ok(config) => config,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return Ok(EXIT_USAGE);
+                }
+            };
+            let mut addr = config.ops.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let url = format!("{base}/status");
+    let mut response = match agent.get(&url).call() {
+        Ok(response) => response,
+        Err(e) => {
+            eprintln!("kunpayctl: cannot reach the ops listener at {url}: {e}; is kunpayd running?");
+            return Ok(EXIT_UNREACHABLE);
+        }
+    };
+    let body = response.body_mut().read_to_string().context("reading the status answer")?;
+    let report: kunpay::ops::NodeReport =
+        serde_json::from_str(&body).with_context(|| format!("{url} did not answer with a kunpay status"))?;
+    println!("node       {}", report.node);
+    println!("role       {}", report.role);
+    println!("state      {}", report.state);
+    println!("database   {}", report.database);
+    println!("version    {}", report.version);
+    println!("pid        {}", report.pid);
+    println!("run        {}", report.run_id);
+    println!("uptime     {}", humantime::format_duration(Duration::from_secs(report.uptime_seconds)));
+    let healthy = report.state == "running" && report.database == "up";
+    Ok(if healthy { 0 } else { EXIT_FAILURE })
+}

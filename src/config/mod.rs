@@ -1,0 +1,513 @@
+//! kunpay's configuration: `/etc/kunpay/kunpay.toml` (or `--config PATH`).
+//!
+//! Owns: the schema (every key, its type, default, range and meaning — mirrored in
+//! docs/configuration.md and packaging/kunpay.toml), validation that reports every problem at
+//! once, and the split between keys a SIGHUP may change and keys that need a restart.
+//! Must never: touch the network or the database, or keep a secret (passwords, passphrases) in a
+//! form that `Debug` prints.
+
+mod reader;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use reader::{ConfigErrors, ConfigIssue, parse_duration, parse_size_with_unit};
+use reader::Reader;
+
+use crate::crypto::keyfile::PassphraseSource;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kunpay/kunpay.toml";
+
+/// The node's role until the HA issue makes it dynamic: it decides what `/primary` and
+/// `/standby` answer and therefore where F5 sends traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Active,
+    Standby,
+}
+
+impl FromStr for Role {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "active" => Ok(Role::Active),
+            "standby" => Ok(Role::Standby),
+            _ => Err(()),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    Syslog,
+    Stderr,
+}
+
+impl FromStr for LogTarget {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "syslog" => Ok(LogTarget::Syslog),
+            "stderr" => Ok(LogTarget::Stderr),
+            _ => Err(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(()),
+        }
+    }
+}
+
+/// A string that must not appear in logs or `Debug` output (database passwords, URLs with one).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Account to drop to after binding and reading keys when started as root.
+    pub user: String,
+    /// Group to drop to; the user's primary group when absent.
+    pub group: Option<String>,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct OpsConfig {
+    pub listen: SocketAddr,
+    /// Bound on the database probe behind /health, /primary, /standby and /readiness.
+    pub health_timeout: Duration,
+    /// /liveness answers 503 when the internal heartbeat is older than this.
+    pub liveness_ttl: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// libpq URL without the password; `None` only in `--dev` mode (embedded cluster).
+    pub url: Option<Secret>,
+    pub password: Option<PassphraseSource>,
+    pub pool_max_size: u32,
+    pub pool_min_idle: u32,
+    pub connect_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeysConfig {
+    /// kunpay's own SM2 signing key (responses, notifications, audit checkpoints).
+    pub sign_private: PathBuf,
+    pub sign_passphrase: Option<PassphraseSource>,
+    /// Serial under which institutions know our signing key (goes into message headers).
+    pub sign_key_serial: String,
+    pub distinguishing_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LifecycleConfig {
+    /// How long SIGTERM waits for in-flight requests before giving up on them.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub target: LogTarget,
+    /// An `EnvFilter` directive such as `info` or `info,kunpay::ops=debug`.
+    pub level: String,
+    pub format: LogFormat,
+    pub syslog_facility: String,
+    /// Longer log lines are cut so one runaway message cannot flood syslog.
+    pub max_line: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: PathBuf,
+    pub node: NodeConfig,
+    pub service: ServiceConfig,
+    pub ops: OpsConfig,
+    pub database: DatabaseConfig,
+    pub keys: KeysConfig,
+    pub lifecycle: LifecycleConfig,
+    pub log: LogConfig,
+}
+
+/// How strict loading is about keys that only the embedded development setup may omit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Production,
+    /// `kunpayd --dev`: a missing `database.url` means "start the embedded cluster".
+    Development,
+}
+
+const SYSLOG_FACILITIES: &[&str] = &[
+    "daemon", "user", "auth", "authpriv", "local0", "local1", "local2", "local3", "local4", "local5", "local6",
+    "local7",
+];
+
+impl Config {
+    /// Reads and validates a file; the error lists every problem with file, line, key and reason.
+    pub fn load(path: &Path, mode: Mode) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: path.to_path_buf(),
+            issues: vec![ConfigIssue {
+                key: String::new(),
+                line: None,
+                reason: format!("cannot read the configuration file: {e}"),
+            }],
+        })?;
+        Config::parse(path, text, mode)
+    }
+
+    pub fn parse(path: &Path, text: String, mode: Mode) -> Result<Config, ConfigErrors> {
+        // The parser consumes the text; keep a copy to turn an error's byte offset into a line.
+        let raw_for_errors = text.clone();
+        let doc = match toml_edit::Document::parse(text) {
+            Ok(doc) => doc,
+            Err(e) => {
+                return Err(ConfigErrors {
+                    file: path.to_path_buf(),
+                    issues: vec![ConfigIssue {
+                        key: String::new(),
+                        line: e.span().map(|span| reader::line_of(&raw_for_errors, span.start)),
+                        reason: format!("not valid TOML: {}", e.message()),
+                    }],
+                });
+            }
+        };
+        let mut r = Reader::new(&doc);
+        let config = read_config(&mut r, path, mode);
+        let issues = r.finish();
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors {
+                file: path.to_path_buf(),
+                issues,
+            })
+        }
+    }
+
+    /// Keys that differ between two loads and need a restart to take effect.
+    pub fn restart_required_changes(&self, newer: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let a = self;
+        let b = newer;
+        if a.node.id != b.node.id {
+            changed.push("node.id");
+        }
+        if a.service.user != b.service.user || a.service.group != b.service.group {
+            changed.push("service.user/service.group");
+        }
+        if a.service.state_dir != b.service.state_dir {
+            changed.push("service.state_dir");
+        }
+        if a.ops.listen != b.ops.listen || a.ops.max_connections != b.ops.max_connections {
+            changed.push("ops.listen/ops.max_connections");
+        }
+        if a.database.url != b.database.url
+            || a.database.password != b.database.password
+            || a.database.pool_max_size != b.database.pool_max_size
+            || a.database.pool_min_idle != b.database.pool_min_idle
+            || a.database.connect_timeout != b.database.connect_timeout
+            || a.database.statement_timeout != b.database.statement_timeout
+        {
+            changed.push("database.*");
+        }
+        if a.keys.sign_private != b.keys.sign_private
+            || a.keys.sign_passphrase != b.keys.sign_passphrase
+            || a.keys.sign_key_serial != b.keys.sign_key_serial
+            || a.keys.distinguishing_id != b.keys.distinguishing_id
+        {
+            changed.push("keys.*");
+        }
+        if a.log.target != b.log.target || a.log.format != b.log.format || a.log.syslog_facility != b.log.syslog_facility
+        {
+            changed.push("log.target/log.format/log.syslog_facility");
+        }
+        changed
+    }
+}
+
+fn read_passphrase_source(r: &mut Reader, file_key: &str, credential_key: &str) -> Option<PassphraseSource> {
+    let file = r.opt_path(file_key);
+    let credential = r.opt_str(credential_key);
+    match (file, credential) {
+        (Some(_), Some(_)) => {
+            r.reject(credential_key, format!("set either {file_key} or {credential_key}, not both"));
+            None
+        }
+        (Some(file), None) => Some(PassphraseSource::File(file)),
+        (None, Some(name)) => {
+            if name.is_empty() || name.contains('/') {
+                r.reject(credential_key, format!("\"{name}\" is not a credential name (no '/', not empty)"));
+                None
+            } else {
+                Some(PassphraseSource::Credential(name))
+            }
+        }
+        (None, None) => None,
+    }
+}
+
+fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
+    let node = NodeConfig {
+        id: {
+            let id = r.str_or("node.id", "kunpay-1");
+            if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                r.reject("node.id", format!("\"{id}\" must be 1-64 characters of A-Z a-z 0-9 - _ ."));
+            }
+            id
+        },
+        role: r.parsed_or("node.role", Role::Active, "a role; use \"active\" or \"standby\""),
+    };
+
+    let service = ServiceConfig {
+        user: r.str_or("service.user", "kunpay"),
+        group: r.opt_str("service.group"),
+        state_dir: r.opt_path("service.state_dir").unwrap_or_else(|| PathBuf::from("/var/lib/kunpay")),
+    };
+
+    let ops = OpsConfig {
+        listen: r.parsed_or(
+            "ops.listen",
+            SocketAddr::from(([127, 0, 0, 1], 9401)),
+            "an address; use IP:PORT such as \"127.0.0.1:9401\" or \"[::1]:9401\"",
+        ),
+        health_timeout: r.duration_or(
+            "ops.health_timeout",
+            Duration::from_secs(2),
+            (Duration::from_millis(100), Duration::from_secs(60)),
+        ),
+        liveness_ttl: r.duration_or(
+            "ops.liveness_ttl",
+            Duration::from_secs(10),
+            (Duration::from_secs(2), Duration::from_secs(600)),
+        ),
+        max_connections: r.int_or("ops.max_connections", 64, 1..=4096) as usize,
+    };
+
+    let url = r.opt_str("database.url");
+    if url.is_none() && mode == Mode::Production {
+        r.reject(
+            "database.url",
+            "is required; set it to a libpq URL such as \"postgres://kunpay@db.example:5432/kunpay\" \
+             (the embedded database exists only with kunpayd --dev)",
+        );
+        // `reject` cannot find a missing key's line; nothing more to add.
+    }
+    if let Some(url) = &url
+        && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+    {
+        r.reject("database.url", "must start with postgres:// or postgresql://");
+    }
+    if let Some(url) = &url
+        && url_has_password(url)
+    {
+        r.reject(
+            "database.url",
+            "contains a password; put it in database.password_file or database.password_credential instead",
+        );
+    }
+    let database = DatabaseConfig {
+        url: url.map(Secret::new),
+        password: read_passphrase_source(r, "database.password_file", "database.password_credential"),
+        pool_max_size: r.int_or("database.pool_max_size", 16, 1..=1024) as u32,
+        pool_min_idle: r.int_or("database.pool_min_idle", 1, 0..=1024) as u32,
+        connect_timeout: r.duration_or(
+            "database.connect_timeout",
+            Duration::from_secs(5),
+            (Duration::from_millis(100), Duration::from_secs(300)),
+        ),
+        statement_timeout: r.duration_or(
+            "database.statement_timeout",
+            Duration::from_secs(30),
+            (Duration::from_millis(100), Duration::from_secs(3600)),
+        ),
+        migrate_on_start: r.bool_or("database.migrate_on_start", false),
+    };
+    if database.pool_min_idle > database.pool_max_size {
+        r.reject(
+            "database.pool_min_idle",
+            format!(
+                "{} is larger than database.pool_max_size ({})",
+                database.pool_min_idle, database.pool_max_size
+            ),
+        );
+    }
+
+    let keys = KeysConfig {
+        sign_private: r
+            .opt_path("keys.sign_private")
+            .unwrap_or_else(|| PathBuf::from("/etc/kunpay/keys/node-sign.pem")),
+        sign_passphrase: read_passphrase_source(r, "keys.sign_passphrase_file", "keys.sign_passphrase_credential"),
+        sign_key_serial: r.str_or("keys.sign_key_serial", "01"),
+        distinguishing_id: {
+            let id = r.str_or("keys.distinguishing_id", crate::crypto::sm2::DEFAULT_DISTID);
+            if id.is_empty() || id.len() > 8191 {
+                r.reject("keys.distinguishing_id", "must be 1 to 8191 bytes");
+            }
+            id
+        },
+    };
+
+    let lifecycle = LifecycleConfig {
+        drain_timeout: r.duration_or(
+            "lifecycle.drain_timeout",
+            Duration::from_secs(30),
+            (Duration::from_millis(100), Duration::from_secs(3600)),
+        ),
+    };
+
+    let log = LogConfig {
+        target: r.parsed_or("log.target", LogTarget::Syslog, "a log target; use \"syslog\" or \"stderr\""),
+        level: {
+            let level = r.str_or("log.level", "info");
+            if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+                r.reject("log.level", format!("\"{level}\" is not a filter ({e}); use e.g. \"info\" or \"info,kunpay=debug\""));
+            }
+            level
+        },
+        format: r.parsed_or("log.format", LogFormat::Text, "a log format; use \"text\" or \"json\""),
+        syslog_facility: {
+            let facility = r.str_or("log.syslog_facility", "daemon");
+            if !SYSLOG_FACILITIES.contains(&facility.as_str()) {
+                r.reject(
+                    "log.syslog_facility",
+                    format!("\"{facility}\" is not a facility; use one of {}", SYSLOG_FACILITIES.join(", ")),
+                );
+            }
+            facility
+        },
+        max_line: r.size_or("log.max_line", 8 * 1024, (256, 1024 * 1024)) as usize,
+    };
+
+    Config {
+        source: path.to_path_buf(),
+        node,
+        service,
+        ops,
+        database,
+        keys,
+        lifecycle,
+        log,
+    }
+}
+
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map(|(_, rest)| rest).unwrap_or(url);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let in_userinfo = match authority.rsplit_once('@') {
+        Some((userinfo, _)) => userinfo.contains(':'),
+        None => false,
+    };
+    in_userinfo || url.contains("password=")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(Path::new("/etc/kunpay/kunpay.toml"), text.to_string(), Mode::Production)
+    }
+
+    #[test]
+    fn minimal_production_config_uses_documented_defaults() {
+        let config = parse("[database]\nurl = \"postgres://kunpay@db:5432/kunpay\"\n").unwrap();
+        assert_eq!(config.node.role, Role::Active);
+        assert_eq!(config.ops.listen, "127.0.0.1:9401".parse().unwrap());
+        assert_eq!(config.lifecycle.drain_timeout, Duration::from_secs(30));
+        assert_eq!(config.keys.distinguishing_id, "1234567812345678");
+        assert_eq!(config.log.max_line, 8192);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_file_line_and_key() {
+        let text = "[node]\nrole = \"primary\"\n[ops]\nlisten = \"nowhere\"\nhealth_timeout = \"2\"\n\
+                    [database]\nurl = \"postgres://kunpay:hunter2@db/kunpay\"\npool_max_size = 0\ncolour = \"red\"\n";
+        let errors = parse(text).unwrap_err();
+        let rendered = errors.to_string();
+        let lines: Vec<&str> = rendered.lines().collect();
+        assert_eq!(lines.len(), 6, "{rendered}");
+        assert!(lines[0].starts_with("/etc/kunpay/kunpay.toml:2: node.role: \"primary\" is not a role"));
+        assert!(lines[1].starts_with("/etc/kunpay/kunpay.toml:4: ops.listen:"));
+        assert!(lines[2].contains(":5: ops.health_timeout: \"2\" has no unit"));
+        assert!(lines[3].contains(":7: database.url: contains a password"));
+        assert!(!rendered.contains("hunter2"), "a password must not be echoed: {rendered}");
+        assert!(rendered.contains(":8: database.pool_max_size: 0 is out of range"));
+        assert!(rendered.contains(":9: database.colour: unknown key"));
+    }
+
+    #[test]
+    fn production_requires_a_database_url_but_development_does_not() {
+        let errors = parse("").unwrap_err().to_string();
+        assert!(errors.contains("database.url: is required"), "{errors}");
+        Config::parse(Path::new("dev.toml"), String::new(), Mode::Development).unwrap();
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let errors = parse("[ops]\nlisten = \n").unwrap_err();
+        assert_eq!(errors.issues.len(), 1);
+        assert!(errors.to_string().contains("not valid TOML"), "{errors}");
+    }
+
+    #[test]
+    fn secrets_are_not_debug_printed() {
+        let secret = Secret::new("postgres://u@h/d".into());
+        assert_eq!(format!("{secret:?}"), "Secret(***)");
+    }
+}

@@ -1,0 +1,437 @@
+//! The daemon's life: start-up in a fixed order, readiness, reload, drain and exit.
+//!
+//! Owns: the start-up sequence (config -> logging -> crypto self-test -> keys -> bind ->
+//! privilege drop -> runtime -> database -> serve -> READY=1), systemd notifications and
+//! watchdog pings, SIGHUP reload, and the SIGTERM drain with its deadline.
+//! Must never: tell systemd READY=1 before every listener is bound and the database answers,
+//! leave a listener or a half-started cluster behind when start-up fails, or exit 0 after
+//! cutting off a request.
+
+pub mod dev;
+pub mod privilege;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{Config, ConfigIssue, Mode, Secret};
+use crate::crypto::keyfile::{self, PassphraseSource};
+use crate::db::{self, ConnectSettings};
+use crate::logging::{self, LogHandle};
+use crate::ops::{self, NodeState};
+use crate::server;
+
+/// Exit codes, documented in docs/operations.md and used by the systemd unit
+/// (`RestartPreventExitStatus=2`: restarting cannot fix a bad configuration).
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_CONFIG: u8 = 2;
+
+pub struct Options {
+    pub config: PathBuf,
+    /// `--dev DIR`: generate config and keys in DIR and run the embedded database there.
+    pub dev_dir: Option<PathBuf>,
+}
+
+/// Runs the daemon to completion and returns the process exit code.
+pub fn run(options: Options) -> ExitCode {
+    match start(options) {
+        Ok(code) => ExitCode::from(code),
+        Err(Fatal::Config(message)) => {
+            eprintln!("{message}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Fatal::Other(error)) => {
+            // One line, on stderr (the journal keeps it) and in the log when that is syslog.
+            let line = logging::mask::mask_line(&format!("{error:#}")).into_owned();
+            tracing::error!("start-up failed: {line}");
+            eprintln!("kunpayd: {line}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+enum Fatal {
+    Config(String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Fatal {
+    fn from(error: anyhow::Error) -> Self {
+        Fatal::Other(error)
+    }
+}
+
+/// What start-up reads while still privileged, handed to the async part.
+struct Prepared {
+    config: Config,
+    mode: Mode,
+    log: LogHandle,
+    ops_listener: std::net::TcpListener,
+    connect: ConnectSettings,
+    dev_url: Option<Secret>,
+    dev_cluster: Option<db::cluster::PrivateCluster>,
+}
+
+fn start(options: Options) -> Result<u8, Fatal> {
+    let (config_path, mode, dev_paths) = match &options.dev_dir {
+        Some(dir) => {
+            let paths = dev::DevPaths::new(dir)?;
+            let created = dev::prepare(&paths)?;
+            for item in created {
+                println!("kunpayd --dev: created {item}");
+            }
+            (paths.config.clone(), Mode::Development, Some(paths))
+        }
+        None => (options.config.clone(), Mode::Production, None),
+    };
+    let mut config = Config::load(&config_path, mode).map_err(|e| Fatal::Config(e.to_string()))?;
+    let log = logging::init(&config.log, "kunpayd").map_err(|e| Fatal::Other(e.context("setting up logging")))?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config_path.display(), "kunpayd starting");
+
+    crate::crypto::self_test().context("cryptographic self-test failed; this binary must not sign anything")?;
+    let sign_key = keyfile::load_private_key(
+        &config.keys.sign_private,
+        config.keys.sign_passphrase.as_ref(),
+        "keys.sign_passphrase_file",
+    )
+    .context("loading keys.sign_private")?;
+    // Prove the key signs under the configured distinguishing id before anyone relies on it.
+    crate::crypto::sm2::Signer::new(&sign_key, &config.keys.distinguishing_id)
+        .context("keys.distinguishing_id cannot be used with keys.sign_private")?;
+    drop(sign_key);
+
+    let password = match &config.database.password {
+        Some(source) => Some(read_secret(source, "database.password_file")?),
+        None => None,
+    };
+
+    let ops_listener = server::bind(config.ops.listen, "ops.listen")?;
+
+    // The embedded cluster starts after the bind so a port clash fails before a server starts.
+    let (dev_cluster, dev_url) = match &dev_paths {
+        Some(paths) => {
+            let cluster = dev::start_database(paths)?;
+            let url = Secret::new(cluster.url("kunpay"));
+            config.database.url = Some(url.clone());
+            (Some(cluster), Some(url))
+        }
+        None => (None, None),
+    };
+    let url = config.database.url.clone().context("database.url is not set")?;
+    let connect = ConnectSettings {
+        url,
+        password,
+        pool_max_size: config.database.pool_max_size,
+        pool_min_idle: config.database.pool_min_idle,
+        connect_timeout: config.database.connect_timeout,
+        statement_timeout: config.database.statement_timeout,
+        application_name: format!("kunpayd {}", config.node.id),
+    };
+
+    if nix::unistd::geteuid().is_root() {
+        let (uid, gid) = privilege::drop_to(&config.service.user, config.service.group.as_deref())?;
+        tracing::info!(user = %config.service.user, uid = uid.as_raw(), gid = gid.as_raw(), "dropped root privileges");
+    } else {
+        tracing::info!("started unprivileged; no privilege drop needed");
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kunpayd")
+        .build()
+        .context("starting the async runtime")?;
+    let prepared = Prepared {
+        config,
+        mode,
+        log,
+        ops_listener,
+        connect,
+        dev_url,
+        dev_cluster,
+    };
+    let code = runtime.block_on(serve(prepared))?;
+    // Blocking tasks (a stuck probe) must not hold the exit hostage.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(code)
+}
+
+async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
+    let Prepared {
+        mut config,
+        mode,
+        log,
+        ops_listener,
+        connect,
+        dev_url,
+        mut dev_cluster,
+    } = prepared;
+
+    let migrate = config.database.migrate_on_start;
+    let node_id = config.node.id.clone();
+    let role = config.node.role;
+    let settings = connect.clone();
+    let (pool, run_id) = tokio::task::spawn_blocking(move || -> anyhow::Result<(db::Pool, i64)> {
+        let pool = db::connect(&settings)?;
+        let mut conn = db::checkout(&pool, settings.connect_timeout)?;
+        if migrate {
+            let applied = db::migrate(&mut conn)?;
+            if !applied.is_empty() {
+                tracing::info!(applied = %applied.join(", "), "database migrations applied");
+            }
+        }
+        db::ensure_schema_current(&mut conn)?;
+        let run_id = db::record_start(&mut conn, &node_id, role)?;
+        Ok((pool, run_id))
+    })
+    .await
+    .context("database start-up task")??;
+
+    let state = NodeState::new(
+        config.node.id.clone(),
+        config.node.role,
+        pool.clone(),
+        config.ops.health_timeout,
+        config.ops.liveness_ttl,
+    );
+    state.set_run_id(run_id);
+    let ops_served = server::serve(
+        "ops",
+        ops_listener,
+        ops::router(state.clone()),
+        config.ops.max_connections,
+        state.metrics.clone(),
+    )?;
+    let heartbeat = tokio::spawn(heartbeat(state.clone()));
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+
+    {
+        let pool = pool.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let mut conn = db::checkout(&pool, Duration::from_secs(5))?;
+            db::record_ready(&mut conn, run_id)?;
+            Ok(())
+        })
+        .await??;
+    }
+    state.mark_ready();
+    let status = format!("serving as {}; ops on {}", config.node.role, ops_served.local_addr);
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    tracing::info!(
+        node = %config.node.id,
+        role = %config.node.role,
+        ops = %ops_served.local_addr,
+        database = %connect.display_target(),
+        run_id,
+        "kunpayd ready"
+    );
+    if mode == Mode::Development {
+        print_dev_banner(&config, &ops_served, &connect);
+    }
+
+    let reason = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => {
+                reload(&mut config, mode, dev_url.as_ref(), &log, &state);
+            }
+        }
+    };
+
+    tracing::info!(
+        signal = reason,
+        in_flight = ops_served.in_flight(),
+        deadline_ms = config.lifecycle.drain_timeout.as_millis() as u64,
+        "stopping: draining in-flight requests"
+    );
+    notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+    state.begin_drain();
+    let deadline = Instant::now() + config.lifecycle.drain_timeout;
+    let abandoned = ops_served.drain(deadline).await;
+    heartbeat.abort();
+
+    let stop_reason = if abandoned == 0 {
+        format!("{reason}; drained cleanly")
+    } else {
+        format!("{reason}; {abandoned} request(s) abandoned at the drain deadline")
+    };
+    let record = {
+        let pool = pool.clone();
+        let stop_reason = stop_reason.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let mut conn = db::checkout(&pool, Duration::from_secs(2))?;
+            db::record_stop(&mut conn, run_id, &stop_reason)?;
+            Ok(())
+        })
+    };
+    match tokio::time::timeout(Duration::from_secs(3), record).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "could not record the stop in node_run"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not record the stop in node_run"),
+        Err(_) => tracing::warn!("recording the stop in node_run timed out"),
+    }
+    drop(pool);
+    if let Some(cluster) = dev_cluster.as_mut() {
+        if let Err(e) = cluster.stop() {
+            tracing::warn!(error = %e, "could not stop the embedded database");
+        }
+    }
+
+    if abandoned == 0 {
+        tracing::info!(reason = %stop_reason, "kunpayd stopped");
+        Ok(EXIT_OK)
+    } else {
+        tracing::error!(
+            abandoned,
+            deadline_ms = config.lifecycle.drain_timeout.as_millis() as u64,
+            "kunpayd stopped with requests cut off at lifecycle.drain_timeout"
+        );
+        Ok(EXIT_FAILURE)
+    }
+}
+
+/// Ticks the liveness heartbeat and, under a systemd watchdog, pings it at half its interval.
+async fn heartbeat(state: Arc<NodeState>) {
+    let watchdog = sd_notify::watchdog_enabled();
+    let period = watchdog.map(|usec| usec / 2).unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        state.beat();
+        if watchdog.is_some() {
+            notify(&[NotifyState::Watchdog]);
+        }
+    }
+}
+
+/// SIGHUP: re-reads the file; applies what can change live, keeps the old values otherwise.
+fn reload(config: &mut Config, mode: Mode, dev_url: Option<&Secret>, log: &LogHandle, state: &NodeState) {
+    let mut newer = match Config::load(&config.source, mode) {
+        Ok(newer) => newer,
+        Err(errors) => {
+            for line in errors.to_string().lines() {
+                tracing::error!("reload rejected, previous configuration stays in force: {line}");
+            }
+            state
+                .metrics
+                .config_reloads
+                .get_or_create(&ops::metrics::ResultLabels { result: "rejected" })
+                .inc();
+            return;
+        }
+    };
+    if let Some(url) = dev_url {
+        newer.database.url = Some(url.clone());
+    }
+    if let Err(e) = log.set_level(&newer.log.level) {
+        tracing::error!(error = %e, "reload: log.level not applied");
+    }
+    if newer.node.role != config.node.role {
+        tracing::warn!(from = %config.node.role, to = %newer.node.role, "reload: node.role changed");
+        state.set_role(newer.node.role);
+    }
+    state.set_timeouts(newer.ops.health_timeout, newer.ops.liveness_ttl);
+    for key in config.restart_required_changes(&newer) {
+        tracing::warn!(key, "reload: this change takes effect only after a restart");
+    }
+    // Keep what a restart needs to change as it was, so later reloads compare against what runs.
+    config.node.role = newer.node.role;
+    config.ops.health_timeout = newer.ops.health_timeout;
+    config.ops.liveness_ttl = newer.ops.liveness_ttl;
+    config.lifecycle = newer.lifecycle.clone();
+    config.log.level = newer.log.level.clone();
+    state
+        .metrics
+        .config_reloads
+        .get_or_create(&ops::metrics::ResultLabels { result: "applied" })
+        .inc();
+    tracing::info!(level = %config.log.level, role = %config.node.role, "configuration reloaded");
+}
+
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "systemd notification failed");
+    }
+}
+
+fn read_secret(source: &PassphraseSource, config_key: &str) -> anyhow::Result<Secret> {
+    let bytes = source.read().with_context(|| format!("reading {config_key}"))?;
+    let text = std::str::from_utf8(&bytes).with_context(|| format!("{config_key}: the secret is not UTF-8"))?;
+    Ok(Secret::new(text.to_string()))
+}
+
+fn print_dev_banner(config: &Config, ops_served: &server::Served, connect: &ConnectSettings) {
+    let ops = ops_served.local_addr;
+    println!();
+    println!("kunpay development node {} is running (pid {})", config.node.id, std::process::id());
+    println!("  ops listener   http://{ops}/  (/primary /health /readiness /metrics /status)");
+    println!("  database       {} (embedded)", connect.display_target());
+    println!("  configuration  {}", config.source.display());
+    println!("  try            curl -s http://{ops}/status ; kunpayctl status --ops http://{ops}");
+    println!("  stop           Ctrl-C, or kill -TERM {}; the embedded database stops with it", std::process::id());
+    println!();
+}
+
+/// `kunpayd --check-config` and `kunpayctl check-config`: the file, then what it points at
+/// (key files and their permissions, passphrases, the service account). Every problem is
+/// listed; nothing is started.
+pub fn check_config(path: &Path) -> Result<Config, String> {
+    let config = Config::load(path, Mode::Production).map_err(|e| e.to_string())?;
+    let mut issues: Vec<ConfigIssue> = Vec::new();
+    let mut issue = |key: &str, reason: String| {
+        issues.push(ConfigIssue {
+            key: key.to_string(),
+            line: None,
+            reason,
+        })
+    };
+    match keyfile::load_private_key(
+        &config.keys.sign_private,
+        config.keys.sign_passphrase.as_ref(),
+        "keys.sign_passphrase_file",
+    ) {
+        Ok(key) => {
+            if let Err(e) = crate::crypto::sm2::Signer::new(&key, &config.keys.distinguishing_id) {
+                issue("keys.distinguishing_id", e.to_string());
+            }
+        }
+        Err(e) => issue("keys.sign_private", e.to_string()),
+    }
+    if let Some(source) = &config.database.password
+        && let Err(e) = source.read()
+    {
+        issue("database.password_file", e.to_string());
+    }
+    match nix::unistd::User::from_name(&config.service.user) {
+        Ok(Some(_)) => {}
+        Ok(None) => issue(
+            "service.user",
+            format!("user {:?} does not exist on this host", config.service.user),
+        ),
+        Err(e) => issue("service.user", format!("cannot look up {:?}: {e}", config.service.user)),
+    }
+    if let Some(group) = &config.service.group
+        && !matches!(nix::unistd::Group::from_name(group), Ok(Some(_)))
+    {
+        issue("service.group", format!("group {group:?} does not exist on this host"));
+    }
+    if issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(crate::config::ConfigErrors {
+            file: path.to_path_buf(),
+            issues,
+        }
+        .to_string())
+    }
+}

@@ -1,0 +1,12 @@
+//! kunpay: a hardened payment daemon for a bank's third-party online-payment business.
+//!
+//! docs/ARCHITECTURE.md is the map; each module's header says what it owns and what it must
+//! never do. Data flows one way: channel -> verify -> risk -> journal -> core -> respond/notify.
+
+pub mod config;
+pub mod crypto;
+pub mod daemon;
+pub mod db;
+pub mod logging;
+pub mod ops;
+pub mod server;

@@ -1,0 +1,122 @@
+//! Prometheus metrics: the registry and every metric kunpay exports on `/metrics`.
+//!
+//! Owns: metric names, help texts and label sets (labels are bounded enums or configured ids,
+//! never request data, so the series count stays bounded).
+//! Must never: put a card number, an amount or any request field into a label.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub listener: &'static str,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub role: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<RequestLabels, Counter>,
+    pub http_in_flight: Family<ListenerLabels, Gauge>,
+    pub http_rejected_overload: Family<ListenerLabels, Counter>,
+    pub http_duration: Family<ListenerLabels, Histogram>,
+    pub db_probe: Family<ResultLabels, Counter>,
+    pub db_probe_duration: Histogram,
+    pub db_pool_connections: Gauge,
+    pub db_pool_idle: Gauge,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub role: Family<RoleLabels, Gauge>,
+    pub draining: Gauge,
+    pub start_time_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    pub fn new(node_id: &str) -> Metrics {
+        let mut registry = Registry::with_prefix("kunpay");
+        registry.register(
+            "build",
+            "Build of the running kunpayd",
+            Info::new(vec![
+                ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+                ("node".to_string(), node_id.to_string()),
+            ]),
+        );
+        let metrics = Metrics {
+            http_requests: Family::default(),
+            http_in_flight: Family::default(),
+            http_rejected_overload: Family::default(),
+            http_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))),
+            db_probe: Family::default(),
+            db_probe_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            db_pool_connections: Gauge::default(),
+            db_pool_idle: Gauge::default(),
+            config_reloads: Family::default(),
+            role: Family::default(),
+            draining: Gauge::default(),
+            start_time_seconds: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("http_requests", "HTTP requests answered", metrics.http_requests.clone());
+        registry.register("http_requests_in_flight", "HTTP requests being served", metrics.http_in_flight.clone());
+        registry.register(
+            "http_requests_rejected_overload",
+            "HTTP requests refused because the listener's concurrency limit was reached",
+            metrics.http_rejected_overload.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            metrics.http_duration.clone(),
+        );
+        registry.register("db_probe", "Database health probes by result", metrics.db_probe.clone());
+        registry.register(
+            "db_probe_duration_seconds",
+            "Time taken by the database health probe",
+            metrics.db_probe_duration.clone(),
+        );
+        registry.register(
+            "db_pool_connections",
+            "Open connections in the main database pool",
+            metrics.db_pool_connections.clone(),
+        );
+        registry.register("db_pool_idle_connections", "Idle connections in the main database pool", metrics.db_pool_idle.clone());
+        registry.register("config_reloads", "SIGHUP configuration reloads by result", metrics.config_reloads.clone());
+        registry.register("node_role", "1 for the node's current role", metrics.role.clone());
+        registry.register("draining", "1 while the daemon drains before stopping", metrics.draining.clone());
+        registry.register(
+            "start_time_seconds",
+            "Start time of the process since the Unix epoch",
+            metrics.start_time_seconds.clone(),
+        );
+        Metrics { registry, ..metrics }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
