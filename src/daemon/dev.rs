@@ -66,6 +66,17 @@ pub fn start_database(paths: &DevPaths) -> anyhow::Result<PrivateCluster> {
     Ok(cluster)
 }
 
+/// 9401 as documented, unless something already holds it on this machine.
+fn dev_ops_port() -> u16 {
+    if std::net::TcpListener::bind(("127.0.0.1", 9401)).is_ok() {
+        return 9401;
+    }
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(9401)
+}
+
 fn dev_config(paths: &DevPaths) -> String {
     // As root the daemon drops to the account that runs the embedded cluster, so that it can
     // also stop that cluster when it exits.
@@ -92,7 +103,7 @@ user = "{user}"
 state_dir = "{state}"
 
 [ops]
-listen = "127.0.0.1:9401"
+listen = "127.0.0.1:{ops_port}"
 
 [database]
 # No url: kunpayd --dev starts the embedded cluster in {cluster}.
@@ -110,6 +121,7 @@ drain_timeout = "10s"
 target = "stderr"
 level = "info"
 "#,
+        ops_port = dev_ops_port(),
         state = paths.dir.join("state").display(),
         cluster = paths.cluster.display(),
         keys = paths.keys.display(),

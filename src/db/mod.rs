@@ -148,10 +148,13 @@ pub fn pending_migrations(conn: &mut PgConnection) -> Result<Vec<String>, DbErro
 /// Applies pending migrations under an advisory lock; returns the names applied.
 pub fn migrate(conn: &mut PgConnection) -> Result<Vec<String>, DbError> {
     diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")).execute(conn)?;
-    let result = conn
-        .run_pending_migrations(MIGRATIONS)
-        .map(|applied| applied.iter().map(|v| v.to_string()).collect::<Vec<_>>())
-        .map_err(|e| DbError::Migration(e.to_string()));
+    // Names ("2026-11-22-000001_node_run") rather than bare versions: they say what changed,
+    // and a 14-digit version would be masked in logs as if it were a card number.
+    let result = pending_migrations(conn).and_then(|names| {
+        conn.run_pending_migrations(MIGRATIONS)
+            .map_err(|e| DbError::Migration(e.to_string()))?;
+        Ok(names)
+    });
     // Unlock even when the migration failed, or the next attempt would wait forever.
     let unlock = diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")).execute(conn);
     let applied = result?;
