@@ -32,8 +32,12 @@ pub fn bind(addr: SocketAddr, config_key: &str) -> anyhow::Result<std::net::TcpL
                 "; another process holds it (find it with: ss -ltnp 'sport = :{}')",
                 addr.port()
             ),
-            io::ErrorKind::PermissionDenied => "; ports below 1024 need root or CAP_NET_BIND_SERVICE".to_string(),
-            io::ErrorKind::AddrNotAvailable => "; no interface of this host has that address".to_string(),
+            io::ErrorKind::PermissionDenied => {
+                "; ports below 1024 need root or CAP_NET_BIND_SERVICE".to_string()
+            }
+            io::ErrorKind::AddrNotAvailable => {
+                "; no interface of this host has that address".to_string()
+            }
             _ => String::new(),
         };
         anyhow::anyhow!("cannot listen on {addr} ({config_key}): {e}{hint}")
@@ -54,13 +58,21 @@ struct PermittedStream {
 }
 
 impl AsyncRead for PermittedStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for PermittedStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -85,7 +97,13 @@ impl axum::serve::Listener for BoundedListener {
             match self.inner.accept().await {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    return (PermittedStream { stream, _permit: permit }, peer);
+                    return (
+                        PermittedStream {
+                            stream,
+                            _permit: permit,
+                        },
+                        peer,
+                    );
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning on a full fd table.
@@ -117,7 +135,11 @@ async fn account(State(accounting): State<Accounting>, request: Request, next: N
     let labels = ListenerLabels {
         listener: accounting.listener,
     };
-    let gauge = accounting.metrics.http_in_flight.get_or_create(&labels).clone();
+    let gauge = accounting
+        .metrics
+        .http_in_flight
+        .get_or_create(&labels)
+        .clone();
     accounting.in_flight.fetch_add(1, Ordering::SeqCst);
     gauge.inc();
     let started = Instant::now();
@@ -157,7 +179,10 @@ pub fn serve(
     max_connections: usize,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Served> {
-    assert!(max_connections > 0, "a listener must accept at least one connection");
+    assert!(
+        max_connections > 0,
+        "a listener must accept at least one connection"
+    );
     let listener = TcpListener::from_std(listener)?;
     let local_addr = listener.local_addr()?;
     let in_flight = Arc::new(AtomicUsize::new(0));

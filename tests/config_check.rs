@@ -11,10 +11,16 @@ use common::*;
 fn a_valid_configuration_passes_both_checkers() {
     let dir = DaemonDir::new();
     dir.write_config("postgres://kunpay@127.0.0.1:5432/kunpay", "active", "");
-    let (code, stdout, stderr) = run(kunpayd().arg("--config").arg(dir.config_path()).arg("--check-config"));
+    let (code, stdout, stderr) = run(kunpayd()
+        .arg("--config")
+        .arg(dir.config_path())
+        .arg("--check-config"));
     assert_eq!(code, 0, "stderr: {stderr}");
     assert!(stdout.contains("configuration is valid"));
-    let (code, _, stderr) = run(kunpayctl().arg("check-config").arg("--config").arg(dir.config_path()));
+    let (code, _, stderr) = run(kunpayctl()
+        .arg("check-config")
+        .arg("--config")
+        .arg(dir.config_path()));
     assert_eq!(code, 0, "stderr: {stderr}");
 }
 
@@ -26,7 +32,10 @@ fn every_error_is_listed_with_file_line_key_and_reason() {
         "leader",
         "[lifecycle]\ndrain_timeout = \"30\"\nretries = 3\n",
     );
-    let (code, stdout, stderr) = run(kunpayd().arg("--config").arg(dir.config_path()).arg("--check-config"));
+    let (code, stdout, stderr) = run(kunpayd()
+        .arg("--config")
+        .arg(dir.config_path())
+        .arg("--check-config"));
     assert_eq!(code, 2, "a bad configuration exits 2; stdout: {stdout}");
     let file = dir.config_path().display().to_string();
     let lines: Vec<&str> = stderr.lines().collect();
@@ -36,8 +45,14 @@ fn every_error_is_listed_with_file_line_key_and_reason() {
         format!("{file}:3: node.role: \"leader\" is not a role; use \"active\" or \"standby\"")
     );
     assert!(lines[1].starts_with(&format!("{file}:")), "{stderr}");
-    assert!(lines[1].contains("lifecycle.drain_timeout: \"30\" has no unit"), "{stderr}");
-    assert!(lines[2].contains("lifecycle.retries: unknown key; known here: drain_timeout"), "{stderr}");
+    assert!(
+        lines[1].contains("lifecycle.drain_timeout: \"30\" has no unit"),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].contains("lifecycle.retries: unknown key; known here: drain_timeout"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -49,14 +64,33 @@ fn sizes_and_durations_take_units() {
         "[lifecycle]\ndrain_timeout = \"1500ms\"\n",
     );
     let text = std::fs::read_to_string(dir.config_path()).unwrap();
-    std::fs::write(dir.config_path(), text.replace("level = \"info\"", "level = \"info\"\nmax_line = \"16KiB\"")).unwrap();
-    let (code, _, stderr) = run(kunpayd().arg("--config").arg(dir.config_path()).arg("--check-config"));
+    std::fs::write(
+        dir.config_path(),
+        text.replace("level = \"info\"", "level = \"info\"\nmax_line = \"16KiB\""),
+    )
+    .unwrap();
+    let (code, _, stderr) = run(kunpayd()
+        .arg("--config")
+        .arg(dir.config_path())
+        .arg("--check-config"));
     assert_eq!(code, 0, "{stderr}");
 
-    std::fs::write(dir.config_path(), std::fs::read_to_string(dir.config_path()).unwrap().replace("\"16KiB\"", "\"16\"")).unwrap();
-    let (code, _, stderr) = run(kunpayd().arg("--config").arg(dir.config_path()).arg("--check-config"));
+    std::fs::write(
+        dir.config_path(),
+        std::fs::read_to_string(dir.config_path())
+            .unwrap()
+            .replace("\"16KiB\"", "\"16\""),
+    )
+    .unwrap();
+    let (code, _, stderr) = run(kunpayd()
+        .arg("--config")
+        .arg(dir.config_path())
+        .arg("--check-config"));
     assert_eq!(code, 2);
-    assert!(stderr.contains("log.max_line: \"16\" has no unit"), "{stderr}");
+    assert!(
+        stderr.contains("log.max_line: \"16\" has no unit"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -65,23 +99,40 @@ fn a_private_key_readable_by_others_is_refused_with_the_fix() {
     dir.write_config("postgres://kunpay@127.0.0.1:5432/kunpay", "active", "");
     let key = dir.path().join("keys/node-sign.pem");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (code, _, stderr) = run(kunpayd().arg("--config").arg(dir.config_path()).arg("--check-config"));
+    let (code, _, stderr) = run(kunpayd()
+        .arg("--config")
+        .arg(dir.config_path())
+        .arg("--check-config"));
     assert_eq!(code, 2);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("keys.sign_private"), "{stderr}");
     assert!(stderr.contains(&key.display().to_string()), "{stderr}");
-    assert!(stderr.contains("chmod"), "the message says how to fix it: {stderr}");
+    assert!(
+        stderr.contains("chmod"),
+        "the message says how to fix it: {stderr}"
+    );
 }
 
 #[test]
 fn a_missing_file_and_broken_toml_are_named() {
-    let (code, _, stderr) = run(kunpayd().args(["--config", "/nonexistent/kunpay.toml", "--check-config"]));
+    let (code, _, stderr) =
+        run(kunpayd().args(["--config", "/nonexistent/kunpay.toml", "--check-config"]));
     assert_eq!(code, 2);
-    assert!(stderr.starts_with("/nonexistent/kunpay.toml: cannot read the configuration file"), "{stderr}");
+    assert!(
+        stderr.starts_with("/nonexistent/kunpay.toml: cannot read the configuration file"),
+        "{stderr}"
+    );
 
     let dir = DaemonDir::new();
-    std::fs::write(dir.config_path(), "[ops]\nlisten = \"127.0.0.1:1\"\n[database\n").unwrap();
-    let (code, _, stderr) = run(kunpayd().arg("--config").arg(dir.config_path()).arg("--check-config"));
+    std::fs::write(
+        dir.config_path(),
+        "[ops]\nlisten = \"127.0.0.1:1\"\n[database\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run(kunpayd()
+        .arg("--config")
+        .arg(dir.config_path())
+        .arg("--check-config"));
     assert_eq!(code, 2);
     assert!(stderr.contains(":3: not valid TOML"), "{stderr}");
 }
@@ -112,8 +163,14 @@ fn the_shipped_example_configuration_is_valid_and_complete() {
             keys.push(format!("{section}.{key}"));
         }
     }
-    assert!(keys.len() >= 20, "the example lists every key, found only {keys:?}");
+    assert!(
+        keys.len() >= 20,
+        "the example lists every key, found only {keys:?}"
+    );
     for key in keys {
-        assert!(docs.contains(&format!("`{key}`")), "docs/configuration.md does not document `{key}`");
+        assert!(
+            docs.contains(&format!("`{key}`")),
+            "docs/configuration.md does not document `{key}`"
+        );
     }
 }

@@ -16,7 +16,10 @@ fn migrations_apply_once_and_are_idempotent() {
     assert!(!pending.is_empty());
     let applied = kunpay::db::migrate(&mut conn).unwrap();
     assert_eq!(applied.len(), pending.len());
-    assert!(kunpay::db::migrate(&mut conn).unwrap().is_empty(), "a second run applies nothing");
+    assert!(
+        kunpay::db::migrate(&mut conn).unwrap().is_empty(),
+        "a second run applies nothing"
+    );
     kunpay::db::ensure_schema_current(&mut conn).unwrap();
 }
 
@@ -38,7 +41,10 @@ fn schema_matches_migrations() {
         "INSERT INTO node_run (node_id, version, pid, role, started_at) VALUES ('n', 'v', 1, 'leader', now())",
     )
     .execute(&mut conn);
-    assert!(bad.is_err(), "role outside active/standby must be rejected by the CHECK");
+    assert!(
+        bad.is_err(),
+        "role outside active/standby must be rejected by the CHECK"
+    );
 }
 
 #[test]
@@ -46,10 +52,14 @@ fn kunpayctl_db_migrate_applies_and_reports() {
     let db = TestDb::new();
     let dir = DaemonDir::new();
     dir.write_config(db.url(), "active", "");
-    let (code, stdout, stderr) = run(kunpayctl().args(["db", "migrate", "--config"]).arg(dir.config_path()));
+    let (code, stdout, stderr) = run(kunpayctl()
+        .args(["db", "migrate", "--config"])
+        .arg(dir.config_path()));
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("migration(s) applied"), "{stdout}");
-    let (code, stdout, _) = run(kunpayctl().args(["db", "migrate", "--config"]).arg(dir.config_path()));
+    let (code, stdout, _) = run(kunpayctl()
+        .args(["db", "migrate", "--config"])
+        .arg(dir.config_path()));
     assert_eq!(code, 0);
     assert!(stdout.contains("schema is current"), "{stdout}");
 }
@@ -60,18 +70,32 @@ fn the_daemon_refuses_a_schema_behind_the_binary_unless_told_to_migrate() {
     let dir = DaemonDir::new();
     dir.write_config(db.url(), "active", "");
     let text = std::fs::read_to_string(dir.config_path()).unwrap();
-    std::fs::write(dir.config_path(), text.replace("migrate_on_start = true", "migrate_on_start = false")).unwrap();
+    std::fs::write(
+        dir.config_path(),
+        text.replace("migrate_on_start = true", "migrate_on_start = false"),
+    )
+    .unwrap();
     let mut daemon = Daemon::spawn(&dir);
-    let status = daemon.wait_exit(Duration::from_secs(30)).expect("refuses to start");
+    let status = daemon
+        .wait_exit(Duration::from_secs(30))
+        .expect("refuses to start");
     assert_eq!(status.code(), Some(1));
     let stderr = daemon.stderr();
-    assert!(stderr.contains("the database schema is behind this binary"), "{stderr}");
+    assert!(
+        stderr.contains("the database schema is behind this binary"),
+        "{stderr}"
+    );
     assert!(stderr.contains("kunpayctl db migrate"), "{stderr}");
 
-    let (code, _, stderr) = run(kunpayctl().args(["db", "migrate", "--config"]).arg(dir.config_path()));
+    let (code, _, stderr) = run(kunpayctl()
+        .args(["db", "migrate", "--config"])
+        .arg(dir.config_path()));
     assert_eq!(code, 0, "{stderr}");
     let mut daemon = Daemon::spawn(&dir);
     daemon.wait_ready();
     daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.wait_exit(Duration::from_secs(20)).unwrap().code(), Some(0));
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(20)).unwrap().code(),
+        Some(0)
+    );
 }

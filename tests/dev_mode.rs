@@ -35,14 +35,20 @@ fn a_development_node_starts_from_nothing_and_stops_with_its_database() {
     });
     let mut banner = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !banner.iter().any(|l: &String| l.trim_start().starts_with("stop")) {
+    while !banner
+        .iter()
+        .any(|l: &String| l.trim_start().starts_with("stop"))
+    {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match lines_rx.recv_timeout(remaining) {
             Ok(line) => banner.push(line),
             Err(_) => {
                 let _ = child.kill();
                 let output = child.wait_with_output().unwrap();
-                panic!("no banner; stdout so far {banner:?}; stderr {}", String::from_utf8_lossy(&output.stderr));
+                panic!(
+                    "no banner; stdout so far {banner:?}; stderr {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
             }
         }
     }
@@ -52,20 +58,38 @@ fn a_development_node_starts_from_nothing_and_stops_with_its_database() {
     assert!(text.contains("is running"), "{text}");
     let ops = text
         .lines()
-        .find_map(|l| l.trim().strip_prefix("ops listener").map(|r| r.split_whitespace().next().unwrap().to_string()))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("ops listener")
+                .map(|r| r.split_whitespace().next().unwrap().to_string())
+        })
         .expect("the banner says where the ops listener is");
     assert_eq!(status_of(&format!("{ops}primary")), 200);
     assert_eq!(status_of(&format!("{ops}health")), 200);
 
     // Demo keys are private to their owner and standard PEM.
     let key = dir.join("keys/node-sign.pem");
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
-    let (code, _, stderr) = run(std::process::Command::new("openssl").arg("pkey").arg("-noout").arg("-in").arg(&key));
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (code, _, stderr) = run(std::process::Command::new("openssl")
+        .arg("pkey")
+        .arg("-noout")
+        .arg("-in")
+        .arg(&key));
     assert_eq!(code, 0, "openssl reads the demo key: {stderr}");
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
-    assert!(!dir.join("pg/postmaster.pid").exists(), "the embedded database stopped with the daemon");
+    assert!(
+        !dir.join("pg/postmaster.pid").exists(),
+        "the embedded database stopped with the daemon"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -25,13 +25,23 @@ fn readiness_is_sent_only_once_the_node_serves() {
     // At the moment READY=1 arrives, every endpoint F5 looks at already answers.
     assert_eq!(status_of(&dir.ops_url("/readiness")), 200);
     assert_eq!(status_of(&dir.ops_url("/primary")), 200);
-    let ready = daemon.notifications.iter().find(|n| n.contains("READY=1")).unwrap();
+    let ready = daemon
+        .notifications
+        .iter()
+        .find(|n| n.contains("READY=1"))
+        .unwrap();
     assert!(ready.contains("STATUS=serving as active"), "{ready}");
 
     daemon.signal(Signal::SIGTERM);
-    let status = daemon.wait_exit(Duration::from_secs(20)).expect("exits after SIGTERM");
+    let status = daemon
+        .wait_exit(Duration::from_secs(20))
+        .expect("exits after SIGTERM");
     assert_eq!(status.code(), Some(0), "stderr: {}", daemon.stderr());
-    assert!(daemon.wait_notification("STOPPING=1", Duration::from_secs(1)), "{:?}", daemon.notifications);
+    assert!(
+        daemon.wait_notification("STOPPING=1", Duration::from_secs(1)),
+        "{:?}",
+        daemon.notifications
+    );
     assert!(port_is_free(dir.ops_port), "the ops port is released");
 
     // The run is recorded from start to stop.
@@ -39,18 +49,28 @@ fn readiness_is_sent_only_once_the_node_serves() {
     let runs = kunpay::db::recent_runs(&mut conn, "test-node", 5).unwrap();
     assert_eq!(runs.len(), 1);
     assert!(runs[0].ready_at.is_some());
-    assert_eq!(runs[0].stop_reason.as_deref(), Some("SIGTERM; drained cleanly"));
+    assert_eq!(
+        runs[0].stop_reason.as_deref(),
+        Some("SIGTERM; drained cleanly")
+    );
 }
 
 #[test]
 fn an_unreachable_database_fails_start_with_one_line_and_no_readiness() {
     let dir = DaemonDir::new();
     let dead_port = free_port();
-    dir.write_config(&format!("postgres://kunpay@127.0.0.1:{dead_port}/kunpay"), "active", "");
+    dir.write_config(
+        &format!("postgres://kunpay@127.0.0.1:{dead_port}/kunpay"),
+        "active",
+        "",
+    );
     let mut daemon = Daemon::spawn(&dir);
     let status = daemon.wait_exit(Duration::from_secs(30)).expect("gives up");
     assert_eq!(status.code(), Some(1));
-    assert!(!daemon.wait_notification("READY=1", Duration::from_millis(300)), "never announced ready");
+    assert!(
+        !daemon.wait_notification("READY=1", Duration::from_millis(300)),
+        "never announced ready"
+    );
     let stderr = daemon.stderr();
     let last = stderr.lines().last().unwrap_or("");
     assert!(
@@ -72,7 +92,10 @@ fn a_port_in_use_fails_start_naming_the_address_and_key() {
     let stderr = daemon.stderr();
     let last = stderr.lines().last().unwrap_or("");
     assert!(
-        last.starts_with(&format!("kunpayd: cannot listen on 127.0.0.1:{} (ops.listen): ", dir.ops_port)),
+        last.starts_with(&format!(
+            "kunpayd: cannot listen on 127.0.0.1:{} (ops.listen): ",
+            dir.ops_port
+        )),
         "{stderr}"
     );
     assert!(last.contains("another process holds it"), "{stderr}");
@@ -85,10 +108,12 @@ fn a_port_in_use_fails_start_naming_the_address_and_key() {
             n: i64,
         }
         let mut conn = db.connect();
-        diesel::sql_query("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'node_run'")
-            .get_result::<N>(&mut conn)
-            .unwrap()
-            .n
+        diesel::sql_query(
+            "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'node_run'",
+        )
+        .get_result::<N>(&mut conn)
+        .unwrap()
+        .n
     };
     assert_eq!(count, 0, "the database was not touched");
 }
@@ -106,8 +131,14 @@ fn a_world_readable_key_stops_the_daemon_before_it_binds() {
     assert_eq!(status.code(), Some(1));
     let stderr = daemon.stderr();
     let last = stderr.lines().last().unwrap_or("");
-    assert!(last.starts_with("kunpayd: loading keys.sign_private: "), "{stderr}");
-    assert!(last.contains(&key.display().to_string()) && last.contains("chmod"), "{stderr}");
+    assert!(
+        last.starts_with("kunpayd: loading keys.sign_private: "),
+        "{stderr}"
+    );
+    assert!(
+        last.contains(&key.display().to_string()) && last.contains("chmod"),
+        "{stderr}"
+    );
     assert!(port_is_free(dir.ops_port));
 }
 
@@ -119,13 +150,19 @@ fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let dir = DaemonDir::new();
     dir.write_config(db.url(), "active", "[lifecycle]\ndrain_timeout = \"20s\"\n");
     let text = std::fs::read_to_string(dir.config_path()).unwrap();
-    std::fs::write(dir.config_path(), text.replace("[database]", "[database]\nstatement_timeout = \"60s\"")
-        .replace("[ops]", "[ops]\nhealth_timeout = \"30s\"")).unwrap();
+    std::fs::write(
+        dir.config_path(),
+        text.replace("[database]", "[database]\nstatement_timeout = \"60s\"")
+            .replace("[ops]", "[ops]\nhealth_timeout = \"30s\""),
+    )
+    .unwrap();
     let mut daemon = Daemon::spawn(&dir);
     daemon.wait_ready();
 
     let mut locker = db.connect();
-    locker.batch_execute("BEGIN; LOCK TABLE node_run IN ACCESS EXCLUSIVE MODE").unwrap();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE node_run IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
     let url = dir.ops_url("/health");
     let in_flight = std::thread::spawn(move || http_get(&url));
     // Wait until the request is inside the daemon (the metric counts it).
@@ -135,20 +172,34 @@ fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
         if metrics.contains("kunpay_http_requests_in_flight{listener=\"ops\"} 2") {
             break;
         }
-        assert!(Instant::now() < deadline, "the /health request never arrived:\n{metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "the /health request never arrived:\n{metrics}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
     daemon.signal(Signal::SIGTERM);
     assert!(daemon.wait_notification("STOPPING=1", Duration::from_secs(5)));
     std::thread::sleep(Duration::from_millis(500));
-    assert!(daemon.wait_exit(Duration::from_millis(10)).is_none(), "kunpayd must wait for the request");
-    assert!(http_get(&dir.ops_url("/readiness")).is_err(), "no new connections are accepted while draining");
+    assert!(
+        daemon.wait_exit(Duration::from_millis(10)).is_none(),
+        "kunpayd must wait for the request"
+    );
+    assert!(
+        http_get(&dir.ops_url("/readiness")).is_err(),
+        "no new connections are accepted while draining"
+    );
 
     locker.batch_execute("COMMIT").unwrap();
-    let (status, body) = in_flight.join().unwrap().expect("the in-flight request is answered");
+    let (status, body) = in_flight
+        .join()
+        .unwrap()
+        .expect("the in-flight request is answered");
     assert_eq!(status, 200, "{body}");
-    let exit = daemon.wait_exit(Duration::from_secs(20)).expect("exits after the drain");
+    let exit = daemon
+        .wait_exit(Duration::from_secs(20))
+        .expect("exits after the drain");
     assert_eq!(exit.code(), Some(0), "stderr: {}", daemon.stderr());
 }
 
@@ -158,22 +209,41 @@ fn requests_still_running_at_the_drain_deadline_are_cut_off_and_reported() {
     let dir = DaemonDir::new();
     dir.write_config(db.url(), "active", "[lifecycle]\ndrain_timeout = \"1s\"\n");
     let text = std::fs::read_to_string(dir.config_path()).unwrap();
-    std::fs::write(dir.config_path(), text.replace("[ops]", "[ops]\nhealth_timeout = \"30s\"")).unwrap();
+    std::fs::write(
+        dir.config_path(),
+        text.replace("[ops]", "[ops]\nhealth_timeout = \"30s\""),
+    )
+    .unwrap();
     let mut daemon = Daemon::spawn(&dir);
     daemon.wait_ready();
     let mut locker = db.connect();
-    locker.batch_execute("BEGIN; LOCK TABLE node_run IN ACCESS EXCLUSIVE MODE").unwrap();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE node_run IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
     let url = dir.ops_url("/health");
     let in_flight = std::thread::spawn(move || http_get(&url));
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     daemon.signal(Signal::SIGTERM);
-    let exit = daemon.wait_exit(Duration::from_secs(20)).expect("the deadline is enforced");
+    let exit = daemon
+        .wait_exit(Duration::from_secs(20))
+        .expect("the deadline is enforced");
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert_eq!(exit.code(), Some(1), "cutting off a request is not a clean stop");
-    assert!(daemon.stderr().contains("request(s) abandoned") || daemon.stderr().contains("cut off"), "{}", daemon.stderr());
+    assert_eq!(
+        exit.code(),
+        Some(1),
+        "cutting off a request is not a clean stop"
+    );
+    assert!(
+        daemon.stderr().contains("request(s) abandoned") || daemon.stderr().contains("cut off"),
+        "{}",
+        daemon.stderr()
+    );
     locker.batch_execute("COMMIT").unwrap();
-    assert!(in_flight.join().unwrap().is_err(), "the cut-off request got no answer");
+    assert!(
+        in_flight.join().unwrap().is_err(),
+        "the cut-off request got no answer"
+    );
 }
 
 #[test]
@@ -190,7 +260,11 @@ fn sighup_applies_the_new_role_and_rejects_a_broken_file_keeping_the_old_one() {
     daemon.signal(Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     while status_of(&dir.ops_url("/standby")) != 200 {
-        assert!(Instant::now() < deadline, "role change not applied: {}", daemon.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "role change not applied: {}",
+            daemon.stderr()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(status_of(&dir.ops_url("/primary")), 503);
@@ -203,13 +277,27 @@ fn sighup_applies_the_new_role_and_rejects_a_broken_file_keeping_the_old_one() {
         if metrics.contains("kunpay_config_reloads_total{result=\"rejected\"} 1") {
             break;
         }
-        assert!(Instant::now() < deadline, "rejection not counted:\n{metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "rejection not counted:\n{metrics}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(status_of(&dir.ops_url("/standby")), 200, "the previous configuration stays in force");
-    assert!(daemon.stderr().contains("reload rejected"), "{}", daemon.stderr());
+    assert_eq!(
+        status_of(&dir.ops_url("/standby")),
+        200,
+        "the previous configuration stays in force"
+    );
+    assert!(
+        daemon.stderr().contains("reload rejected"),
+        "{}",
+        daemon.stderr()
+    );
     daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.wait_exit(Duration::from_secs(20)).unwrap().code(), Some(0));
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(20)).unwrap().code(),
+        Some(0)
+    );
 }
 
 #[test]
@@ -221,7 +309,11 @@ fn watchdog_pings_are_sent_when_systemd_asks_for_them() {
         command.env("WATCHDOG_USEC", "400000");
     });
     daemon.wait_ready();
-    assert!(daemon.wait_notification("WATCHDOG=1", Duration::from_secs(5)), "{:?}", daemon.notifications);
+    assert!(
+        daemon.wait_notification("WATCHDOG=1", Duration::from_secs(5)),
+        "{:?}",
+        daemon.notifications
+    );
 }
 
 #[test]
@@ -241,26 +333,48 @@ fn started_as_root_it_drops_privileges_and_hardens_the_process() {
         status
             .lines()
             .find(|l| l.starts_with(name))
-            .map(|l| l[name.len()..].split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .map(|l| {
+                l[name.len()..]
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
             .unwrap()
     };
     let uid = nobody.uid.as_raw().to_string();
     let gid = nobody.gid.as_raw().to_string();
-    assert_eq!(field("Uid:"), vec![uid.clone(), uid.clone(), uid.clone(), uid]);
-    assert_eq!(field("Gid:"), vec![gid.clone(), gid.clone(), gid.clone(), gid]);
-    assert!(field("Groups:").is_empty(), "supplementary groups are cleared");
+    assert_eq!(
+        field("Uid:"),
+        vec![uid.clone(), uid.clone(), uid.clone(), uid]
+    );
+    assert_eq!(
+        field("Gid:"),
+        vec![gid.clone(), gid.clone(), gid.clone(), gid]
+    );
+    assert!(
+        field("Groups:").is_empty(),
+        "supplementary groups are cleared"
+    );
     assert_eq!(field("Umask:"), vec!["0077".to_string()]);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
-    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
     assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
     // Not dumpable: the kernel makes the files in /proc/PID owned by root instead of the
     // process's uid, so nobody else running as `nobody` can read its memory or environment.
     use std::os::unix::fs::MetadataExt as _;
-    let proc_owner = std::fs::metadata(format!("/proc/{}/environ", daemon.pid())).unwrap().uid();
+    let proc_owner = std::fs::metadata(format!("/proc/{}/environ", daemon.pid()))
+        .unwrap()
+        .uid();
     assert_eq!(proc_owner, 0, "PR_SET_DUMPABLE is 0");
     assert!(daemon.stderr().contains("dropped root privileges"));
     daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.wait_exit(Duration::from_secs(20)).unwrap().code(), Some(0));
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(20)).unwrap().code(),
+        Some(0)
+    );
 }
 
 #[test]
@@ -269,17 +383,23 @@ fn secrets_never_reach_the_log() {
     let dir = DaemonDir::new();
     let password_file = dir.path().join("db-password");
     std::fs::write(&password_file, "Sup3r-s3cret-pw\n").unwrap();
-    std::fs::set_permissions(&password_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    dir.write_config(
-        db.url(),
-        "active",
-        "",
-    );
+    std::fs::set_permissions(
+        &password_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    dir.write_config(db.url(), "active", "");
     let text = std::fs::read_to_string(dir.config_path()).unwrap();
     std::fs::write(
         dir.config_path(),
-        text.replace("[database]", &format!("[database]\npassword_file = \"{}\"", password_file.display()))
-            .replace("level = \"info\"", "level = \"debug\""),
+        text.replace(
+            "[database]",
+            &format!(
+                "[database]\npassword_file = \"{}\"",
+                password_file.display()
+            ),
+        )
+        .replace("level = \"info\"", "level = \"debug\""),
     )
     .unwrap();
     let mut daemon = Daemon::spawn(&dir);
@@ -288,6 +408,9 @@ fn secrets_never_reach_the_log() {
     daemon.wait_exit(Duration::from_secs(20)).unwrap();
     let log = daemon.stderr();
     assert!(log.contains("kunpayd ready"), "{log}");
-    assert!(!log.contains("Sup3r-s3cret-pw"), "the database password leaked:\n{log}");
+    assert!(
+        !log.contains("Sup3r-s3cret-pw"),
+        "the database password leaked:\n{log}"
+    );
     assert!(!log.contains("PRIVATE KEY"), "key material leaked:\n{log}");
 }

@@ -37,7 +37,10 @@ fn the_active_node_answers_primary_and_refuses_standby() {
     assert_eq!(report.database, "up");
     assert_eq!(report.node, "test-node");
     daemon.signal(Signal::SIGTERM);
-    assert_eq!(daemon.wait_exit(Duration::from_secs(20)).unwrap().code(), Some(0));
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(20)).unwrap().code(),
+        Some(0)
+    );
 }
 
 #[test]
@@ -87,7 +90,11 @@ fn health_follows_the_database_down_and_back_up() {
     let dir = DaemonDir::new();
     dir.write_config(&cluster.url(), "active", "");
     let text = std::fs::read_to_string(dir.config_path()).unwrap();
-    std::fs::write(dir.config_path(), text.replace("[ops]", "[ops]\nhealth_timeout = \"1s\"")).unwrap();
+    std::fs::write(
+        dir.config_path(),
+        text.replace("[ops]", "[ops]\nhealth_timeout = \"1s\""),
+    )
+    .unwrap();
     let mut daemon = Daemon::spawn(&dir);
     daemon.wait_ready();
     assert_eq!(status_of(&dir.ops_url("/health")), 200);
@@ -95,15 +102,30 @@ fn health_follows_the_database_down_and_back_up() {
     cluster.cluster.stop().unwrap();
     let started = Instant::now();
     assert_eq!(status_of(&dir.ops_url("/health")), 503);
-    assert!(started.elapsed() < Duration::from_secs(5), "the probe is bounded by ops.health_timeout");
-    assert_eq!(status_of(&dir.ops_url("/primary")), 503, "F5 must stop sending to a node without its database");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the probe is bounded by ops.health_timeout"
+    );
+    assert_eq!(
+        status_of(&dir.ops_url("/primary")),
+        503,
+        "F5 must stop sending to a node without its database"
+    );
     assert_eq!(status_of(&dir.ops_url("/readiness")), 503);
-    assert_eq!(status_of(&dir.ops_url("/liveness")), 200, "the process itself is alive");
+    assert_eq!(
+        status_of(&dir.ops_url("/liveness")),
+        200,
+        "the process itself is alive"
+    );
 
     cluster.cluster.start().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while status_of(&dir.ops_url("/health")) != 200 {
-        assert!(Instant::now() < deadline, "health did not recover: {}", daemon.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "health did not recover: {}",
+            daemon.stderr()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(status_of(&dir.ops_url("/primary")), 200);
@@ -116,14 +138,20 @@ fn kunpayctl_status_reads_the_ops_listener() {
     dir.write_config(db.url(), "active", "");
     let mut daemon = Daemon::spawn(&dir);
     daemon.wait_ready();
-    let (code, stdout, stderr) = run(kunpayctl().arg("status").arg("--config").arg(dir.config_path()));
+    let (code, stdout, stderr) = run(kunpayctl()
+        .arg("status")
+        .arg("--config")
+        .arg(dir.config_path()));
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("node       test-node"), "{stdout}");
     assert!(stdout.contains("role       active"), "{stdout}");
     assert!(stdout.contains("database   up"), "{stdout}");
     daemon.signal(Signal::SIGTERM);
     daemon.wait_exit(Duration::from_secs(20)).unwrap();
-    let (code, _, stderr) = run(kunpayctl().arg("status").arg("--config").arg(dir.config_path()));
+    let (code, _, stderr) = run(kunpayctl()
+        .arg("status")
+        .arg("--config")
+        .arg(dir.config_path()));
     assert_eq!(code, 3, "unreachable daemon");
     assert!(stderr.contains("cannot reach the ops listener"), "{stderr}");
 }

@@ -5,28 +5,71 @@ use std::path::Path;
 
 /// (pattern, why) — matched case-insensitively against SQL with comments removed.
 const FORBIDDEN: &[(&str, &str)] = &[
-    (r"\bon\s+conflict\b", "openGauss has no INSERT ... ON CONFLICT; insert and treat SQLSTATE 23505 as 'already there'"),
-    (r"\bon\s+duplicate\s+key\b", "PostgreSQL rejects ON DUPLICATE KEY UPDATE"),
-    (r"\bas\s+identity\b", "openGauss has no identity columns; use BIGSERIAL"),
-    (r"\bgen_random_uuid\s*\(", "openGauss lacks gen_random_uuid(); generate ids in Rust"),
-    (r"\blisten\b", "LISTEN is rejected by default openGauss builds"),
-    (r"\bnotify\s+[a-z_]+", "NOTIFY is rejected by default openGauss builds"),
-    (r"\bpartition\s+of\b", "declarative PARTITION OF differs in openGauss"),
-    (r"\bto_jsonb\s*\(", "openGauss lacks to_jsonb; use the json_* forms"),
-    (r"\bjsonb_build_object\s*\(", "openGauss lacks jsonb_build_object"),
+    (
+        r"\bon\s+conflict\b",
+        "openGauss has no INSERT ... ON CONFLICT; insert and treat SQLSTATE 23505 as 'already there'",
+    ),
+    (
+        r"\bon\s+duplicate\s+key\b",
+        "PostgreSQL rejects ON DUPLICATE KEY UPDATE",
+    ),
+    (
+        r"\bas\s+identity\b",
+        "openGauss has no identity columns; use BIGSERIAL",
+    ),
+    (
+        r"\bgen_random_uuid\s*\(",
+        "openGauss lacks gen_random_uuid(); generate ids in Rust",
+    ),
+    (
+        r"\blisten\b",
+        "LISTEN is rejected by default openGauss builds",
+    ),
+    (
+        r"\bnotify\s+[a-z_]+",
+        "NOTIFY is rejected by default openGauss builds",
+    ),
+    (
+        r"\bpartition\s+of\b",
+        "declarative PARTITION OF differs in openGauss",
+    ),
+    (
+        r"\bto_jsonb\s*\(",
+        "openGauss lacks to_jsonb; use the json_* forms",
+    ),
+    (
+        r"\bjsonb_build_object\s*\(",
+        "openGauss lacks jsonb_build_object",
+    ),
     (r"\bjsonb_agg\s*\(", "openGauss lacks jsonb_agg"),
-    (r"\bmerge\s+into\b", "MERGE differs between PostgreSQL and openGauss"),
-    (r"\bnumeric\b", "money is BIGINT fen; older openGauss logical decoding cannot decode NUMERIC"),
+    (
+        r"\bmerge\s+into\b",
+        "MERGE differs between PostgreSQL and openGauss",
+    ),
+    (
+        r"\bnumeric\b",
+        "money is BIGINT fen; older openGauss logical decoding cannot decode NUMERIC",
+    ),
     (r"\bdecimal\b", "money is BIGINT fen"),
     (r"\bdouble\s+precision\b", "no floats"),
     (r"\breal\b", "no floats"),
     (r"\bfloat\d*\b", "no floats"),
-    (r"\bmoney\b", "the MONEY type is locale-dependent; use BIGINT fen"),
+    (
+        r"\bmoney\b",
+        "the MONEY type is locale-dependent; use BIGINT fen",
+    ),
 ];
 
 fn strip_comments(sql: &str) -> String {
-    let no_block = regex::Regex::new(r"(?s)/\*.*?\*/").unwrap().replace_all(sql, " ").into_owned();
-    no_block.lines().map(|l| l.split("--").next().unwrap_or("")).collect::<Vec<_>>().join("\n")
+    let no_block = regex::Regex::new(r"(?s)/\*.*?\*/")
+        .unwrap()
+        .replace_all(sql, " ")
+        .into_owned();
+    no_block
+        .lines()
+        .map(|l| l.split("--").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn sql_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
@@ -44,7 +87,13 @@ fn violations(sql: &str) -> Vec<String> {
     let clean = strip_comments(sql);
     FORBIDDEN
         .iter()
-        .filter(|(pattern, _)| regex::RegexBuilder::new(pattern).case_insensitive(true).build().unwrap().is_match(&clean))
+        .filter(|(pattern, _)| {
+            regex::RegexBuilder::new(pattern)
+                .case_insensitive(true)
+                .build()
+                .unwrap()
+                .is_match(&clean)
+        })
         .map(|(pattern, why)| format!("{pattern}: {why}"))
         .collect()
 }
@@ -52,7 +101,10 @@ fn violations(sql: &str) -> Vec<String> {
 #[test]
 fn sql_uses_only_constructs_opengauss_runs() {
     let mut files = Vec::new();
-    sql_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("sql"), &mut files);
+    sql_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("sql"),
+        &mut files,
+    );
     assert!(!files.is_empty(), "no SQL found under sql/");
     let mut problems = Vec::new();
     for file in &files {
@@ -80,5 +132,8 @@ fn the_scanner_catches_each_forbidden_construct() {
     ] {
         assert!(!violations(bad).is_empty(), "not caught: {bad}");
     }
-    assert!(violations("-- no ON CONFLICT here\nCREATE TABLE t (amount_fen BIGINT NOT NULL);").is_empty());
+    assert!(
+        violations("-- no ON CONFLICT here\nCREATE TABLE t (amount_fen BIGINT NOT NULL);")
+            .is_empty()
+    );
 }

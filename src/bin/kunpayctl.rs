@@ -129,22 +129,33 @@ fn main() -> ExitCode {
             }
         },
         Command::Db {
-            command: DbCommand::Migrate { config, database_url },
+            command:
+                DbCommand::Migrate {
+                    config,
+                    database_url,
+                },
         } => migrate(&config, database_url),
         Command::Status { config, ops } => status(&config, ops),
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("kunpayctl: {}", kunpay::logging::mask::mask_line(&format!("{e:#}")));
+            eprintln!(
+                "kunpayctl: {}",
+                kunpay::logging::mask::mask_line(&format!("{e:#}"))
+            );
             ExitCode::from(EXIT_USAGE)
         }
     }
 }
 
 fn read_passphrase(path: Option<PathBuf>) -> anyhow::Result<Option<zeroize::Zeroizing<Vec<u8>>>> {
-    path.map(|p| PassphraseSource::File(p).read().context("reading --passphrase-file"))
-        .transpose()
+    path.map(|p| {
+        PassphraseSource::File(p)
+            .read()
+            .context("reading --passphrase-file")
+    })
+    .transpose()
 }
 
 fn keygen(private: &Path, public: &Path, passphrase_file: Option<PathBuf>) -> anyhow::Result<u8> {
@@ -152,7 +163,11 @@ fn keygen(private: &Path, public: &Path, passphrase_file: Option<PathBuf>) -> an
     let key = PrivateKey::generate()?;
     keyfile::write_private_key(private, &key, passphrase.as_deref().map(|p| p.as_slice()))?;
     keyfile::write_public_key(public, &key.public_key())?;
-    println!("wrote private key {} (mode 0600) and public key {}", private.display(), public.display());
+    println!(
+        "wrote private key {} (mode 0600) and public key {}",
+        private.display(),
+        public.display()
+    );
     Ok(0)
 }
 
@@ -172,7 +187,13 @@ fn sign(
     Ok(0)
 }
 
-fn verify(pubkey: &Path, input: &Path, sig: &Path, id: &str, format: SignatureFormat) -> anyhow::Result<u8> {
+fn verify(
+    pubkey: &Path,
+    input: &Path,
+    sig: &Path,
+    id: &str,
+    format: SignatureFormat,
+) -> anyhow::Result<u8> {
     let public = keyfile::load_public_key(pubkey)?;
     let message = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let signature = std::fs::read(sig).with_context(|| format!("reading {}", sig.display()))?;
@@ -198,7 +219,12 @@ fn migrate(config_path: &Path, database_url: Option<String>) -> anyhow::Result<u
                 .url
                 .as_ref()
                 .map(|u| u.expose().to_string())
-                .with_context(|| format!("{}: database.url is not set; pass --database-url", config_path.display()))?,
+                .with_context(|| {
+                    format!(
+                        "{}: database.url is not set; pass --database-url",
+                        config_path.display()
+                    )
+                })?,
             config.database.password,
         ),
         (None, Err(errors)) => {
@@ -209,7 +235,9 @@ fn migrate(config_path: &Path, database_url: Option<String>) -> anyhow::Result<u
     let password = password
         .map(|source| -> anyhow::Result<_> {
             let bytes = source.read()?;
-            Ok(kunpay::config::Secret::new(String::from_utf8(bytes.to_vec()).context("password is not UTF-8")?))
+            Ok(kunpay::config::Secret::new(
+                String::from_utf8(bytes.to_vec()).context("password is not UTF-8")?,
+            ))
         })
         .transpose()?;
     let settings = kunpay::db::ConnectSettings {
@@ -224,12 +252,19 @@ fn migrate(config_path: &Path, database_url: Option<String>) -> anyhow::Result<u
     let mut conn = kunpay::db::connect_one(&settings)?;
     let applied = kunpay::db::migrate(&mut conn)?;
     if applied.is_empty() {
-        println!("{}: schema is current; nothing to apply", settings.display_target());
+        println!(
+            "{}: schema is current; nothing to apply",
+            settings.display_target()
+        );
     } else {
         for version in &applied {
             println!("applied migration {version}");
         }
-        println!("{}: {} migration(s) applied", settings.display_target(), applied.len());
+        println!(
+            "{}: {} migration(s) applied",
+            settings.display_target(),
+            applied.len()
+        );
     }
     Ok(0)
 }
@@ -261,13 +296,18 @@ fn status(config_path: &Path, ops: Option<String>) -> anyhow::Result<u8> {
     let mut response = match agent.get(&url).call() {
         Ok(response) => response,
         Err(e) => {
-            eprintln!("kunpayctl: cannot reach the ops listener at {url}: {e}; is kunpayd running?");
+            eprintln!(
+                "kunpayctl: cannot reach the ops listener at {url}: {e}; is kunpayd running?"
+            );
             return Ok(EXIT_UNREACHABLE);
         }
     };
-    let body = response.body_mut().read_to_string().context("reading the status answer")?;
-    let report: kunpay::ops::NodeReport =
-        serde_json::from_str(&body).with_context(|| format!("{url} did not answer with a kunpay status"))?;
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .context("reading the status answer")?;
+    let report: kunpay::ops::NodeReport = serde_json::from_str(&body)
+        .with_context(|| format!("{url} did not answer with a kunpay status"))?;
     println!("node       {}", report.node);
     println!("role       {}", report.role);
     println!("state      {}", report.state);
@@ -275,7 +315,10 @@ fn status(config_path: &Path, ops: Option<String>) -> anyhow::Result<u8> {
     println!("version    {}", report.version);
     println!("pid        {}", report.pid);
     println!("run        {}", report.run_id);
-    println!("uptime     {}", humantime::format_duration(Duration::from_secs(report.uptime_seconds)));
+    println!(
+        "uptime     {}",
+        humantime::format_duration(Duration::from_secs(report.uptime_seconds))
+    );
     let healthy = report.state == "running" && report.database == "up";
     Ok(if healthy { 0 } else { EXIT_FAILURE })
 }

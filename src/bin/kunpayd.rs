@@ -28,7 +28,10 @@ fn main() -> ExitCode {
     if args.self_test {
         return match kunpay::crypto::self_test() {
             Ok(()) => {
-                println!("kunpayd {}: cryptographic self-test passed (SM2, SM3, SM4)", env!("CARGO_PKG_VERSION"));
+                println!(
+                    "kunpayd {}: cryptographic self-test passed (SM2, SM3, SM4)",
+                    env!("CARGO_PKG_VERSION")
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use reader::{ConfigErrors, ConfigIssue, parse_duration, parse_size_with_unit};
 use reader::Reader;
+pub use reader::{ConfigErrors, ConfigIssue, parse_duration, parse_size_with_unit};
 
 use crate::crypto::keyfile::PassphraseSource;
 
@@ -193,8 +193,8 @@ pub enum Mode {
 }
 
 const SYSLOG_FACILITIES: &[&str] = &[
-    "daemon", "user", "auth", "authpriv", "local0", "local1", "local2", "local3", "local4", "local5", "local6",
-    "local7",
+    "daemon", "user", "auth", "authpriv", "local0", "local1", "local2", "local3", "local4",
+    "local5", "local6", "local7",
 ];
 
 impl Config {
@@ -221,7 +221,9 @@ impl Config {
                     file: path.to_path_buf(),
                     issues: vec![ConfigIssue {
                         key: String::new(),
-                        line: e.span().map(|span| reader::line_of(&raw_for_errors, span.start)),
+                        line: e
+                            .span()
+                            .map(|span| reader::line_of(&raw_for_errors, span.start)),
                         reason: format!("not valid TOML: {}", e.message()),
                     }],
                 });
@@ -273,7 +275,9 @@ impl Config {
         {
             changed.push("keys.*");
         }
-        if a.log.target != b.log.target || a.log.format != b.log.format || a.log.syslog_facility != b.log.syslog_facility
+        if a.log.target != b.log.target
+            || a.log.format != b.log.format
+            || a.log.syslog_facility != b.log.syslog_facility
         {
             changed.push("log.target/log.format/log.syslog_facility");
         }
@@ -281,18 +285,28 @@ impl Config {
     }
 }
 
-fn read_passphrase_source(r: &mut Reader, file_key: &str, credential_key: &str) -> Option<PassphraseSource> {
+fn read_passphrase_source(
+    r: &mut Reader,
+    file_key: &str,
+    credential_key: &str,
+) -> Option<PassphraseSource> {
     let file = r.opt_path(file_key);
     let credential = r.opt_str(credential_key);
     match (file, credential) {
         (Some(_), Some(_)) => {
-            r.reject(credential_key, format!("set either {file_key} or {credential_key}, not both"));
+            r.reject(
+                credential_key,
+                format!("set either {file_key} or {credential_key}, not both"),
+            );
             None
         }
         (Some(file), None) => Some(PassphraseSource::File(file)),
         (None, Some(name)) => {
             if name.is_empty() || name.contains('/') {
-                r.reject(credential_key, format!("\"{name}\" is not a credential name (no '/', not empty)"));
+                r.reject(
+                    credential_key,
+                    format!("\"{name}\" is not a credential name (no '/', not empty)"),
+                );
                 None
             } else {
                 Some(PassphraseSource::Credential(name))
@@ -306,18 +320,32 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
     let node = NodeConfig {
         id: {
             let id = r.str_or("node.id", "kunpay-1");
-            if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                r.reject("node.id", format!("\"{id}\" must be 1-64 characters of A-Z a-z 0-9 - _ ."));
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                r.reject(
+                    "node.id",
+                    format!("\"{id}\" must be 1-64 characters of A-Z a-z 0-9 - _ ."),
+                );
             }
             id
         },
-        role: r.parsed_or("node.role", Role::Active, "a role; use \"active\" or \"standby\""),
+        role: r.parsed_or(
+            "node.role",
+            Role::Active,
+            "a role; use \"active\" or \"standby\"",
+        ),
     };
 
     let service = ServiceConfig {
         user: r.str_or("service.user", "kunpay"),
         group: r.opt_str("service.group"),
-        state_dir: r.opt_path("service.state_dir").unwrap_or_else(|| PathBuf::from("/var/lib/kunpay")),
+        state_dir: r
+            .opt_path("service.state_dir")
+            .unwrap_or_else(|| PathBuf::from("/var/lib/kunpay")),
     };
 
     let ops = OpsConfig {
@@ -351,7 +379,10 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
     if let Some(url) = &url
         && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
     {
-        r.reject("database.url", "must start with postgres:// or postgresql://");
+        r.reject(
+            "database.url",
+            "must start with postgres:// or postgresql://",
+        );
     }
     if let Some(url) = &url
         && url_has_password(url)
@@ -363,7 +394,11 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
     }
     let database = DatabaseConfig {
         url: url.map(Secret::new),
-        password: read_passphrase_source(r, "database.password_file", "database.password_credential"),
+        password: read_passphrase_source(
+            r,
+            "database.password_file",
+            "database.password_credential",
+        ),
         pool_max_size: r.int_or("database.pool_max_size", 16, 1..=1024) as u32,
         pool_min_idle: r.int_or("database.pool_min_idle", 1, 0..=1024) as u32,
         connect_timeout: r.duration_or(
@@ -392,7 +427,11 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
         sign_private: r
             .opt_path("keys.sign_private")
             .unwrap_or_else(|| PathBuf::from("/etc/kunpay/keys/node-sign.pem")),
-        sign_passphrase: read_passphrase_source(r, "keys.sign_passphrase_file", "keys.sign_passphrase_credential"),
+        sign_passphrase: read_passphrase_source(
+            r,
+            "keys.sign_passphrase_file",
+            "keys.sign_passphrase_credential",
+        ),
         sign_key_serial: r.str_or("keys.sign_key_serial", "01"),
         distinguishing_id: {
             let id = r.str_or("keys.distinguishing_id", crate::crypto::sm2::DEFAULT_DISTID);
@@ -412,7 +451,11 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
     };
 
     let log = LogConfig {
-        target: r.parsed_or("log.target", LogTarget::Syslog, "a log target; use \"syslog\" or \"stderr\""),
+        target: r.parsed_or(
+            "log.target",
+            LogTarget::Syslog,
+            "a log target; use \"syslog\" or \"stderr\"",
+        ),
         level: {
             let level = r.str_or("log.level", "info");
             if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&level) {
@@ -420,13 +463,20 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
             }
             level
         },
-        format: r.parsed_or("log.format", LogFormat::Text, "a log format; use \"text\" or \"json\""),
+        format: r.parsed_or(
+            "log.format",
+            LogFormat::Text,
+            "a log format; use \"text\" or \"json\"",
+        ),
         syslog_facility: {
             let facility = r.str_or("log.syslog_facility", "daemon");
             if !SYSLOG_FACILITIES.contains(&facility.as_str()) {
                 r.reject(
                     "log.syslog_facility",
-                    format!("\"{facility}\" is not a facility; use one of {}", SYSLOG_FACILITIES.join(", ")),
+                    format!(
+                        "\"{facility}\" is not a facility; use one of {}",
+                        SYSLOG_FACILITIES.join(", ")
+                    ),
                 );
             }
             facility
@@ -461,7 +511,11 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        Config::parse(Path::new("/etc/kunpay/kunpay.toml"), text.to_string(), Mode::Production)
+        Config::parse(
+            Path::new("/etc/kunpay/kunpay.toml"),
+            text.to_string(),
+            Mode::Production,
+        )
     }
 
     #[test]
@@ -482,11 +536,16 @@ mod tests {
         let rendered = errors.to_string();
         let lines: Vec<&str> = rendered.lines().collect();
         assert_eq!(lines.len(), 6, "{rendered}");
-        assert!(lines[0].starts_with("/etc/kunpay/kunpay.toml:2: node.role: \"primary\" is not a role"));
+        assert!(
+            lines[0].starts_with("/etc/kunpay/kunpay.toml:2: node.role: \"primary\" is not a role")
+        );
         assert!(lines[1].starts_with("/etc/kunpay/kunpay.toml:4: ops.listen:"));
         assert!(lines[2].contains(":5: ops.health_timeout: \"2\" has no unit"));
         assert!(lines[3].contains(":7: database.url: contains a password"));
-        assert!(!rendered.contains("hunter2"), "a password must not be echoed: {rendered}");
+        assert!(
+            !rendered.contains("hunter2"),
+            "a password must not be echoed: {rendered}"
+        );
         assert!(rendered.contains(":8: database.pool_max_size: 0 is out of range"));
         assert!(rendered.contains(":9: database.colour: unknown key"));
     }

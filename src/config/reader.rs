@@ -74,7 +74,10 @@ impl<'d> Reader<'d> {
 
     /// Records a problem with a key that was read successfully but fails a cross-field check.
     pub(crate) fn reject(&mut self, path: &str, reason: impl Into<String>) {
-        let line = self.item(path).and_then(|(_, item)| item.span()).map(|s| self.line_of(s.start));
+        let line = self
+            .item(path)
+            .and_then(|(_, item)| item.span())
+            .map(|s| self.line_of(s.start));
         self.issues.push(ConfigIssue {
             key: path.to_string(),
             line,
@@ -123,7 +126,11 @@ impl<'d> Reader<'d> {
         match item.as_str() {
             Some(value) => Some(value.to_string()),
             None => {
-                self.wrong(path, item, format!("expected a string, found {}", item.type_name()));
+                self.wrong(
+                    path,
+                    item,
+                    format!("expected a string, found {}", item.type_name()),
+                );
                 None
             }
         }
@@ -134,30 +141,51 @@ impl<'d> Reader<'d> {
     }
 
     pub(crate) fn bool_or(&mut self, path: &str, default: bool) -> bool {
-        let Some(item) = self.take(path) else { return default };
+        let Some(item) = self.take(path) else {
+            return default;
+        };
         match item.as_bool() {
             Some(value) => value,
             None => {
-                self.wrong(path, item, format!("expected true or false, found {}", item.type_name()));
+                self.wrong(
+                    path,
+                    item,
+                    format!("expected true or false, found {}", item.type_name()),
+                );
                 default
             }
         }
     }
 
-    pub(crate) fn int_or(&mut self, path: &str, default: i64, range: std::ops::RangeInclusive<i64>) -> i64 {
-        let Some(item) = self.take(path) else { return default };
+    pub(crate) fn int_or(
+        &mut self,
+        path: &str,
+        default: i64,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> i64 {
+        let Some(item) = self.take(path) else {
+            return default;
+        };
         match item.as_integer() {
             Some(value) if range.contains(&value) => value,
             Some(value) => {
                 self.wrong(
                     path,
                     item,
-                    format!("{value} is out of range; allowed {}..={}", range.start(), range.end()),
+                    format!(
+                        "{value} is out of range; allowed {}..={}",
+                        range.start(),
+                        range.end()
+                    ),
                 );
                 default
             }
             None => {
-                self.wrong(path, item, format!("expected an integer, found {}", item.type_name()));
+                self.wrong(
+                    path,
+                    item,
+                    format!("expected an integer, found {}", item.type_name()),
+                );
                 default
             }
         }
@@ -165,8 +193,15 @@ impl<'d> Reader<'d> {
 
     /// A duration with a unit: `500ms`, `30s`, `5min`, `1h`. A bare number is rejected because
     /// the unit is exactly what an operator gets wrong.
-    pub(crate) fn duration_or(&mut self, path: &str, default: Duration, range: (Duration, Duration)) -> Duration {
-        let Some(text) = self.opt_str(path) else { return default };
+    pub(crate) fn duration_or(
+        &mut self,
+        path: &str,
+        default: Duration,
+        range: (Duration, Duration),
+    ) -> Duration {
+        let Some(text) = self.opt_str(path) else {
+            return default;
+        };
         match parse_duration(&text) {
             Ok(value) if value >= range.0 && value <= range.1 => value,
             Ok(_) => {
@@ -192,7 +227,9 @@ impl<'d> Reader<'d> {
 
     /// A size with a unit: `512B`, `64KiB`, `8MiB`, `1GB`.
     pub(crate) fn size_or(&mut self, path: &str, default: u64, range: (u64, u64)) -> u64 {
-        let Some(text) = self.opt_str(path) else { return default };
+        let Some(text) = self.opt_str(path) else {
+            return default;
+        };
         match parse_size_with_unit(&text) {
             Ok(value) if value >= range.0 && value <= range.1 => value,
             Ok(_) => {
@@ -200,7 +237,10 @@ impl<'d> Reader<'d> {
                 self.wrong(
                     path,
                     item,
-                    format!("\"{text}\" is out of range; allowed {} to {} bytes", range.0, range.1),
+                    format!(
+                        "\"{text}\" is out of range; allowed {} to {} bytes",
+                        range.0, range.1
+                    ),
                 );
                 default
             }
@@ -214,7 +254,9 @@ impl<'d> Reader<'d> {
 
     /// Any `FromStr` value (enums, socket addresses); `what` describes the accepted form.
     pub(crate) fn parsed_or<T: FromStr>(&mut self, path: &str, default: T, what: &str) -> T {
-        let Some(text) = self.opt_str(path) else { return default };
+        let Some(text) = self.opt_str(path) else {
+            return default;
+        };
         match text.parse::<T>() {
             Ok(value) => value,
             Err(_) => {
@@ -238,14 +280,26 @@ impl<'d> Reader<'d> {
     /// Reports every key and section that no part of the program read.
     pub(crate) fn finish(mut self) -> Vec<ConfigIssue> {
         let mut unknown = Vec::new();
-        collect_unknown(self.doc.as_table(), "", &self.accessed, self.doc.raw(), &mut unknown);
+        collect_unknown(
+            self.doc.as_table(),
+            "",
+            &self.accessed,
+            self.doc.raw(),
+            &mut unknown,
+        );
         self.issues.extend(unknown);
         self.issues.sort_by_key(|issue| issue.line.unwrap_or(0));
         self.issues
     }
 }
 
-fn collect_unknown(table: &Table, prefix: &str, accessed: &BTreeSet<String>, raw: &str, out: &mut Vec<ConfigIssue>) {
+fn collect_unknown(
+    table: &Table,
+    prefix: &str,
+    accessed: &BTreeSet<String>,
+    raw: &str,
+    out: &mut Vec<ConfigIssue>,
+) {
     for (key, item) in table.iter() {
         let path = if prefix.is_empty() {
             key.to_string()
@@ -282,7 +336,11 @@ fn collect_unknown(table: &Table, prefix: &str, accessed: &BTreeSet<String>, raw
 }
 
 pub(crate) fn line_of(raw: &str, offset: usize) -> usize {
-    raw.as_bytes()[..offset.min(raw.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    raw.as_bytes()[..offset.min(raw.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Parses `30s`, `500ms`, `5min`, `1h 30min`. Requires a unit.
@@ -305,8 +363,11 @@ pub fn parse_size_with_unit(text: &str) -> Result<u64, String> {
             "\"{text}\" has no unit; write it with one, e.g. \"{trimmed}B\" or \"{trimmed}KiB\""
         ));
     }
-    parse_size::parse_size(trimmed)
-        .map_err(|e| format!("\"{text}\" is not a size ({e}); use a number with a unit, e.g. \"64KiB\", \"8MiB\""))
+    parse_size::parse_size(trimmed).map_err(|e| {
+        format!(
+            "\"{text}\" is not a size ({e}); use a number with a unit, e.g. \"64KiB\", \"8MiB\""
+        )
+    })
 }
 
 #[cfg(test)]
@@ -319,7 +380,11 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("5min").unwrap(), Duration::from_secs(300));
         assert!(parse_duration("30").unwrap_err().contains("no unit"));
-        assert!(parse_duration("soon").unwrap_err().contains("not a duration"));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
     }
 
     #[test]
@@ -328,7 +393,11 @@ mod tests {
         assert_eq!(parse_size_with_unit("8MiB").unwrap(), 8 * 1024 * 1024);
         assert_eq!(parse_size_with_unit("512B").unwrap(), 512);
         assert!(parse_size_with_unit("64").unwrap_err().contains("no unit"));
-        assert!(parse_size_with_unit("lots").unwrap_err().contains("not a size"));
+        assert!(
+            parse_size_with_unit("lots")
+                .unwrap_err()
+                .contains("not a size")
+        );
     }
 
     #[test]
@@ -336,10 +405,15 @@ mod tests {
         let text = "[a]\nx = \"30\"\ny = 7\nz = true\n[b]\nw = 1\n";
         let doc = Document::parse(text.to_string()).unwrap();
         let mut reader = Reader::new(&doc);
-        reader.duration_or("a.x", Duration::from_secs(1), (Duration::ZERO, Duration::MAX));
+        reader.duration_or(
+            "a.x",
+            Duration::from_secs(1),
+            (Duration::ZERO, Duration::MAX),
+        );
         reader.opt_str("a.y");
         let issues = reader.finish();
-        let summary: Vec<(String, Option<usize>)> = issues.iter().map(|i| (i.key.clone(), i.line)).collect();
+        let summary: Vec<(String, Option<usize>)> =
+            issues.iter().map(|i| (i.key.clone(), i.line)).collect();
         assert_eq!(
             summary,
             vec![

@@ -205,19 +205,18 @@ pub fn load_private_key(
         }),
         Some(source) => {
             let passphrase = source.read()?;
-            PrivateKey::from_pkcs8_encrypted_pem(pem_text, &passphrase).map_err(|error| {
-                match error {
-                    CryptoError::KeyIsNotEncrypted => KeyFileError::PassphraseNotNeeded {
-                        path: path.to_owned(),
-                        config_key: config_key.to_owned(),
-                        passphrase_source: source.to_string(),
-                    },
-                    CryptoError::WrongPassphrase => KeyFileError::WrongPassphrase {
-                        path: path.to_owned(),
-                        passphrase_source: source.to_string(),
-                    },
-                    other => key_error(other),
-                }
+            PrivateKey::from_pkcs8_encrypted_pem(pem_text, &passphrase).map_err(|error| match error
+            {
+                CryptoError::KeyIsNotEncrypted => KeyFileError::PassphraseNotNeeded {
+                    path: path.to_owned(),
+                    config_key: config_key.to_owned(),
+                    passphrase_source: source.to_string(),
+                },
+                CryptoError::WrongPassphrase => KeyFileError::WrongPassphrase {
+                    path: path.to_owned(),
+                    passphrase_source: source.to_string(),
+                },
+                other => key_error(other),
             })
         }
     }
@@ -255,7 +254,12 @@ pub fn write_private_key(
         path: path.to_owned(),
         source,
     })?;
-    write_new_file(KIND_PRIVATE_KEY, path, pem_text.as_bytes(), PRIVATE_KEY_MODE)
+    write_new_file(
+        KIND_PRIVATE_KEY,
+        path,
+        pem_text.as_bytes(),
+        PRIVATE_KEY_MODE,
+    )
 }
 
 /// Writes a new public key file with mode 0644. Refuses to replace an existing file.
@@ -283,7 +287,9 @@ fn read_credential(
         return Err(invalid("it is empty"));
     }
     if name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        return Err(invalid("it must be a plain file name inside $CREDENTIALS_DIRECTORY"));
+        return Err(invalid(
+            "it must be a plain file name inside $CREDENTIALS_DIRECTORY",
+        ));
     }
     let directory =
         credentials_directory.ok_or_else(|| KeyFileError::CredentialsDirectoryUnset {
@@ -497,9 +503,7 @@ mod tests {
         let source = PassphraseSource::Credential("kunpay-signing".into());
         let error = read_credential(None, "kunpay-signing", &source).unwrap_err();
         assert!(
-            error
-                .to_string()
-                .contains("LoadCredential=kunpay-signing:"),
+            error.to_string().contains("LoadCredential=kunpay-signing:"),
             "{error}"
         );
     }
@@ -538,7 +542,10 @@ mod tests {
         let path = directory.path().join("pass");
         write_file(&path, b"s3cret\n", 0o640);
         let error = PassphraseSource::File(path.clone()).read().unwrap_err();
-        assert!(matches!(error, KeyFileError::InsecurePermissions { mode: 0o640, .. }));
+        assert!(matches!(
+            error,
+            KeyFileError::InsecurePermissions { mode: 0o640, .. }
+        ));
         assert!(error.to_string().contains(&path.display().to_string()));
     }
 
@@ -555,9 +562,12 @@ mod tests {
         assert_eq!(mode(&public_path), 0o644);
 
         let before = fs::read(&private_path).unwrap();
-        let error = write_private_key(&private_path, &PrivateKey::generate().unwrap(), None)
-            .unwrap_err();
-        assert!(matches!(error, KeyFileError::AlreadyExists { .. }), "{error}");
+        let error =
+            write_private_key(&private_path, &PrivateKey::generate().unwrap(), None).unwrap_err();
+        assert!(
+            matches!(error, KeyFileError::AlreadyExists { .. }),
+            "{error}"
+        );
         assert_eq!(fs::read(&private_path).unwrap(), before);
         // No temporary files are left behind.
         let leftovers: Vec<_> = fs::read_dir(directory.path())
@@ -576,7 +586,10 @@ mod tests {
     fn directories_and_missing_files_are_reported_with_the_path() {
         let directory = tempfile::tempdir().unwrap();
         let error = load_public_key(directory.path()).unwrap_err();
-        assert!(matches!(error, KeyFileError::NotRegularFile { .. }), "{error}");
+        assert!(
+            matches!(error, KeyFileError::NotRegularFile { .. }),
+            "{error}"
+        );
         let missing = directory.path().join("missing.pem");
         let error = load_private_key(&missing, None, "keys.signing").unwrap_err();
         assert!(error.to_string().contains("missing.pem"), "{error}");

@@ -105,7 +105,9 @@ pub enum CryptoError {
     #[error("SM4-CBC ciphertext length {len} is not a positive multiple of 16 bytes")]
     Sm4CbcLength { len: usize },
 
-    #[error("SM4-CBC padding is invalid after decryption (wrong key or IV, or tampered ciphertext)")]
+    #[error(
+        "SM4-CBC padding is invalid after decryption (wrong key or IV, or tampered ciphertext)"
+    )]
     Sm4CbcPadding,
 
     #[error("SM4-GCM input is {len} bytes, shorter than the 16-byte authentication tag")]
@@ -167,10 +169,7 @@ fn expect_equal(test: &'static str, actual: &[u8], expected_hex: &str) -> Result
     } else {
         Err(CryptoError::self_test(
             test,
-            format!(
-                "got {}, expected {expected_hex}",
-                hex::encode(actual)
-            ),
+            format!("got {}, expected {expected_hex}", hex::encode(actual)),
         ))
     }
 }
@@ -221,8 +220,9 @@ fn self_test_sm4() -> Result<(), CryptoError> {
 
     let vector = &sm4::RFC8998_GCM_VECTOR;
     let decode = |hex_text: &str| {
-        hex::decode(hex_text)
-            .map_err(|error| CryptoError::self_test("SM4-GCM RFC 8998", format!("bad constant: {error}")))
+        hex::decode(hex_text).map_err(|error| {
+            CryptoError::self_test("SM4-GCM RFC 8998", format!("bad constant: {error}"))
+        })
     };
     let aad = decode(vector.aad_hex)?;
     let plaintext = decode(vector.plaintext_hex)?;

@@ -22,8 +22,8 @@ use ::sm2::elliptic_curve::sec1::ToSec1Point;
 use ::sm2::pke::{Cipher, DecryptingKey, EncryptingKey, Mode};
 use ::sm2::{SecretKey, Sm2};
 use getrandom::SysRng;
-use pkcs8::der::pem;
 use pkcs8::der::AnyRef;
+use pkcs8::der::pem;
 use pkcs8::pkcs5::pbes2;
 use pkcs8::spki::EncodePublicKey;
 use pkcs8::{
@@ -185,23 +185,21 @@ impl PublicKey {
     }
 
     fn from_public_key_der(der: &[u8]) -> Result<Self, CryptoError> {
-        let spki = SubjectPublicKeyInfoRef::try_from(der).map_err(|error| {
-            CryptoError::MalformedKey {
+        let spki =
+            SubjectPublicKeyInfoRef::try_from(der).map_err(|error| CryptoError::MalformedKey {
                 what: WHAT_PUBLIC_KEY,
                 reason: format!("not an X.509 SubjectPublicKeyInfo: {error}"),
-            }
-        })?;
+            })?;
         check_sm2_algorithm(WHAT_PUBLIC_KEY, &spki.algorithm)?;
         let normalized = SubjectPublicKeyInfoRef {
             algorithm: canonical_sm2_algorithm(),
             subject_public_key: spki.subject_public_key,
         };
-        let point = ::sm2::PublicKey::try_from(normalized).map_err(|error| {
-            CryptoError::MalformedKey {
+        let point =
+            ::sm2::PublicKey::try_from(normalized).map_err(|error| CryptoError::MalformedKey {
                 what: WHAT_PUBLIC_KEY,
                 reason: format!("not a valid point on the SM2 curve: {error}"),
-            }
-        })?;
+            })?;
         Ok(Self { point })
     }
 
@@ -244,11 +242,7 @@ impl PublicKey {
 
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "PublicKey({})",
-            hex::encode(self.to_sec1_uncompressed())
-        )
+        write!(f, "PublicKey({})", hex::encode(self.to_sec1_uncompressed()))
     }
 }
 
@@ -299,7 +293,10 @@ impl PrivateKey {
 
     /// Reads a PKCS#8 `ENCRYPTED PRIVATE KEY` PEM block protected with PBES2 (PBKDF2 or scrypt,
     /// AES-CBC/GCM), e.g. from `openssl genpkey -algorithm SM2 -aes-256-cbc`.
-    pub fn from_pkcs8_encrypted_pem(pem_text: &str, passphrase: &[u8]) -> Result<Self, CryptoError> {
+    pub fn from_pkcs8_encrypted_pem(
+        pem_text: &str,
+        passphrase: &[u8],
+    ) -> Result<Self, CryptoError> {
         let label = pem_label(WHAT_ENCRYPTED_PRIVATE_KEY, pem_text)?;
         match label.as_str() {
             ENCRYPTED_PRIVATE_KEY_LABEL => {}
@@ -339,7 +336,10 @@ impl PrivateKey {
     /// PKCS#8 `ENCRYPTED PRIVATE KEY` PEM with PBES2 / PBKDF2-HMAC-SHA256
     /// ([`PBKDF2_ITERATIONS`], 16-byte random salt) / AES-256-CBC, readable by
     /// `openssl pkey -passin`.
-    pub fn to_pkcs8_encrypted_pem(&self, passphrase: &[u8]) -> Result<Zeroizing<String>, CryptoError> {
+    pub fn to_pkcs8_encrypted_pem(
+        &self,
+        passphrase: &[u8],
+    ) -> Result<Zeroizing<String>, CryptoError> {
         if passphrase.is_empty() {
             return Err(CryptoError::EmptyPassphrase);
         }
@@ -733,8 +733,14 @@ mod tests {
 
     #[test]
     fn format_and_order_parse_and_display() {
-        assert_eq!("der".parse::<SignatureFormat>().unwrap(), SignatureFormat::Der);
-        assert_eq!("RAW".parse::<SignatureFormat>().unwrap(), SignatureFormat::Raw);
+        assert_eq!(
+            "der".parse::<SignatureFormat>().unwrap(),
+            SignatureFormat::Der
+        );
+        assert_eq!(
+            "RAW".parse::<SignatureFormat>().unwrap(),
+            SignatureFormat::Raw
+        );
         assert!("base64".parse::<SignatureFormat>().is_err());
         assert_eq!(SignatureFormat::Der.to_string(), "der");
         assert_eq!(SignatureFormat::Raw.to_string(), "raw");
@@ -742,7 +748,10 @@ mod tests {
         for order in [CipherOrder::C1C3C2, CipherOrder::C1C2C3] {
             assert_eq!(order.to_string().parse::<CipherOrder>().unwrap(), order);
         }
-        assert_eq!("c1c2c3".parse::<CipherOrder>().unwrap(), CipherOrder::C1C2C3);
+        assert_eq!(
+            "c1c2c3".parse::<CipherOrder>().unwrap(),
+            CipherOrder::C1C2C3
+        );
         assert!("C2C1C3".parse::<CipherOrder>().is_err());
     }
 
@@ -843,10 +852,14 @@ MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgu4ZXbRLYRvEW/YG/
         let raw = signer.sign(b"m", SignatureFormat::Raw).unwrap();
         assert_eq!(raw.len(), RAW_SIGNATURE_LEN);
 
-        let error = verifier.verify(b"m", &der, SignatureFormat::Raw).unwrap_err();
+        let error = verifier
+            .verify(b"m", &der, SignatureFormat::Raw)
+            .unwrap_err();
         assert!(matches!(error, CryptoError::MalformedSignature { .. }));
         assert!(error.to_string().contains("looks like DER"), "{error}");
-        let error = verifier.verify(b"m", &raw, SignatureFormat::Der).unwrap_err();
+        let error = verifier
+            .verify(b"m", &raw, SignatureFormat::Der)
+            .unwrap_err();
         assert!(error.to_string().contains("looks like raw"), "{error}");
         assert!(matches!(
             verifier.verify(b"m", &[0u8; 64], SignatureFormat::Raw),

@@ -188,7 +188,9 @@ mod tests {
         let sealed = gcm_encrypt(&KEY, &nonce, b"aad", b"payload").unwrap();
         assert_eq!(sealed.len(), 7 + GCM_TAG_LEN);
         assert_eq!(
-            gcm_decrypt(&KEY, &nonce, b"aad", &sealed).unwrap().as_slice(),
+            gcm_decrypt(&KEY, &nonce, b"aad", &sealed)
+                .unwrap()
+                .as_slice(),
             b"payload"
         );
         for index in 0..sealed.len() {

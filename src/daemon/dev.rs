@@ -24,7 +24,8 @@ pub struct DevPaths {
 
 impl DevPaths {
     pub fn new(dir: &Path) -> anyhow::Result<DevPaths> {
-        let dir = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
+        let dir =
+            std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
         Ok(DevPaths {
             config: dir.join("kunpay.toml"),
             keys: dir.join("keys"),
@@ -41,7 +42,8 @@ pub fn prepare(paths: &DevPaths) -> anyhow::Result<Vec<String>> {
     // The embedded cluster's account must be able to reach its data directory inside.
     fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o755))?;
     if !paths.config.exists() {
-        fs::write(&paths.config, dev_config(paths)).with_context(|| format!("writing {}", paths.config.display()))?;
+        fs::write(&paths.config, dev_config(paths))
+            .with_context(|| format!("writing {}", paths.config.display()))?;
         created.push(format!("configuration {}", paths.config.display()));
     }
     fs::create_dir_all(&paths.keys)?;
@@ -51,7 +53,10 @@ pub fn prepare(paths: &DevPaths) -> anyhow::Result<Vec<String>> {
         if !private.exists() {
             let key = PrivateKey::generate()?;
             keyfile::write_private_key(&private, &key, None)?;
-            keyfile::write_public_key(&paths.keys.join(format!("{name}.pub.pem")), &key.public_key())?;
+            keyfile::write_public_key(
+                &paths.keys.join(format!("{name}.pub.pem")),
+                &key.public_key(),
+            )?;
             created.push(format!("demo key {}", private.display()));
         }
     }

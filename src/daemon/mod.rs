@@ -91,10 +91,12 @@ fn start(options: Options) -> Result<u8, Fatal> {
         None => (options.config.clone(), Mode::Production, None),
     };
     let mut config = Config::load(&config_path, mode).map_err(|e| Fatal::Config(e.to_string()))?;
-    let log = logging::init(&config.log, "kunpayd").map_err(|e| Fatal::Other(e.context("setting up logging")))?;
+    let log = logging::init(&config.log, "kunpayd")
+        .map_err(|e| Fatal::Other(e.context("setting up logging")))?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config_path.display(), "kunpayd starting");
 
-    crate::crypto::self_test().context("cryptographic self-test failed; this binary must not sign anything")?;
+    crate::crypto::self_test()
+        .context("cryptographic self-test failed; this binary must not sign anything")?;
     let sign_key = keyfile::load_private_key(
         &config.keys.sign_private,
         config.keys.sign_passphrase.as_ref(),
@@ -123,7 +125,11 @@ fn start(options: Options) -> Result<u8, Fatal> {
         }
         None => (None, None),
     };
-    let url = config.database.url.clone().context("database.url is not set")?;
+    let url = config
+        .database
+        .url
+        .clone()
+        .context("database.url is not set")?;
     let connect = ConnectSettings {
         url,
         password,
@@ -223,7 +229,10 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         .await??;
     }
     state.mark_ready();
-    let status = format!("serving as {}; ops on {}", config.node.role, ops_served.local_addr);
+    let status = format!(
+        "serving as {}; ops on {}",
+        config.node.role, ops_served.local_addr
+    );
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     tracing::info!(
         node = %config.node.id,
@@ -302,7 +311,10 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
 /// Ticks the liveness heartbeat and, under a systemd watchdog, pings it at half its interval.
 async fn heartbeat(state: Arc<NodeState>) {
     let watchdog = sd_notify::watchdog_enabled();
-    let period = watchdog.map(|usec| usec / 2).unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1));
+    let period = watchdog
+        .map(|usec| usec / 2)
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_secs(1));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -315,7 +327,13 @@ async fn heartbeat(state: Arc<NodeState>) {
 }
 
 /// SIGHUP: re-reads the file; applies what can change live, keeps the old values otherwise.
-fn reload(config: &mut Config, mode: Mode, dev_url: Option<&Secret>, log: &LogHandle, state: &NodeState) {
+fn reload(
+    config: &mut Config,
+    mode: Mode,
+    dev_url: Option<&Secret>,
+    log: &LogHandle,
+    state: &NodeState,
+) {
     let mut newer = match Config::load(&config.source, mode) {
         Ok(newer) => newer,
         Err(errors) => {
@@ -365,20 +383,30 @@ fn notify(states: &[NotifyState]) {
 }
 
 fn read_secret(source: &PassphraseSource, config_key: &str) -> anyhow::Result<Secret> {
-    let bytes = source.read().with_context(|| format!("reading {config_key}"))?;
-    let text = std::str::from_utf8(&bytes).with_context(|| format!("{config_key}: the secret is not UTF-8"))?;
+    let bytes = source
+        .read()
+        .with_context(|| format!("reading {config_key}"))?;
+    let text = std::str::from_utf8(&bytes)
+        .with_context(|| format!("{config_key}: the secret is not UTF-8"))?;
     Ok(Secret::new(text.to_string()))
 }
 
 fn print_dev_banner(config: &Config, ops_served: &server::Served, connect: &ConnectSettings) {
     let ops = ops_served.local_addr;
     println!();
-    println!("kunpay development node {} is running (pid {})", config.node.id, std::process::id());
+    println!(
+        "kunpay development node {} is running (pid {})",
+        config.node.id,
+        std::process::id()
+    );
     println!("  ops listener   http://{ops}/  (/primary /health /readiness /metrics /status)");
     println!("  database       {} (embedded)", connect.display_target());
     println!("  configuration  {}", config.source.display());
     println!("  try            curl -s http://{ops}/status ; kunpayctl status --ops http://{ops}");
-    println!("  stop           Ctrl-C, or kill -TERM {}; the embedded database stops with it", std::process::id());
+    println!(
+        "  stop           Ctrl-C, or kill -TERM {}; the embedded database stops with it",
+        std::process::id()
+    );
     println!();
 }
 
@@ -418,12 +446,18 @@ pub fn check_config(path: &Path) -> Result<Config, String> {
             "service.user",
             format!("user {:?} does not exist on this host", config.service.user),
         ),
-        Err(e) => issue("service.user", format!("cannot look up {:?}: {e}", config.service.user)),
+        Err(e) => issue(
+            "service.user",
+            format!("cannot look up {:?}: {e}", config.service.user),
+        ),
     }
     if let Some(group) = &config.service.group
         && !matches!(nix::unistd::Group::from_name(group), Ok(Some(_)))
     {
-        issue("service.group", format!("group {group:?} does not exist on this host"));
+        issue(
+            "service.group",
+            format!("group {group:?} does not exist on this host"),
+        );
     }
     if issues.is_empty() {
         Ok(config)

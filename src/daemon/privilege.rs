@@ -22,13 +22,17 @@ pub fn drop_to(user_name: &str, group_name: Option<&str>) -> anyhow::Result<(Uid
             )
         })?;
     if user.uid.is_root() {
-        bail!("service.user {user_name:?} is root; kunpayd must not serve as root, name an unprivileged account");
+        bail!(
+            "service.user {user_name:?} is root; kunpayd must not serve as root, name an unprivileged account"
+        );
     }
     let gid = match group_name {
         Some(name) => {
             Group::from_name(name)
                 .with_context(|| format!("looking up service.group {name:?}"))?
-                .with_context(|| format!("service.group {name:?} does not exist; create it (groupadd -r {name})"))?
+                .with_context(|| {
+                    format!("service.group {name:?} does not exist; create it (groupadd -r {name})")
+                })?
                 .gid
         }
         None => user.gid,
@@ -54,9 +58,13 @@ fn harden() -> anyhow::Result<()> {
 }
 
 fn assert_single_threaded() -> anyhow::Result<()> {
-    let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(1);
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(1);
     if threads != 1 {
-        bail!("internal error: {threads} threads exist at the privilege drop; it must happen before any thread starts");
+        bail!(
+            "internal error: {threads} threads exist at the privilege drop; it must happen before any thread starts"
+        );
     }
     Ok(())
 }

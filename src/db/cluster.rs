@@ -20,7 +20,7 @@ use nix::unistd::{Gid, Uid, User};
 pub const SUPERUSER: &str = "kunpay";
 const PORT_FILE: &str = "kunpay-port";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
     /// Extra `postgresql.conf` settings, e.g. `("wal_level", "logical")`.
     pub settings: Vec<(String, String)>,
@@ -28,14 +28,6 @@ pub struct ClusterOptions {
     pub fast_unsafe: bool,
 }
 
-impl Default for ClusterOptions {
-    fn default() -> Self {
-        ClusterOptions {
-            settings: Vec::new(),
-            fast_unsafe: false,
-        }
-    }
-}
 
 #[derive(Debug)]
 pub struct PrivateCluster {
@@ -49,7 +41,10 @@ pub struct PrivateCluster {
 impl PrivateCluster {
     /// Creates the cluster when `data_dir` is empty or missing, then starts it (or adopts it if
     /// it is already running from an earlier run).
-    pub fn create_or_start(data_dir: &Path, options: &ClusterOptions) -> anyhow::Result<PrivateCluster> {
+    pub fn create_or_start(
+        data_dir: &Path,
+        options: &ClusterOptions,
+    ) -> anyhow::Result<PrivateCluster> {
         let bin_dir = find_bin_dir()?;
         let run_as = unprivileged_account()?;
         let mut cluster = PrivateCluster {
@@ -65,7 +60,12 @@ impl PrivateCluster {
         cluster.port = fs::read_to_string(data_dir.join(PORT_FILE))
             .ok()
             .and_then(|p| p.trim().parse().ok())
-            .with_context(|| format!("{} has no readable {PORT_FILE}; remove the directory to recreate it", data_dir.display()))?;
+            .with_context(|| {
+                format!(
+                    "{} has no readable {PORT_FILE}; remove the directory to recreate it",
+                    data_dir.display()
+                )
+            })?;
         if !cluster.is_running() {
             cluster.start()?;
         }
@@ -79,14 +79,23 @@ impl PrivateCluster {
                 self.data_dir.display()
             );
         }
-        fs::create_dir_all(&self.data_dir).with_context(|| format!("creating {}", self.data_dir.display()))?;
+        fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("creating {}", self.data_dir.display()))?;
         fs::set_permissions(&self.data_dir, fs::Permissions::from_mode(0o700))?;
         self.chown(&self.data_dir)?;
         let output = self
             .command("initdb")
             .arg("-D")
             .arg(&self.data_dir)
-            .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-instructions"])
+            .args([
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ])
             .output()
             .context("running initdb")?;
         check(&output, "initdb")?;
@@ -126,7 +135,11 @@ impl PrivateCluster {
         if let Err(e) = check(&output, "pg_ctl start") {
             let tail = fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-            bail!("{e}; server log {} ends with: {}", log.display(), tail.join(" | "));
+            bail!(
+                "{e}; server log {} ends with: {}",
+                log.display(),
+                tail.join(" | ")
+            );
         }
         self.started_by_us = true;
         Ok(())
@@ -194,9 +207,10 @@ impl PrivateCluster {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             n: i64,
         }
-        let existing: Count = diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
-            .bind::<diesel::sql_types::Text, _>(name)
-            .get_result(&mut conn)?;
+        let existing: Count =
+            diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
+                .bind::<diesel::sql_types::Text, _>(name)
+                .get_result(&mut conn)?;
         if existing.n == 0 {
             diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn)?;
         }
@@ -222,7 +236,8 @@ impl PrivateCluster {
 
     fn chown(&self, path: &Path) -> anyhow::Result<()> {
         if let Some((uid, gid)) = self.run_as {
-            nix::unistd::chown(path, Some(uid), Some(gid)).with_context(|| format!("chown {}", path.display()))?;
+            nix::unistd::chown(path, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", path.display()))?;
         }
         Ok(())
     }
@@ -313,6 +328,10 @@ fn check(output: &Output, what: &str) -> anyhow::Result<()> {
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let detail = stderr.lines().chain(stdout.lines()).filter(|l| !l.trim().is_empty()).last().unwrap_or("");
+    let detail = stderr
+        .lines()
+        .chain(stdout.lines())
+        .rfind(|l| !l.trim().is_empty())
+        .unwrap_or("");
     bail!("{what} failed ({}): {detail}", output.status)
 }

@@ -73,7 +73,10 @@ impl ConnectSettings {
         url.push(separator);
         url.push_str("application_name=");
         url.push_str(&percent_encode(&self.application_name));
-        url.push_str(&format!("&connect_timeout={}", self.connect_timeout.as_secs().max(1)));
+        url.push_str(&format!(
+            "&connect_timeout={}",
+            self.connect_timeout.as_secs().max(1)
+        ));
         if let Some(password) = &self.password {
             url.push_str("&password=");
             url.push_str(&percent_encode(password.expose()));
@@ -114,14 +117,17 @@ pub fn connect(settings: &ConnectSettings) -> Result<Pool, DbError> {
         .build_unchecked(manager);
     // r2d2 hides the underlying error behind "timed out"; a direct connection attempt gives the
     // operator libpq's own reason (refused, unknown host, authentication failed...).
-    let mut probe = PgConnection::establish(settings.full_url().expose()).map_err(|e| DbError::Connect {
-        target: settings.display_target(),
-        reason: first_line(&e.to_string()),
-    })?;
-    diesel::sql_query("SELECT 1").execute(&mut probe).map_err(|e| DbError::Connect {
-        target: settings.display_target(),
-        reason: first_line(&e.to_string()),
-    })?;
+    let mut probe =
+        PgConnection::establish(settings.full_url().expose()).map_err(|e| DbError::Connect {
+            target: settings.display_target(),
+            reason: first_line(&e.to_string()),
+        })?;
+    diesel::sql_query("SELECT 1")
+        .execute(&mut probe)
+        .map_err(|e| DbError::Connect {
+            target: settings.display_target(),
+            reason: first_line(&e.to_string()),
+        })?;
     Ok(pool)
 }
 
@@ -134,7 +140,8 @@ pub fn connect_one(settings: &ConnectSettings) -> Result<PgConnection, DbError> 
 }
 
 pub fn checkout(pool: &Pool, timeout: Duration) -> Result<PooledConnection, DbError> {
-    pool.get_timeout(timeout).map_err(|_| DbError::PoolTimeout(timeout))
+    pool.get_timeout(timeout)
+        .map_err(|_| DbError::PoolTimeout(timeout))
 }
 
 /// Names of the migrations this binary has that the database lacks.
@@ -156,7 +163,8 @@ pub fn migrate(conn: &mut PgConnection) -> Result<Vec<String>, DbError> {
         Ok(names)
     });
     // Unlock even when the migration failed, or the next attempt would wait forever.
-    let unlock = diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")).execute(conn);
+    let unlock =
+        diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")).execute(conn);
     let applied = result?;
     unlock?;
     Ok(applied)
@@ -229,13 +237,23 @@ pub fn probe(pool: &Pool, run_id: i64, timeout: Duration) -> Result<(), DbError>
     use schema::node_run::dsl;
     let mut conn = checkout(pool, timeout)?;
     conn.transaction(|conn| {
-        conn.batch_execute(&format!("SET LOCAL statement_timeout = {}", timeout.as_millis()))?;
-        dsl::node_run.find(run_id).select(dsl::run_id).first::<i64>(conn)
+        conn.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            timeout.as_millis()
+        ))?;
+        dsl::node_run
+            .find(run_id)
+            .select(dsl::run_id)
+            .first::<i64>(conn)
     })?;
     Ok(())
 }
 
-pub fn recent_runs(conn: &mut PgConnection, node_id: &str, limit: i64) -> Result<Vec<NodeRun>, DbError> {
+pub fn recent_runs(
+    conn: &mut PgConnection,
+    node_id: &str,
+    limit: i64,
+) -> Result<Vec<NodeRun>, DbError> {
     use schema::node_run::dsl;
     Ok(dsl::node_run
         .filter(dsl::node_id.eq(node_id))
@@ -289,7 +307,10 @@ mod tests {
 
     #[test]
     fn urls_are_redacted_for_messages() {
-        assert_eq!(redact_url("postgres://kunpay:pw@db:5432/kunpay?sslmode=require"), "postgres://kunpay@db:5432/kunpay");
+        assert_eq!(
+            redact_url("postgres://kunpay:pw@db:5432/kunpay?sslmode=require"),
+            "postgres://kunpay@db:5432/kunpay"
+        );
         assert_eq!(redact_url("postgres://db/kunpay"), "postgres://db/kunpay");
     }
 

@@ -24,18 +24,23 @@ static SECRET_FIELD: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 static PEM_PRIVATE_KEY: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)")
-        .expect("static regex")
+    Regex::new(
+        r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)",
+    )
+    .expect("static regex")
 });
 
 /// `postgres://user:password@host` and friends.
-static URL_PASSWORD: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?P<lead>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@").expect("static regex"));
+static URL_PASSWORD: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?P<lead>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@").expect("static regex")
+});
 
 /// Chinese resident id: 17 digits and a digit or X. Checked before card numbers because an
 /// 18-digit id would otherwise be masked as a card and keep too much.
-static ID_NUMBER: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?P<pre>^|[^0-9A-Za-z])(?P<id>[0-9]{17}[0-9Xx])(?P<post>$|[^0-9A-Za-z])").expect("static regex"));
+static ID_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?P<pre>^|[^0-9A-Za-z])(?P<id>[0-9]{17}[0-9Xx])(?P<post>$|[^0-9A-Za-z])")
+        .expect("static regex")
+});
 
 /// Card and account numbers: 12 to 19 digits, optionally grouped by spaces or dashes of 4.
 static CARD_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
@@ -44,26 +49,40 @@ static CARD_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// Mainland mobile numbers: 11 digits starting 13-19.
-static PHONE_NUMBER: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?P<pre>^|[^0-9])(?P<phone>1[3-9][0-9]{9})(?P<post>$|[^0-9])").expect("static regex"));
+static PHONE_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?P<pre>^|[^0-9])(?P<phone>1[3-9][0-9]{9})(?P<post>$|[^0-9])")
+        .expect("static regex")
+});
 
 /// Masks one formatted log line. Cheap when nothing matches (the common case): each regex is
 /// a single scan and no allocation happens unless something is replaced.
 pub fn mask_line(line: &str) -> Cow<'_, str> {
     let mut out = Cow::Borrowed(line);
-    out = replace(out, &PEM_PRIVATE_KEY, |_| "[private key redacted]".to_string());
+    out = replace(out, &PEM_PRIVATE_KEY, |_| {
+        "[private key redacted]".to_string()
+    });
     out = replace(out, &URL_PASSWORD, |c| format!("{}***@", &c["lead"]));
     out = replace(out, &SECRET_FIELD, |c| {
         let quoted = c["value"].starts_with('"');
         format!("{}{}", &c["lead"], if quoted { "\"***\"" } else { "***" })
     });
-    out = replace(out, &ID_NUMBER, |c| format!("{}{}{}", &c["pre"], id_number(&c["id"]), &c["post"]));
-    out = replace(out, &CARD_NUMBER, |c| format!("{}{}{}", &c["pre"], card_number(&c["card"]), &c["post"]));
-    out = replace(out, &PHONE_NUMBER, |c| format!("{}{}{}", &c["pre"], phone_number(&c["phone"]), &c["post"]));
+    out = replace(out, &ID_NUMBER, |c| {
+        format!("{}{}{}", &c["pre"], id_number(&c["id"]), &c["post"])
+    });
+    out = replace(out, &CARD_NUMBER, |c| {
+        format!("{}{}{}", &c["pre"], card_number(&c["card"]), &c["post"])
+    });
+    out = replace(out, &PHONE_NUMBER, |c| {
+        format!("{}{}{}", &c["pre"], phone_number(&c["phone"]), &c["post"])
+    });
     out
 }
 
-fn replace<'a>(text: Cow<'a, str>, regex: &Regex, with: impl Fn(&Captures) -> String) -> Cow<'a, str> {
+fn replace<'a>(
+    text: Cow<'a, str>,
+    regex: &Regex,
+    with: impl Fn(&Captures) -> String,
+) -> Cow<'a, str> {
     if !regex.is_match(&text) {
         return text;
     }
@@ -88,7 +107,12 @@ pub fn card_number(card: &str) -> String {
     }
     let (head, rest) = digits.split_at(6);
     let (middle, tail) = rest.split_at(rest.len() - 4);
-    format!("{}{}{}", head.iter().collect::<String>(), "*".repeat(middle.len()), tail.iter().collect::<String>())
+    format!(
+        "{}{}{}",
+        head.iter().collect::<String>(),
+        "*".repeat(middle.len()),
+        tail.iter().collect::<String>()
+    )
 }
 
 /// `110101199003077777` -> `110***********7777`
@@ -133,20 +157,32 @@ mod tests {
             mask_line("debit card_no=6222021234567890123 ok"),
             "debit card_no=622202*********0123 ok"
         );
-        assert_eq!(mask_line("card 6222 0212 3456 7890"), "card 622202******7890");
+        assert_eq!(
+            mask_line("card 6222 0212 3456 7890"),
+            "card 622202******7890"
+        );
         assert!(!mask_line(r#"{"card":"4111111111111111"}"#).contains("11111111"));
     }
 
     #[test]
     fn id_numbers_and_phones_are_masked() {
-        assert_eq!(mask_line("id_no=11010119900307777X"), "id_no=110***********777X");
+        assert_eq!(
+            mask_line("id_no=11010119900307777X"),
+            "id_no=110***********777X"
+        );
         assert_eq!(mask_line("phone=13812345678,"), "phone=138****5678,");
     }
 
     #[test]
     fn names_passwords_and_keys_are_hidden() {
-        assert_eq!(mask_line(r#"account_name="张三" amount=100"#), r#"account_name="***" amount=100"#);
-        assert_eq!(mask_line(r#"{"name":"李四","amount":100}"#), r#"{"name":"***","amount":100}"#);
+        assert_eq!(
+            mask_line(r#"account_name="张三" amount=100"#),
+            r#"account_name="***" amount=100"#
+        );
+        assert_eq!(
+            mask_line(r#"{"name":"李四","amount":100}"#),
+            r#"{"name":"***","amount":100}"#
+        );
         assert_eq!(mask_line("passphrase=hunter2 next"), "passphrase=*** next");
         assert_eq!(
             mask_line("url postgres://kunpay:s3cret@db:5432/kunpay"),
@@ -161,7 +197,10 @@ mod tests {
         let line = "request served status=200 elapsed_ms=12 seq=123456 amount_fen=1000";
         assert!(matches!(mask_line(line), Cow::Borrowed(_)));
         // A field merely containing "name" in a longer word is not a name.
-        assert_eq!(mask_line("hostname=db1 filename=x"), "hostname=db1 filename=x");
+        assert_eq!(
+            mask_line("hostname=db1 filename=x"),
+            "hostname=db1 filename=x"
+        );
     }
 
     #[test]

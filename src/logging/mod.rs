@@ -45,7 +45,8 @@ impl Write for LineWriter {
         // Keep a little beyond the cap so the cut can be marked; drop the rest silently rather
         // than growing without bound.
         let room = (self.max_line + 64).saturating_sub(self.buffer.len());
-        self.buffer.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.buffer
+            .extend_from_slice(&bytes[..bytes.len().min(room)]);
         Ok(bytes.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -77,7 +78,9 @@ impl Drop for LineWriter {
                 let _ = writeln!(stderr, "{line}");
             }
             Sink::Syslog(logger) => {
-                let Ok(mut logger) = logger.lock() else { return };
+                let Ok(mut logger) = logger.lock() else {
+                    return;
+                };
                 let line = line.into_owned();
                 let _ = match self.level {
                     Level::ERROR => logger.err(line),
@@ -123,7 +126,9 @@ impl LogHandle {
         let filter = EnvFilter::builder()
             .parse(level)
             .with_context(|| format!("log.level \"{level}\" is not a filter"))?;
-        self.filter.reload(filter).context("reloading the log filter")?;
+        self.filter
+            .reload(filter)
+            .context("reloading the log filter")?;
         Ok(())
     }
 }
@@ -133,10 +138,12 @@ pub fn init(config: &LogConfig, process_name: &str) -> anyhow::Result<LogHandle>
     let sink = match config.target {
         LogTarget::Stderr => Sink::Stderr,
         LogTarget::Syslog => {
-            let facility = config
-                .syslog_facility
-                .parse()
-                .map_err(|()| anyhow::anyhow!("log.syslog_facility \"{}\" is unknown", config.syslog_facility))?;
+            let facility = config.syslog_facility.parse().map_err(|()| {
+                anyhow::anyhow!(
+                    "log.syslog_facility \"{}\" is unknown",
+                    config.syslog_facility
+                )
+            })?;
             let formatter = syslog::Formatter3164 {
                 facility,
                 hostname: None,
@@ -175,7 +182,11 @@ pub fn init(config: &LogConfig, process_name: &str) -> anyhow::Result<LogHandle>
             )
             .try_init(),
         (LogFormat::Text, true) => registry
-            .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(writer))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(writer),
+            )
             .try_init(),
         (LogFormat::Text, false) => registry
             .with(

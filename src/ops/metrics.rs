@@ -67,7 +67,9 @@ impl Metrics {
             http_requests: Family::default(),
             http_in_flight: Family::default(),
             http_rejected_overload: Family::default(),
-            http_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))),
+            http_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
             db_probe: Family::default(),
             db_probe_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             db_pool_connections: Gauge::default(),
@@ -78,8 +80,16 @@ impl Metrics {
             start_time_seconds: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("http_requests", "HTTP requests answered", metrics.http_requests.clone());
-        registry.register("http_requests_in_flight", "HTTP requests being served", metrics.http_in_flight.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests answered",
+            metrics.http_requests.clone(),
+        );
+        registry.register(
+            "http_requests_in_flight",
+            "HTTP requests being served",
+            metrics.http_in_flight.clone(),
+        );
         registry.register(
             "http_requests_rejected_overload",
             "HTTP requests refused because the listener's concurrency limit was reached",
@@ -90,7 +100,11 @@ impl Metrics {
             "Time to answer an HTTP request",
             metrics.http_duration.clone(),
         );
-        registry.register("db_probe", "Database health probes by result", metrics.db_probe.clone());
+        registry.register(
+            "db_probe",
+            "Database health probes by result",
+            metrics.db_probe.clone(),
+        );
         registry.register(
             "db_probe_duration_seconds",
             "Time taken by the database health probe",
@@ -101,16 +115,35 @@ impl Metrics {
             "Open connections in the main database pool",
             metrics.db_pool_connections.clone(),
         );
-        registry.register("db_pool_idle_connections", "Idle connections in the main database pool", metrics.db_pool_idle.clone());
-        registry.register("config_reloads", "SIGHUP configuration reloads by result", metrics.config_reloads.clone());
-        registry.register("node_role", "1 for the node's current role", metrics.role.clone());
-        registry.register("draining", "1 while the daemon drains before stopping", metrics.draining.clone());
+        registry.register(
+            "db_pool_idle_connections",
+            "Idle connections in the main database pool",
+            metrics.db_pool_idle.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "SIGHUP configuration reloads by result",
+            metrics.config_reloads.clone(),
+        );
+        registry.register(
+            "node_role",
+            "1 for the node's current role",
+            metrics.role.clone(),
+        );
+        registry.register(
+            "draining",
+            "1 while the daemon drains before stopping",
+            metrics.draining.clone(),
+        );
         registry.register(
             "start_time_seconds",
             "Start time of the process since the Unix epoch",
             metrics.start_time_seconds.clone(),
         );
-        Metrics { registry, ..metrics }
+        Metrics {
+            registry,
+            ..metrics
+        }
     }
 
     pub fn encode(&self) -> String {

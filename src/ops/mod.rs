@@ -48,13 +48,24 @@ fn role_code(role: Role) -> u8 {
 }
 
 fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl NodeState {
-    pub fn new(node_id: String, role: Role, pool: Pool, health_timeout: Duration, liveness_ttl: Duration) -> Arc<Self> {
+    pub fn new(
+        node_id: String,
+        role: Role,
+        pool: Pool,
+        health_timeout: Duration,
+        liveness_ttl: Duration,
+    ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new(&node_id));
-        metrics.start_time_seconds.set(now_unix_ms() as f64 / 1000.0);
+        metrics
+            .start_time_seconds
+            .set(now_unix_ms() as f64 / 1000.0);
         let state = Arc::new(NodeState {
             node_id,
             role: AtomicU8::new(role_code(role)),
@@ -87,15 +98,24 @@ impl NodeState {
     fn publish_role(&self, role: Role) {
         for candidate in [Role::Active, Role::Standby] {
             let label = RoleLabels {
-                role: if candidate == Role::Active { "active" } else { "standby" },
+                role: if candidate == Role::Active {
+                    "active"
+                } else {
+                    "standby"
+                },
             };
-            self.metrics.role.get_or_create(&label).set(i64::from(candidate == role));
+            self.metrics
+                .role
+                .get_or_create(&label)
+                .set(i64::from(candidate == role));
         }
     }
 
     pub fn set_timeouts(&self, health_timeout: Duration, liveness_ttl: Duration) {
-        self.health_timeout_ms.store(health_timeout.as_millis() as u64, Ordering::SeqCst);
-        self.liveness_ttl_ms.store(liveness_ttl.as_millis() as u64, Ordering::SeqCst);
+        self.health_timeout_ms
+            .store(health_timeout.as_millis() as u64, Ordering::SeqCst);
+        self.liveness_ttl_ms
+            .store(liveness_ttl.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn set_run_id(&self, run_id: i64) {
@@ -126,14 +146,21 @@ impl NodeState {
     }
 
     pub fn beat(&self) {
-        self.heartbeat_unix_ms.store(now_unix_ms(), Ordering::SeqCst);
+        self.heartbeat_unix_ms
+            .store(now_unix_ms(), Ordering::SeqCst);
         let state = self.pool.state();
-        self.metrics.db_pool_connections.set(i64::from(state.connections));
-        self.metrics.db_pool_idle.set(i64::from(state.idle_connections));
+        self.metrics
+            .db_pool_connections
+            .set(i64::from(state.connections));
+        self.metrics
+            .db_pool_idle
+            .set(i64::from(state.idle_connections));
     }
 
     pub fn heartbeat_age(&self) -> Duration {
-        Duration::from_millis(now_unix_ms().saturating_sub(self.heartbeat_unix_ms.load(Ordering::SeqCst)))
+        Duration::from_millis(
+            now_unix_ms().saturating_sub(self.heartbeat_unix_ms.load(Ordering::SeqCst)),
+        )
     }
 
     fn health_timeout(&self) -> Duration {
@@ -158,11 +185,16 @@ impl NodeState {
                 false
             }
             Ok(Err(_)) | Err(_) => {
-                tracing::warn!(timeout_ms = timeout.as_millis() as u64, "database health probe timed out");
+                tracing::warn!(
+                    timeout_ms = timeout.as_millis() as u64,
+                    "database health probe timed out"
+                );
                 false
             }
         };
-        self.metrics.db_probe_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .db_probe_duration
+            .observe(started.elapsed().as_secs_f64());
         self.metrics
             .db_probe
             .get_or_create(&metrics::ResultLabels {
@@ -220,20 +252,38 @@ impl NodeReport {
 }
 
 fn answer(ok: bool, report: NodeReport) -> Response {
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(report)).into_response()
 }
 
 async fn primary(State(state): State<Arc<NodeState>>) -> Response {
     let serving = state.role() == Role::Active && state.is_ready() && !state.is_draining();
-    let database_up = if serving { Some(state.database_up().await) } else { None };
-    answer(serving && database_up == Some(true), NodeReport::new(&state, database_up))
+    let database_up = if serving {
+        Some(state.database_up().await)
+    } else {
+        None
+    };
+    answer(
+        serving && database_up == Some(true),
+        NodeReport::new(&state, database_up),
+    )
 }
 
 async fn standby(State(state): State<Arc<NodeState>>) -> Response {
     let candidate = state.role() == Role::Standby && state.is_ready() && !state.is_draining();
-    let database_up = if candidate { Some(state.database_up().await) } else { None };
-    answer(candidate && database_up == Some(true), NodeReport::new(&state, database_up))
+    let database_up = if candidate {
+        Some(state.database_up().await)
+    } else {
+        None
+    };
+    answer(
+        candidate && database_up == Some(true),
+        NodeReport::new(&state, database_up),
+    )
 }
 
 async fn health(State(state): State<Arc<NodeState>>) -> Response {
@@ -248,8 +298,15 @@ async fn liveness(State(state): State<Arc<NodeState>>) -> Response {
 
 async fn readiness(State(state): State<Arc<NodeState>>) -> Response {
     let ready = state.is_ready() && !state.is_draining();
-    let database_up = if ready { Some(state.database_up().await) } else { None };
-    answer(ready && database_up == Some(true), NodeReport::new(&state, database_up))
+    let database_up = if ready {
+        Some(state.database_up().await)
+    } else {
+        None
+    };
+    answer(
+        ready && database_up == Some(true),
+        NodeReport::new(&state, database_up),
+    )
 }
 
 async fn status(State(state): State<Arc<NodeState>>) -> Response {
@@ -259,7 +316,10 @@ async fn status(State(state): State<Arc<NodeState>>) -> Response {
 
 async fn metrics_text(State(state): State<Arc<NodeState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
         .into_response()

@@ -22,7 +22,8 @@ use kunpay::db::cluster::{ClusterOptions, PrivateCluster};
 
 /// The shared server the machine runs (CI: PostgreSQL 15 on 127.0.0.1:5432, trust auth).
 pub fn admin_url() -> String {
-    std::env::var("KUNPAY_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("KUNPAY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -32,7 +33,11 @@ fn unique(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{prefix}_{}_{}_{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// A database of its own on the shared server, dropped (with its connections) at the end.
@@ -44,9 +49,15 @@ pub struct TestDb {
 impl TestDb {
     pub fn new() -> TestDb {
         let name = unique("kunpay_t");
-        let mut admin = PgConnection::establish(&admin_url())
-            .unwrap_or_else(|e| panic!("the shared PostgreSQL at {} is not reachable ({e}); run `make test-deps`", admin_url()));
-        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin).unwrap();
+        let mut admin = PgConnection::establish(&admin_url()).unwrap_or_else(|e| {
+            panic!(
+                "the shared PostgreSQL at {} is not reachable ({e}); run `make test-deps`",
+                admin_url()
+            )
+        });
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .unwrap();
         let base = admin_url();
         let url = match base.rfind('/') {
             Some(i) => format!("{}/{name}", &base[..i]),
@@ -73,7 +84,11 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Ok(mut admin) = PgConnection::establish(&admin_url()) {
-            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut admin);
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin);
         }
     }
 }
@@ -109,7 +124,11 @@ impl Drop for TestCluster {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A directory for one daemon: config, keys, logs, the notify socket.
@@ -120,7 +139,10 @@ pub struct DaemonDir {
 
 impl DaemonDir {
     pub fn new() -> DaemonDir {
-        let dir = tempfile::Builder::new().prefix("kunpayd-test").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("kunpayd-test")
+            .tempdir()
+            .unwrap();
         // Readable by an account we drop to in privilege tests.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let keys = dir.path().join("keys");
@@ -217,7 +239,9 @@ impl Daemon {
         let socket_path = dir.path().join(format!("notify-{}.sock", unique("n")));
         let notify = UnixDatagram::bind(&socket_path).unwrap();
         std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o777)).unwrap();
-        notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let stderr_path = dir.path().join(format!("{}.stderr", unique("kunpayd")));
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut command = kunpayd();
@@ -251,14 +275,17 @@ impl Daemon {
                 return true;
             }
             match self.notify.recv(&mut buf) {
-                Ok(n) => self.notifications.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Ok(n) => self
+                    .notifications
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned()),
                 Err(_) => {
                     if let Some(child) = self.child.as_mut()
                         && child.try_wait().unwrap().is_some()
                     {
                         // Drain anything sent before the exit.
                         while let Ok(n) = self.notify.recv(&mut buf) {
-                            self.notifications.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                            self.notifications
+                                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
                         }
                         return self.notifications.iter().any(|n| n.contains(wanted));
                     }
@@ -319,12 +346,17 @@ pub fn http_get(url: &str) -> Result<(u16, String), String> {
         .into();
     let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
-    let body = response.body_mut().read_to_string().map_err(|e| e.to_string())?;
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
     Ok((status, body))
 }
 
 pub fn status_of(url: &str) -> u16 {
-    http_get(url).map(|(s, _)| s).unwrap_or_else(|e| panic!("GET {url} failed: {e}"))
+    http_get(url)
+        .map(|(s, _)| s)
+        .unwrap_or_else(|e| panic!("GET {url} failed: {e}"))
 }
 
 /// Runs a command to completion, returning (exit code, stdout, stderr).
