@@ -5,6 +5,7 @@
 
 pub mod channel;
 pub mod config;
+pub mod core;
 pub mod crypto;
 pub mod daemon;
 pub mod db;

@@ -1,0 +1,404 @@
+//! The core-banking simulator: customer accounts and balances, agreement codes, postings.
+//!
+//! It stands in for the bank's core in `make run`, tests and benchmarks (the core belongs to
+//! the bank, so kunpay ships this as a product part). The same logic runs in process here and,
+//! later, behind the MQ bridge as `kunpay-coresim`. Fault injection (`Faults`) makes it slow,
+//! lossy or unavailable on purpose.
+//! Must never: post the same transaction id twice, let a balance go negative, or accept a
+//! posting on a frozen or unknown account.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::{
+    BindOutcome, BindRejection, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingKind,
+    PostingOutcome, Rejection,
+};
+
+/// How long a verification code stays valid.
+pub const CODE_TTL: Duration = Duration::from_secs(300);
+/// Bounds so a long benchmark or a hostile test cannot grow the simulator without limit.
+pub const MAX_POSTINGS: usize = 10_000_000;
+pub const MAX_PENDING_CODES: usize = 1_000_000;
+
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub account_no: String,
+    pub name: String,
+    pub id_no: String,
+    pub phone: String,
+    pub balance_fen: i64,
+    pub frozen: bool,
+}
+
+/// Deliberate misbehaviour, for tests of kunpay's handling of a bad core.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Added to every call.
+    pub latency: Duration,
+    /// Every call fails as unavailable (the request never arrived).
+    pub unavailable: bool,
+    /// Postings are applied but the answer is lost (kunpay sees a timeout).
+    pub lose_replies: bool,
+}
+
+struct PendingCode {
+    code: String,
+    issued: Instant,
+}
+
+#[derive(Default)]
+struct Ledger {
+    accounts: HashMap<String, Account>,
+    postings: HashMap<Uuid, PostingOutcome>,
+    codes: HashMap<String, PendingCode>,
+    /// Codes "sent by SMS", readable by tests and by the dev console in place of a phone.
+    outbox: HashMap<String, String>,
+}
+
+pub struct CoreSimulator {
+    ledger: Mutex<Ledger>,
+    faults: Mutex<Faults>,
+    next_ref: AtomicU64,
+}
+
+impl Default for CoreSimulator {
+    fn default() -> Self {
+        CoreSimulator::new()
+    }
+}
+
+impl CoreSimulator {
+    pub fn new() -> CoreSimulator {
+        CoreSimulator {
+            ledger: Mutex::new(Ledger::default()),
+            faults: Mutex::new(Faults::default()),
+            next_ref: AtomicU64::new(1),
+        }
+    }
+
+    /// A simulator with demo customers for `make run` and benchmarks.
+    pub fn with_demo_accounts() -> CoreSimulator {
+        let sim = CoreSimulator::new();
+        for (account_no, name, id_no, phone, balance_fen) in [
+            (
+                "6222021234567890123",
+                "张三",
+                "110101199003077777",
+                "13812345678",
+                100_000_000,
+            ),
+            (
+                "6222021234567890131",
+                "李四",
+                "110101198507071234",
+                "13912345678",
+                50_000_000,
+            ),
+            (
+                "6217001234567890149",
+                "王五",
+                "44030119800101002X",
+                "13512345678",
+                0,
+            ),
+        ] {
+            sim.open_account(Account {
+                account_no: account_no.into(),
+                name: name.into(),
+                id_no: id_no.into(),
+                phone: phone.into(),
+                balance_fen,
+                frozen: false,
+            });
+        }
+        sim
+    }
+
+    pub fn open_account(&self, account: Account) {
+        assert!(
+            account.balance_fen >= 0,
+            "a simulated account starts with a non-negative balance"
+        );
+        self.lock()
+            .accounts
+            .insert(account.account_no.clone(), account);
+    }
+
+    pub fn set_frozen(&self, account_no: &str, frozen: bool) {
+        if let Some(account) = self.lock().accounts.get_mut(account_no) {
+            account.frozen = frozen;
+        }
+    }
+
+    pub fn balance(&self, account_no: &str) -> Option<i64> {
+        self.lock().accounts.get(account_no).map(|a| a.balance_fen)
+    }
+
+    /// The last code sent to a phone number (the simulator's SMS gateway).
+    pub fn last_code_sent_to(&self, phone: &str) -> Option<String> {
+        self.lock().outbox.get(phone).cloned()
+    }
+
+    pub fn postings(&self) -> usize {
+        self.lock().postings.len()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // A panic while holding the lock cannot leave a half-applied posting: every mutation
+        // below is a single statement after its checks.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn before_call(&self) -> Result<Faults, CoreError> {
+        let faults = self
+            .faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !faults.latency.is_zero() {
+            std::thread::sleep(faults.latency);
+        }
+        if faults.unavailable {
+            return Err(CoreError::Unavailable("simulated outage".into()));
+        }
+        Ok(faults)
+    }
+
+    fn new_code(&self, agreement_no: &str) -> String {
+        // Not secret in a simulator; derived so tests are reproducible per agreement.
+        let digest = crate::crypto::sm3::digest(
+            format!("{agreement_no}{}", self.next_ref.load(Ordering::Relaxed)).as_bytes(),
+        );
+        let number = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % 1_000_000;
+        format!("{number:06}")
+    }
+}
+
+impl CoreLink for CoreSimulator {
+    fn request_binding(&self, request: &BindRequest) -> Result<BindOutcome, CoreError> {
+        self.before_call()?;
+        let code = self.new_code(&request.agreement_no);
+        let mut ledger = self.lock();
+        let Some(account) = ledger.accounts.get(&request.account_no) else {
+            return Ok(BindOutcome::Rejected(BindRejection::UnknownAccount));
+        };
+        if account.frozen {
+            return Ok(BindOutcome::Rejected(BindRejection::Frozen));
+        }
+        if account.name != request.account_name
+            || account.id_no != request.id_no
+            || account.phone != request.phone
+        {
+            return Ok(BindOutcome::Rejected(BindRejection::DetailsMismatch));
+        }
+        let phone = account.phone.clone();
+        if ledger.codes.len() >= MAX_PENDING_CODES {
+            let now = Instant::now();
+            ledger
+                .codes
+                .retain(|_, c| now.duration_since(c.issued) < CODE_TTL);
+        }
+        ledger.codes.insert(
+            request.agreement_no.clone(),
+            PendingCode {
+                code: code.clone(),
+                issued: Instant::now(),
+            },
+        );
+        ledger.outbox.insert(phone, code);
+        Ok(BindOutcome::CodeSent {
+            core_customer: format!(
+                "C{}",
+                &crate::crypto::sm3::digest(request.account_no.as_bytes())[..4]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            ),
+        })
+    }
+
+    fn check_code(&self, agreement_no: &str, code: &str) -> Result<CodeCheck, CoreError> {
+        self.before_call()?;
+        let mut ledger = self.lock();
+        let Some(pending) = ledger.codes.get(agreement_no) else {
+            return Ok(CodeCheck::Wrong);
+        };
+        if pending.issued.elapsed() > CODE_TTL {
+            ledger.codes.remove(agreement_no);
+            return Ok(CodeCheck::Expired);
+        }
+        if pending.code != code {
+            return Ok(CodeCheck::Wrong);
+        }
+        ledger.codes.remove(agreement_no);
+        Ok(CodeCheck::Valid)
+    }
+
+    fn post(&self, posting: &Posting) -> Result<PostingOutcome, CoreError> {
+        let faults = self.before_call()?;
+        assert!(
+            posting.amount_fen > 0,
+            "kunpay never posts a non-positive amount"
+        );
+        let core_ref = format!("CORE{:012}", self.next_ref.fetch_add(1, Ordering::Relaxed));
+        let mut ledger = self.lock();
+        if let Some(first) = ledger.postings.get(&posting.txn_id) {
+            let first = first.clone();
+            drop(ledger);
+            return if faults.lose_replies {
+                Err(CoreError::Timeout)
+            } else {
+                Ok(first)
+            };
+        }
+        if ledger.postings.len() >= MAX_POSTINGS {
+            return Err(CoreError::Unavailable(
+                "simulator posting table full".into(),
+            ));
+        }
+        let outcome = match ledger.accounts.get_mut(&posting.account_no) {
+            None => PostingOutcome::Rejected(Rejection::UnknownAccount),
+            Some(account) if account.frozen => PostingOutcome::Rejected(Rejection::Frozen),
+            Some(account) => match posting.kind {
+                PostingKind::Debit if account.balance_fen < posting.amount_fen => {
+                    PostingOutcome::Rejected(Rejection::InsufficientFunds)
+                }
+                PostingKind::Debit => {
+                    account.balance_fen -= posting.amount_fen;
+                    PostingOutcome::Posted { core_ref }
+                }
+                PostingKind::Credit => {
+                    // i64 fen holds 92 quadrillion yuan: overflow means a bug, not a customer.
+                    account.balance_fen = account
+                        .balance_fen
+                        .checked_add(posting.amount_fen)
+                        .expect("simulated balance overflow");
+                    PostingOutcome::Posted { core_ref }
+                }
+            },
+        };
+        debug_assert!(
+            ledger.accounts.values().all(|a| a.balance_fen >= 0),
+            "balances never go negative"
+        );
+        ledger.postings.insert(posting.txn_id, outcome.clone());
+        drop(ledger);
+        if faults.lose_replies {
+            return Err(CoreError::Timeout);
+        }
+        Ok(outcome)
+    }
+
+    fn query_posting(&self, txn_id: Uuid) -> Result<Option<PostingOutcome>, CoreError> {
+        self.before_call()?;
+        Ok(self.lock().postings.get(&txn_id).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn debit(account_no: &str, amount_fen: i64) -> Posting {
+        Posting {
+            txn_id: Uuid::new_v4(),
+            kind: PostingKind::Debit,
+            account_no: account_no.into(),
+            amount_fen,
+        }
+    }
+
+    #[test]
+    fn postings_are_idempotent_by_transaction_id() {
+        let sim = CoreSimulator::with_demo_accounts();
+        let posting = debit("6222021234567890123", 1_000);
+        let first = sim.post(&posting).unwrap();
+        assert!(matches!(first, PostingOutcome::Posted { .. }));
+        assert_eq!(
+            sim.post(&posting).unwrap(),
+            first,
+            "a repeat returns the first outcome"
+        );
+        assert_eq!(
+            sim.balance("6222021234567890123"),
+            Some(100_000_000 - 1_000),
+            "and moves no money"
+        );
+    }
+
+    #[test]
+    fn overdrafts_unknown_and_frozen_accounts_are_rejected() {
+        let sim = CoreSimulator::with_demo_accounts();
+        assert_eq!(
+            sim.post(&debit("6217001234567890149", 1)).unwrap(),
+            PostingOutcome::Rejected(Rejection::InsufficientFunds)
+        );
+        assert_eq!(
+            sim.post(&debit("0000", 1)).unwrap(),
+            PostingOutcome::Rejected(Rejection::UnknownAccount)
+        );
+        sim.set_frozen("6222021234567890131", true);
+        assert_eq!(
+            sim.post(&debit("6222021234567890131", 1)).unwrap(),
+            PostingOutcome::Rejected(Rejection::Frozen)
+        );
+        assert_eq!(sim.balance("6222021234567890131"), Some(50_000_000));
+    }
+
+    #[test]
+    fn lost_replies_still_post_once_and_query_tells_the_truth() {
+        let sim = CoreSimulator::with_demo_accounts();
+        sim.set_faults(Faults {
+            lose_replies: true,
+            ..Faults::default()
+        });
+        let posting = debit("6222021234567890123", 500);
+        assert_eq!(sim.post(&posting), Err(CoreError::Timeout));
+        assert_eq!(sim.post(&posting), Err(CoreError::Timeout));
+        sim.set_faults(Faults::default());
+        assert!(matches!(
+            sim.query_posting(posting.txn_id).unwrap(),
+            Some(PostingOutcome::Posted { .. })
+        ));
+        assert_eq!(sim.balance("6222021234567890123"), Some(100_000_000 - 500));
+        assert_eq!(sim.query_posting(Uuid::new_v4()).unwrap(), None);
+    }
+
+    #[test]
+    fn binding_checks_details_and_codes_are_single_use() {
+        let sim = CoreSimulator::with_demo_accounts();
+        let mut request = BindRequest {
+            agreement_no: "A1".into(),
+            account_no: "6222021234567890123".into(),
+            account_name: "张三".into(),
+            id_no: "110101199003077777".into(),
+            phone: "13812345678".into(),
+        };
+        assert!(matches!(
+            sim.request_binding(&request).unwrap(),
+            BindOutcome::CodeSent { .. }
+        ));
+        let code = sim.last_code_sent_to("13812345678").unwrap();
+        assert_eq!(sim.check_code("A1", "999999x").unwrap(), CodeCheck::Wrong);
+        assert_eq!(sim.check_code("A1", &code).unwrap(), CodeCheck::Valid);
+        assert_eq!(
+            sim.check_code("A1", &code).unwrap(),
+            CodeCheck::Wrong,
+            "single use"
+        );
+        request.phone = "13000000000".into();
+        assert_eq!(
+            sim.request_binding(&request).unwrap(),
+            BindOutcome::Rejected(BindRejection::DetailsMismatch)
+        );
+    }
+}
