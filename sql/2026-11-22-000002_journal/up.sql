@@ -10,6 +10,7 @@ CREATE TABLE agreement (
     state           VARCHAR(16)  NOT NULL,
     account_hash    VARCHAR(64)  NOT NULL,   -- SM3 of the account number: lookups without plaintext
     account_masked  VARCHAR(32)  NOT NULL,   -- 622202*********0123, for counter staff
+    account_enc     VARCHAR(200) NOT NULL,   -- SM4-GCM under the data key: postings need the number
     core_customer   VARCHAR(64),             -- the core's reference for the account holder
     code_attempts   INTEGER      NOT NULL DEFAULT 0,
     created_at      TIMESTAMPTZ  NOT NULL,
@@ -31,6 +32,7 @@ CREATE TABLE txn (
     orig_txn_id     UUID,
     account_hash    VARCHAR(64)  NOT NULL,
     account_masked  VARCHAR(32)  NOT NULL,
+    account_enc     VARCHAR(200) NOT NULL,
     result_code     VARCHAR(4),
     core_ref        VARCHAR(64),
     business_date   DATE         NOT NULL,

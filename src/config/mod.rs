@@ -153,6 +153,11 @@ pub struct KeysConfig {
     /// Serial under which institutions know our signing key (goes into message headers).
     pub sign_key_serial: String,
     pub distinguishing_id: String,
+    /// kunpay's SM2 encryption key: institutions seal digital envelopes to it.
+    pub encrypt_private: Option<PathBuf>,
+    pub encrypt_passphrase: Option<PassphraseSource>,
+    /// The serial institutions put in `<EncSN>` when they encrypt to us.
+    pub encrypt_key_serial: String,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +177,43 @@ pub struct LogConfig {
     pub max_line: usize,
 }
 
+/// The business listener institutions connect to.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    pub listen: SocketAddr,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Plain HTTP instead of TLS: only for tests on loopback.
+    pub plain_http: bool,
+    pub max_body: usize,
+    pub max_connections: usize,
+    /// Our id as institutions address us (`RcvInstId` in responses we send).
+    pub bank_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct InstitutionConfig {
+    pub id: String,
+    pub name: String,
+    pub enabled: bool,
+    pub sign_public: PathBuf,
+    pub sign_key_serial: String,
+    pub distinguishing_id: String,
+    pub signature_format: crate::crypto::sm2::SignatureFormat,
+    pub cipher_order: crate::crypto::sm2::CipherOrder,
+    pub send_time_window: Duration,
+    pub single_limit_fen: i64,
+    pub daily_limit_fen: i64,
+    pub callback_url: Option<String>,
+    pub workers: usize,
+    pub queue_depth: usize,
+    pub db_pool_size: u32,
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+    pub breaker_failure_threshold: u32,
+    pub breaker_open_for: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: PathBuf,
@@ -182,6 +224,9 @@ pub struct Config {
     pub keys: KeysConfig,
     pub lifecycle: LifecycleConfig,
     pub log: LogConfig,
+    /// `None` when the file has no `[channel]` section: an ops-only node.
+    pub channel: Option<ChannelConfig>,
+    pub institutions: Vec<InstitutionConfig>,
 }
 
 /// How strict loading is about keys that only the embedded development setup may omit.
@@ -274,6 +319,15 @@ impl Config {
             || a.keys.distinguishing_id != b.keys.distinguishing_id
         {
             changed.push("keys.*");
+        }
+        if a.keys.encrypt_private != b.keys.encrypt_private || a.keys.encrypt_key_serial != b.keys.encrypt_key_serial {
+            changed.push("keys.encrypt_*");
+        }
+        if format!("{:?}", a.channel) != format!("{:?}", b.channel) {
+            changed.push("channel.*");
+        }
+        if format!("{:?}", a.institutions) != format!("{:?}", b.institutions) {
+            changed.push("institutions.*");
         }
         if a.log.target != b.log.target
             || a.log.format != b.log.format
@@ -440,6 +494,13 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
             }
             id
         },
+        encrypt_private: r.opt_path("keys.encrypt_private"),
+        encrypt_passphrase: read_passphrase_source(
+            r,
+            "keys.encrypt_passphrase_file",
+            "keys.encrypt_passphrase_credential",
+        ),
+        encrypt_key_serial: r.str_or("keys.encrypt_key_serial", "01"),
     };
 
     let lifecycle = LifecycleConfig {
@@ -484,6 +545,15 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
         max_line: r.size_or("log.max_line", 8 * 1024, (256, 1024 * 1024)) as usize,
     };
 
+    let channel = read_channel(r);
+    let institutions = read_institutions(r);
+    if channel.is_some() && keys.encrypt_private.is_none() {
+        r.reject(
+            "keys.encrypt_private",
+            "is required when [channel] is configured: institutions encrypt sensitive fields to this key",
+        );
+    }
+
     Config {
         source: path.to_path_buf(),
         node,
@@ -493,7 +563,95 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
         keys,
         lifecycle,
         log,
+        channel,
+        institutions,
     }
+}
+
+fn read_channel(r: &mut Reader) -> Option<ChannelConfig> {
+    if !r.section_exists("channel") {
+        return None;
+    }
+    let channel = ChannelConfig {
+        listen: r.parsed_or(
+            "channel.listen",
+            SocketAddr::from(([0, 0, 0, 0], 8443)),
+            "an address; use IP:PORT such as \"0.0.0.0:8443\"",
+        ),
+        tls_cert: r.opt_path("channel.tls_cert"),
+        tls_key: r.opt_path("channel.tls_key"),
+        plain_http: r.bool_or("channel.plain_http", false),
+        max_body: r.size_or("channel.max_body", 64 * 1024, (1024, 16 * 1024 * 1024)) as usize,
+        max_connections: r.int_or("channel.max_connections", 1024, 1..=65_536) as usize,
+        bank_id: r.str_or("channel.bank_id", "KUNPAY"),
+    };
+    if !channel.plain_http && (channel.tls_cert.is_none() || channel.tls_key.is_none()) {
+        r.reject(
+            "channel.tls_cert",
+            "channel.tls_cert and channel.tls_key are required unless channel.plain_http = true (tests only)",
+        );
+    }
+    if channel.plain_http && !channel.listen.ip().is_loopback() {
+        r.reject("channel.plain_http", "plain HTTP is allowed only on a loopback address");
+    }
+    Some(channel)
+}
+
+fn read_institutions(r: &mut Reader) -> Vec<InstitutionConfig> {
+    use crate::crypto::sm2::{CipherOrder, SignatureFormat};
+    let mut institutions = Vec::new();
+    for id in r.table_names("institutions") {
+        let p = |key: &str| format!("institutions.{id}.{key}");
+        if id.is_empty() || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            r.reject(&format!("institutions.{id}"), "institution ids are 1-32 characters of A-Z a-z 0-9 _");
+            continue;
+        }
+        let Some(sign_public) = r.opt_path(&p("sign_public")) else {
+            r.reject(&format!("institutions.{id}"), format!("{} is required", p("sign_public")));
+            continue;
+        };
+        let institution = InstitutionConfig {
+            name: r.str_or(&p("name"), &id),
+            enabled: r.bool_or(&p("enabled"), true),
+            sign_public,
+            sign_key_serial: r.str_or(&p("sign_key_serial"), "01"),
+            distinguishing_id: r.str_or(&p("distinguishing_id"), crate::crypto::sm2::DEFAULT_DISTID),
+            signature_format: r.parsed_or(&p("signature_format"), SignatureFormat::Der, "a format; use \"der\" or \"raw\""),
+            cipher_order: r.parsed_or(
+                &p("cipher_order"),
+                CipherOrder::C1C3C2,
+                "an order; use \"c1c3c2\" or \"c1c2c3\"",
+            ),
+            send_time_window: r.duration_or(
+                &p("send_time_window"),
+                Duration::from_secs(300),
+                (Duration::from_secs(1), Duration::from_secs(86_400)),
+            ),
+            single_limit_fen: r.int_or(&p("single_limit_fen"), 5_000_000, 1..=i64::MAX / 4),
+            daily_limit_fen: r.int_or(&p("daily_limit_fen"), 20_000_000, 1..=i64::MAX / 4),
+            callback_url: r.opt_str(&p("callback_url")),
+            workers: r.int_or(&p("workers"), 4, 1..=256) as usize,
+            queue_depth: r.int_or(&p("queue_depth"), 256, 1..=100_000) as usize,
+            db_pool_size: r.int_or(&p("db_pool_size"), 4, 1..=256) as u32,
+            rate_limit_per_second: r.int_or(&p("rate_limit_per_second"), 2_000, 1..=1_000_000) as u32,
+            rate_limit_burst: r.int_or(&p("rate_limit_burst"), 500, 1..=1_000_000) as u32,
+            breaker_failure_threshold: r.int_or(&p("breaker_failure_threshold"), 20, 1..=100_000) as u32,
+            breaker_open_for: r.duration_or(
+                &p("breaker_open_for"),
+                Duration::from_secs(30),
+                (Duration::from_millis(100), Duration::from_secs(3600)),
+            ),
+            id,
+        };
+        if institution.single_limit_fen > institution.daily_limit_fen {
+            r.reject(
+                &format!("institutions.{}.single_limit_fen", institution.id),
+                "is larger than daily_limit_fen",
+            );
+        }
+        institutions.push(institution);
+    }
+    institutions
 }
 
 fn url_has_password(url: &str) -> bool {

@@ -86,7 +86,7 @@ impl<'d> Reader<'d> {
     }
 
     fn item(&self, path: &str) -> Option<(&'d Table, &'d Item)> {
-        let (section, key) = path.split_once('.').unwrap_or(("", path));
+        let (section, key) = path.rsplit_once('.').unwrap_or(("", path));
         let table = if section.is_empty() {
             self.doc.as_table()
         } else {
@@ -119,6 +119,22 @@ impl<'d> Reader<'d> {
             line,
             reason,
         });
+    }
+
+    /// Names of the sub-tables of `path` (e.g. the ids under `[institutions.*]`).
+    pub(crate) fn table_names(&mut self, path: &str) -> Vec<String> {
+        let Some(item) = self.take(path) else { return Vec::new() };
+        match item.as_table() {
+            Some(table) => table.iter().map(|(k, _)| k.to_string()).collect(),
+            None => {
+                self.wrong(path, item, format!("expected a section of tables, found {}", item.type_name()));
+                Vec::new()
+            }
+        }
+    }
+
+    pub(crate) fn section_exists(&self, path: &str) -> bool {
+        self.item(path).is_some_and(|(_, item)| item.is_table())
     }
 
     pub(crate) fn opt_str(&mut self, path: &str) -> Option<String> {

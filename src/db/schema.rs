@@ -14,3 +14,89 @@ diesel::table! {
         stop_reason -> Nullable<Varchar>,
     }
 }
+
+diesel::table! {
+    agreement (agreement_no) {
+        agreement_no -> Varchar,
+        inst_id -> Varchar,
+        state -> Varchar,
+        account_hash -> Varchar,
+        account_masked -> Varchar,
+        account_enc -> Varchar,
+        core_customer -> Nullable<Varchar>,
+        code_attempts -> Int4,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    txn (txn_id) {
+        txn_id -> Uuid,
+        inst_id -> Varchar,
+        req_serial -> Varchar,
+        kind -> Varchar,
+        state -> Varchar,
+        amount_fen -> Int8,
+        refunded_fen -> Int8,
+        agreement_no -> Nullable<Varchar>,
+        orig_txn_id -> Nullable<Uuid>,
+        account_hash -> Varchar,
+        account_masked -> Varchar,
+        account_enc -> Varchar,
+        result_code -> Nullable<Varchar>,
+        core_ref -> Nullable<Varchar>,
+        business_date -> Date,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    txn_state_history (id) {
+        id -> Int8,
+        txn_id -> Uuid,
+        from_state -> Nullable<Varchar>,
+        to_state -> Varchar,
+        reason -> Varchar,
+        at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    channel_request (inst_id, req_serial) {
+        inst_id -> Varchar,
+        req_serial -> Varchar,
+        msg_type -> Varchar,
+        field_digests -> Text,
+        response -> Bytea,
+        result_code -> Varchar,
+        txn_id -> Nullable<Uuid>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    seen_message (inst_id, msg_id) {
+        inst_id -> Varchar,
+        msg_id -> Varchar,
+        seen_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    channel_rejection (id) {
+        id -> Int8,
+        inst_id -> Nullable<Varchar>,
+        path -> Varchar,
+        msg_id -> Nullable<Varchar>,
+        req_serial -> Nullable<Varchar>,
+        result_code -> Varchar,
+        detail -> Varchar,
+        body_sm3 -> Varchar,
+        at -> Timestamptz,
+    }
+}
+
+diesel::joinable!(txn_state_history -> txn (txn_id));
+diesel::allow_tables_to_appear_in_same_query!(agreement, txn, txn_state_history, channel_request, seen_message, channel_rejection, node_run);
