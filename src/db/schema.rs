@@ -99,4 +99,4 @@ diesel::table! {
 }
 
 diesel::joinable!(txn_state_history -> txn (txn_id));
-diesel::allow_tables_to_appear_in_same_query!(agreement, txn, txn_state_history, channel_request, seen_message, channel_rejection, node_run);
+diesel::allow_tables_to_appear_in_same_query!(agreement, txn, txn_state_history);
