@@ -11,4 +11,5 @@ pub mod daemon;
 pub mod db;
 pub mod logging;
 pub mod ops;
+pub mod payment;
 pub mod server;

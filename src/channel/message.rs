@@ -314,6 +314,12 @@ impl MessageWriter {
         self
     }
 
+    /// Appends already-escaped XML (a list rendered by the caller).
+    pub fn raw(&mut self, xml: &str) -> &mut Self {
+        self.out.push_str(xml);
+        self
+    }
+
     pub fn open(&mut self, name: &str) -> &mut Self {
         let _ = write!(self.out, "<{name}>");
         self

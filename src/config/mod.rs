@@ -320,7 +320,9 @@ impl Config {
         {
             changed.push("keys.*");
         }
-        if a.keys.encrypt_private != b.keys.encrypt_private || a.keys.encrypt_key_serial != b.keys.encrypt_key_serial {
+        if a.keys.encrypt_private != b.keys.encrypt_private
+            || a.keys.encrypt_key_serial != b.keys.encrypt_key_serial
+        {
             changed.push("keys.encrypt_*");
         }
         if format!("{:?}", a.channel) != format!("{:?}", b.channel) {
@@ -592,7 +594,10 @@ fn read_channel(r: &mut Reader) -> Option<ChannelConfig> {
         );
     }
     if channel.plain_http && !channel.listen.ip().is_loopback() {
-        r.reject("channel.plain_http", "plain HTTP is allowed only on a loopback address");
+        r.reject(
+            "channel.plain_http",
+            "plain HTTP is allowed only on a loopback address",
+        );
     }
     Some(channel)
 }
@@ -602,12 +607,21 @@ fn read_institutions(r: &mut Reader) -> Vec<InstitutionConfig> {
     let mut institutions = Vec::new();
     for id in r.table_names("institutions") {
         let p = |key: &str| format!("institutions.{id}.{key}");
-        if id.is_empty() || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            r.reject(&format!("institutions.{id}"), "institution ids are 1-32 characters of A-Z a-z 0-9 _");
+        if id.is_empty()
+            || id.len() > 32
+            || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            r.reject(
+                &format!("institutions.{id}"),
+                "institution ids are 1-32 characters of A-Z a-z 0-9 _",
+            );
             continue;
         }
         let Some(sign_public) = r.opt_path(&p("sign_public")) else {
-            r.reject(&format!("institutions.{id}"), format!("{} is required", p("sign_public")));
+            r.reject(
+                &format!("institutions.{id}"),
+                format!("{} is required", p("sign_public")),
+            );
             continue;
         };
         let institution = InstitutionConfig {
@@ -615,8 +629,13 @@ fn read_institutions(r: &mut Reader) -> Vec<InstitutionConfig> {
             enabled: r.bool_or(&p("enabled"), true),
             sign_public,
             sign_key_serial: r.str_or(&p("sign_key_serial"), "01"),
-            distinguishing_id: r.str_or(&p("distinguishing_id"), crate::crypto::sm2::DEFAULT_DISTID),
-            signature_format: r.parsed_or(&p("signature_format"), SignatureFormat::Der, "a format; use \"der\" or \"raw\""),
+            distinguishing_id: r
+                .str_or(&p("distinguishing_id"), crate::crypto::sm2::DEFAULT_DISTID),
+            signature_format: r.parsed_or(
+                &p("signature_format"),
+                SignatureFormat::Der,
+                "a format; use \"der\" or \"raw\"",
+            ),
             cipher_order: r.parsed_or(
                 &p("cipher_order"),
                 CipherOrder::C1C3C2,
@@ -633,9 +652,11 @@ fn read_institutions(r: &mut Reader) -> Vec<InstitutionConfig> {
             workers: r.int_or(&p("workers"), 4, 1..=256) as usize,
             queue_depth: r.int_or(&p("queue_depth"), 256, 1..=100_000) as usize,
             db_pool_size: r.int_or(&p("db_pool_size"), 4, 1..=256) as u32,
-            rate_limit_per_second: r.int_or(&p("rate_limit_per_second"), 2_000, 1..=1_000_000) as u32,
+            rate_limit_per_second: r.int_or(&p("rate_limit_per_second"), 2_000, 1..=1_000_000)
+                as u32,
             rate_limit_burst: r.int_or(&p("rate_limit_burst"), 500, 1..=1_000_000) as u32,
-            breaker_failure_threshold: r.int_or(&p("breaker_failure_threshold"), 20, 1..=100_000) as u32,
+            breaker_failure_threshold: r.int_or(&p("breaker_failure_threshold"), 20, 1..=100_000)
+                as u32,
             breaker_open_for: r.duration_or(
                 &p("breaker_open_for"),
                 Duration::from_secs(30),

@@ -123,11 +123,17 @@ impl<'d> Reader<'d> {
 
     /// Names of the sub-tables of `path` (e.g. the ids under `[institutions.*]`).
     pub(crate) fn table_names(&mut self, path: &str) -> Vec<String> {
-        let Some(item) = self.take(path) else { return Vec::new() };
+        let Some(item) = self.take(path) else {
+            return Vec::new();
+        };
         match item.as_table() {
             Some(table) => table.iter().map(|(k, _)| k.to_string()).collect(),
             None => {
-                self.wrong(path, item, format!("expected a section of tables, found {}", item.type_name()));
+                self.wrong(
+                    path,
+                    item,
+                    format!("expected a section of tables, found {}", item.type_name()),
+                );
                 Vec::new()
             }
         }

@@ -80,7 +80,10 @@ impl MsgType {
     /// (required, optional) body fields.
     pub fn fields(self) -> (&'static [&'static str], &'static [&'static str]) {
         match self {
-            MsgType::AgreementApply => (&["ReqSerial", "AcctNo", "AcctNm", "IdTp", "IdNo", "PhoneNo"], &[]),
+            MsgType::AgreementApply => (
+                &["ReqSerial", "AcctNo", "AcctNm", "IdTp", "IdNo", "PhoneNo"],
+                &[],
+            ),
             MsgType::AgreementConfirm => (&["ReqSerial", "AgrmtNo", "VrfyCd"], &[]),
             MsgType::AgreementTerminate => (&["ReqSerial", "AgrmtNo"], &["Rsn"]),
             MsgType::Debit => (&["ReqSerial", "AgrmtNo", "Amt", "Ccy"], &["Memo"]),
@@ -175,18 +178,49 @@ impl Request {
     }
 }
 
-/// Body fields as received (sensitive ones still encrypted), in document order, for the
-/// idempotency digest.
-pub fn field_pairs(body: &Element) -> Vec<(&str, &str)> {
-    body.children.iter().map(|c| (c.name.as_str(), c.text.as_str())).collect()
+/// Body fields with sensitive ones decrypted, for the idempotency digest. Call after
+/// [`parse`] succeeded (which has checked the field set and the envelope).
+pub fn canonical_fields(
+    body: &Element,
+    key: Option<&MessageKey>,
+) -> Result<Vec<(String, Zeroizing<String>)>, FieldError> {
+    body.children
+        .iter()
+        .map(|c| {
+            let value = if SENSITIVE_FIELDS.contains(&c.name.as_str()) {
+                let key = key.ok_or(FieldError {
+                    code: ResultCode::EnvelopeInvalid,
+                    detail: format!(
+                        "<{}> is encrypted but the header has no <DgtlEnvlp>",
+                        c.name
+                    ),
+                })?;
+                key.decrypt_field(&c.name, c.text.trim())
+                    .map_err(|e| FieldError {
+                        code: ResultCode::EnvelopeInvalid,
+                        detail: e.to_string(),
+                    })?
+            } else {
+                Zeroizing::new(c.text.trim().to_string())
+            };
+            Ok((c.name.clone(), value))
+        })
+        .collect()
 }
 
 /// Checks the field set, decrypts sensitive fields with the message key, and parses values.
-pub fn parse(msg_type: MsgType, body: &Element, key: Option<&MessageKey>) -> Result<Request, FieldError> {
+pub fn parse(
+    msg_type: MsgType,
+    body: &Element,
+    key: Option<&MessageKey>,
+) -> Result<Request, FieldError> {
     let (required, optional) = msg_type.fields();
     for child in &body.children {
         if !child.children.is_empty() {
-            return Err(FieldError::invalid(&child.name, "must be a single value, not a list"));
+            return Err(FieldError::invalid(
+                &child.name,
+                "must be a single value, not a list",
+            ));
         }
         if !required.contains(&child.name.as_str()) && !optional.contains(&child.name.as_str()) {
             return Err(FieldError {
@@ -198,7 +232,9 @@ pub fn parse(msg_type: MsgType, body: &Element, key: Option<&MessageKey>) -> Res
     for field in required {
         match body.text_of(field) {
             None => return Err(FieldError::missing(field)),
-            Some(value) if value.trim().is_empty() => return Err(FieldError::invalid(field, "is empty")),
+            Some(value) if value.trim().is_empty() => {
+                return Err(FieldError::invalid(field, "is empty"));
+            }
             Some(_) => {}
         }
     }
@@ -209,23 +245,33 @@ pub fn parse(msg_type: MsgType, body: &Element, key: Option<&MessageKey>) -> Res
             code: ResultCode::EnvelopeInvalid,
             detail: format!("<{field}> is encrypted but the header has no <DgtlEnvlp>"),
         })?;
-        key.decrypt_field(field, &text(field)).map_err(|e| FieldError {
-            code: ResultCode::EnvelopeInvalid,
-            detail: e.to_string(),
-        })
+        key.decrypt_field(field, &text(field))
+            .map_err(|e| FieldError {
+                code: ResultCode::EnvelopeInvalid,
+                detail: e.to_string(),
+            })
     };
     let request = match msg_type {
         MsgType::AgreementApply => {
             if text("IdTp") != "01" {
-                return Err(FieldError::invalid("IdTp", "must be 01 (resident identity card)"));
+                return Err(FieldError::invalid(
+                    "IdTp",
+                    "must be 01 (resident identity card)",
+                ));
             }
             let account_no = secret("AcctNo")?;
             check_account(&account_no)?;
             let id_no = secret("IdNo")?;
             check_id_number(&id_no)?;
             let phone = secret("PhoneNo")?;
-            if !(phone.len() == 11 && phone.starts_with('1') && phone.bytes().all(|b| b.is_ascii_digit())) {
-                return Err(FieldError::invalid("PhoneNo", "must be an 11-digit mainland mobile number"));
+            if !(phone.len() == 11
+                && phone.starts_with('1')
+                && phone.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return Err(FieldError::invalid(
+                    "PhoneNo",
+                    "must be an 11-digit mainland mobile number",
+                ));
             }
             let account_name = secret("AcctNm")?;
             check_name(&account_name)?;
@@ -284,7 +330,10 @@ pub fn parse(msg_type: MsgType, body: &Element, key: Option<&MessageKey>) -> Res
                 return Err(FieldError::invalid("EndDtTm", "must be after StartDtTm"));
             }
             if end - start > chrono::Duration::days(31) {
-                return Err(FieldError::invalid("EndDtTm", "the range may span at most 31 days"));
+                return Err(FieldError::invalid(
+                    "EndDtTm",
+                    "the range may span at most 31 days",
+                ));
             }
             let page_no = integer(&text("PageNo"), "PageNo", 1, 1_000_000)?;
             let page_size = integer(&text("PageSize"), "PageSize", 1, MAX_PAGE_SIZE)?;
@@ -301,8 +350,16 @@ pub fn parse(msg_type: MsgType, body: &Element, key: Option<&MessageKey>) -> Res
 
 /// Serials and agreement numbers: 1-32 characters of A-Z a-z 0-9 - _ (ours are 32 long).
 fn serial(value: &str, field: &str) -> Result<String, FieldError> {
-    if value.is_empty() || value.len() > 64 || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(FieldError::invalid(field, "must be 1-64 characters of A-Z a-z 0-9 - _"));
+    if value.is_empty()
+        || value.len() > 64
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(FieldError::invalid(
+            field,
+            "must be 1-64 characters of A-Z a-z 0-9 - _",
+        ));
     }
     Ok(value.to_string())
 }
@@ -312,31 +369,47 @@ pub fn amount(value: &str, currency: &str) -> Result<i64, FieldError> {
     if currency != "CNY" {
         return Err(FieldError::invalid("Ccy", "must be CNY"));
     }
-    if value.starts_with('-') || value == "0" || value.bytes().all(|b| b == b'0') && !value.is_empty() {
+    if value.starts_with('-')
+        || value == "0"
+        || value.bytes().all(|b| b == b'0') && !value.is_empty()
+    {
         return Err(FieldError {
             code: ResultCode::AmountNotPositive,
             detail: format!("<Amt> is {value}; amounts are positive integers of fen"),
         });
     }
-    if value.is_empty() || value.len() > 15 || value.starts_with('0') || !value.bytes().all(|b| b.is_ascii_digit()) {
+    if value.is_empty()
+        || value.len() > 15
+        || value.starts_with('0')
+        || !value.bytes().all(|b| b.is_ascii_digit())
+    {
         return Err(FieldError::invalid(
             "Amt",
             "must be a positive integer number of fen (e.g. 1000 for 10.00 yuan), at most 15 digits",
         ));
     }
-    value.parse::<i64>().map_err(|_| FieldError::invalid("Amt", "is out of range"))
+    value
+        .parse::<i64>()
+        .map_err(|_| FieldError::invalid("Amt", "is out of range"))
 }
 
 fn integer(value: &str, field: &str, min: i64, max: i64) -> Result<i64, FieldError> {
     match value.parse::<i64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(FieldError::invalid(field, format!("must be an integer from {min} to {max}"))),
+        _ => Err(FieldError::invalid(
+            field,
+            format!("must be an integer from {min} to {max}"),
+        )),
     }
 }
 
 pub fn time(value: &str, field: &str) -> Result<DateTime<FixedOffset>, FieldError> {
-    DateTime::parse_from_rfc3339(value)
-        .map_err(|_| FieldError::invalid(field, "must be RFC 3339 with an offset, e.g. 2026-11-22T10:15:30+08:00"))
+    DateTime::parse_from_rfc3339(value).map_err(|_| {
+        FieldError::invalid(
+            field,
+            "must be RFC 3339 with an offset, e.g. 2026-11-22T10:15:30+08:00",
+        )
+    })
 }
 
 fn check_account(account_no: &str) -> Result<(), FieldError> {
@@ -349,7 +422,10 @@ fn check_account(account_no: &str) -> Result<(), FieldError> {
 fn check_name(name: &str) -> Result<(), FieldError> {
     let chars = name.chars().count();
     if chars == 0 || chars > 64 || name.chars().any(char::is_control) {
-        return Err(FieldError::invalid("AcctNm", "must be 1-64 characters without control characters"));
+        return Err(FieldError::invalid(
+            "AcctNm",
+            "must be 1-64 characters without control characters",
+        ));
     }
     Ok(())
 }
@@ -360,9 +436,16 @@ fn check_id_number(id: &str) -> Result<(), FieldError> {
     const CHECK: &[u8; 11] = b"10X98765432";
     let bytes = id.as_bytes();
     if bytes.len() != 18 || !bytes[..17].iter().all(u8::is_ascii_digit) {
-        return Err(FieldError::invalid("IdNo", "must be an 18-character resident id number"));
+        return Err(FieldError::invalid(
+            "IdNo",
+            "must be an 18-character resident id number",
+        ));
     }
-    let sum: u32 = bytes[..17].iter().zip(WEIGHTS).map(|(b, w)| u32::from(b - b'0') * w).sum();
+    let sum: u32 = bytes[..17]
+        .iter()
+        .zip(WEIGHTS)
+        .map(|(b, w)| u32::from(b - b'0') * w)
+        .sum();
     if CHECK[(sum % 11) as usize] != bytes[17].to_ascii_uppercase() {
         return Err(FieldError::invalid("IdNo", "has a wrong check character"));
     }
@@ -376,20 +459,39 @@ mod tests {
     #[test]
     fn amounts_are_positive_integer_fen() {
         assert_eq!(amount("1000", "CNY"), Ok(1000));
-        assert_eq!(amount("0", "CNY").unwrap_err().code, ResultCode::AmountNotPositive);
-        assert_eq!(amount("-5", "CNY").unwrap_err().code, ResultCode::AmountNotPositive);
-        assert_eq!(amount("000", "CNY").unwrap_err().code, ResultCode::AmountNotPositive);
+        assert_eq!(
+            amount("0", "CNY").unwrap_err().code,
+            ResultCode::AmountNotPositive
+        );
+        assert_eq!(
+            amount("-5", "CNY").unwrap_err().code,
+            ResultCode::AmountNotPositive
+        );
+        assert_eq!(
+            amount("000", "CNY").unwrap_err().code,
+            ResultCode::AmountNotPositive
+        );
         for bad in ["10.00", "1e3", "", "0100", "9999999999999999", "１２"] {
-            assert_eq!(amount(bad, "CNY").unwrap_err().code, ResultCode::InvalidField, "{bad}");
+            assert_eq!(
+                amount(bad, "CNY").unwrap_err().code,
+                ResultCode::InvalidField,
+                "{bad}"
+            );
         }
-        assert_eq!(amount("100", "USD").unwrap_err().detail, "<Ccy> must be CNY");
+        assert_eq!(
+            amount("100", "USD").unwrap_err().detail,
+            "<Ccy> must be CNY"
+        );
     }
 
     #[test]
     fn resident_id_check_character_is_verified() {
         assert!(check_id_number("110101199003077774").is_ok());
         assert!(check_id_number("11010519491231002X").is_ok());
-        assert!(check_id_number("11010519491231002x").is_ok(), "a lower-case x is the same check character");
+        assert!(
+            check_id_number("11010519491231002x").is_ok(),
+            "a lower-case x is the same check character"
+        );
         assert_eq!(
             check_id_number("110101199003077775").unwrap_err().detail,
             "<IdNo> has a wrong check character"
@@ -404,16 +506,34 @@ mod tests {
             name: "MsgBody".into(),
             text: String::new(),
             children: vec![
-                Element { name: "ReqSerial".into(), text: "R1".into(), children: vec![] },
-                Element { name: "AgrmtNo".into(), text: "A1".into(), children: vec![] },
-                Element { name: "Amount".into(), text: "1".into(), children: vec![] },
+                Element {
+                    name: "ReqSerial".into(),
+                    text: "R1".into(),
+                    children: vec![],
+                },
+                Element {
+                    name: "AgrmtNo".into(),
+                    text: "A1".into(),
+                    children: vec![],
+                },
+                Element {
+                    name: "Amount".into(),
+                    text: "1".into(),
+                    children: vec![],
+                },
             ],
         };
         let error = parse(MsgType::Debit, &body, None).unwrap_err();
         assert_eq!(error.code, ResultCode::UnexpectedField);
         assert_eq!(error.detail, "<Amount> is not a field of DEBIT");
-        let body = Element { children: body.children[..2].to_vec(), ..body };
+        let body = Element {
+            children: body.children[..2].to_vec(),
+            ..body
+        };
         let error = parse(MsgType::Debit, &body, None).unwrap_err();
-        assert_eq!((error.code, error.detail.as_str()), (ResultCode::MissingField, "<Amt> is required"));
+        assert_eq!(
+            (error.code, error.detail.as_str()),
+            (ResultCode::MissingField, "<Amt> is required")
+        );
     }
 }

@@ -64,7 +64,10 @@ impl TxnState {
 
     /// No further automatic transition will happen.
     pub fn is_final(self) -> bool {
-        matches!(self, TxnState::Succeeded | TxnState::Failed | TxnState::Reversed)
+        matches!(
+            self,
+            TxnState::Succeeded | TxnState::Failed | TxnState::Reversed
+        )
     }
 }
 
@@ -96,7 +99,10 @@ mod tests {
                     assert_eq!((from, to), (TxnState::Succeeded, TxnState::Reversed));
                 }
             }
-            assert!(!from.can_become(from), "{from} -> {from} is not a transition");
+            assert!(
+                !from.can_become(from),
+                "{from} -> {from} is not a transition"
+            );
         }
     }
 

@@ -1,0 +1,1190 @@
+//! Payment flows: what each verified request does to the journal and the core, and the signed
+//! answer it gets.
+//!
+//! Owns: agreement signing (apply, confirm), termination, debit, credit, refund, and the two
+//! queries; idempotency by (institution, request serial); limits; the order of writes around
+//! the core call (the transaction is durably SENT_TO_CORE before the core hears of it, so a
+//! crash leaves something to resolve, never something forgotten).
+//! Must never: post to the core twice for one transaction id, answer from memory what the
+//! journal does not hold, or turn a core timeout into a success or a failure by guessing.
+
+pub mod journal;
+pub mod request;
+pub mod state;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use diesel::Connection as _;
+use diesel::pg::PgConnection;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::channel::codes::ResultCode;
+use crate::channel::envelope::MessageKey;
+use crate::channel::message::{MessageWriter, attach_signature};
+use crate::config::InstitutionConfig;
+use crate::core::{
+    BindOutcome, BindRejection, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingKind,
+    PostingOutcome, Rejection,
+};
+use crate::crypto::sm2::Signer;
+use crate::logging::mask;
+use journal::{JournalError, NewTxn};
+use request::{MsgType, Request};
+use state::TxnState;
+
+/// Wrong verification codes allowed before an agreement application expires.
+pub const MAX_CODE_ATTEMPTS: i32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("database: {0}")]
+    Db(#[from] diesel::result::Error),
+    #[error("signing the response failed: {0}")]
+    Sign(String),
+    #[error("stored account data cannot be decrypted: {0}")]
+    DataKey(String),
+}
+
+/// Everything a flow needs that does not change per request.
+pub struct Flows {
+    pub bank_id: String,
+    pub sign_key_serial: String,
+    pub signer: Signer,
+    data_key: MessageKey,
+    /// Keys the idempotency digests so they cannot be brute-forced back to card numbers.
+    digest_key: Zeroizing<[u8; 16]>,
+}
+
+/// The answer for one request: signed bytes, and the code for metrics and logs.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub bytes: Vec<u8>,
+    pub code: ResultCode,
+}
+
+/// The business part of an answer, before header and signature.
+struct Answer {
+    code: ResultCode,
+    detail: Option<String>,
+    fields: Vec<(&'static str, String)>,
+    txn_id: Option<Uuid>,
+}
+
+impl Answer {
+    fn code(code: ResultCode) -> Answer {
+        Answer {
+            code,
+            detail: None,
+            fields: Vec::new(),
+            txn_id: None,
+        }
+    }
+    fn detail(code: ResultCode, detail: impl Into<String>) -> Answer {
+        Answer {
+            detail: Some(detail.into()),
+            ..Answer::code(code)
+        }
+    }
+}
+
+fn sm3_hex(data: &[u8]) -> String {
+    hex::encode(crate::crypto::sm3::digest(data))
+}
+
+/// SM3 over institution id and account number: lookups and limits without plaintext.
+fn account_hash(inst_id: &str, account_no: &str) -> String {
+    sm3_hex(format!("{inst_id}\u{0}{account_no}").as_bytes())
+}
+
+impl Flows {
+    /// `data_key` encrypts account numbers at rest in the journal (postings need them back).
+    pub fn new(
+        bank_id: String,
+        sign_key_serial: String,
+        signer: Signer,
+        data_key: [u8; 16],
+    ) -> Flows {
+        Flows {
+            bank_id,
+            sign_key_serial,
+            signer,
+            data_key: MessageKey::from_bytes(data_key),
+            digest_key: Zeroizing::new(
+                crate::crypto::sm3::hmac_sm3(&data_key, b"kunpay idempotency digest v1")[..16]
+                    .try_into()
+                    .expect("16 bytes"),
+            ),
+        }
+    }
+
+    /// Per-field keyed digests of a request's decrypted body, in a stable text form: a retry
+    /// that re-encrypts the same values under a new envelope has the same digests.
+    pub fn field_digests(&self, fields: &[(String, Zeroizing<String>)]) -> String {
+        let mut sorted: Vec<&(String, Zeroizing<String>)> = fields.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        sorted
+            .iter()
+            .map(|(name, value)| {
+                let mac = crate::crypto::sm3::hmac_sm3(
+                    self.digest_key.as_ref(),
+                    format!("{name}\u{0}{}", value.as_str()).as_bytes(),
+                );
+                format!("{name}={}", hex::encode(&mac[..12]))
+            })
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+
+    /// Builds and signs a response in the institution's signature format.
+    pub fn respond(
+        &self,
+        inst: &InstitutionConfig,
+        msg_type: MsgType,
+        serial: Option<&str>,
+        code: ResultCode,
+        detail: Option<&str>,
+        fields: &[(&str, String)],
+        now: DateTime<Utc>,
+    ) -> Result<Reply, FlowError> {
+        let mut w = MessageWriter::new();
+        w.field("MsgTp", &msg_type.response_name())
+            .field("SndInstId", &self.bank_id)
+            .field("RcvInstId", &inst.id)
+            .field("SgnSN", &self.sign_key_serial)
+            .field(
+                "SndDtTm",
+                &now.with_timezone(&china())
+                    .to_rfc3339_opts(SecondsFormat::Secs, false),
+            )
+            .field("MsgId", &Uuid::now_v7().simple().to_string())
+            .body();
+        w.field("RsltCd", code.code())
+            .field("RsltMsg", detail.unwrap_or(code.meaning()));
+        if let Some(serial) = serial {
+            w.field("ReqSerial", serial);
+        }
+        for (name, value) in fields {
+            if *name == "Txns" {
+                // Pre-rendered list (range query): value holds escaped <Txn> elements.
+                w.open("Txns");
+                w.raw(value);
+                w.close("Txns");
+            } else {
+                w.field(name, value);
+            }
+        }
+        let signed = w.finish().into_bytes();
+        let signature = self
+            .signer
+            .sign(&signed, inst.signature_format)
+            .map_err(|e| FlowError::Sign(e.to_string()))?;
+        Ok(Reply {
+            bytes: attach_signature(signed, &signature),
+            code,
+        })
+    }
+
+    /// Runs one verified, parsed request. `digests` identifies its content for idempotency.
+    #[allow(clippy::too_many_arguments)]
+    pub fn execute(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst: &InstitutionConfig,
+        msg_type: MsgType,
+        request: Request,
+        digests: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Reply, FlowError> {
+        let serial = request.serial().map(str::to_string);
+        if let Some(serial) = &serial {
+            if let Some(stored) = journal::find_response(conn, &inst.id, serial)? {
+                if stored.field_digests == digests && stored.msg_type == msg_type.name() {
+                    return Ok(Reply {
+                        code: code_from(&stored.result_code),
+                        bytes: stored.response,
+                    });
+                }
+                let differing = differing_fields(
+                    &stored.field_digests,
+                    digests,
+                    &stored.msg_type,
+                    msg_type.name(),
+                );
+                return self.respond(
+                    inst,
+                    msg_type,
+                    Some(serial),
+                    ResultCode::SerialReusedWithDifferentContent,
+                    Some(&format!(
+                        "ReqSerial {serial} was used before with different {differing}"
+                    )),
+                    &[],
+                    now,
+                );
+            }
+        }
+        let answer = match request {
+            Request::AgreementApply {
+                serial,
+                account_no,
+                account_name,
+                id_no,
+                phone,
+            } => self.agreement_apply(
+                conn,
+                core,
+                inst,
+                &serial,
+                account_no,
+                account_name,
+                id_no,
+                phone,
+                digests,
+                now,
+            )?,
+            Request::AgreementConfirm {
+                serial,
+                agreement_no,
+                code,
+            } => self.agreement_confirm(
+                conn,
+                core,
+                inst,
+                &serial,
+                &agreement_no,
+                &code,
+                digests,
+                now,
+            )?,
+            Request::AgreementTerminate {
+                serial,
+                agreement_no,
+            } => self.agreement_terminate(conn, inst, &serial, &agreement_no, digests, now)?,
+            Request::Debit {
+                serial,
+                agreement_no,
+                amount_fen,
+            } => self.debit(
+                conn,
+                core,
+                inst,
+                &serial,
+                &agreement_no,
+                amount_fen,
+                digests,
+                now,
+            )?,
+            Request::Credit {
+                serial,
+                account_no,
+                account_name: _,
+                amount_fen,
+            } => self.credit(
+                conn,
+                core,
+                inst,
+                &serial,
+                &account_no,
+                amount_fen,
+                digests,
+                now,
+            )?,
+            Request::Refund {
+                serial,
+                orig_serial,
+                amount_fen,
+            } => self.refund(
+                conn,
+                core,
+                inst,
+                &serial,
+                &orig_serial,
+                amount_fen,
+                digests,
+                now,
+            )?,
+            Request::Query { serial } => return self.query(conn, core, inst, &serial, now),
+            Request::QueryRange {
+                start,
+                end,
+                page_no,
+                page_size,
+            } => {
+                return self.query_range(
+                    conn,
+                    inst,
+                    start.with_timezone(&Utc),
+                    end.with_timezone(&Utc),
+                    page_no,
+                    page_size,
+                    now,
+                );
+            }
+        };
+        match answer {
+            Stored(reply) => Ok(reply),
+            Unstored(answer) => self.respond(
+                inst,
+                msg_type,
+                serial.as_deref(),
+                answer.code,
+                answer.detail.as_deref(),
+                &answer.fields,
+                now,
+            ),
+        }
+    }
+
+    /// Signs the answer and stores it as the idempotent response in the caller's transaction.
+    #[allow(clippy::too_many_arguments)]
+    fn store(
+        &self,
+        conn: &mut PgConnection,
+        inst: &InstitutionConfig,
+        msg_type: MsgType,
+        serial: &str,
+        digests: &str,
+        answer: Answer,
+        now: DateTime<Utc>,
+    ) -> Result<Reply, FlowError> {
+        let reply = self.respond(
+            inst,
+            msg_type,
+            Some(serial),
+            answer.code,
+            answer.detail.as_deref(),
+            &answer.fields,
+            now,
+        )?;
+        journal::store_response(
+            conn,
+            &inst.id,
+            serial,
+            msg_type.name(),
+            digests,
+            &reply.bytes,
+            answer.code.code(),
+            answer.txn_id,
+            now,
+        )?;
+        Ok(reply)
+    }
+
+    fn seal_account(&self, account_no: &str) -> Result<String, FlowError> {
+        self.data_key
+            .encrypt_field("account", account_no)
+            .map_err(|e| FlowError::DataKey(e.to_string()))
+    }
+
+    fn open_account(&self, sealed: &str) -> Result<Zeroizing<String>, FlowError> {
+        self.data_key
+            .decrypt_field("account", sealed)
+            .map_err(|e| FlowError::DataKey(e.to_string()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn agreement_apply(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst: &InstitutionConfig,
+        serial: &str,
+        account_no: Zeroizing<String>,
+        account_name: Zeroizing<String>,
+        id_no: Zeroizing<String>,
+        phone: Zeroizing<String>,
+        digests: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, FlowError> {
+        let hash = account_hash(&inst.id, &account_no);
+        if journal::active_agreement_exists(conn, &inst.id, &hash)? {
+            return Ok(Unstored(Answer::code(ResultCode::AgreementAlreadyActive)));
+        }
+        let agreement_no = Uuid::new_v4().simple().to_string();
+        let outcome = core.request_binding(&BindRequest {
+            agreement_no: agreement_no.clone(),
+            account_no: account_no.to_string(),
+            account_name: account_name.to_string(),
+            id_no: id_no.to_string(),
+            phone: phone.to_string(),
+        });
+        let core_customer = match outcome {
+            Ok(BindOutcome::CodeSent { core_customer }) => core_customer,
+            Ok(BindOutcome::Rejected(BindRejection::UnknownAccount)) => {
+                return Ok(Unstored(Answer::code(ResultCode::AccountUnknown)));
+            }
+            Ok(BindOutcome::Rejected(BindRejection::Frozen)) => {
+                return Ok(Unstored(Answer::code(ResultCode::AccountFrozen)));
+            }
+            Ok(BindOutcome::Rejected(BindRejection::DetailsMismatch)) => {
+                return Ok(Unstored(Answer::detail(
+                    ResultCode::InvalidField,
+                    "the account holder's name, id number or phone do not match the bank's records",
+                )));
+            }
+            Err(e) => return Ok(Unstored(core_unavailable(&e))),
+        };
+        let sealed = self.seal_account(&account_no)?;
+        let masked = mask::card_number(&account_no);
+        conn.transaction(|conn| {
+            journal::insert_agreement(
+                conn,
+                &journal::NewAgreement {
+                    agreement_no: &agreement_no,
+                    inst_id: &inst.id,
+                    account_hash: &hash,
+                    account_masked: &masked,
+                    account_enc: &sealed,
+                    core_customer: &core_customer,
+                },
+                now,
+            )?;
+            let answer = Answer {
+                fields: vec![
+                    ("AgrmtNo", agreement_no.clone()),
+                    ("AgrmtStatus", "PENDING".into()),
+                    ("AcctNoMasked", masked.clone()),
+                ],
+                ..Answer::code(ResultCode::Success)
+            };
+            self.store(
+                conn,
+                inst,
+                MsgType::AgreementApply,
+                serial,
+                digests,
+                answer,
+                now,
+            )
+        })
+        .map(Stored)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn agreement_confirm(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst: &InstitutionConfig,
+        serial: &str,
+        agreement_no: &str,
+        code: &str,
+        digests: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, FlowError> {
+        conn.transaction(|conn| {
+            let Some(agreement) = journal::lock_agreement(conn, &inst.id, agreement_no)? else {
+                return Ok(Unstored(Answer::code(ResultCode::AgreementNotFound)));
+            };
+            match agreement.state.as_str() {
+                "PENDING" => {}
+                "ACTIVE" => return Ok(Unstored(Answer::code(ResultCode::AgreementAlreadyActive))),
+                _ => return Ok(Unstored(Answer::code(ResultCode::AgreementNotActive))),
+            }
+            let check = match core.check_code(agreement_no, code) {
+                Ok(check) => check,
+                Err(e) => return Ok(Unstored(core_unavailable(&e))),
+            };
+            let answer = match check {
+                CodeCheck::Valid => {
+                    let moved = journal::set_agreement_state(conn, agreement_no, "PENDING", "ACTIVE", now)?;
+                    assert!(moved, "the agreement row is locked in PENDING");
+                    Answer {
+                        fields: vec![("AgrmtNo", agreement_no.to_string()), ("AgrmtStatus", "ACTIVE".into())],
+                        ..Answer::code(ResultCode::Success)
+                    }
+                }
+                CodeCheck::Wrong => {
+                    let attempts = journal::count_code_attempt(conn, agreement_no)?;
+                    if attempts >= MAX_CODE_ATTEMPTS {
+                        journal::set_agreement_state(conn, agreement_no, "PENDING", "EXPIRED", now)?;
+                        Answer::detail(
+                            ResultCode::VerificationCodeInvalid,
+                            format!("wrong verification code; {MAX_CODE_ATTEMPTS} attempts used, the application expired"),
+                        )
+                    } else {
+                        // Not stored: the customer may retype the code under a new serial.
+                        return Ok(Unstored(Answer::detail(
+                            ResultCode::VerificationCodeInvalid,
+                            format!("wrong verification code; {} attempt(s) left", MAX_CODE_ATTEMPTS - attempts),
+                        )));
+                    }
+                }
+                CodeCheck::Expired => {
+                    journal::set_agreement_state(conn, agreement_no, "PENDING", "EXPIRED", now)?;
+                    Answer::detail(ResultCode::VerificationCodeInvalid, "the verification code expired; apply again")
+                }
+            };
+            self.store(conn, inst, MsgType::AgreementConfirm, serial, digests, answer, now).map(Stored)
+        })
+    }
+
+    fn agreement_terminate(
+        &self,
+        conn: &mut PgConnection,
+        inst: &InstitutionConfig,
+        serial: &str,
+        agreement_no: &str,
+        digests: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, FlowError> {
+        conn.transaction(|conn| {
+            let Some(agreement) = journal::lock_agreement(conn, &inst.id, agreement_no)? else {
+                return Ok(Unstored(Answer::code(ResultCode::AgreementNotFound)));
+            };
+            if agreement.state != "ACTIVE" {
+                return Ok(Unstored(Answer::detail(
+                    ResultCode::AgreementNotActive,
+                    format!("the agreement is {}", agreement.state),
+                )));
+            }
+            let moved =
+                journal::set_agreement_state(conn, agreement_no, "ACTIVE", "TERMINATED", now)?;
+            assert!(moved, "the agreement row is locked in ACTIVE");
+            let answer = Answer {
+                fields: vec![
+                    ("AgrmtNo", agreement_no.to_string()),
+                    ("AgrmtStatus", "TERMINATED".into()),
+                ],
+                ..Answer::code(ResultCode::Success)
+            };
+            self.store(
+                conn,
+                inst,
+                MsgType::AgreementTerminate,
+                serial,
+                digests,
+                answer,
+                now,
+            )
+            .map(Stored)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn debit(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst: &InstitutionConfig,
+        serial: &str,
+        agreement_no: &str,
+        amount_fen: i64,
+        digests: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, FlowError> {
+        if amount_fen > inst.single_limit_fen {
+            return Ok(Unstored(over_single_limit(inst, amount_fen)));
+        }
+        let txn_id = Uuid::now_v7();
+        let prepared = conn.transaction(
+            |conn| -> Result<Result<(String, String), Answer>, FlowError> {
+                let Some(agreement) = journal::lock_agreement(conn, &inst.id, agreement_no)? else {
+                    return Ok(Err(Answer::code(ResultCode::AgreementNotFound)));
+                };
+                if agreement.state != "ACTIVE" {
+                    return Ok(Err(Answer::detail(
+                        ResultCode::AgreementNotActive,
+                        format!("the agreement is {}", agreement.state),
+                    )));
+                }
+                if let Some(answer) = check_daily(
+                    conn,
+                    inst,
+                    &agreement.account_hash,
+                    "DEBIT",
+                    amount_fen,
+                    now,
+                )? {
+                    return Ok(Err(answer));
+                }
+                self.open_transaction(
+                    conn,
+                    &NewTxn {
+                        txn_id,
+                        inst_id: &inst.id,
+                        req_serial: serial,
+                        kind: "DEBIT",
+                        state: TxnState::Received.as_str(),
+                        amount_fen,
+                        agreement_no: Some(agreement_no),
+                        orig_txn_id: None,
+                        account_hash: &agreement.account_hash,
+                        account_masked: &agreement.account_masked,
+                        account_enc: &agreement.account_enc,
+                        business_date: business_date(now),
+                        created_at: now,
+                        updated_at: now,
+                    },
+                    now,
+                )?;
+                Ok(Ok((agreement.account_enc, agreement.account_masked)))
+            },
+        );
+        let (sealed, _masked) = match prepared {
+            Ok(Ok(account)) => account,
+            Ok(Err(answer)) => return Ok(Unstored(answer)),
+            Err(FlowError::Db(e)) if journal::is_unique_violation(&e) => {
+                return self.concurrent_repeat(conn, inst, serial);
+            }
+            Err(e) => return Err(e),
+        };
+        let account_no = self.open_account(&sealed)?;
+        let posting = Posting {
+            txn_id,
+            kind: PostingKind::Debit,
+            account_no: account_no.to_string(),
+            amount_fen,
+        };
+        self.finish_posting(
+            conn,
+            core,
+            inst,
+            MsgType::Debit,
+            serial,
+            digests,
+            txn_id,
+            amount_fen,
+            None,
+            &posting,
+            now,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn credit(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst: &InstitutionConfig,
+        serial: &str,
+        account_no: &str,
+        amount_fen: i64,
+        digests: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, FlowError> {
+        if amount_fen > inst.single_limit_fen {
+            return Ok(Unstored(over_single_limit(inst, amount_fen)));
+        }
+        let txn_id = Uuid::now_v7();
+        let hash = account_hash(&inst.id, account_no);
+        let masked = mask::card_number(account_no);
+        let sealed = self.seal_account(account_no)?;
+        let prepared = conn.transaction(|conn| -> Result<Option<Answer>, FlowError> {
+            journal::lock_customer(conn, &inst.id, &hash)?;
+            if let Some(answer) = check_daily(conn, inst, &hash, "CREDIT", amount_fen, now)? {
+                return Ok(Some(answer));
+            }
+            self.open_transaction(
+                conn,
+                &NewTxn {
+                    txn_id,
+                    inst_id: &inst.id,
+                    req_serial: serial,
+                    kind: "CREDIT",
+                    state: TxnState::Received.as_str(),
+                    amount_fen,
+                    agreement_no: None,
+                    orig_txn_id: None,
+                    account_hash: &hash,
+                    account_masked: &masked,
+                    account_enc: &sealed,
+                    business_date: business_date(now),
+                    created_at: now,
+                    updated_at: now,
+                },
+                now,
+            )?;
+            Ok(None)
+        });
+        match prepared {
+            Ok(None) => {}
+            Ok(Some(answer)) => return Ok(Unstored(answer)),
+            Err(FlowError::Db(e)) if journal::is_unique_violation(&e) => {
+                return self.concurrent_repeat(conn, inst, serial);
+            }
+            Err(e) => return Err(e),
+        }
+        let posting = Posting {
+            txn_id,
+            kind: PostingKind::Credit,
+            account_no: account_no.to_string(),
+            amount_fen,
+        };
+        self.finish_posting(
+            conn,
+            core,
+            inst,
+            MsgType::Credit,
+            serial,
+            digests,
+            txn_id,
+            amount_fen,
+            None,
+            &posting,
+            now,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn refund(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst: &InstitutionConfig,
+        serial: &str,
+        orig_serial: &str,
+        amount_fen: i64,
+        digests: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, FlowError> {
+        let txn_id = Uuid::now_v7();
+        let prepared = conn.transaction(|conn| -> Result<Result<(Uuid, String), Answer>, FlowError> {
+            let Some(original) = journal::lock_txn(conn, &inst.id, orig_serial)? else {
+                return Ok(Err(Answer::detail(
+                    ResultCode::OriginalNotRefundable,
+                    format!("no transaction with ReqSerial {orig_serial}"),
+                )));
+            };
+            if original.kind != "DEBIT" || original.state()? != TxnState::Succeeded {
+                return Ok(Err(Answer::detail(
+                    ResultCode::OriginalNotRefundable,
+                    format!("the original is a {} in state {}", original.kind, original.state),
+                )));
+            }
+            let remaining = original.amount_fen - original.refunded_fen;
+            if amount_fen > remaining {
+                return Ok(Err(Answer::detail(
+                    ResultCode::RefundExceedsRemaining,
+                    format!("refund of {amount_fen} fen asked, {remaining} fen of {} remain refundable", original.amount_fen),
+                )));
+            }
+            self.open_transaction(
+                conn,
+                &NewTxn {
+                    txn_id,
+                    inst_id: &inst.id,
+                    req_serial: serial,
+                    kind: "REFUND",
+                    state: TxnState::Received.as_str(),
+                    amount_fen,
+                    agreement_no: original.agreement_no.as_deref(),
+                    orig_txn_id: Some(original.txn_id),
+                    account_hash: &original.account_hash,
+                    account_masked: &original.account_masked,
+                    account_enc: &original.account_enc,
+                    business_date: business_date(now),
+                    created_at: now,
+                    updated_at: now,
+                },
+                now,
+            )?;
+            // Reserve now, under the original's row lock: two refunds cannot both fit.
+            journal::add_refunded(conn, original.txn_id, amount_fen)?;
+            Ok(Ok((original.txn_id, original.account_enc)))
+        });
+        let (orig_txn_id, sealed) = match prepared {
+            Ok(Ok(found)) => found,
+            Ok(Err(answer)) => return Ok(Unstored(answer)),
+            Err(FlowError::Db(e)) if journal::is_unique_violation(&e) => {
+                return self.concurrent_repeat(conn, inst, serial);
+            }
+            Err(e) => return Err(e),
+        };
+        let account_no = self.open_account(&sealed)?;
+        let posting = Posting {
+            txn_id,
+            kind: PostingKind::Credit,
+            account_no: account_no.to_string(),
+            amount_fen,
+        };
+        self.finish_posting(
+            conn,
+            core,
+            inst,
+            MsgType::Refund,
+            serial,
+            digests,
+            txn_id,
+            amount_fen,
+            Some(orig_txn_id),
+            &posting,
+            now,
+        )
+    }
+
+    /// RECEIVED -> RISK_CHECKED -> SENT_TO_CORE, durably, before the core hears of it.
+    fn open_transaction(
+        &self,
+        conn: &mut PgConnection,
+        new: &NewTxn<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<(), FlowError> {
+        journal::insert_txn(conn, new, now)?;
+        journal::transition(
+            conn,
+            new.txn_id,
+            TxnState::Received,
+            TxnState::RiskChecked,
+            "approved: no risk rules configured",
+            now,
+        )?;
+        journal::transition(
+            conn,
+            new.txn_id,
+            TxnState::RiskChecked,
+            TxnState::SentToCore,
+            "posting sent to core",
+            now,
+        )?;
+        Ok(())
+    }
+
+    /// Calls the core and records the outcome with the stored response in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_posting(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst: &InstitutionConfig,
+        msg_type: MsgType,
+        serial: &str,
+        digests: &str,
+        txn_id: Uuid,
+        amount_fen: i64,
+        refund_of: Option<Uuid>,
+        posting: &Posting,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, FlowError> {
+        let outcome = core.post(posting);
+        let done = Utc::now().max(now);
+        conn.transaction(|conn| {
+            let (to, code, reason, core_ref) = match &outcome {
+                Ok(PostingOutcome::Posted { core_ref }) => (
+                    TxnState::Succeeded,
+                    ResultCode::Success,
+                    "core posted".to_string(),
+                    Some(core_ref.clone()),
+                ),
+                Ok(PostingOutcome::Rejected(rejection)) => {
+                    let code = rejection_code(*rejection);
+                    (
+                        TxnState::Failed,
+                        code,
+                        format!("core rejected: {}", code.meaning()),
+                        None,
+                    )
+                }
+                Err(CoreError::Timeout) => (
+                    TxnState::Unknown,
+                    ResultCode::Processing,
+                    "core did not answer in time; to be resolved by query".to_string(),
+                    None,
+                ),
+                Err(CoreError::Unavailable(why)) => (
+                    TxnState::Failed,
+                    ResultCode::CoreUnavailable,
+                    format!("core unavailable, nothing posted: {why}"),
+                    None,
+                ),
+            };
+            journal::transition(conn, txn_id, TxnState::SentToCore, to, &reason, done)?;
+            journal::set_result(conn, txn_id, code.code(), core_ref.as_deref())?;
+            if to == TxnState::Failed
+                && let Some(original) = refund_of
+            {
+                journal::add_refunded(conn, original, -amount_fen)?;
+            }
+            let answer = Answer {
+                fields: vec![
+                    ("TxnId", txn_id.simple().to_string()),
+                    ("TxnStatus", to.as_str().to_string()),
+                    ("Amt", amount_fen.to_string()),
+                ],
+                txn_id: Some(txn_id),
+                ..Answer::code(code)
+            };
+            self.store(conn, inst, msg_type, serial, digests, answer, done)
+                .map(Stored)
+        })
+    }
+
+    /// Another request with this serial is being processed or has just finished.
+    fn concurrent_repeat(
+        &self,
+        conn: &mut PgConnection,
+        inst: &InstitutionConfig,
+        serial: &str,
+    ) -> Result<Outcome, FlowError> {
+        match journal::find_response(conn, &inst.id, serial)? {
+            Some(stored) => Ok(Stored(Reply {
+                code: code_from(&stored.result_code),
+                bytes: stored.response,
+            })),
+            None => Ok(Unstored(Answer::detail(
+                ResultCode::Processing,
+                "a request with this ReqSerial is being processed; query it for the result",
+            ))),
+        }
+    }
+
+    fn query(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst: &InstitutionConfig,
+        serial: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Reply, FlowError> {
+        let Some(mut row) = journal::find_txn(conn, &inst.id, serial)? else {
+            return self.respond(
+                inst,
+                MsgType::Query,
+                None,
+                ResultCode::TransactionNotFound,
+                None,
+                &[("QrySerial", serial.to_string())],
+                now,
+            );
+        };
+        if row.state()? == TxnState::Unknown {
+            self.resolve_unknown(conn, core, &row, now)?;
+            row = journal::find_txn(conn, &inst.id, serial)?.expect("the row exists");
+        }
+        let fields = [
+            ("QrySerial", serial.to_string()),
+            ("TxnId", row.txn_id.simple().to_string()),
+            ("TxnKind", row.kind.clone()),
+            ("TxnStatus", row.state.clone()),
+            ("TxnRsltCd", row.result_code.clone().unwrap_or_default()),
+            ("Amt", row.amount_fen.to_string()),
+            ("RefundedAmt", row.refunded_fen.to_string()),
+            ("AcctNoMasked", row.account_masked.clone()),
+            (
+                "TxnDtTm",
+                row.created_at
+                    .with_timezone(&china())
+                    .to_rfc3339_opts(SecondsFormat::Secs, false),
+            ),
+        ];
+        self.respond(
+            inst,
+            MsgType::Query,
+            None,
+            ResultCode::Success,
+            None,
+            &fields,
+            now,
+        )
+    }
+
+    /// UNKNOWN is resolved by asking the core, never by guessing.
+    pub fn resolve_unknown(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        row: &journal::TxnRow,
+        now: DateTime<Utc>,
+    ) -> Result<(), FlowError> {
+        let answer = match core.query_posting(row.txn_id) {
+            Ok(answer) => answer,
+            // Still unknown: leave it for the next query or the resolver.
+            Err(_) => return Ok(()),
+        };
+        conn.transaction(|conn| {
+            let (to, code, reason, core_ref) = match answer {
+                Some(PostingOutcome::Posted { core_ref }) => (
+                    TxnState::Succeeded,
+                    ResultCode::Success,
+                    "core query: posted",
+                    Some(core_ref),
+                ),
+                Some(PostingOutcome::Rejected(rejection)) => (
+                    TxnState::Failed,
+                    rejection_code(rejection),
+                    "core query: rejected",
+                    None,
+                ),
+                None => (
+                    TxnState::Failed,
+                    ResultCode::CoreUnavailable,
+                    "core query: never received, nothing posted",
+                    None,
+                ),
+            };
+            match journal::transition(conn, row.txn_id, TxnState::Unknown, to, reason, now) {
+                Ok(()) => {}
+                // Someone resolved it first; their answer stands.
+                Err(JournalError::StateMoved { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            journal::set_result(conn, row.txn_id, code.code(), core_ref.as_deref())?;
+            if to == TxnState::Failed
+                && row.kind == "REFUND"
+                && let Some(original) = row.orig_txn_id
+            {
+                journal::add_refunded(conn, original, -row.amount_fen)?;
+            }
+            Ok(())
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn query_range(
+        &self,
+        conn: &mut PgConnection,
+        inst: &InstitutionConfig,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        page_no: i64,
+        page_size: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Reply, FlowError> {
+        let (total, rows) = journal::page(
+            conn,
+            &inst.id,
+            start,
+            end,
+            (page_no - 1) * page_size,
+            page_size,
+        )?;
+        let mut list = String::new();
+        for row in &rows {
+            list.push_str("<Txn>");
+            for (name, value) in [
+                ("ReqSerial", row.req_serial.as_str()),
+                ("TxnId", &row.txn_id.simple().to_string()),
+                ("TxnKind", row.kind.as_str()),
+                ("TxnStatus", row.state.as_str()),
+                ("Amt", &row.amount_fen.to_string()),
+                (
+                    "TxnDtTm",
+                    &row.created_at
+                        .with_timezone(&china())
+                        .to_rfc3339_opts(SecondsFormat::Secs, false),
+                ),
+            ] {
+                list.push_str(&format!(
+                    "<{name}>{}</{name}>",
+                    quick_xml::escape::escape(value)
+                ));
+            }
+            list.push_str("</Txn>");
+        }
+        let fields = [
+            ("TotalCount", total.to_string()),
+            ("PageNo", page_no.to_string()),
+            ("PageSize", page_size.to_string()),
+            ("Txns", list),
+        ];
+        self.respond(
+            inst,
+            MsgType::QueryRange,
+            None,
+            ResultCode::Success,
+            None,
+            &fields,
+            now,
+        )
+    }
+}
+
+enum Outcome {
+    /// Signed and stored as the idempotent answer.
+    Stored(Reply),
+    /// A rejection before anything was journaled: signed fresh, not stored, so the institution
+    /// may correct and resend under the same serial.
+    Unstored(Answer),
+}
+use Outcome::{Stored, Unstored};
+
+fn core_unavailable(error: &CoreError) -> Answer {
+    Answer::detail(
+        ResultCode::CoreUnavailable,
+        format!("core banking: {error}"),
+    )
+}
+
+fn rejection_code(rejection: Rejection) -> ResultCode {
+    match rejection {
+        Rejection::InsufficientFunds => ResultCode::InsufficientFunds,
+        Rejection::UnknownAccount => ResultCode::AccountUnknown,
+        Rejection::Frozen => ResultCode::AccountFrozen,
+        Rejection::NameMismatch => ResultCode::InvalidField,
+    }
+}
+
+fn over_single_limit(inst: &InstitutionConfig, amount_fen: i64) -> Answer {
+    Answer::detail(
+        ResultCode::OverSingleLimit,
+        format!(
+            "{amount_fen} fen is over the per-transaction limit of {} fen",
+            inst.single_limit_fen
+        ),
+    )
+}
+
+fn check_daily(
+    conn: &mut PgConnection,
+    inst: &InstitutionConfig,
+    hash: &str,
+    kind: &str,
+    amount_fen: i64,
+    now: DateTime<Utc>,
+) -> Result<Option<Answer>, FlowError> {
+    let used = journal::daily_total(conn, &inst.id, hash, kind, business_date(now))?;
+    if used.saturating_add(amount_fen) > inst.daily_limit_fen {
+        return Ok(Some(Answer::detail(
+            ResultCode::OverDailyLimit,
+            format!(
+                "{used} fen already today; {amount_fen} more would pass the daily limit of {} fen",
+                inst.daily_limit_fen
+            ),
+        )));
+    }
+    Ok(None)
+}
+
+/// Business days follow Beijing time, as the bank's do.
+fn business_date(now: DateTime<Utc>) -> chrono::NaiveDate {
+    now.with_timezone(&china()).date_naive()
+}
+
+fn china() -> chrono::FixedOffset {
+    chrono::FixedOffset::east_opt(8 * 3600).expect("UTC+8 is a valid offset")
+}
+
+fn code_from(stored: &str) -> ResultCode {
+    ResultCode::ALL
+        .iter()
+        .copied()
+        .find(|c| c.code() == stored)
+        .unwrap_or(ResultCode::InternalError)
+}
+
+fn differing_fields(stored: &str, current: &str, stored_type: &str, current_type: &str) -> String {
+    if stored_type != current_type {
+        return format!("message type ({stored_type}, now {current_type})");
+    }
+    let parse = |s: &str| -> std::collections::BTreeMap<String, String> {
+        s.split(';')
+            .filter_map(|pair| {
+                pair.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect()
+    };
+    let (a, b) = (parse(stored), parse(current));
+    let mut names: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    names.sort();
+    names.dedup();
+    format!("fields: {}", names.join(", "))
+}
