@@ -9,6 +9,7 @@ pub mod core;
 pub mod crypto;
 pub mod daemon;
 pub mod db;
+pub mod gateway;
 pub mod logging;
 pub mod ops;
 pub mod payment;

@@ -52,12 +52,13 @@ struct BoundedListener {
     permits: Arc<Semaphore>,
 }
 
-struct PermittedStream {
-    stream: TcpStream,
+/// A connection and the permit it holds; the permit returns when the connection closes.
+pub struct PermittedStream<S = TcpStream> {
+    stream: S,
     _permit: OwnedSemaphorePermit,
 }
 
-impl AsyncRead for PermittedStream {
+impl<S: AsyncRead + Unpin> AsyncRead for PermittedStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -67,7 +68,7 @@ impl AsyncRead for PermittedStream {
     }
 }
 
-impl AsyncWrite for PermittedStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for PermittedStream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -172,6 +173,64 @@ pub struct Served {
     task: JoinHandle<io::Result<()>>,
 }
 
+/// TLS in front of a listener: handshakes run in their own tasks (a slow client cannot hold up
+/// accepting others) and only finished handshakes reach the HTTP server.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(PermittedStream<tokio_openssl::SslStream<TcpStream>>, SocketAddr)>,
+    local_addr: SocketAddr,
+}
+
+/// Bound on a TLS handshake; a client that stalls longer is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TlsListener {
+    fn spawn(inner: TcpListener, permits: Arc<Semaphore>, acceptor: openssl::ssl::SslAcceptor) -> io::Result<TlsListener> {
+        let local_addr = inner.local_addr()?;
+        let (ready_tx, ready) = tokio::sync::mpsc::channel(64);
+        let acceptor = Arc::new(acceptor);
+        tokio::spawn(async move {
+            let mut bounded = BoundedListener { inner, permits };
+            loop {
+                let (tcp, peer) = axum::serve::Listener::accept(&mut bounded).await;
+                if ready_tx.is_closed() {
+                    break;
+                }
+                let acceptor = acceptor.clone();
+                let ready_tx = ready_tx.clone();
+                tokio::spawn(async move {
+                    let PermittedStream { stream, _permit } = tcp;
+                    let Ok(ssl) = openssl::ssl::Ssl::new(acceptor.context()) else { return };
+                    let Ok(mut tls) = tokio_openssl::SslStream::new(ssl, stream) else { return };
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, Pin::new(&mut tls).accept()).await {
+                        Ok(Ok(())) => {
+                            let _ = ready_tx.send((PermittedStream { stream: tls, _permit }, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(TlsListener { ready, local_addr })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = PermittedStream<tokio_openssl::SslStream<TcpStream>>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        match self.ready.recv().await {
+            Some(connection) => connection,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local_addr)
+    }
+}
+
 pub fn serve(
     name: &'static str,
     listener: std::net::TcpListener,
@@ -179,10 +238,19 @@ pub fn serve(
     max_connections: usize,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Served> {
-    assert!(
-        max_connections > 0,
-        "a listener must accept at least one connection"
-    );
+    serve_with(name, listener, None, router, max_connections, metrics)
+}
+
+/// Like [`serve`], with TLS when `tls` is given.
+pub fn serve_with(
+    name: &'static str,
+    listener: std::net::TcpListener,
+    tls: Option<openssl::ssl::SslAcceptor>,
+    router: Router,
+    max_connections: usize,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Served> {
+    assert!(max_connections > 0, "a listener must accept at least one connection");
     let listener = TcpListener::from_std(listener)?;
     let local_addr = listener.local_addr()?;
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -195,17 +263,23 @@ pub fn serve(
         account,
     ));
     let (shutdown, mut shutdown_rx) = watch::channel(false);
-    let bounded = BoundedListener {
-        inner: listener,
-        permits: Arc::new(Semaphore::new(max_connections)),
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let stop = async move {
+        let _ = shutdown_rx.wait_for(|stop| *stop).await;
     };
-    let task = tokio::spawn(async move {
-        axum::serve(bounded, router)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown_rx.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let task = match tls {
+        None => {
+            let bounded = BoundedListener {
+                inner: listener,
+                permits,
+            };
+            tokio::spawn(async move { axum::serve(bounded, router).with_graceful_shutdown(stop).await })
+        }
+        Some(acceptor) => {
+            let tls = TlsListener::spawn(listener, permits, acceptor)?;
+            tokio::spawn(async move { axum::serve(tls, router).with_graceful_shutdown(stop).await })
+        }
+    };
     Ok(Served {
         name,
         local_addr,

@@ -1,0 +1,497 @@
+//! The institutions' edge: HTTPS in, verification in a fixed order, a bulkhead per
+//! institution, the payment flows, a signed answer out.
+//!
+//! Order of checks for every request (each failure is answered with its documented code and
+//! leaves only a `channel_rejection` row): size -> well-formed -> MsgTp matches the path ->
+//! institution known and enabled -> SgnSN -> signature over the exact bytes -> send time in
+//! window -> MsgId not seen -> envelope opens -> fields valid. Only then do the flows run.
+//!
+//! Bulkheads: every institution has its own worker threads, bounded queue, database pool,
+//! rate limit and circuit breaker toward the core, so a slow or failing institution cannot
+//! starve another.
+//! Must never: run a flow for a message whose signature was not verified, block the async
+//! runtime on the database or the core, or queue without bound (a full queue answers 9001).
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::channel::codes::ResultCode;
+use crate::channel::envelope::MessageKey;
+use crate::channel::message::{self, SignedMessage};
+use crate::config::InstitutionConfig;
+use crate::core::{BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingOutcome};
+use crate::crypto::sm2::{CipherOrder, PrivateKey, Verifier};
+use crate::db::{self, Pool};
+use crate::payment::request::{self, MsgType};
+use crate::payment::{Flows, Reply, journal};
+
+/// Opens its circuit after consecutive core failures and refuses core calls while open.
+pub struct CircuitBreaker {
+    inner: Arc<dyn CoreLink>,
+    threshold: u32,
+    open_for: Duration,
+    failures: AtomicU32,
+    open_until: Mutex<Option<Instant>>,
+}
+
+impl CircuitBreaker {
+    pub fn new(inner: Arc<dyn CoreLink>, threshold: u32, open_for: Duration) -> CircuitBreaker {
+        CircuitBreaker {
+            inner,
+            threshold,
+            open_for,
+            failures: AtomicU32::new(0),
+            open_until: Mutex::new(None),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        let guard = self.open_until.lock().unwrap_or_else(|p| p.into_inner());
+        guard.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn call<T>(&self, f: impl FnOnce(&dyn CoreLink) -> Result<T, CoreError>) -> Result<T, CoreError> {
+        if self.is_open() {
+            return Err(CoreError::Unavailable("circuit open after repeated core failures".into()));
+        }
+        let result = f(self.inner.as_ref());
+        match &result {
+            Ok(_) => self.failures.store(0, Ordering::Relaxed),
+            Err(_) => {
+                if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.threshold {
+                    *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + self.open_for);
+                    self.failures.store(0, Ordering::Relaxed);
+                    tracing::warn!(open_for_ms = self.open_for.as_millis() as u64, "core circuit opened");
+                }
+            }
+        }
+        result
+    }
+}
+
+impl CoreLink for CircuitBreaker {
+    fn request_binding(&self, request: &BindRequest) -> Result<BindOutcome, CoreError> {
+        self.call(|core| core.request_binding(request))
+    }
+    fn check_code(&self, agreement_no: &str, code: &str) -> Result<CodeCheck, CoreError> {
+        self.call(|core| core.check_code(agreement_no, code))
+    }
+    fn post(&self, posting: &Posting) -> Result<PostingOutcome, CoreError> {
+        self.call(|core| core.post(posting))
+    }
+    fn query_posting(&self, txn_id: Uuid) -> Result<Option<PostingOutcome>, CoreError> {
+        self.call(|core| core.query_posting(txn_id))
+    }
+}
+
+type Limiter = governor::DefaultDirectRateLimiter;
+
+struct Job {
+    msg_type: MsgType,
+    raw: Bytes,
+    received: DateTime<Utc>,
+    reply: tokio::sync::oneshot::Sender<Reply>,
+}
+
+/// One institution's bulkhead.
+pub struct Institution {
+    pub config: InstitutionConfig,
+    verifier: Verifier,
+    limiter: Limiter,
+    queue: SyncSender<Job>,
+    pub breaker: Arc<CircuitBreaker>,
+    pub pool: Pool,
+}
+
+/// What every worker shares.
+pub struct Shared {
+    pub flows: Flows,
+    pub encrypt_key: PrivateKey,
+    pub encrypt_key_serial: String,
+    /// Longest send-time window of any institution: how long message ids are remembered.
+    pub longest_window: Duration,
+}
+
+pub struct ChannelGateway {
+    pub institutions: HashMap<String, Arc<Institution>>,
+    shared: Arc<Shared>,
+    main_pool: Pool,
+    pub metrics: Arc<crate::ops::metrics::Metrics>,
+    rejected: AtomicU64,
+}
+
+/// Per-institution database settings come from the main pool's settings with the
+/// institution's size.
+pub fn institution_pool(settings: &db::ConnectSettings, size: u32) -> Result<Pool, db::DbError> {
+    let mut settings = settings.clone();
+    settings.pool_max_size = size;
+    settings.pool_min_idle = size.min(2);
+    db::connect(&settings)
+}
+
+impl ChannelGateway {
+    /// Builds every institution's bulkhead and starts its worker threads.
+    pub fn start(
+        configs: &[InstitutionConfig],
+        shared: Shared,
+        core: Arc<dyn CoreLink>,
+        settings: &db::ConnectSettings,
+        main_pool: Pool,
+        metrics: Arc<crate::ops::metrics::Metrics>,
+    ) -> anyhow::Result<ChannelGateway> {
+        let shared = Arc::new(shared);
+        let mut institutions = HashMap::new();
+        for config in configs {
+            let public = crate::crypto::keyfile::load_public_key(&config.sign_public)
+                .map_err(|e| anyhow::anyhow!("institutions.{}.sign_public: {e}", config.id))?;
+            let verifier = Verifier::new(&public, &config.distinguishing_id)
+                .map_err(|e| anyhow::anyhow!("institutions.{}.distinguishing_id: {e}", config.id))?;
+            let quota = governor::Quota::per_second(NonZeroU32::new(config.rate_limit_per_second).expect("validated >= 1"))
+                .allow_burst(NonZeroU32::new(config.rate_limit_burst).expect("validated >= 1"));
+            let pool = institution_pool(settings, config.db_pool_size)
+                .map_err(|e| anyhow::anyhow!("institution {}: {e}", config.id))?;
+            let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(config.queue_depth);
+            let breaker = Arc::new(CircuitBreaker::new(core.clone(), config.breaker_failure_threshold, config.breaker_open_for));
+            let institution = Arc::new(Institution {
+                config: config.clone(),
+                verifier,
+                limiter: governor::RateLimiter::direct(quota),
+                queue,
+                breaker,
+                pool,
+            });
+            let jobs = Arc::new(Mutex::new(jobs));
+            for index in 0..config.workers {
+                let institution = institution.clone();
+                let shared = shared.clone();
+                let jobs = jobs.clone();
+                std::thread::Builder::new()
+                    .name(format!("inst-{}-{index}", config.id))
+                    .spawn(move || worker(&institution, &shared, &jobs))?;
+            }
+            institutions.insert(config.id.clone(), institution);
+        }
+        Ok(ChannelGateway {
+            institutions,
+            shared,
+            main_pool,
+            metrics,
+            rejected: AtomicU64::new(0),
+        })
+    }
+
+    pub fn router(self: Arc<Self>, max_body: usize) -> Router {
+        let mut router = Router::new();
+        for msg_type in MsgType::ALL {
+            router = router.route(msg_type.path(), post(handle));
+        }
+        router
+            // One byte over the limit is enough to know; the handler answers 1004 itself.
+            .layer(DefaultBodyLimit::max(max_body + 1))
+            .with_state(GatewayState {
+                gateway: self,
+                max_body,
+            })
+    }
+
+    /// Answers a request refused before any institution's worker saw it.
+    fn refuse(&self, inst: Option<&InstitutionConfig>, msg_type: MsgType, raw: &[u8], code: ResultCode, detail: String) -> Response {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        let pool = self.main_pool.clone();
+        let digest = hex::encode(crate::crypto::sm3::digest(raw));
+        let inst_id = inst.map(|i| i.id.clone());
+        let detail_for_db = detail.clone();
+        // The rejection record is written off the async threads; the answer does not wait.
+        tokio::task::spawn_blocking(move || {
+            if let Ok(mut conn) = db::checkout(&pool, Duration::from_secs(2)) {
+                let _ = journal::record_rejection(
+                    &mut conn,
+                    &journal::Rejection {
+                        inst_id: inst_id.as_deref(),
+                        path: msg_type.path(),
+                        msg_id: None,
+                        req_serial: None,
+                        result_code: code.code(),
+                        detail: &detail_for_db,
+                        body_sm3: &digest,
+                    },
+                    Utc::now(),
+                );
+            }
+        });
+        let fallback;
+        let inst = match inst {
+            Some(inst) => inst,
+            None => {
+                fallback = anonymous_institution();
+                &fallback
+            }
+        };
+        match self.shared.flows.respond(inst, msg_type, None, code, Some(&detail), &[], Utc::now()) {
+            Ok(reply) => xml_response(reply.bytes),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign a rejection");
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            }
+        }
+    }
+}
+
+/// For answering a sender we do not know: sign in the default DER form.
+fn anonymous_institution() -> InstitutionConfig {
+    InstitutionConfig {
+        id: "UNKNOWN".into(),
+        name: "unknown".into(),
+        enabled: false,
+        sign_public: Default::default(),
+        sign_key_serial: String::new(),
+        distinguishing_id: crate::crypto::sm2::DEFAULT_DISTID.into(),
+        signature_format: crate::crypto::sm2::SignatureFormat::Der,
+        cipher_order: CipherOrder::C1C3C2,
+        send_time_window: Duration::ZERO,
+        single_limit_fen: 1,
+        daily_limit_fen: 1,
+        callback_url: None,
+        workers: 1,
+        queue_depth: 1,
+        db_pool_size: 1,
+        rate_limit_per_second: 1,
+        rate_limit_burst: 1,
+        breaker_failure_threshold: 1,
+        breaker_open_for: Duration::from_secs(1),
+    }
+}
+
+#[derive(Clone)]
+struct GatewayState {
+    gateway: Arc<ChannelGateway>,
+    max_body: usize,
+}
+
+fn xml_response(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/xml; charset=utf-8")], bytes).into_response()
+}
+
+async fn handle(State(state): State<GatewayState>, uri: Uri, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Response {
+    let gateway = &state.gateway;
+    let msg_type = MsgType::from_path(uri.path()).expect("routes exist only for message types");
+    let body = match body {
+        Ok(body) if body.len() <= state.max_body => body,
+        Ok(body) => {
+            return gateway.refuse(None, msg_type, &body, ResultCode::MessageTooLarge, format!("the limit is {} bytes", state.max_body));
+        }
+        Err(_) => {
+            return gateway.refuse(None, msg_type, &[], ResultCode::MessageTooLarge, format!("the limit is {} bytes", state.max_body));
+        }
+    };
+    let sender = match message::parse(&body) {
+        Ok(message) => message.header.text_of("SndInstId").unwrap_or("").to_string(),
+        Err(e) => return gateway.refuse(None, msg_type, &body, ResultCode::MalformedMessage, e.to_string()),
+    };
+    let Some(institution) = gateway.institutions.get(&sender) else {
+        return gateway.refuse(
+            None,
+            msg_type,
+            &body,
+            ResultCode::UnknownInstitution,
+            format!("SndInstId {:?} is not configured", sender.chars().take(32).collect::<String>()),
+        );
+    };
+    if institution.limiter.check().is_err() {
+        return gateway.refuse(Some(&institution.config), msg_type, &body, ResultCode::SystemBusy, "rate limit reached".into());
+    }
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+    let job = Job {
+        msg_type,
+        raw: body.clone(),
+        received: Utc::now(),
+        reply: reply_tx,
+    };
+    match institution.queue.try_send(job) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => {
+            return gateway.refuse(Some(&institution.config), msg_type, &body, ResultCode::SystemBusy, "queue full".into());
+        }
+        Err(TrySendError::Disconnected(_)) => {
+            return gateway.refuse(Some(&institution.config), msg_type, &body, ResultCode::InternalError, "workers stopped".into());
+        }
+    }
+    match reply_rx.await {
+        Ok(reply) => xml_response(reply.bytes),
+        Err(_) => gateway.refuse(Some(&institution.config), msg_type, &body, ResultCode::InternalError, "the worker failed".into()),
+    }
+}
+
+fn worker(institution: &Institution, shared: &Shared, jobs: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = {
+            let receiver = jobs.lock().unwrap_or_else(|p| p.into_inner());
+            match receiver.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        let reply = process(institution, shared, &job);
+        let _ = job.reply.send(reply);
+    }
+}
+
+/// The verification steps and the flow, on an institution's worker thread.
+fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
+    let inst = &institution.config;
+    let flows = &shared.flows;
+    let now = job.received;
+    let mut conn = match db::checkout(&institution.pool, Duration::from_secs(5)) {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::error!(institution = %inst.id, error = %e, "no database connection");
+            return internal(flows, inst, job.msg_type);
+        }
+    };
+    let message = match message::parse(&job.raw) {
+        Ok(message) => message,
+        Err(e) => return reject(&mut conn, flows, inst, job, None, ResultCode::MalformedMessage, e.to_string()),
+    };
+    let header = |name: &str| message.header.text_of(name).unwrap_or("").trim().to_string();
+    let msg_id = header("MsgId");
+    let fail = |conn: &mut db::PooledConnection, code: ResultCode, detail: String| {
+        reject(conn, flows, inst, job, Some(&message), code, detail)
+    };
+    if header("MsgTp") != job.msg_type.name() {
+        return fail(
+            &mut conn,
+            ResultCode::WrongMessageType,
+            format!("MsgTp {:?} posted to {}, which takes {}", header("MsgTp"), job.msg_type.path(), job.msg_type.name()),
+        );
+    }
+    if !inst.enabled {
+        return fail(&mut conn, ResultCode::InstitutionDisabled, format!("institution {} is disabled", inst.id));
+    }
+    if header("SgnSN") != inst.sign_key_serial {
+        return fail(&mut conn, ResultCode::UnknownSignKeySerial, format!("SgnSN {:?} is not the configured serial", header("SgnSN")));
+    }
+    if let Err(e) = institution.verifier.verify(message.signed, &message.signature, inst.signature_format) {
+        return fail(&mut conn, ResultCode::BadSignature, e.to_string());
+    }
+    // From here on the message is authentic: its content may be trusted to mean what it says.
+    let sent = match request::time(&header("SndDtTm"), "SndDtTm") {
+        Ok(sent) => sent.with_timezone(&Utc),
+        Err(e) => return fail(&mut conn, e.code, e.detail),
+    };
+    let skew = (now - sent).abs();
+    if skew > chrono::Duration::from_std(inst.send_time_window).unwrap_or(chrono::Duration::MAX) {
+        return fail(
+            &mut conn,
+            ResultCode::SendTimeOutsideWindow,
+            format!("SndDtTm is {}s away from our clock; the window is {}s", skew.num_seconds(), inst.send_time_window.as_secs()),
+        );
+    }
+    if msg_id.is_empty() || msg_id.len() > 64 {
+        return fail(&mut conn, ResultCode::InvalidField, "<MsgId> must be 1-64 characters".into());
+    }
+    match journal::remember_message(&mut conn, &inst.id, &msg_id, now) {
+        Ok(true) => {}
+        Ok(false) => return fail(&mut conn, ResultCode::DuplicateMessageId, format!("MsgId {msg_id} was used before")),
+        Err(e) => {
+            tracing::error!(institution = %inst.id, error = %e, "recording the message id failed");
+            return internal(flows, inst, job.msg_type);
+        }
+    }
+    let envelope = header("DgtlEnvlp");
+    let key = if envelope.is_empty() {
+        None
+    } else {
+        if header("EncSN") != shared.encrypt_key_serial {
+            return fail(&mut conn, ResultCode::EnvelopeInvalid, format!("EncSN {:?} is not our encryption key's serial", header("EncSN")));
+        }
+        match MessageKey::open(&envelope, &shared.encrypt_key, inst.cipher_order) {
+            Ok(key) => Some(key),
+            Err(e) => return fail(&mut conn, ResultCode::EnvelopeInvalid, e.to_string()),
+        }
+    };
+    let parsed = request::parse(job.msg_type, &message.body, key.as_ref())
+        .and_then(|parsed| request::canonical_fields(&message.body, key.as_ref()).map(|fields| (parsed, fields)));
+    let (parsed, fields) = match parsed {
+        Ok(ok) => ok,
+        Err(e) => return fail(&mut conn, e.code, e.detail),
+    };
+    let digests = flows.field_digests(&fields);
+    match flows.execute(&mut conn, institution.breaker.as_ref(), inst, job.msg_type, parsed, &digests, now) {
+        Ok(reply) => reply,
+        Err(e) => {
+            tracing::error!(institution = %inst.id, msg_id = %msg_id, error = %e, "flow failed");
+            internal(flows, inst, job.msg_type)
+        }
+    }
+}
+
+fn reject(
+    conn: &mut db::PooledConnection,
+    flows: &Flows,
+    inst: &InstitutionConfig,
+    job: &Job,
+    message: Option<&SignedMessage<'_>>,
+    code: ResultCode,
+    detail: String,
+) -> Reply {
+    let text = |name: &str| message.and_then(|m| m.header.text_of(name).or_else(|| m.body.text_of(name))).map(str::to_string);
+    let digest = hex::encode(crate::crypto::sm3::digest(&job.raw));
+    if let Err(e) = journal::record_rejection(
+        conn,
+        &journal::Rejection {
+            inst_id: Some(&inst.id),
+            path: job.msg_type.path(),
+            msg_id: text("MsgId").as_deref(),
+            req_serial: text("ReqSerial").as_deref(),
+            result_code: code.code(),
+            detail: &detail,
+            body_sm3: &digest,
+        },
+        job.received,
+    ) {
+        tracing::error!(institution = %inst.id, error = %e, "recording a rejection failed");
+    }
+    tracing::info!(institution = %inst.id, code = code.code(), detail = %detail, "request rejected");
+    match flows.respond(inst, job.msg_type, text("ReqSerial").as_deref(), code, Some(&detail), &[], Utc::now()) {
+        Ok(reply) => reply,
+        Err(_) => internal(flows, inst, job.msg_type),
+    }
+}
+
+fn internal(flows: &Flows, inst: &InstitutionConfig, msg_type: MsgType) -> Reply {
+    flows
+        .respond(inst, msg_type, None, ResultCode::InternalError, None, &[], Utc::now())
+        .unwrap_or(Reply {
+            bytes: b"internal error".to_vec(),
+            code: ResultCode::InternalError,
+        })
+}
+
+/// TLS 1.2+ with the configured certificate chain and key.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<openssl::ssl::SslAcceptor> {
+    use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
+    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
+    builder
+        .set_certificate_chain_file(cert)
+        .map_err(|e| anyhow::anyhow!("channel.tls_cert {}: {e}", cert.display()))?;
+    builder
+        .set_private_key_file(key, SslFiletype::PEM)
+        .map_err(|e| anyhow::anyhow!("channel.tls_key {}: {e}", key.display()))?;
+    builder
+        .check_private_key()
+        .map_err(|e| anyhow::anyhow!("channel.tls_key does not match channel.tls_cert: {e}"))?;
+    Ok(builder.build())
+}
