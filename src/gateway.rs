@@ -32,7 +32,9 @@ use crate::channel::codes::ResultCode;
 use crate::channel::envelope::MessageKey;
 use crate::channel::message::{self, SignedMessage};
 use crate::config::InstitutionConfig;
-use crate::core::{BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingOutcome};
+use crate::core::{
+    BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingOutcome,
+};
 use crate::crypto::sm2::{CipherOrder, PrivateKey, Verifier};
 use crate::db::{self, Pool};
 use crate::payment::request::{self, MsgType};
@@ -63,18 +65,27 @@ impl CircuitBreaker {
         guard.is_some_and(|until| Instant::now() < until)
     }
 
-    fn call<T>(&self, f: impl FnOnce(&dyn CoreLink) -> Result<T, CoreError>) -> Result<T, CoreError> {
+    fn call<T>(
+        &self,
+        f: impl FnOnce(&dyn CoreLink) -> Result<T, CoreError>,
+    ) -> Result<T, CoreError> {
         if self.is_open() {
-            return Err(CoreError::Unavailable("circuit open after repeated core failures".into()));
+            return Err(CoreError::Unavailable(
+                "circuit open after repeated core failures".into(),
+            ));
         }
         let result = f(self.inner.as_ref());
         match &result {
             Ok(_) => self.failures.store(0, Ordering::Relaxed),
             Err(_) => {
                 if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.threshold {
-                    *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + self.open_for);
+                    *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Instant::now() + self.open_for);
                     self.failures.store(0, Ordering::Relaxed);
-                    tracing::warn!(open_for_ms = self.open_for.as_millis() as u64, "core circuit opened");
+                    tracing::warn!(
+                        open_for_ms = self.open_for.as_millis() as u64,
+                        "core circuit opened"
+                    );
                 }
             }
         }
@@ -157,14 +168,21 @@ impl ChannelGateway {
         for config in configs {
             let public = crate::crypto::keyfile::load_public_key(&config.sign_public)
                 .map_err(|e| anyhow::anyhow!("institutions.{}.sign_public: {e}", config.id))?;
-            let verifier = Verifier::new(&public, &config.distinguishing_id)
-                .map_err(|e| anyhow::anyhow!("institutions.{}.distinguishing_id: {e}", config.id))?;
-            let quota = governor::Quota::per_second(NonZeroU32::new(config.rate_limit_per_second).expect("validated >= 1"))
-                .allow_burst(NonZeroU32::new(config.rate_limit_burst).expect("validated >= 1"));
+            let verifier = Verifier::new(&public, &config.distinguishing_id).map_err(|e| {
+                anyhow::anyhow!("institutions.{}.distinguishing_id: {e}", config.id)
+            })?;
+            let quota = governor::Quota::per_second(
+                NonZeroU32::new(config.rate_limit_per_second).expect("validated >= 1"),
+            )
+            .allow_burst(NonZeroU32::new(config.rate_limit_burst).expect("validated >= 1"));
             let pool = institution_pool(settings, config.db_pool_size)
                 .map_err(|e| anyhow::anyhow!("institution {}: {e}", config.id))?;
             let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(config.queue_depth);
-            let breaker = Arc::new(CircuitBreaker::new(core.clone(), config.breaker_failure_threshold, config.breaker_open_for));
+            let breaker = Arc::new(CircuitBreaker::new(
+                core.clone(),
+                config.breaker_failure_threshold,
+                config.breaker_open_for,
+            ));
             let institution = Arc::new(Institution {
                 config: config.clone(),
                 verifier,
@@ -208,7 +226,14 @@ impl ChannelGateway {
     }
 
     /// Answers a request refused before any institution's worker saw it.
-    fn refuse(&self, inst: Option<&InstitutionConfig>, msg_type: MsgType, raw: &[u8], code: ResultCode, detail: String) -> Response {
+    fn refuse(
+        &self,
+        inst: Option<&InstitutionConfig>,
+        msg_type: MsgType,
+        raw: &[u8],
+        code: ResultCode,
+        detail: String,
+    ) -> Response {
         self.rejected.fetch_add(1, Ordering::Relaxed);
         let pool = self.main_pool.clone();
         let digest = hex::encode(crate::crypto::sm3::digest(raw));
@@ -240,7 +265,11 @@ impl ChannelGateway {
                 &fallback
             }
         };
-        match self.shared.flows.respond(inst, msg_type, None, code, Some(&detail), &[], Utc::now()) {
+        match self
+            .shared
+            .flows
+            .respond(inst, msg_type, None, code, Some(&detail), &[], Utc::now())
+        {
             Ok(reply) => xml_response(reply.bytes),
             Err(e) => {
                 tracing::error!(error = %e, "cannot sign a rejection");
@@ -282,24 +311,56 @@ struct GatewayState {
 }
 
 fn xml_response(bytes: Vec<u8>) -> Response {
-    ([(header::CONTENT_TYPE, "application/xml; charset=utf-8")], bytes).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/xml; charset=utf-8")],
+        bytes,
+    )
+        .into_response()
 }
 
-async fn handle(State(state): State<GatewayState>, uri: Uri, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Response {
+async fn handle(
+    State(state): State<GatewayState>,
+    uri: Uri,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
     let gateway = &state.gateway;
     let msg_type = MsgType::from_path(uri.path()).expect("routes exist only for message types");
     let body = match body {
         Ok(body) if body.len() <= state.max_body => body,
         Ok(body) => {
-            return gateway.refuse(None, msg_type, &body, ResultCode::MessageTooLarge, format!("the limit is {} bytes", state.max_body));
+            return gateway.refuse(
+                None,
+                msg_type,
+                &body,
+                ResultCode::MessageTooLarge,
+                format!("the limit is {} bytes", state.max_body),
+            );
         }
         Err(_) => {
-            return gateway.refuse(None, msg_type, &[], ResultCode::MessageTooLarge, format!("the limit is {} bytes", state.max_body));
+            return gateway.refuse(
+                None,
+                msg_type,
+                &[],
+                ResultCode::MessageTooLarge,
+                format!("the limit is {} bytes", state.max_body),
+            );
         }
     };
     let sender = match message::parse(&body) {
-        Ok(message) => message.header.text_of("SndInstId").unwrap_or("").to_string(),
-        Err(e) => return gateway.refuse(None, msg_type, &body, ResultCode::MalformedMessage, e.to_string()),
+        Ok(message) => message
+            .header
+            .text_of("SndInstId")
+            .unwrap_or("")
+            .to_string(),
+        Err(e) => {
+            return gateway.refuse(
+                None,
+                msg_type,
+                &body,
+                ResultCode::MalformedMessage,
+                e.to_string(),
+            );
+        }
     };
     let Some(institution) = gateway.institutions.get(&sender) else {
         return gateway.refuse(
@@ -307,11 +368,20 @@ async fn handle(State(state): State<GatewayState>, uri: Uri, body: Result<Bytes,
             msg_type,
             &body,
             ResultCode::UnknownInstitution,
-            format!("SndInstId {:?} is not configured", sender.chars().take(32).collect::<String>()),
+            format!(
+                "SndInstId {:?} is not configured",
+                sender.chars().take(32).collect::<String>()
+            ),
         );
     };
     if institution.limiter.check().is_err() {
-        return gateway.refuse(Some(&institution.config), msg_type, &body, ResultCode::SystemBusy, "rate limit reached".into());
+        return gateway.refuse(
+            Some(&institution.config),
+            msg_type,
+            &body,
+            ResultCode::SystemBusy,
+            "rate limit reached".into(),
+        );
     }
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let job = Job {
@@ -323,15 +393,33 @@ async fn handle(State(state): State<GatewayState>, uri: Uri, body: Result<Bytes,
     match institution.queue.try_send(job) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
-            return gateway.refuse(Some(&institution.config), msg_type, &body, ResultCode::SystemBusy, "queue full".into());
+            return gateway.refuse(
+                Some(&institution.config),
+                msg_type,
+                &body,
+                ResultCode::SystemBusy,
+                "queue full".into(),
+            );
         }
         Err(TrySendError::Disconnected(_)) => {
-            return gateway.refuse(Some(&institution.config), msg_type, &body, ResultCode::InternalError, "workers stopped".into());
+            return gateway.refuse(
+                Some(&institution.config),
+                msg_type,
+                &body,
+                ResultCode::InternalError,
+                "workers stopped".into(),
+            );
         }
     }
     match reply_rx.await {
         Ok(reply) => xml_response(reply.bytes),
-        Err(_) => gateway.refuse(Some(&institution.config), msg_type, &body, ResultCode::InternalError, "the worker failed".into()),
+        Err(_) => gateway.refuse(
+            Some(&institution.config),
+            msg_type,
+            &body,
+            ResultCode::InternalError,
+            "the worker failed".into(),
+        ),
     }
 }
 
@@ -363,9 +451,26 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
     };
     let message = match message::parse(&job.raw) {
         Ok(message) => message,
-        Err(e) => return reject(&mut conn, flows, inst, job, None, ResultCode::MalformedMessage, e.to_string()),
+        Err(e) => {
+            return reject(
+                &mut conn,
+                flows,
+                inst,
+                job,
+                None,
+                ResultCode::MalformedMessage,
+                e.to_string(),
+            );
+        }
     };
-    let header = |name: &str| message.header.text_of(name).unwrap_or("").trim().to_string();
+    let header = |name: &str| {
+        message
+            .header
+            .text_of(name)
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
     let msg_id = header("MsgId");
     let fail = |conn: &mut db::PooledConnection, code: ResultCode, detail: String| {
         reject(conn, flows, inst, job, Some(&message), code, detail)
@@ -374,16 +479,33 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
         return fail(
             &mut conn,
             ResultCode::WrongMessageType,
-            format!("MsgTp {:?} posted to {}, which takes {}", header("MsgTp"), job.msg_type.path(), job.msg_type.name()),
+            format!(
+                "MsgTp {:?} posted to {}, which takes {}",
+                header("MsgTp"),
+                job.msg_type.path(),
+                job.msg_type.name()
+            ),
         );
     }
     if !inst.enabled {
-        return fail(&mut conn, ResultCode::InstitutionDisabled, format!("institution {} is disabled", inst.id));
+        return fail(
+            &mut conn,
+            ResultCode::InstitutionDisabled,
+            format!("institution {} is disabled", inst.id),
+        );
     }
     if header("SgnSN") != inst.sign_key_serial {
-        return fail(&mut conn, ResultCode::UnknownSignKeySerial, format!("SgnSN {:?} is not the configured serial", header("SgnSN")));
+        return fail(
+            &mut conn,
+            ResultCode::UnknownSignKeySerial,
+            format!("SgnSN {:?} is not the configured serial", header("SgnSN")),
+        );
     }
-    if let Err(e) = institution.verifier.verify(message.signed, &message.signature, inst.signature_format) {
+    if let Err(e) =
+        institution
+            .verifier
+            .verify(message.signed, &message.signature, inst.signature_format)
+    {
         return fail(&mut conn, ResultCode::BadSignature, e.to_string());
     }
     // From here on the message is authentic: its content may be trusted to mean what it says.
@@ -396,15 +518,29 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
         return fail(
             &mut conn,
             ResultCode::SendTimeOutsideWindow,
-            format!("SndDtTm is {}s away from our clock; the window is {}s", skew.num_seconds(), inst.send_time_window.as_secs()),
+            format!(
+                "SndDtTm is {}s away from our clock; the window is {}s",
+                skew.num_seconds(),
+                inst.send_time_window.as_secs()
+            ),
         );
     }
     if msg_id.is_empty() || msg_id.len() > 64 {
-        return fail(&mut conn, ResultCode::InvalidField, "<MsgId> must be 1-64 characters".into());
+        return fail(
+            &mut conn,
+            ResultCode::InvalidField,
+            "<MsgId> must be 1-64 characters".into(),
+        );
     }
     match journal::remember_message(&mut conn, &inst.id, &msg_id, now) {
         Ok(true) => {}
-        Ok(false) => return fail(&mut conn, ResultCode::DuplicateMessageId, format!("MsgId {msg_id} was used before")),
+        Ok(false) => {
+            return fail(
+                &mut conn,
+                ResultCode::DuplicateMessageId,
+                format!("MsgId {msg_id} was used before"),
+            );
+        }
         Err(e) => {
             tracing::error!(institution = %inst.id, error = %e, "recording the message id failed");
             return internal(flows, inst, job.msg_type);
@@ -415,21 +551,37 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
         None
     } else {
         if header("EncSN") != shared.encrypt_key_serial {
-            return fail(&mut conn, ResultCode::EnvelopeInvalid, format!("EncSN {:?} is not our encryption key's serial", header("EncSN")));
+            return fail(
+                &mut conn,
+                ResultCode::EnvelopeInvalid,
+                format!(
+                    "EncSN {:?} is not our encryption key's serial",
+                    header("EncSN")
+                ),
+            );
         }
         match MessageKey::open(&envelope, &shared.encrypt_key, inst.cipher_order) {
             Ok(key) => Some(key),
             Err(e) => return fail(&mut conn, ResultCode::EnvelopeInvalid, e.to_string()),
         }
     };
-    let parsed = request::parse(job.msg_type, &message.body, key.as_ref())
-        .and_then(|parsed| request::canonical_fields(&message.body, key.as_ref()).map(|fields| (parsed, fields)));
+    let parsed = request::parse(job.msg_type, &message.body, key.as_ref()).and_then(|parsed| {
+        request::canonical_fields(&message.body, key.as_ref()).map(|fields| (parsed, fields))
+    });
     let (parsed, fields) = match parsed {
         Ok(ok) => ok,
         Err(e) => return fail(&mut conn, e.code, e.detail),
     };
     let digests = flows.field_digests(&fields);
-    match flows.execute(&mut conn, institution.breaker.as_ref(), inst, job.msg_type, parsed, &digests, now) {
+    match flows.execute(
+        &mut conn,
+        institution.breaker.as_ref(),
+        inst,
+        job.msg_type,
+        parsed,
+        &digests,
+        now,
+    ) {
         Ok(reply) => reply,
         Err(e) => {
             tracing::error!(institution = %inst.id, msg_id = %msg_id, error = %e, "flow failed");
@@ -447,7 +599,11 @@ fn reject(
     code: ResultCode,
     detail: String,
 ) -> Reply {
-    let text = |name: &str| message.and_then(|m| m.header.text_of(name).or_else(|| m.body.text_of(name))).map(str::to_string);
+    let text = |name: &str| {
+        message
+            .and_then(|m| m.header.text_of(name).or_else(|| m.body.text_of(name)))
+            .map(str::to_string)
+    };
     let digest = hex::encode(crate::crypto::sm3::digest(&job.raw));
     if let Err(e) = journal::record_rejection(
         conn,
@@ -465,7 +621,15 @@ fn reject(
         tracing::error!(institution = %inst.id, error = %e, "recording a rejection failed");
     }
     tracing::info!(institution = %inst.id, code = code.code(), detail = %detail, "request rejected");
-    match flows.respond(inst, job.msg_type, text("ReqSerial").as_deref(), code, Some(&detail), &[], Utc::now()) {
+    match flows.respond(
+        inst,
+        job.msg_type,
+        text("ReqSerial").as_deref(),
+        code,
+        Some(&detail),
+        &[],
+        Utc::now(),
+    ) {
         Ok(reply) => reply,
         Err(_) => internal(flows, inst, job.msg_type),
     }
@@ -473,7 +637,15 @@ fn reject(
 
 fn internal(flows: &Flows, inst: &InstitutionConfig, msg_type: MsgType) -> Reply {
     flows
-        .respond(inst, msg_type, None, ResultCode::InternalError, None, &[], Utc::now())
+        .respond(
+            inst,
+            msg_type,
+            None,
+            ResultCode::InternalError,
+            None,
+            &[],
+            Utc::now(),
+        )
         .unwrap_or(Reply {
             bytes: b"internal error".to_vec(),
             code: ResultCode::InternalError,
@@ -481,7 +653,10 @@ fn internal(flows: &Flows, inst: &InstitutionConfig, msg_type: MsgType) -> Reply
 }
 
 /// TLS 1.2+ with the configured certificate chain and key.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<openssl::ssl::SslAcceptor> {
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<openssl::ssl::SslAcceptor> {
     use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
     let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
     builder

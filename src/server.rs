@@ -176,7 +176,10 @@ pub struct Served {
 /// TLS in front of a listener: handshakes run in their own tasks (a slow client cannot hold up
 /// accepting others) and only finished handshakes reach the HTTP server.
 struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(PermittedStream<tokio_openssl::SslStream<TcpStream>>, SocketAddr)>,
+    ready: tokio::sync::mpsc::Receiver<(
+        PermittedStream<tokio_openssl::SslStream<TcpStream>>,
+        SocketAddr,
+    )>,
     local_addr: SocketAddr,
 }
 
@@ -184,7 +187,11 @@ struct TlsListener {
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl TlsListener {
-    fn spawn(inner: TcpListener, permits: Arc<Semaphore>, acceptor: openssl::ssl::SslAcceptor) -> io::Result<TlsListener> {
+    fn spawn(
+        inner: TcpListener,
+        permits: Arc<Semaphore>,
+        acceptor: openssl::ssl::SslAcceptor,
+    ) -> io::Result<TlsListener> {
         let local_addr = inner.local_addr()?;
         let (ready_tx, ready) = tokio::sync::mpsc::channel(64);
         let acceptor = Arc::new(acceptor);
@@ -199,13 +206,29 @@ impl TlsListener {
                 let ready_tx = ready_tx.clone();
                 tokio::spawn(async move {
                     let PermittedStream { stream, _permit } = tcp;
-                    let Ok(ssl) = openssl::ssl::Ssl::new(acceptor.context()) else { return };
-                    let Ok(mut tls) = tokio_openssl::SslStream::new(ssl, stream) else { return };
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, Pin::new(&mut tls).accept()).await {
+                    let Ok(ssl) = openssl::ssl::Ssl::new(acceptor.context()) else {
+                        return;
+                    };
+                    let Ok(mut tls) = tokio_openssl::SslStream::new(ssl, stream) else {
+                        return;
+                    };
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, Pin::new(&mut tls).accept())
+                        .await
+                    {
                         Ok(Ok(())) => {
-                            let _ = ready_tx.send((PermittedStream { stream: tls, _permit }, peer)).await;
+                            let _ = ready_tx
+                                .send((
+                                    PermittedStream {
+                                        stream: tls,
+                                        _permit,
+                                    },
+                                    peer,
+                                ))
+                                .await;
                         }
-                        Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
+                        }
                         Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
                     }
                 });
@@ -250,7 +273,10 @@ pub fn serve_with(
     max_connections: usize,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Served> {
-    assert!(max_connections > 0, "a listener must accept at least one connection");
+    assert!(
+        max_connections > 0,
+        "a listener must accept at least one connection"
+    );
     let listener = TcpListener::from_std(listener)?;
     let local_addr = listener.local_addr()?;
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -273,7 +299,11 @@ pub fn serve_with(
                 inner: listener,
                 permits,
             };
-            tokio::spawn(async move { axum::serve(bounded, router).with_graceful_shutdown(stop).await })
+            tokio::spawn(async move {
+                axum::serve(bounded, router)
+                    .with_graceful_shutdown(stop)
+                    .await
+            })
         }
         Some(acceptor) => {
             let tls = TlsListener::spawn(listener, permits, acceptor)?;

@@ -172,21 +172,22 @@ impl CoreSimulator {
         }
         Ok(faults)
     }
+}
 
-    fn new_code(&self, agreement_no: &str) -> String {
-        // Not secret in a simulator; derived so tests are reproducible per agreement.
-        let digest = crate::crypto::sm3::digest(
-            format!("{agreement_no}{}", self.next_ref.load(Ordering::Relaxed)).as_bytes(),
-        );
-        let number = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % 1_000_000;
-        format!("{number:06}")
-    }
+/// The simulator's "SMS": the code it sends for an agreement. Deterministic so that tests and
+/// demos in another process can complete a signing; a real core sends a random code by SMS.
+pub fn verification_code(agreement_no: &str) -> String {
+    let digest = crate::crypto::sm3::digest(
+        format!("kunpay core simulator code\u{0}{agreement_no}").as_bytes(),
+    );
+    let number = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % 1_000_000;
+    format!("{number:06}")
 }
 
 impl CoreLink for CoreSimulator {
     fn request_binding(&self, request: &BindRequest) -> Result<BindOutcome, CoreError> {
         self.before_call()?;
-        let code = self.new_code(&request.agreement_no);
+        let code = verification_code(&request.agreement_no);
         let mut ledger = self.lock();
         let Some(account) = ledger.accounts.get(&request.account_no) else {
             return Ok(BindOutcome::Rejected(BindRejection::UnknownAccount));

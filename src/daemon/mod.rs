@@ -67,12 +67,22 @@ impl From<anyhow::Error> for Fatal {
     }
 }
 
+/// The business side, prepared while privileged: keys read, socket bound.
+struct ChannelPrepared {
+    listener: std::net::TcpListener,
+    tls: Option<openssl::ssl::SslAcceptor>,
+    signer: crate::crypto::sm2::Signer,
+    encrypt_key: crate::crypto::sm2::PrivateKey,
+    data_key: [u8; 16],
+}
+
 /// What start-up reads while still privileged, handed to the async part.
 struct Prepared {
     config: Config,
     mode: Mode,
     log: LogHandle,
     ops_listener: std::net::TcpListener,
+    channel: Option<ChannelPrepared>,
     connect: ConnectSettings,
     dev_url: Option<Secret>,
     dev_cluster: Option<db::cluster::PrivateCluster>,
@@ -104,7 +114,7 @@ fn start(options: Options) -> Result<u8, Fatal> {
     )
     .context("loading keys.sign_private")?;
     // Prove the key signs under the configured distinguishing id before anyone relies on it.
-    crate::crypto::sm2::Signer::new(&sign_key, &config.keys.distinguishing_id)
+    let signer = crate::crypto::sm2::Signer::new(&sign_key, &config.keys.distinguishing_id)
         .context("keys.distinguishing_id cannot be used with keys.sign_private")?;
     drop(sign_key);
 
@@ -114,6 +124,44 @@ fn start(options: Options) -> Result<u8, Fatal> {
     };
 
     let ops_listener = server::bind(config.ops.listen, "ops.listen")?;
+    let channel = match &config.channel {
+        None => None,
+        Some(channel) => {
+            let path = config
+                .keys
+                .encrypt_private
+                .as_ref()
+                .context("keys.encrypt_private is not set")?;
+            let encrypt_key = keyfile::load_private_key(
+                path,
+                config.keys.encrypt_passphrase.as_ref(),
+                "keys.encrypt_passphrase_file",
+            )
+            .context("loading keys.encrypt_private")?;
+            let tls = if channel.plain_http {
+                tracing::warn!(listen = %channel.listen, "channel.plain_http: institutions are served without TLS (tests only)");
+                None
+            } else {
+                let cert = channel
+                    .tls_cert
+                    .as_ref()
+                    .context("channel.tls_cert is not set")?;
+                let key = channel
+                    .tls_key
+                    .as_ref()
+                    .context("channel.tls_key is not set")?;
+                Some(crate::gateway::tls_acceptor(cert, key)?)
+            };
+            let listener = server::bind(channel.listen, "channel.listen")?;
+            Some(ChannelPrepared {
+                listener,
+                tls,
+                signer,
+                data_key: data_key_from(&encrypt_key)?,
+                encrypt_key,
+            })
+        }
+    };
 
     // The embedded cluster starts after the bind so a port clash fails before a server starts.
     let (dev_cluster, dev_url) = match &dev_paths {
@@ -157,6 +205,7 @@ fn start(options: Options) -> Result<u8, Fatal> {
         mode,
         log,
         ops_listener,
+        channel,
         connect,
         dev_url,
         dev_cluster,
@@ -173,6 +222,7 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         mode,
         log,
         ops_listener,
+        channel,
         connect,
         dev_url,
         mut dev_cluster,
@@ -214,6 +264,16 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         state.metrics.clone(),
     )?;
     let heartbeat = tokio::spawn(heartbeat(state.clone()));
+    let channel_served = match channel {
+        None => None,
+        Some(channel) => Some(start_channel(
+            &config,
+            channel,
+            &connect,
+            pool.clone(),
+            &state,
+        )?),
+    };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -265,7 +325,12 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
     notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
     state.begin_drain();
     let deadline = Instant::now() + config.lifecycle.drain_timeout;
-    let abandoned = ops_served.drain(deadline).await;
+    // Business traffic first; the ops listener keeps answering (503 on /primary) meanwhile.
+    let mut abandoned = match channel_served {
+        Some(served) => served.drain(deadline).await,
+        None => 0,
+    };
+    abandoned += ops_served.drain(deadline).await;
     heartbeat.abort();
 
     let stop_reason = if abandoned == 0 {
@@ -306,6 +371,89 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         );
         Ok(EXIT_FAILURE)
     }
+}
+
+fn start_channel(
+    config: &Config,
+    channel: ChannelPrepared,
+    connect: &ConnectSettings,
+    pool: db::Pool,
+    state: &Arc<NodeState>,
+) -> anyhow::Result<server::Served> {
+    let channel_config = config
+        .channel
+        .as_ref()
+        .expect("prepared only when configured");
+    let longest_window = config
+        .institutions
+        .iter()
+        .map(|i| i.send_time_window)
+        .max()
+        .unwrap_or(Duration::from_secs(300));
+    let flows = crate::payment::Flows::new(
+        channel_config.bank_id.clone(),
+        config.keys.sign_key_serial.clone(),
+        channel.signer,
+        channel.data_key,
+    );
+    // The in-process core simulator is the core until the MQ bridge exists.
+    let core: Arc<dyn crate::core::CoreLink> =
+        Arc::new(crate::core::sim::CoreSimulator::with_demo_accounts());
+    let gateway = crate::gateway::ChannelGateway::start(
+        &config.institutions,
+        crate::gateway::Shared {
+            flows,
+            encrypt_key: channel.encrypt_key,
+            encrypt_key_serial: config.keys.encrypt_key_serial.clone(),
+            longest_window,
+        },
+        core,
+        connect,
+        pool.clone(),
+        state.metrics.clone(),
+    )?;
+    tokio::spawn(prune_seen_messages(pool, longest_window));
+    let router = Arc::new(gateway).router(channel_config.max_body);
+    server::serve_with(
+        "channel",
+        channel.listener,
+        channel.tls,
+        router,
+        channel_config.max_connections,
+        state.metrics.clone(),
+    )
+}
+
+/// Message ids older than the widest send-time window can no longer be replayed (their send
+/// time is refused), so they are deleted in bounded batches.
+async fn prune_seen_messages(pool: db::Pool, window: Duration) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        ticker.tick().await;
+        let pool = pool.clone();
+        let before = chrono::Utc::now()
+            - chrono::Duration::from_std(window * 2).unwrap_or(chrono::Duration::hours(1));
+        let _ = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let mut conn = db::checkout(&pool, Duration::from_secs(5))?;
+            while crate::payment::journal::prune_seen_messages(&mut conn, before, 10_000)? == 10_000
+            {
+            }
+            Ok(())
+        })
+        .await;
+    }
+}
+
+/// The key that encrypts account numbers at rest, derived from our encryption key so both
+/// nodes of a pair (which share it) read each other's journal.
+fn data_key_from(encrypt_key: &crate::crypto::sm2::PrivateKey) -> anyhow::Result<[u8; 16]> {
+    let pem = encrypt_key
+        .to_pkcs8_pem()
+        .context("encoding keys.encrypt_private")?;
+    let mac = crate::crypto::sm3::hmac_sm3(pem.as_bytes(), b"kunpay data-at-rest key v1");
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&mac[..16]);
+    Ok(key)
 }
 
 /// Ticks the liveness heartbeat and, under a systemd watchdog, pings it at half its interval.

@@ -150,6 +150,10 @@ impl DaemonDir {
         let key = PrivateKey::generate().unwrap();
         keyfile::write_private_key(&keys.join("node-sign.pem"), &key, None).unwrap();
         keyfile::write_public_key(&keys.join("node-sign.pub.pem"), &key.public_key()).unwrap();
+        let encrypt = PrivateKey::generate().unwrap();
+        keyfile::write_private_key(&keys.join("node-encrypt.pem"), &encrypt, None).unwrap();
+        keyfile::write_public_key(&keys.join("node-encrypt.pub.pem"), &encrypt.public_key())
+            .unwrap();
         DaemonDir {
             dir,
             ops_port: free_port(),
@@ -213,6 +217,39 @@ level = "info"
         format!("http://127.0.0.1:{}{path}", self.ops_port)
     }
 }
+
+impl DaemonDir {
+    /// A node with the channel listener on plain HTTP (loopback) and the given institution
+    /// sections; returns the channel's base URL.
+    pub fn write_channel_config(
+        &self,
+        database_url: &str,
+        channel_port: u16,
+        institutions: &str,
+        extra: &str,
+    ) -> String {
+        let channel = format!(
+            "[channel]\nlisten = \"127.0.0.1:{channel_port}\"\nplain_http = true\nbank_id = \"KUNPAYTEST\"\nmax_body = \"64KiB\"\n\n{institutions}\n{extra}"
+        );
+        self.write_config(database_url, "active", &channel);
+        let text = std::fs::read_to_string(self.config_path()).unwrap();
+        let keys = self.path().join("keys");
+        std::fs::write(
+            self.config_path(),
+            text.replace(
+                "[keys]\n",
+                &format!(
+                    "[keys]\nencrypt_private = \"{}\"\nencrypt_key_serial = \"test-enc-01\"\n",
+                    keys.join("node-encrypt.pem").display()
+                ),
+            ),
+        )
+        .unwrap();
+        format!("http://127.0.0.1:{channel_port}")
+    }
+}
+
+pub mod institution;
 
 pub fn kunpayd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kunpayd"))
