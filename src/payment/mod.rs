@@ -138,6 +138,7 @@ impl Flows {
     }
 
     /// Builds and signs a response in the institution's signature format.
+    #[allow(clippy::too_many_arguments)]
     pub fn respond(
         &self,
         inst: &InstitutionConfig,
