@@ -9,7 +9,7 @@
 //! write a private key with a mode wider than 0600 even for an instant.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::{self, File, Metadata, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -224,8 +224,8 @@ pub fn load_private_key(
 
 /// Loads an SM2 public key (SPKI `PUBLIC KEY` PEM), e.g. a counterparty's verification key.
 pub fn load_public_key(path: &Path) -> Result<PublicKey, KeyFileError> {
-    let file = open_regular_file(KIND_PUBLIC_KEY, path)?;
-    let contents = read_limited(KIND_PUBLIC_KEY, path, file, MAX_KEY_FILE_LEN)?;
+    let (file, metadata) = open_regular_file(KIND_PUBLIC_KEY, path)?;
+    let contents = read_limited(KIND_PUBLIC_KEY, path, &file, &metadata, MAX_KEY_FILE_LEN)?;
     let pem_text = std::str::from_utf8(&contents).map_err(|_| KeyFileError::NotText {
         kind: KIND_PUBLIC_KEY,
         path: path.to_owned(),
@@ -327,17 +327,8 @@ fn read_secret_file(
     path: &Path,
     max_len: u64,
 ) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
-    let file = open_regular_file(kind, path)?;
-    let mode = file
-        .metadata()
-        .map_err(|source| KeyFileError::Read {
-            kind,
-            path: path.to_owned(),
-            source,
-        })?
-        .permissions()
-        .mode()
-        & 0o7777;
+    let (file, metadata) = open_regular_file(kind, path)?;
+    let mode = metadata.permissions().mode() & 0o7777;
     if mode & GROUP_OTHER_BITS != 0 {
         return Err(KeyFileError::InsecurePermissions {
             kind,
@@ -345,10 +336,10 @@ fn read_secret_file(
             mode,
         });
     }
-    read_limited(kind, path, file, max_len)
+    read_limited(kind, path, &file, &metadata, max_len)
 }
 
-fn open_regular_file(kind: &'static str, path: &Path) -> Result<File, KeyFileError> {
+fn open_regular_file(kind: &'static str, path: &Path) -> Result<(File, Metadata), KeyFileError> {
     let file = File::open(path).map_err(|source| KeyFileError::Open {
         kind,
         path: path.to_owned(),
@@ -365,13 +356,14 @@ fn open_regular_file(kind: &'static str, path: &Path) -> Result<File, KeyFileErr
             path: path.to_owned(),
         });
     }
-    Ok(file)
+    Ok((file, metadata))
 }
 
 fn read_limited(
     kind: &'static str,
     path: &Path,
-    file: File,
+    file: &File,
+    metadata: &Metadata,
     max_len: u64,
 ) -> Result<Zeroizing<Vec<u8>>, KeyFileError> {
     let too_large = || KeyFileError::TooLarge {
@@ -379,16 +371,14 @@ fn read_limited(
         path: path.to_owned(),
         max: max_len,
     };
-    let announced_len = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
-    if announced_len > max_len {
+    if metadata.len() > max_len {
         return Err(too_large());
     }
     // Sized up front so the buffer never reallocates: a reallocation would leave an unwiped copy
-    // of the secret in freed memory.
-    let capacity = usize::try_from(max_len.min(announced_len + 1)).unwrap_or(0);
+    // of the secret in freed memory. The extra byte lets a file that grew be detected.
+    let capacity = usize::try_from(metadata.len() + 1).map_err(|_| too_large())?;
     let mut contents = Zeroizing::new(Vec::with_capacity(capacity));
-    (&file)
-        .take(max_len + 1)
+    file.take(max_len + 1)
         .read_to_end(&mut contents)
         .map_err(|source| KeyFileError::Read {
             kind,
@@ -437,21 +427,23 @@ fn write_new_file(
             "operating-system RNG failed: {error}"
         )))
     })?;
-    let temporary = TemporaryFile {
-        path: directory.join(format!(
-            ".{}.tmp-{}-{}",
-            file_name.to_string_lossy(),
-            std::process::id(),
-            hex::encode(random_suffix)
-        )),
-    };
+    let temporary_path = directory.join(format!(
+        ".{}.tmp-{}-{}",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        hex::encode(random_suffix)
+    ));
 
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode & PRIVATE_KEY_MODE)
-        .open(&temporary.path)
+        .open(&temporary_path)
         .map_err(write_error)?;
+    // Only a file we created ourselves may be removed by the guard.
+    let temporary = TemporaryFile {
+        path: temporary_path,
+    };
     // The umask may have narrowed the mode; set it exactly (still on the unpublished file).
     file.set_permissions(Permissions::from_mode(mode))
         .map_err(write_error)?;

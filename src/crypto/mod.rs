@@ -137,9 +137,10 @@ impl CryptoError {
     }
 }
 
-/// GB/T 32918 / GM/T 0003 example: public key of the signer, "message digest" signed with the
+/// GB/T 32918 / GM/T 0003 example: the signer's key pair and "message digest" signed with the
 /// distinguishing id 1234567812345678 (the same vector as `../shared/testdata/sm2-gbt32918-annex-a`).
 mod annex_a {
+    /// Published in the standard; a test vector, not a secret.
     pub const PRIVATE_KEY: &str =
         "3945208f7b2144b13f36e38ac6d39f95889393692860b51a42fb81ef4df7c5b8";
     pub const PUBLIC_KEY_SEC1: &str = "04\
@@ -153,7 +154,7 @@ mod annex_a {
 }
 
 /// Known-answer tests run once at daemon start, so that a miscompiled or tampered build refuses to
-/// handle money instead of producing wrong signatures. Cheap (well under 10 ms in release).
+/// handle money instead of producing wrong signatures. Takes a few milliseconds in release builds.
 pub fn self_test() -> Result<(), CryptoError> {
     self_test_sm3()?;
     self_test_sm4()?;

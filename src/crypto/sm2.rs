@@ -599,7 +599,7 @@ pub(crate) fn public_key_from_scalar_hex(scalar_hex: &str) -> Result<PublicKey, 
 }
 
 fn pem_label(what: &'static str, pem_text: &str) -> Result<String, CryptoError> {
-    pem::decode_label(pem_text.trim_start().as_bytes())
+    pem::decode_label(pem_text.trim().as_bytes())
         .map(str::to_owned)
         .map_err(|error| CryptoError::Pem {
             what,
@@ -613,7 +613,8 @@ fn decode_pem(
     what: &'static str,
     pem_text: &str,
 ) -> Result<(String, Zeroizing<Vec<u8>>), CryptoError> {
-    // Leading blank lines and trailing whitespace are common in hand-edited files and harmless.
+    // Blank lines around the block are common in hand-edited files and harmless; the decoder
+    // itself is strict RFC 7468 and rejects them.
     let (label, der) =
         pem::decode_vec(pem_text.trim().as_bytes()).map_err(|error| CryptoError::Pem {
             what,
@@ -812,6 +813,20 @@ mod tests {
             PublicKey::from_public_key_pem(&alias_public_pem).unwrap(),
             key.public_key()
         );
+    }
+
+    #[test]
+    fn crlf_and_surrounding_blank_lines_are_accepted() {
+        let key = PrivateKey::generate().unwrap();
+        let pem_text = key.to_pkcs8_pem().unwrap();
+        let crlf = pem_text.replace('\n', "\r\n");
+        let padded = format!("\n\n{}\n\n", pem_text.as_str());
+        for variant in [crlf, padded] {
+            assert_eq!(
+                PrivateKey::from_pkcs8_pem(&variant).unwrap().public_key(),
+                key.public_key()
+            );
+        }
     }
 
     #[test]
