@@ -175,7 +175,7 @@ impl ResultCode {
             SystemBusy => {
                 "kunpay is at its configured capacity for this institution; retry later with the same ReqSerial"
             }
-            CoreUnavailable => "core banking is unavailable; retry later with the same ReqSerial",
+            CoreUnavailable => "core banking is unavailable and nothing was posted; retry later",
             InternalError => "internal error; retry later with the same ReqSerial",
         }
     }
@@ -210,6 +210,17 @@ mod tests {
             assert_eq!(code.code().len(), 4);
             assert!(code.code().chars().all(|c| c.is_ascii_digit()));
             assert!(seen.insert(code.code()), "duplicate {}", code.code());
+        }
+    }
+
+    #[test]
+    fn docs_list_every_code_with_its_meaning() {
+        let docs =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
+                .unwrap();
+        for code in ResultCode::ALL {
+            let row = format!("| `{}` | {} |", code.code(), code.meaning());
+            assert!(docs.contains(&row), "docs/protocol.md lacks the row {row}");
         }
     }
 }
