@@ -155,8 +155,10 @@ pub fn institution_pool(settings: &db::ConnectSettings, size: u32) -> Result<Poo
 
 impl ChannelGateway {
     /// Builds every institution's bulkhead and starts its worker threads.
+    /// `public_keys` holds each institution's verification key, read before the privilege drop.
     pub fn start(
         configs: &[InstitutionConfig],
+        public_keys: &HashMap<String, crate::crypto::sm2::PublicKey>,
         shared: Shared,
         core: Arc<dyn CoreLink>,
         settings: &db::ConnectSettings,
@@ -166,9 +168,10 @@ impl ChannelGateway {
         let shared = Arc::new(shared);
         let mut institutions = HashMap::new();
         for config in configs {
-            let public = crate::crypto::keyfile::load_public_key(&config.sign_public)
-                .map_err(|e| anyhow::anyhow!("institutions.{}.sign_public: {e}", config.id))?;
-            let verifier = Verifier::new(&public, &config.distinguishing_id).map_err(|e| {
+            let public = public_keys.get(&config.id).ok_or_else(|| {
+                anyhow::anyhow!("institutions.{}.sign_public was not loaded", config.id)
+            })?;
+            let verifier = Verifier::new(public, &config.distinguishing_id).map_err(|e| {
                 anyhow::anyhow!("institutions.{}.distinguishing_id: {e}", config.id)
             })?;
             let quota = governor::Quota::per_second(
@@ -650,6 +653,20 @@ fn internal(flows: &Flows, inst: &InstitutionConfig, msg_type: MsgType) -> Reply
             bytes: b"internal error".to_vec(),
             code: ResultCode::InternalError,
         })
+}
+
+/// Reads every institution's public key (while still privileged).
+pub fn load_institution_keys(
+    configs: &[InstitutionConfig],
+) -> anyhow::Result<HashMap<String, crate::crypto::sm2::PublicKey>> {
+    configs
+        .iter()
+        .map(|config| {
+            crate::crypto::keyfile::load_public_key(&config.sign_public)
+                .map(|key| (config.id.clone(), key))
+                .map_err(|e| anyhow::anyhow!("institutions.{}.sign_public: {e}", config.id))
+        })
+        .collect()
 }
 
 /// TLS 1.2+ with the configured certificate chain and key.

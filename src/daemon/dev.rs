@@ -48,7 +48,7 @@ pub fn prepare(paths: &DevPaths) -> anyhow::Result<Vec<String>> {
     }
     fs::create_dir_all(&paths.keys)?;
     fs::set_permissions(&paths.keys, fs::Permissions::from_mode(0o700))?;
-    for name in ["node-sign", "demo-institution-sign"] {
+    for name in ["node-sign", "node-encrypt", "demo-institution-sign"] {
         let private = paths.keys.join(format!("{name}.pem"));
         if !private.exists() {
             let key = PrivateKey::generate()?;
@@ -71,15 +71,15 @@ pub fn start_database(paths: &DevPaths) -> anyhow::Result<PrivateCluster> {
     Ok(cluster)
 }
 
-/// 9401 as documented, unless something already holds it on this machine.
-fn dev_ops_port() -> u16 {
-    if std::net::TcpListener::bind(("127.0.0.1", 9401)).is_ok() {
-        return 9401;
+/// The documented port, unless something already holds it on this machine.
+fn dev_port(preferred: u16) -> u16 {
+    if std::net::TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
+        return preferred;
     }
     std::net::TcpListener::bind(("127.0.0.1", 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .unwrap_or(9401)
+        .unwrap_or(preferred)
 }
 
 fn dev_config(paths: &DevPaths) -> String {
@@ -118,6 +118,20 @@ pool_max_size = 8
 [keys]
 sign_private = "{keys}/node-sign.pem"
 sign_key_serial = "dev-01"
+encrypt_private = "{keys}/node-encrypt.pem"
+encrypt_key_serial = "dev-enc-01"
+
+# Plain HTTP on loopback for the development node; production uses TLS (channel.tls_cert).
+[channel]
+listen = "127.0.0.1:{channel_port}"
+plain_http = true
+bank_id = "KUNPAYDEV"
+
+# A demo institution whose private key is {keys}/demo-institution-sign.pem.
+[institutions.DEMO]
+name = "Demo payment institution"
+sign_public = "{keys}/demo-institution-sign.pub.pem"
+sign_key_serial = "demo-01"
 
 [lifecycle]
 drain_timeout = "10s"
@@ -126,7 +140,8 @@ drain_timeout = "10s"
 target = "stderr"
 level = "info"
 "#,
-        ops_port = dev_ops_port(),
+        ops_port = dev_port(9401),
+        channel_port = dev_port(8443),
         state = paths.dir.join("state").display(),
         cluster = paths.cluster.display(),
         keys = paths.keys.display(),

@@ -49,7 +49,9 @@ pub fn run(options: Options) -> ExitCode {
         Err(Fatal::Other(error)) => {
             // One line, on stderr (the journal keeps it) and in the log when that is syslog.
             let line = logging::mask::mask_line(&format!("{error:#}")).into_owned();
-            tracing::error!("start-up failed: {line}");
+            if !logging::writes_to_stderr() {
+                tracing::error!("start-up failed: {line}");
+            }
             eprintln!("kunpayd: {line}");
             ExitCode::from(EXIT_FAILURE)
         }
@@ -74,6 +76,7 @@ struct ChannelPrepared {
     signer: crate::crypto::sm2::Signer,
     encrypt_key: crate::crypto::sm2::PrivateKey,
     data_key: [u8; 16],
+    institution_keys: std::collections::HashMap<String, crate::crypto::sm2::PublicKey>,
 }
 
 /// What start-up reads while still privileged, handed to the async part.
@@ -152,8 +155,10 @@ fn start(options: Options) -> Result<u8, Fatal> {
                     .context("channel.tls_key is not set")?;
                 Some(crate::gateway::tls_acceptor(cert, key)?)
             };
+            let institution_keys = crate::gateway::load_institution_keys(&config.institutions)?;
             let listener = server::bind(channel.listen, "channel.listen")?;
             Some(ChannelPrepared {
+                institution_keys,
                 listener,
                 tls,
                 signer,
@@ -303,7 +308,7 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         "kunpayd ready"
     );
     if mode == Mode::Development {
-        print_dev_banner(&config, &ops_served, &connect);
+        print_dev_banner(&config, &ops_served, channel_served.as_ref(), &connect);
     }
 
     let reason = loop {
@@ -401,6 +406,7 @@ fn start_channel(
         Arc::new(crate::core::sim::CoreSimulator::with_demo_accounts());
     let gateway = crate::gateway::ChannelGateway::start(
         &config.institutions,
+        &channel.institution_keys,
         crate::gateway::Shared {
             flows,
             encrypt_key: channel.encrypt_key,
@@ -539,7 +545,12 @@ fn read_secret(source: &PassphraseSource, config_key: &str) -> anyhow::Result<Se
     Ok(Secret::new(text.to_string()))
 }
 
-fn print_dev_banner(config: &Config, ops_served: &server::Served, connect: &ConnectSettings) {
+fn print_dev_banner(
+    config: &Config,
+    ops_served: &server::Served,
+    channel: Option<&server::Served>,
+    connect: &ConnectSettings,
+) {
     let ops = ops_served.local_addr;
     println!();
     println!(
@@ -547,6 +558,12 @@ fn print_dev_banner(config: &Config, ops_served: &server::Served, connect: &Conn
         config.node.id,
         std::process::id()
     );
+    if let Some(channel) = channel {
+        println!(
+            "  channel        http://{}/gateway/...  (institution DEMO; in-process core simulator with demo accounts)",
+            channel.local_addr
+        );
+    }
     println!("  ops listener   http://{ops}/  (/primary /health /readiness /metrics /status)");
     println!("  database       {} (embedded)", connect.display_target());
     println!("  configuration  {}", config.source.display());

@@ -116,6 +116,13 @@ impl MaskingMakeWriter {
     }
 }
 
+static TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the log already goes to stderr (so a fatal line printed there would appear twice).
+pub fn writes_to_stderr() -> bool {
+    TO_STDERR.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Lets SIGHUP change the level filter without restarting.
 pub struct LogHandle {
     filter: reload::Handle<EnvFilter, Registry>,
@@ -136,7 +143,10 @@ impl LogHandle {
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(config: &LogConfig, process_name: &str) -> anyhow::Result<LogHandle> {
     let sink = match config.target {
-        LogTarget::Stderr => Sink::Stderr,
+        LogTarget::Stderr => {
+            TO_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
+            Sink::Stderr
+        }
         LogTarget::Syslog => {
             let facility = config.syslog_facility.parse().map_err(|()| {
                 anyhow::anyhow!(
