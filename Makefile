@@ -39,6 +39,7 @@ test: test-deps
 
 bench: test-deps
 	$(CARGO) bench --locked --bench crypto
+	$(CARGO) bench --locked --bench payments
 
 lint:
 	$(CARGO) fmt --all -- --check

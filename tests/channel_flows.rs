@@ -443,3 +443,41 @@ fn one_institution_failing_does_not_stop_another() {
     assert!(busy > 0, "Tenpay beyond its rate limit is told 9001");
     drop(node.daemon);
 }
+
+#[test]
+fn generated_simulator_customers_can_sign_and_pay() {
+    let db = TestDb::new();
+    let dir = DaemonDir::new();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let (inst, section) =
+        TestInstitution::create(dir.path(), "GEN", &dir.path().join("keys"), &base);
+    dir.write_channel_config(
+        db.url(),
+        port,
+        &section,
+        "[core]\nsimulator_generated_accounts = 3\n",
+    );
+    let mut daemon = Daemon::spawn(&dir);
+    daemon.wait_ready();
+    let account = kunpay::core::sim::generated_account(2);
+    let agreement = sign_agreement(
+        &inst,
+        (
+            &account.account_no,
+            &account.name,
+            &account.id_no,
+            &account.phone,
+        ),
+    );
+    let debit = inst.call(
+        MsgType::Debit,
+        &[
+            ("ReqSerial", &inst.next_id("D")),
+            ("AgrmtNo", &agreement),
+            ("Amt", "100"),
+            ("Ccy", "CNY"),
+        ],
+    );
+    assert_eq!(debit.code(), "0000", "{:?}", debit.fields);
+}

@@ -191,6 +191,13 @@ pub struct ChannelConfig {
     pub bank_id: String,
 }
 
+/// Which core banking kunpay talks to.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Generated customers the in-process simulator holds besides its three demo accounts.
+    pub simulator_generated_accounts: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct InstitutionConfig {
     pub id: String,
@@ -227,6 +234,7 @@ pub struct Config {
     /// `None` when the file has no `[channel]` section: an ops-only node.
     pub channel: Option<ChannelConfig>,
     pub institutions: Vec<InstitutionConfig>,
+    pub core: CoreConfig,
 }
 
 /// How strict loading is about keys that only the embedded development setup may omit.
@@ -549,6 +557,13 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
 
     let channel = read_channel(r);
     let institutions = read_institutions(r);
+    let core = CoreConfig {
+        simulator_generated_accounts: r.int_or(
+            "core.simulator_generated_accounts",
+            0,
+            0..=1_000_000,
+        ) as u32,
+    };
     if channel.is_some() && keys.encrypt_private.is_none() {
         r.reject(
             "keys.encrypt_private",
@@ -567,6 +582,7 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
         log,
         channel,
         institutions,
+        core,
     }
 }
 

@@ -119,6 +119,14 @@ impl CoreSimulator {
         sim
     }
 
+    /// Adds `count` generated customers (see [`generated_account`]), for load tests.
+    pub fn with_generated_accounts(self, count: u32) -> CoreSimulator {
+        for index in 0..count {
+            self.open_account(generated_account(index));
+        }
+        self
+    }
+
     pub fn open_account(&self, account: Account) {
         assert!(
             account.balance_fen >= 0,
@@ -171,6 +179,27 @@ impl CoreSimulator {
             return Err(CoreError::Unavailable("simulated outage".into()));
         }
         Ok(faults)
+    }
+}
+
+/// Generated customer `index`: a deterministic card number, name, valid resident id and phone,
+/// and a balance large enough for any benchmark.
+pub fn generated_account(index: u32) -> Account {
+    const WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
+    const CHECK: &[u8; 11] = b"10X98765432";
+    let id_body = format!("1101011990{:07}", index % 10_000_000);
+    let sum: u32 = id_body
+        .bytes()
+        .zip(WEIGHTS)
+        .map(|(b, w)| u32::from(b - b'0') * w)
+        .sum();
+    Account {
+        account_no: format!("62220299{:011}", index),
+        name: format!("客户{index}"),
+        id_no: format!("{id_body}{}", CHECK[(sum % 11) as usize] as char),
+        phone: format!("137{:08}", index % 100_000_000),
+        balance_fen: 1_000_000_000_000,
+        frozen: false,
     }
 }
 

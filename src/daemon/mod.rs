@@ -402,8 +402,10 @@ fn start_channel(
         channel.data_key,
     );
     // The in-process core simulator is the core until the MQ bridge exists.
-    let core: Arc<dyn crate::core::CoreLink> =
-        Arc::new(crate::core::sim::CoreSimulator::with_demo_accounts());
+    let core: Arc<dyn crate::core::CoreLink> = Arc::new(
+        crate::core::sim::CoreSimulator::with_demo_accounts()
+            .with_generated_accounts(config.core.simulator_generated_accounts),
+    );
     let gateway = crate::gateway::ChannelGateway::start(
         &config.institutions,
         &channel.institution_keys,

@@ -1,0 +1,508 @@
+//! Debit throughput end to end: signed HTTPS request in, journal committed, core posted (the
+//! in-process simulator), signed response out; database on this machine, load generator on
+//! this machine sending pre-signed requests over keep-alive TLS connections.
+//!
+//! `make bench` runs it (`cargo bench --bench payments`); results go to BENCHMARKS.md between
+//! the `bench:payments` markers. Environment: KUNPAY_BENCH_DEBITS (default 20000),
+//! KUNPAY_BENCH_CONNECTIONS (default 32), KUNPAY_TEST_DATABASE_URL.
+
+#[allow(dead_code)]
+#[path = "../common/institution.rs"]
+mod institution;
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use institution::TestInstitution;
+use kunpay::payment::request::MsgType;
+use openssl::ssl::{SslConnector, SslMethod, SslStream};
+
+const CUSTOMERS: u32 = 256;
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One keep-alive HTTPS connection speaking just enough HTTP/1.1.
+struct Client {
+    tls: SslStream<TcpStream>,
+    buffer: Vec<u8>,
+}
+
+impl Client {
+    fn connect(port: u16, ca: &Path) -> Client {
+        let mut builder = SslConnector::builder(SslMethod::tls_client()).unwrap();
+        builder.set_ca_file(ca).unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let tls = builder.build().connect("localhost", tcp).unwrap();
+        Client {
+            tls,
+            buffer: Vec::with_capacity(16 * 1024),
+        }
+    }
+
+    fn post(&mut self, path: &str, body: &[u8]) -> Vec<u8> {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body);
+        self.tls.write_all(&request).unwrap();
+        self.buffer.clear();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let n = self.tls.read(&mut chunk).unwrap();
+            assert!(n > 0, "connection closed");
+            self.buffer.extend_from_slice(&chunk[..n]);
+            if let Some(end) = self.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buffer[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .expect("content-length");
+                while self.buffer.len() < end + 4 + length {
+                    let n = self.tls.read(&mut chunk).unwrap();
+                    assert!(n > 0, "connection closed");
+                    self.buffer.extend_from_slice(&chunk[..n]);
+                }
+                return self.buffer[end + 4..end + 4 + length].to_vec();
+            }
+        }
+    }
+}
+
+fn result_code(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    text.split("<RsltCd>")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn field(body: &[u8], name: &str) -> String {
+    let text = String::from_utf8_lossy(body);
+    text.split(&format!("<{name}>"))
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .unwrap_or("")
+        .to_string()
+}
+
+struct Node {
+    child: Child,
+    database: String,
+    admin_url: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        if let Ok(mut admin) = PgConnection::establish(&self.admin_url) {
+            let _ = diesel::sql_query(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.database
+            ))
+            .execute(&mut admin);
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Server-side time from the daemon's histogram: (p50, p99) upper bucket bounds in seconds.
+fn server_percentiles(metrics_before: &str, metrics_after: &str) -> (f64, f64) {
+    let buckets = |text: &str| -> Vec<(f64, f64)> {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("kunpay_http_request_duration_seconds_bucket{")
+                    && l.contains("listener=\"channel\"")
+            })
+            .filter_map(|l| {
+                let le = l.split("le=\"").nth(1)?.split('"').next()?;
+                let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
+                Some((
+                    if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().ok()?
+                    },
+                    count,
+                ))
+            })
+            .collect()
+    };
+    let (before, after) = (buckets(metrics_before), buckets(metrics_after));
+    let deltas: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, count)| {
+            (
+                *le,
+                count
+                    - before
+                        .iter()
+                        .find(|(b, _)| b == le)
+                        .map(|(_, c)| *c)
+                        .unwrap_or(0.0),
+            )
+        })
+        .collect();
+    let total = deltas.last().map(|(_, c)| *c).unwrap_or(0.0);
+    let at = |p: f64| {
+        deltas
+            .iter()
+            .find(|(_, c)| *c >= total * p)
+            .map(|(le, _)| *le)
+            .unwrap_or(f64::NAN)
+    };
+    (at(0.5), at(0.99))
+}
+
+fn main() {
+    let debits = env_number("KUNPAY_BENCH_DEBITS", 20_000);
+    let connections = env_number("KUNPAY_BENCH_CONNECTIONS", 32);
+    let admin_url = std::env::var("KUNPAY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let database = format!("kunpay_bench_{}", std::process::id());
+    {
+        let mut admin =
+            PgConnection::establish(&admin_url).expect("the shared PostgreSQL (make test-deps)");
+        diesel::sql_query(format!("CREATE DATABASE {database}"))
+            .execute(&mut admin)
+            .unwrap();
+    }
+    let db_url = format!("{}/{database}", &admin_url[..admin_url.rfind('/').unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    for name in ["node-sign", "node-encrypt"] {
+        let key = kunpay::crypto::sm2::PrivateKey::generate().unwrap();
+        kunpay::crypto::keyfile::write_private_key(&keys.join(format!("{name}.pem")), &key, None)
+            .unwrap();
+        kunpay::crypto::keyfile::write_public_key(
+            &keys.join(format!("{name}.pub.pem")),
+            &key.public_key(),
+        )
+        .unwrap();
+    }
+    let status = Command::new("openssl")
+        .current_dir(dir.path())
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.crt",
+        ])
+        .args([
+            "-days",
+            "2",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ])
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let port = free_port();
+    let ops_port = free_port();
+    let (bench, section) = TestInstitution::create(dir.path(), "BENCH", &keys, "unused");
+    let user = if nix::unistd::geteuid().is_root() {
+        "nobody".to_string()
+    } else {
+        std::env::var("USER").unwrap_or_default()
+    };
+    let config = format!(
+        r#"[node]
+id = "bench"
+[service]
+user = "{user}"
+[ops]
+listen = "127.0.0.1:{ops_port}"
+[database]
+url = "{db_url}"
+migrate_on_start = true
+pool_max_size = 4
+[keys]
+sign_private = "{keys}/node-sign.pem"
+encrypt_private = "{keys}/node-encrypt.pem"
+encrypt_key_serial = "test-enc-01"
+[channel]
+listen = "127.0.0.1:{port}"
+tls_cert = "{dir}/tls.crt"
+tls_key = "{dir}/tls.key"
+[core]
+simulator_generated_accounts = {CUSTOMERS}
+[log]
+target = "stderr"
+level = "warn"
+{section}single_limit_fen = 100000000
+daily_limit_fen = 100000000000
+send_time_window = "1h"
+workers = 16
+db_pool_size = 16
+queue_depth = 4096
+rate_limit_per_second = 1000000
+rate_limit_burst = 1000000
+"#,
+        keys = keys.display(),
+        dir = dir.path().display(),
+    );
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("kunpay.toml"), config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_kunpayd"))
+        .arg("--config")
+        .arg(dir.path().join("kunpay.toml"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _node = Node {
+        child,
+        database,
+        admin_url: admin_url.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "kunpayd did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ca = dir.path().join("tls.crt");
+
+    // Agreements for every generated customer.
+    let mut setup = Client::connect(port, &ca);
+    let mut agreements = Vec::new();
+    for index in 0..CUSTOMERS {
+        let account = kunpay::core::sim::generated_account(index);
+        let apply = bench.message(
+            MsgType::AgreementApply,
+            &[
+                ("ReqSerial", &format!("AP{index}")),
+                ("AcctNo", &account.account_no),
+                ("AcctNm", &account.name),
+                ("IdTp", "01"),
+                ("IdNo", &account.id_no),
+                ("PhoneNo", &account.phone),
+            ],
+        );
+        let answer = setup.post(MsgType::AgreementApply.path(), &apply);
+        assert_eq!(
+            result_code(&answer),
+            "0000",
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        let agreement = field(&answer, "AgrmtNo");
+        let code = kunpay::core::sim::verification_code(&agreement);
+        let confirm = bench.message(
+            MsgType::AgreementConfirm,
+            &[
+                ("ReqSerial", &format!("CF{index}")),
+                ("AgrmtNo", &agreement),
+                ("VrfyCd", &code),
+            ],
+        );
+        assert_eq!(
+            result_code(&setup.post(MsgType::AgreementConfirm.path(), &confirm)),
+            "0000"
+        );
+        agreements.push(agreement);
+    }
+
+    // Pre-signed debits, round robin over the customers.
+    let signing = Instant::now();
+    let bench = Arc::new(bench);
+    let agreements = Arc::new(agreements);
+    let per_thread = debits.div_ceil(2);
+    let signed: Vec<Vec<u8>> = (0..2)
+        .map(|t| {
+            let bench = bench.clone();
+            let agreements = agreements.clone();
+            std::thread::spawn(move || {
+                (t * per_thread..((t + 1) * per_thread).min(debits))
+                    .map(|i| {
+                        bench.message(
+                            MsgType::Debit,
+                            &[
+                                ("ReqSerial", &format!("D{i}")),
+                                ("AgrmtNo", &agreements[i % agreements.len()]),
+                                ("Amt", "100"),
+                                ("Ccy", "CNY"),
+                            ],
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    eprintln!("signed {} debits in {:?}", signed.len(), signing.elapsed());
+
+    let metrics_url = format!("http://127.0.0.1:{ops_port}/metrics");
+    let scrape = || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+        agent
+            .get(&metrics_url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    };
+    let before = scrape();
+    let signed = Arc::new(signed);
+    let next = Arc::new(AtomicUsize::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(debits)));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let (signed, next, latencies, failures, ca) = (
+                signed.clone(),
+                next.clone(),
+                latencies.clone(),
+                failures.clone(),
+                ca.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut client = Client::connect(port, &ca);
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= signed.len() {
+                        break;
+                    }
+                    let sent = Instant::now();
+                    let answer = client.post(MsgType::Debit.path(), &signed[i]);
+                    mine.push(sent.elapsed());
+                    if result_code(&answer) != "0000" {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                latencies.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    let elapsed = started.elapsed();
+    let after = scrape();
+    let mut latencies = latencies.lock().unwrap().clone();
+    latencies.sort();
+    let tps = latencies.len() as f64 / elapsed.as_secs_f64();
+    let (server_p50, server_p99) = server_percentiles(&before, &after);
+    let failures = failures.load(Ordering::Relaxed);
+    let p50 = percentile(&latencies, 0.50);
+    let p99 = percentile(&latencies, 0.99);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let section = format!(
+        "## Debit end to end (issue 3)\n\n\
+         | measure | kunpay | seed (002) | ratio | bar (issue 3) |\n|---|---:|---:|---:|---|\n\
+         | debit throughput | {tps:.0} TPS | 500 TPS | {:.2}x | 2,000 TPS: {} |\n\
+         | client-observed latency p50 / p99 | {:.1} ms / {:.1} ms | 45 ms average | | p99 under 20 ms: {} |\n\
+         | platform-internal time p50 / p99 (server histogram bucket bound) | <= {:.1} ms / <= {:.1} ms | 45 ms average | | |\n\
+         | failed answers | {failures} of {} | 0 | | must be 0 |\n\n\
+         Method: `cargo bench --bench payments` starts a release `kunpayd` with the channel on TLS 1.3 \
+         (self-signed certificate, verified by the client), its database on the shared PostgreSQL 15 \
+         of this machine with default durability (fsync, synchronous commit), and the in-process core \
+         simulator with {CUSTOMERS} generated customers. It signs an agreement for each customer through the \
+         protocol, pre-signs {} debits of 100 fen round robin over the agreements (SM2/SM3 over the \
+         exact bytes), then sends them from {connections} keep-alive TLS connections on {connections} threads \
+         and checks every answer's result code. Each debit: signature verification, send-time and \
+         message-id replay checks, agreement lock, daily-limit sum, journal insert with three state \
+         transitions, core posting, outcome transition, signed answer stored for idempotency, signed \
+         response. Load generator, daemon and database share the machine: {cpu}, {} cores, {}. \
+         Date: {}.\n",
+        tps / 500.0,
+        if tps >= 2000.0 { "met" } else { "NOT met" },
+        p50.as_secs_f64() * 1000.0,
+        p99.as_secs_f64() * 1000.0,
+        if p99 < Duration::from_millis(20) {
+            "met"
+        } else {
+            "NOT met"
+        },
+        server_p50 * 1000.0,
+        server_p99 * 1000.0,
+        latencies.len(),
+        signed.len(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m.lines().next().map(|l| l
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("0")
+                .parse::<u64>()
+                .unwrap_or(0)))
+            .map(|kib| format!("{} GiB RAM", kib / 1024 / 1024))
+            .unwrap_or_default(),
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+    );
+    println!("{section}");
+    write_section("payments", &section);
+}
+
+fn write_section(name: &str, section: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+    let begin = format!("<!-- bench:{name}:begin -->");
+    let end = format!("<!-- bench:{name}:end -->");
+    let mut text =
+        std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".to_string());
+    let block = format!("{begin}\n{section}{end}");
+    match (text.find(&begin), text.find(&end)) {
+        (Some(a), Some(b)) if b > a => text.replace_range(a..b + end.len(), &block),
+        _ => {
+            text.push('\n');
+            text.push_str(&block);
+            text.push('\n');
+        }
+    }
+    std::fs::write(&path, text).unwrap();
+}
