@@ -36,7 +36,7 @@ pub fn cbc_decrypt(
     iv: &[u8; IV_LEN],
     ciphertext: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-    if ciphertext.is_empty() || ciphertext.len() % BLOCK_LEN != 0 {
+    if ciphertext.is_empty() || !ciphertext.len().is_multiple_of(BLOCK_LEN) {
         return Err(CryptoError::Sm4CbcLength {
             len: ciphertext.len(),
         });
