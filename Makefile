@@ -56,7 +56,7 @@ rpm-deps:
 rpm: rpm-deps aarch64 x86_64
 	@rm -f target/rpm/*.rpm
 	@packaging/build-rpm.sh x86_64 aarch64
-	rpmlint -c packaging/rpmlint.toml target/rpm/*.rpm
+	rpmlint -c packaging/rpmlint.toml packaging/kunpay.spec target/rpm/*.rpm
 
 bench: test-deps
 	$(CARGO) bench --locked --bench crypto

@@ -3,7 +3,9 @@
 # installs. Idempotent: on a prepared machine it only checks (about a second).
 #   cross/deps.sh aarch64   Debian: rustc-web, cargo-web, libstd-rust-web-dev:arm64 (Rust 1.96
 #                           with an aarch64 std), libpq5:arm64 (linked against, and loaded under
-#                           qemu), qemu-user (runs the aarch64 tests); adds dpkg architecture arm64.
+#                           qemu), qemu-user (runs the aarch64 tests), binutils-aarch64-linux-gnu
+#                           (objcopy, to split debug information for the RPM); adds dpkg
+#                           architecture arm64.
 #   cross/deps.sh x86_64    nothing from Debian beyond libpq5 (tests/deps.sh installs libpq-dev).
 #   both:                   a Python venv in target/cross/venv with ziglang and cargo-zigbuild
 #                           from PyPI (zig is the linker that targets glibc 2.28).
@@ -52,7 +54,7 @@ case "$arch" in
       [ "$(id -u)" -eq 0 ] || { say "run as root: dpkg --add-architecture arm64"; exit 1; }
       dpkg --add-architecture arm64
     fi
-    for p in rustc-web cargo-web libstd-rust-web-dev:arm64 libpq5:arm64 qemu-user; do
+    for p in rustc-web cargo-web libstd-rust-web-dev:arm64 libpq5:arm64 qemu-user binutils-aarch64-linux-gnu; do
       installed "$p" || need+=("$p")
     done
     ;;

@@ -19,9 +19,6 @@ config=${KUNPAY_RPM_CONFIG:-packaging/kunpay.toml}
 out=${KUNPAY_RPM_OUT:-target/rpm}
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
 [ -n "$version" ] || { say "cannot read the version from Cargo.toml"; exit 1; }
-venv=${KUNPAY_CROSS_VENV:-target/cross/venv}
-[ -x "$venv/bin/python3" ] || { say "$venv missing: run cross/deps.sh x86_64"; exit 1; }
-zig=("$PWD/$venv/bin/python3" -m ziglang)
 
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -31,8 +28,10 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/n
 
 for arch in "${arches[@]}"; do
   case "$arch" in
-    aarch64) triple=aarch64-unknown-linux-gnu; run=(qemu-aarch64 -L /) ;;
-    x86_64) triple=x86_64-unknown-linux-gnu; run=() ;;
+    # objcopy of binutils for the architecture (binutils-aarch64-linux-gnu; zig's objcopy
+    # cannot split debug information yet).
+    aarch64) triple=aarch64-unknown-linux-gnu; run=(qemu-aarch64 -L /); objcopy=aarch64-linux-gnu-objcopy ;;
+    x86_64) triple=x86_64-unknown-linux-gnu; run=(); objcopy=objcopy ;;
     *) say "unknown architecture $arch"; exit 2 ;;
   esac
   bindir=target/$triple/release
@@ -50,10 +49,11 @@ for arch in "${arches[@]}"; do
   coresim=()
   if [ -x "$bindir/kunpay-coresim" ]; then bins+=(kunpay-coresim); coresim=(--with coresim); fi
   for bin in "${bins[@]}"; do
-    # Debug information goes to target/rpm/debug/ (for crash analysis with the same build); the
-    # packaged binary keeps its symbol table so backtraces name functions.
-    "${zig[@]}" objcopy --strip-debug --extract-to "$out/debug/$bin-$version-$release.$arch.debug" \
-      "$bindir/$bin" "$stage/bin/$bin"
+    # Debug information goes to target/rpm/debug/ (kept with the build for crash analysis);
+    # the packaged binary keeps its symbol table so backtraces name functions.
+    debug=$out/debug/$bin-$version-$release.$arch.debug
+    "$objcopy" --only-keep-debug "$bindir/$bin" "$debug"
+    "$objcopy" --strip-debug --add-gnu-debuglink="$debug" "$bindir/$bin" "$stage/bin/$bin"
     chmod 0755 "$stage/bin/$bin"
   done
   cp -r systemd "$stage/"
@@ -69,6 +69,7 @@ for arch in "${arches[@]}"; do
     --define "_topdir $work" \
     --define "kunpay_version $version" \
     --define "kunpay_release $release" \
+    --define "packager kunpay packaging <packaging@kunpay.invalid>" \
     --define "use_source_date_epoch_as_buildtime 1" \
     --define "clamp_mtime_to_source_date_epoch 1" \
     "${coresim[@]}" packaging/kunpay.spec
