@@ -6,6 +6,8 @@
 #   KUNPAY_RPM_RELEASE   RPM release number (default 1)
 #   KUNPAY_RPM_CONFIG    file packaged as /etc/kunpay/kunpay.toml (default packaging/kunpay.toml)
 #   KUNPAY_RPM_OUT       output directory (default target/rpm)
+#   KUNPAY_RPM_BINDIR    where the binaries are (default target/<triple>/release); the
+#                        kunpay-coresim subpackage is built when kunpay-coresim is there too
 # The binaries must exist (make aarch64 / make x86_64 build them); this script does not build
 # them, so that it packages exactly what was built and tested.
 set -euo pipefail
@@ -34,7 +36,7 @@ for arch in "${arches[@]}"; do
     x86_64) triple=x86_64-unknown-linux-gnu; run=(); objcopy=objcopy ;;
     *) say "unknown architecture $arch"; exit 2 ;;
   esac
-  bindir=target/$triple/release
+  bindir=${KUNPAY_RPM_BINDIR:-target/$triple/release}
   for bin in kunpayd kunpayctl; do
     [ -x "$bindir/$bin" ] || { say "$bindir/$bin missing: run make $arch first"; exit 1; }
   done
@@ -59,6 +61,8 @@ for arch in "${arches[@]}"; do
   cp -r systemd "$stage/"
   cp "$config" "$stage/packaging/kunpay.toml"
   cp README.md "$stage/"
+  mkdir -p "$stage/coresim"
+  cp packaging/coresim-README.md "$stage/coresim/README.md"
   cp docs/*.md "$stage/docs/"
   tarball=$work/SOURCES/kunpay-$version-$arch.tar.gz
   tar --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \

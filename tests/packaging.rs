@@ -24,10 +24,8 @@ fn repo(path: &str) -> PathBuf {
 
 fn run(cmd: &mut Command) -> Output {
     let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (run `make test-deps rpm-deps`)"));
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (run `make rpm-deps`)"))
 }
 
 /// Runs a command that must succeed; returns its stdout.
@@ -189,7 +187,9 @@ fn check_release_binary(arch: &Arch, name: &str) {
 
     let needed = needed_libraries(&binary);
     assert!(
-        !needed.iter().any(|l| l.starts_with("libssl") || l.starts_with("libcrypto")),
+        !needed
+            .iter()
+            .any(|l| l.starts_with("libssl") || l.starts_with("libcrypto")),
         "{} needs a shared OpenSSL: {needed:?}",
         binary.display()
     );
@@ -287,7 +287,8 @@ fn parse_exposure(text: &str) -> Option<f64> {
 
 #[test]
 fn exposure_parsing() {
-    let text = "✗ PrivateNetwork= ...   0.5\n\n→ Overall exposure level for kunpayd.service: 1.1 OK 🙂\n";
+    let text =
+        "✗ PrivateNetwork= ...   0.5\n\n→ Overall exposure level for kunpayd.service: 1.1 OK 🙂\n";
     assert_eq!(parse_exposure(text), Some(1.1));
     assert_eq!(
         parse_exposure("→ Overall exposure level for x.service: 9.6 UNSAFE 😨"),
@@ -342,7 +343,10 @@ fn coresim_unit_exposure_is_at_most_1_5() {
     let (_dir, unit) = unit_alone("kunpay-coresim.service");
     let score = exposure(&unit);
     eprintln!("systemd-analyze security kunpay-coresim.service: {score}");
-    assert!(score <= MAX_EXPOSURE, "kunpay-coresim.service exposure {score}");
+    assert!(
+        score <= MAX_EXPOSURE,
+        "kunpay-coresim.service exposure {score}"
+    );
 }
 
 /// `[Section] Key=value` pairs of a unit file, in order.
@@ -464,9 +468,7 @@ fn base_units_use_only_directives_systemd_249_understands() {
         }
     }
     // The drop-in exists for what the base cannot have: every line needs a newer systemd.
-    for (_, key, value) in directives(&repo(
-        "systemd/kunpayd.service.d/50-hardening-newer.conf",
-    )) {
+    for (_, key, value) in directives(&repo("systemd/kunpayd.service.d/50-hardening-newer.conf")) {
         let since = needs_systemd(&key, &value);
         assert!(
             since > 249,
@@ -515,10 +517,7 @@ fn kunpayd_unit_matches_the_daemons_contract() {
     assert!(secs(one("TimeoutStopSec")) > 30 + 5);
     assert_eq!(secs(one("WatchdogSec")), 30);
     // The sockets kunpayd opens: TCP/IP, and AF_UNIX for /dev/log and the notify socket.
-    assert_eq!(
-        one("RestrictAddressFamilies"),
-        "AF_UNIX AF_INET AF_INET6"
-    );
+    assert_eq!(one("RestrictAddressFamilies"), "AF_UNIX AF_INET AF_INET6");
     assert_eq!(one("CapabilityBoundingSet"), "");
     assert_eq!(one("ProtectSystem"), "strict");
 }
@@ -543,7 +542,7 @@ fn rpm_dir() -> PathBuf {
 }
 
 #[test]
-fn rpmlint_passes_on_both_architectures() {
+fn rpmlint_passes_on_the_spec_and_both_architectures() {
     let rpms = [
         X86_64.rpm(&rpm_dir(), "kunpay", 1),
         AARCH64.rpm(&rpm_dir(), "kunpay", 1),
@@ -551,6 +550,7 @@ fn rpmlint_passes_on_both_architectures() {
     let out = ok(Command::new("rpmlint")
         .arg("-c")
         .arg(repo("packaging/rpmlint.toml"))
+        .arg(repo("packaging/kunpay.spec"))
         .args(&rpms));
     eprintln!("{out}");
     assert!(out.contains("0 errors, 0 warnings"), "rpmlint: {out}");
@@ -582,7 +582,13 @@ fn check_payload(arch: &Arch) {
     let expect: &[(&str, u32, &str, &str, bool)] = &[
         ("/usr/bin/kunpayd", 0o755, "root", "root", false),
         ("/usr/bin/kunpayctl", 0o755, "root", "root", false),
-        ("/usr/lib/systemd/system/kunpayd.service", 0o644, "root", "root", false),
+        (
+            "/usr/lib/systemd/system/kunpayd.service",
+            0o644,
+            "root",
+            "root",
+            false,
+        ),
         (
             "/usr/lib/systemd/system/kunpayd.service.d/50-hardening-newer.conf",
             0o644,
@@ -590,17 +596,47 @@ fn check_payload(arch: &Arch) {
             "root",
             false,
         ),
-        ("/usr/lib/sysusers.d/kunpay.conf", 0o644, "root", "root", false),
-        ("/usr/lib/tmpfiles.d/kunpay.conf", 0o644, "root", "root", false),
+        (
+            "/usr/lib/sysusers.d/kunpay.conf",
+            0o644,
+            "root",
+            "root",
+            false,
+        ),
+        (
+            "/usr/lib/tmpfiles.d/kunpay.conf",
+            0o644,
+            "root",
+            "root",
+            false,
+        ),
         ("/etc/kunpay", 0o750, "root", "kunpay", false),
         ("/etc/kunpay/kunpay.toml", 0o640, "root", "kunpay", true),
         ("/etc/kunpay/keys", 0o750, "root", "kunpay", false),
         ("/etc/kunpay/credentials", 0o700, "root", "root", false),
         ("/var/lib/kunpay", 0o750, "kunpay", "kunpay", false),
         ("/var/log/kunpay", 0o750, "kunpay", "kunpay", false),
-        ("/usr/share/doc/kunpay/operations.md", 0o644, "root", "root", false),
-        ("/usr/share/doc/kunpay/configuration.md", 0o644, "root", "root", false),
-        ("/usr/share/doc/kunpay/README.md", 0o644, "root", "root", false),
+        (
+            "/usr/share/doc/kunpay/operations.md",
+            0o644,
+            "root",
+            "root",
+            false,
+        ),
+        (
+            "/usr/share/doc/kunpay/configuration.md",
+            0o644,
+            "root",
+            "root",
+            false,
+        ),
+        (
+            "/usr/share/doc/kunpay/README.md",
+            0o644,
+            "root",
+            "root",
+            false,
+        ),
     ];
     for (path, mode, owner, group, config) in expect {
         let got = files
@@ -633,7 +669,11 @@ fn check_payload(arch: &Arch) {
                 rpm.display()
             );
         }
-        assert!(!line.contains("OPENSSL"), "{} requires {line}", rpm.display());
+        assert!(
+            !line.contains("OPENSSL"),
+            "{} requires {line}",
+            rpm.display()
+        );
     }
     assert!(
         requires.lines().any(|l| l.starts_with("libpq.so.5")),
@@ -704,7 +744,16 @@ impl ScratchRoot {
             .tempdir()
             .unwrap();
         let root = dir.path();
-        for d in ["etc", "dev", "tmp", "var/lib/rpm", "usr/bin", "usr/sbin", "bin", "sbin"] {
+        for d in [
+            "etc",
+            "dev",
+            "tmp",
+            "var/lib/rpm",
+            "usr/bin",
+            "usr/sbin",
+            "bin",
+            "sbin",
+        ] {
             fs::create_dir_all(root.join(d)).unwrap();
         }
         fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
@@ -726,13 +775,15 @@ impl ScratchRoot {
         if !made {
             fs::write(&null, "").unwrap();
         }
-        for tool in ["/bin/sh", "/usr/bin/getent", "/usr/sbin/groupadd", "/usr/sbin/useradd"] {
+        for tool in [
+            "/bin/sh",
+            "/usr/bin/getent",
+            "/usr/sbin/groupadd",
+            "/usr/sbin/useradd",
+        ] {
             copy_with_libraries(Path::new(tool), root);
         }
-        ok(Command::new("rpm")
-            .arg("--root")
-            .arg(root)
-            .arg("--initdb"));
+        ok(Command::new("rpm").arg("--root").arg(root).arg("--initdb"));
         ScratchRoot { dir }
     }
 
@@ -837,7 +888,9 @@ fn install_upgrade_remove(arch: &Arch) {
     if arch.rpm_arch != "x86_64" {
         flags.push("--ignorearch");
     }
-    let with = |base: &[&str]| -> Vec<&str> { base.iter().chain(flags.iter()).copied().collect() };
+    let with = |base: &[&'static str]| -> Vec<&'static str> {
+        base.iter().chain(flags.iter()).copied().collect()
+    };
 
     // First install: %pre created the account in the scratch root, files got their owners.
     root.rpm(&with(&["-ivh"]), Some(&arch.rpm(&rpm_dir(), "kunpay", 1)));
@@ -851,7 +904,10 @@ fn install_upgrade_remove(arch: &Arch) {
         "{account}"
     );
     let uid = root.id_of("etc/passwd", "kunpay").unwrap();
-    assert!(uid > 0 && uid < 1000, "kunpay is not a system account: uid {uid}");
+    assert!(
+        uid > 0 && uid < 1000,
+        "kunpay is not a system account: uid {uid}"
+    );
     root.assert_file("/etc/kunpay", 0o750, "root", "kunpay");
     root.assert_file("/etc/kunpay/kunpay.toml", 0o640, "root", "kunpay");
     root.assert_file("/etc/kunpay/keys", 0o750, "root", "kunpay");
@@ -859,7 +915,12 @@ fn install_upgrade_remove(arch: &Arch) {
     root.assert_file("/var/lib/kunpay", 0o750, "kunpay", "kunpay");
     root.assert_file("/var/log/kunpay", 0o750, "kunpay", "kunpay");
     root.assert_file("/usr/bin/kunpayd", 0o755, "root", "root");
-    root.assert_file("/usr/lib/systemd/system/kunpayd.service", 0o644, "root", "root");
+    root.assert_file(
+        "/usr/lib/systemd/system/kunpayd.service",
+        0o644,
+        "root",
+        "root",
+    );
     assert_eq!(
         fs::read_to_string(root.path("/etc/kunpay/kunpay.toml")).unwrap(),
         shipped
@@ -870,7 +931,10 @@ fn install_upgrade_remove(arch: &Arch) {
 
     // The operator configures the node, installs a key, and the daemon writes state.
     let configured = shipped.replace("id = \"kunpay-a\"", "id = \"bank-node-7\"");
-    assert_ne!(configured, shipped, "the example config no longer has id = \"kunpay-a\"");
+    assert_ne!(
+        configured, shipped,
+        "the example config no longer has id = \"kunpay-a\""
+    );
     fs::write(root.path("/etc/kunpay/kunpay.toml"), &configured).unwrap();
     fs::write(root.path("/etc/kunpay/keys/node-sign.pem"), "KEY").unwrap();
     fs::write(root.path("/var/lib/kunpay/outbox.spill"), "STATE").unwrap();
@@ -903,9 +967,13 @@ fn install_upgrade_remove(arch: &Arch) {
 
     // Removal: programs and units go; the configuration (rpm keeps a modified %config file as
     // .rpmsave), keys, state and the account stay.
-    root.rpm(&with(&["-e"]), Some(Path::new("kunpay")));
+    root.rpm(&["-e", "--nodeps"], Some(Path::new("kunpay")));
     assert!(!root.path("/usr/bin/kunpayd").exists());
-    assert!(!root.path("/usr/lib/systemd/system/kunpayd.service").exists());
+    assert!(
+        !root
+            .path("/usr/lib/systemd/system/kunpayd.service")
+            .exists()
+    );
     assert_eq!(
         fs::read_to_string(root.path("/etc/kunpay/kunpay.toml.rpmsave")).unwrap(),
         configured
@@ -954,14 +1022,20 @@ fn verify(unit: &str, program: &str, stand_in: &Path) -> (bool, String) {
 fn units_pass_systemd_analyze_verify_without_a_warning() {
     let kunpayd = X86_64.binary("kunpayd");
     let (success, printed) = verify("kunpayd.service", "/usr/bin/kunpayd", &kunpayd);
-    assert!(success && printed.trim().is_empty(), "kunpayd.service: {printed}");
+    assert!(
+        success && printed.trim().is_empty(),
+        "kunpayd.service: {printed}"
+    );
     // The simulator's binary does not exist yet (a later issue adds it): any executable stands in.
     let (success, printed) = verify(
         "kunpay-coresim.service",
         "/usr/bin/kunpay-coresim",
         Path::new("/bin/true"),
     );
-    assert!(success && printed.trim().is_empty(), "kunpay-coresim.service: {printed}");
+    assert!(
+        success && printed.trim().is_empty(),
+        "kunpay-coresim.service: {printed}"
+    );
 }
 
 #[test]
@@ -969,10 +1043,71 @@ fn systemd_analyze_verify_reports_a_broken_unit() {
     // The check above must be able to fail: a misspelt directive is reported.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.service");
-    fs::write(&path, "[Service]\nExecStart=/bin/true\nProtectSystm=strict\n").unwrap();
+    fs::write(
+        &path,
+        "[Service]\nExecStart=/bin/true\nProtectSystm=strict\n",
+    )
+    .unwrap();
     let out = run(Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
         .arg(&path));
     let printed = String::from_utf8_lossy(&out.stderr);
     assert!(printed.contains("ProtectSystm"), "{printed}");
+}
+
+#[test]
+fn coresim_subpackage_is_built_when_its_binary_exists() {
+    // kunpay-coresim does not exist yet (a later issue adds it). The spec's conditional
+    // subpackage is exercised with kunpayctl standing in for its binary, so it is known to
+    // build, lint and carry the right files the day the binary arrives.
+    let bins = tempfile::tempdir().unwrap();
+    for bin in ["kunpayd", "kunpayctl"] {
+        fs::copy(X86_64.binary(bin), bins.path().join(bin)).unwrap();
+    }
+    fs::copy(
+        X86_64.binary("kunpayctl"),
+        bins.path().join("kunpay-coresim"),
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    ok(Command::new(repo("packaging/build-rpm.sh"))
+        .arg("x86_64")
+        .env("KUNPAY_RPM_BINDIR", bins.path())
+        .env("KUNPAY_RPM_OUT", out.path()));
+    let coresim = X86_64.rpm(out.path(), "kunpay-coresim", 1);
+    let files = dump(&coresim);
+    assert_eq!(
+        files["/usr/bin/kunpay-coresim"],
+        (0o755, "root".into(), "root".into(), false)
+    );
+    assert_eq!(
+        files["/usr/lib/systemd/system/kunpay-coresim.service"],
+        (0o644, "root".into(), "root".into(), false)
+    );
+    assert_eq!(
+        files["/var/lib/kunpay-coresim"],
+        (
+            0o750,
+            "kunpay-coresim".into(),
+            "kunpay-coresim".into(),
+            false
+        )
+    );
+    assert!(files.contains_key("/usr/share/doc/kunpay-coresim/README.md"));
+    let scripts = ok(Command::new("rpm").args(["-qp", "--scripts"]).arg(&coresim));
+    assert!(
+        scripts.contains("useradd -r -g kunpay-coresim"),
+        "{scripts}"
+    );
+    assert!(
+        scripts.contains("systemctl try-restart kunpay-coresim.service"),
+        "{scripts}"
+    );
+    let lint = ok(Command::new("rpmlint")
+        .arg("-c")
+        .arg(repo("packaging/rpmlint.toml"))
+        .arg(&coresim));
+    assert!(lint.contains("0 errors, 0 warnings"), "rpmlint: {lint}");
+    // The main package is unchanged by the option.
+    assert!(!dump(&X86_64.rpm(out.path(), "kunpay", 1)).contains_key("/usr/bin/kunpay-coresim"));
 }

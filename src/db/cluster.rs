@@ -28,7 +28,6 @@ pub struct ClusterOptions {
     pub fast_unsafe: bool,
 }
 
-
 #[derive(Debug)]
 pub struct PrivateCluster {
     data_dir: PathBuf,
