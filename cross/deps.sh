@@ -59,7 +59,7 @@ case "$arch" in
     done
     ;;
   x86_64)
-    installed libpq5 || need+=(libpq5)
+    installed libpq5:amd64 || need+=(libpq5)
     ;;
   *) echo "cross/deps.sh: unknown architecture $arch" >&2; exit 2 ;;
 esac

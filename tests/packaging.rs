@@ -614,6 +614,8 @@ fn check_payload(arch: &Arch) {
         ("/etc/kunpay/kunpay.toml", 0o640, "root", "kunpay", true),
         ("/etc/kunpay/keys", 0o750, "root", "kunpay", false),
         ("/etc/kunpay/credentials", 0o700, "root", "root", false),
+        ("/etc/kunpay/tls", 0o750, "root", "kunpay", false),
+        ("/etc/kunpay/institutions", 0o750, "root", "kunpay", false),
         ("/var/lib/kunpay", 0o750, "kunpay", "kunpay", false),
         ("/var/log/kunpay", 0o750, "kunpay", "kunpay", false),
         (
@@ -1110,4 +1112,18 @@ fn coresim_subpackage_is_built_when_its_binary_exists() {
     assert!(lint.contains("0 errors, 0 warnings"), "rpmlint: {lint}");
     // The main package is unchanged by the option.
     assert!(!dump(&X86_64.rpm(out.path(), "kunpay", 1)).contains_key("/usr/bin/kunpay-coresim"));
+}
+
+#[test]
+fn the_glibc_check_catches_a_binary_linked_against_this_machines_glibc() {
+    // The debug build of the test run links Debian 12's glibc 2.36 the usual way: the check
+    // that passes the release binaries must find versions above 2.28 in it.
+    let host = Path::new(env!("CARGO_BIN_EXE_kunpayd"));
+    let versions = required_versions(host);
+    assert!(
+        versions
+            .iter()
+            .any(|v| glibc_version(v).is_some_and(|v| v > (2, 28))),
+        "{versions:?}"
+    );
 }
