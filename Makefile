@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEV_DIR ?= target/dev
 
-.PHONY: help build run test test-deps test-deps-run bench lint fmt clean-dev
+.PHONY: help build run test test-deps test-deps-run bench lint fmt clean-dev aarch64 x86_64 rpm rpm-deps
 
 help:
 	@echo "make build      release build of kunpayd and kunpayctl (target/release/)"
@@ -12,6 +12,9 @@ help:
 	@echo "make test-deps  check and provide the machine's test prerequisites, saying what it does"
 	@echo "make bench      benchmarks; results written to BENCHMARKS.md"
 	@echo "make lint       cargo fmt --check and clippy -D warnings"
+	@echo "make aarch64    release build for Kunpeng (aarch64, glibc 2.28) in target/aarch64-unknown-linux-gnu/release/"
+	@echo "make x86_64     release build for x86_64 servers (glibc 2.28) in target/x86_64-unknown-linux-gnu/release/"
+	@echo "make rpm        both builds, then the RPMs (x86_64, aarch64) in target/rpm/, checked with rpmlint"
 
 build:
 	$(CARGO) build --release --locked --bins
@@ -28,7 +31,9 @@ test-deps-run:
 test-deps:
 	@tests/deps.sh test
 
-test: test-deps
+# The packaging tests (tests/packaging.rs) check the RPMs and the cross-built binaries, so the
+# suite builds them first: about 7 minutes on a clean tree, seconds when nothing changed.
+test: rpm test-deps
 	$(CARGO) build --locked --all-targets
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --locked --no-fail-fast; \
@@ -36,6 +41,22 @@ test: test-deps
 		echo "cargo-nextest not found: running the suite with cargo test"; \
 		$(CARGO) test --locked --no-fail-fast; \
 	fi
+
+# The glibc 2.28 release binaries for the RPMs (cross/build.sh says how and why).
+aarch64:
+	@cross/build.sh aarch64
+
+x86_64:
+	@cross/build.sh x86_64
+
+# Installs rpm, rpmlint and the cross toolchain when missing (packaging/deps.sh says what).
+rpm-deps:
+	@packaging/deps.sh
+
+rpm: rpm-deps aarch64 x86_64
+	@rm -f target/rpm/*.rpm
+	@packaging/build-rpm.sh x86_64 aarch64
+	rpmlint -c packaging/rpmlint.toml packaging/kunpay.spec target/rpm/*.rpm
 
 bench: test-deps
 	$(CARGO) bench --locked --bench crypto
