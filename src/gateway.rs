@@ -203,6 +203,13 @@ impl ChannelGateway {
                     .name(format!("inst-{}-{index}", config.id))
                     .spawn(move || worker(&institution, &shared, &jobs))?;
             }
+            {
+                let institution = institution.clone();
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("inst-{}-resolve", config.id))
+                    .spawn(move || resolver(&institution, &shared))?;
+            }
             institutions.insert(config.id.clone(), institution);
         }
         Ok(ChannelGateway {
@@ -423,6 +430,40 @@ async fn handle(
             ResultCode::InternalError,
             "the worker failed".into(),
         ),
+    }
+}
+
+/// How long a transaction may sit in SENT_TO_CORE before the resolver treats its worker as gone.
+pub const STALE_SENT_TO_CORE: Duration = Duration::from_secs(60);
+const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+const RESOLVE_BATCH: i64 = 100;
+
+/// Settles this institution's transactions without a recorded outcome (after a crash, or a
+/// core timeout nobody queried), through the institution's own pool and circuit breaker.
+fn resolver(institution: &Institution, shared: &Shared) {
+    loop {
+        std::thread::sleep(RESOLVE_EVERY);
+        let Ok(mut conn) = db::checkout(&institution.pool, Duration::from_secs(5)) else {
+            continue;
+        };
+        let stale =
+            chrono::Duration::from_std(STALE_SENT_TO_CORE).unwrap_or(chrono::Duration::minutes(1));
+        match shared.flows.resolve_unrecorded(
+            &mut conn,
+            institution.breaker.as_ref(),
+            &institution.config.id,
+            stale,
+            RESOLVE_BATCH,
+            Utc::now(),
+        ) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(institution = %institution.config.id, transactions = n, "resolved transactions without a recorded outcome")
+            }
+            Err(e) => {
+                tracing::warn!(institution = %institution.config.id, error = %e, "resolving unrecorded transactions failed")
+            }
+        }
     }
 }
 

@@ -178,6 +178,27 @@ pub fn lock_txn(
         .optional()
 }
 
+/// Transactions whose outcome is not recorded: UNKNOWN, or SENT_TO_CORE for longer than a
+/// live worker ever takes (the process stopped during the core call).
+pub fn unresolved(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    stale_before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<TxnRow>, DieselError> {
+    txn::table
+        .filter(txn::inst_id.eq(inst_id))
+        .filter(
+            txn::state.eq(TxnState::Unknown.as_str()).or(txn::state
+                .eq(TxnState::SentToCore.as_str())
+                .and(txn::updated_at.lt(stale_before))),
+        )
+        .order(txn::updated_at.asc())
+        .limit(limit)
+        .select(TxnRow::as_select())
+        .load(conn)
+}
+
 pub fn add_refunded(
     conn: &mut PgConnection,
     txn_id: Uuid,

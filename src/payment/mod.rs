@@ -982,6 +982,38 @@ impl Flows {
         )
     }
 
+    /// Resolves up to `limit` transactions of one institution whose outcome is not recorded;
+    /// returns how many were looked at. SENT_TO_CORE older than `stale_after` first becomes
+    /// UNKNOWN (its worker is gone), then every UNKNOWN is settled by asking the core.
+    pub fn resolve_unrecorded(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst_id: &str,
+        stale_after: chrono::Duration,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<usize, FlowError> {
+        let rows = journal::unresolved(conn, inst_id, now - stale_after, limit)?;
+        for row in &rows {
+            if row.state()? == TxnState::SentToCore {
+                match journal::transition(
+                    conn,
+                    row.txn_id,
+                    TxnState::SentToCore,
+                    TxnState::Unknown,
+                    "no outcome recorded: the process stopped during the core call",
+                    now,
+                ) {
+                    Ok(()) | Err(JournalError::StateMoved { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            self.resolve_unknown(conn, core, row, now)?;
+        }
+        Ok(rows.len())
+    }
+
     /// UNKNOWN is resolved by asking the core, never by guessing.
     pub fn resolve_unknown(
         &self,
