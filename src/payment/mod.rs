@@ -581,57 +581,51 @@ impl Flows {
             return Ok(Unstored(over_single_limit(inst, amount_fen)));
         }
         let txn_id = Uuid::now_v7();
-        let prepared = conn.transaction(
-            |conn| -> Result<Result<(String, String), Answer>, FlowError> {
-                let Some(agreement) = journal::lock_agreement(conn, &inst.id, agreement_no)? else {
-                    return Ok(Err(Answer::code(ResultCode::AgreementNotFound)));
-                };
-                if agreement.state != "ACTIVE" {
-                    return Ok(Err(Answer::detail(
-                        ResultCode::AgreementNotActive,
-                        format!("the agreement is {}", agreement.state),
-                    )));
-                }
-                if let Some(answer) = check_daily(
-                    conn,
-                    inst,
-                    &agreement.account_hash,
-                    "DEBIT",
-                    amount_fen,
-                    now,
-                )? {
-                    return Ok(Err(answer));
-                }
-                self.open_transaction(
-                    conn,
-                    &NewTxn {
-                        txn_id,
-                        inst_id: &inst.id,
-                        req_serial: serial,
-                        kind: "DEBIT",
-                        state: TxnState::Received.as_str(),
-                        amount_fen,
-                        agreement_no: Some(agreement_no),
-                        orig_txn_id: None,
-                        account_hash: &agreement.account_hash,
-                        account_masked: &agreement.account_masked,
-                        account_enc: &agreement.account_enc,
-                        business_date: business_date(now),
-                        created_at: now,
-                        updated_at: now,
-                    },
-                    now,
-                )?;
-                Ok(Ok((agreement.account_enc, agreement.account_masked)))
-            },
-        );
-        let (sealed, _masked) = match prepared {
-            Ok(Ok(account)) => account,
-            Ok(Err(answer)) => return Ok(Unstored(answer)),
-            Err(FlowError::Db(e)) if journal::is_unique_violation(&e) => {
-                return self.concurrent_repeat(conn, inst, serial);
+        let prepared = conn.transaction(|conn| -> Result<Result<String, Answer>, FlowError> {
+            let Some(agreement) = journal::lock_agreement(conn, &inst.id, agreement_no)? else {
+                return Ok(Err(Answer::code(ResultCode::AgreementNotFound)));
+            };
+            if agreement.state != "ACTIVE" {
+                return Ok(Err(Answer::detail(
+                    ResultCode::AgreementNotActive,
+                    format!("the agreement is {}", agreement.state),
+                )));
             }
-            Err(e) => return Err(e),
+            if let Some(answer) = check_daily(
+                conn,
+                inst,
+                &agreement.account_hash,
+                "DEBIT",
+                amount_fen,
+                now,
+            )? {
+                return Ok(Err(answer));
+            }
+            self.open_transaction(
+                conn,
+                &NewTxn {
+                    txn_id,
+                    inst_id: &inst.id,
+                    req_serial: serial,
+                    kind: "DEBIT",
+                    state: TxnState::Received.as_str(),
+                    amount_fen,
+                    agreement_no: Some(agreement_no),
+                    orig_txn_id: None,
+                    account_hash: &agreement.account_hash,
+                    account_masked: &agreement.account_masked,
+                    account_enc: &agreement.account_enc,
+                    business_date: business_date(now),
+                    created_at: now,
+                    updated_at: now,
+                },
+                now,
+            )?;
+            Ok(Ok(agreement.account_enc))
+        });
+        let sealed = match self.after_journaling(conn, inst, serial, prepared)? {
+            Ok(sealed) => sealed,
+            Err(outcome) => return Ok(outcome),
         };
         let account_no = self.open_account(&sealed)?;
         let posting = Posting {
@@ -674,10 +668,10 @@ impl Flows {
         let hash = account_hash(&inst.id, account_no);
         let masked = mask::card_number(account_no);
         let sealed = self.seal_account(account_no)?;
-        let prepared = conn.transaction(|conn| -> Result<Option<Answer>, FlowError> {
+        let prepared = conn.transaction(|conn| -> Result<Result<(), Answer>, FlowError> {
             journal::lock_customer(conn, &inst.id, &hash)?;
             if let Some(answer) = check_daily(conn, inst, &hash, "CREDIT", amount_fen, now)? {
-                return Ok(Some(answer));
+                return Ok(Err(answer));
             }
             self.open_transaction(
                 conn,
@@ -699,15 +693,10 @@ impl Flows {
                 },
                 now,
             )?;
-            Ok(None)
+            Ok(Ok(()))
         });
-        match prepared {
-            Ok(None) => {}
-            Ok(Some(answer)) => return Ok(Unstored(answer)),
-            Err(FlowError::Db(e)) if journal::is_unique_violation(&e) => {
-                return self.concurrent_repeat(conn, inst, serial);
-            }
-            Err(e) => return Err(e),
+        if let Err(outcome) = self.after_journaling(conn, inst, serial, prepared)? {
+            return Ok(outcome);
         }
         let posting = Posting {
             txn_id,
@@ -787,13 +776,9 @@ impl Flows {
             journal::add_refunded(conn, original.txn_id, amount_fen)?;
             Ok(Ok((original.txn_id, original.account_enc)))
         });
-        let (orig_txn_id, sealed) = match prepared {
-            Ok(Ok(found)) => found,
-            Ok(Err(answer)) => return Ok(Unstored(answer)),
-            Err(FlowError::Db(e)) if journal::is_unique_violation(&e) => {
-                return self.concurrent_repeat(conn, inst, serial);
-            }
-            Err(e) => return Err(e),
+        let (orig_txn_id, sealed) = match self.after_journaling(conn, inst, serial, prepared)? {
+            Ok(found) => found,
+            Err(outcome) => return Ok(outcome),
         };
         let account_no = self.open_account(&sealed)?;
         let posting = Posting {
@@ -911,6 +896,26 @@ impl Flows {
             self.store(conn, inst, msg_type, serial, digests, answer, done)
                 .map(Stored)
         })
+    }
+
+    /// Reads the result of the transaction that journals a request before the core call: the
+    /// value to go on with, or the outcome to answer with (a rejection, or a concurrent repeat
+    /// of the same serial that hit the unique key).
+    fn after_journaling<T>(
+        &self,
+        conn: &mut PgConnection,
+        inst: &InstitutionConfig,
+        serial: &str,
+        prepared: Result<Result<T, Answer>, FlowError>,
+    ) -> Result<Result<T, Outcome>, FlowError> {
+        match prepared {
+            Ok(Ok(value)) => Ok(Ok(value)),
+            Ok(Err(answer)) => Ok(Err(Unstored(answer))),
+            Err(FlowError::Db(e)) if journal::is_unique_violation(&e) => {
+                self.concurrent_repeat(conn, inst, serial).map(Err)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Another request with this serial is being processed or has just finished.
