@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::channel::codes::ResultCode;
 use crate::channel::envelope::MessageKey;
-use crate::channel::message::{self, SignedMessage};
+use crate::channel::message::{self, Element};
 use crate::config::InstitutionConfig;
 use crate::core::{
     BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingOutcome,
@@ -110,11 +110,60 @@ impl CoreLink for CircuitBreaker {
 
 type Limiter = governor::DefaultDirectRateLimiter;
 
+/// A request parsed once at the edge (to learn its institution) and handed to a worker.
 struct Job {
     msg_type: MsgType,
     raw: Bytes,
+    /// `raw[..signed_len]` is what the signature covers.
+    signed_len: usize,
+    signature: Vec<u8>,
+    header: Element,
+    body: Element,
     received: DateTime<Utc>,
     reply: tokio::sync::oneshot::Sender<Reply>,
+}
+
+impl Job {
+    fn header(&self, name: &str) -> String {
+        self.header.text_of(name).unwrap_or("").trim().to_string()
+    }
+}
+
+/// A refusal decided at the edge, recorded by one thread on the main pool.
+struct EdgeRejection {
+    inst_id: Option<String>,
+    msg_type: MsgType,
+    code: ResultCode,
+    detail: String,
+    body_sm3: String,
+    at: DateTime<Utc>,
+}
+
+/// Bound on refusals waiting to be recorded; beyond it a flood's records are dropped (and
+/// counted) rather than queued without limit or taken from an institution's bulkhead.
+const EDGE_REJECTION_QUEUE: usize = 4096;
+
+fn record_edge_rejections(pool: Pool, queue: Receiver<EdgeRejection>) {
+    for rejection in queue {
+        let Ok(mut conn) = db::checkout(&pool, Duration::from_secs(2)) else {
+            continue;
+        };
+        if let Err(e) = journal::record_rejection(
+            &mut conn,
+            &journal::Rejection {
+                inst_id: rejection.inst_id.as_deref(),
+                path: rejection.msg_type.path(),
+                msg_id: None,
+                req_serial: None,
+                result_code: rejection.code.code(),
+                detail: &rejection.detail,
+                body_sm3: &rejection.body_sm3,
+            },
+            rejection.at,
+        ) {
+            tracing::warn!(error = %e, "recording a rejection failed");
+        }
+    }
 }
 
 /// One institution's bulkhead.
@@ -132,16 +181,13 @@ pub struct Shared {
     pub flows: Flows,
     pub encrypt_key: PrivateKey,
     pub encrypt_key_serial: String,
-    /// Longest send-time window of any institution: how long message ids are remembered.
-    pub longest_window: Duration,
 }
 
 pub struct ChannelGateway {
     pub institutions: HashMap<String, Arc<Institution>>,
     shared: Arc<Shared>,
-    main_pool: Pool,
+    edge_rejections: SyncSender<EdgeRejection>,
     pub metrics: Arc<crate::ops::metrics::Metrics>,
-    rejected: AtomicU64,
 }
 
 /// Per-institution database settings come from the main pool's settings with the
@@ -212,12 +258,15 @@ impl ChannelGateway {
             }
             institutions.insert(config.id.clone(), institution);
         }
+        let (edge_rejections, queue) = std::sync::mpsc::sync_channel(EDGE_REJECTION_QUEUE);
+        std::thread::Builder::new()
+            .name("edge-rejections".into())
+            .spawn(move || record_edge_rejections(main_pool, queue))?;
         Ok(ChannelGateway {
             institutions,
             shared,
-            main_pool,
             metrics,
-            rejected: AtomicU64::new(0),
+            edge_rejections,
         })
     }
 
@@ -244,29 +293,17 @@ impl ChannelGateway {
         code: ResultCode,
         detail: String,
     ) -> Response {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
-        let pool = self.main_pool.clone();
-        let digest = hex::encode(crate::crypto::sm3::digest(raw));
-        let inst_id = inst.map(|i| i.id.clone());
-        let detail_for_db = detail.clone();
-        // The rejection record is written off the async threads; the answer does not wait.
-        tokio::task::spawn_blocking(move || {
-            if let Ok(mut conn) = db::checkout(&pool, Duration::from_secs(2)) {
-                let _ = journal::record_rejection(
-                    &mut conn,
-                    &journal::Rejection {
-                        inst_id: inst_id.as_deref(),
-                        path: msg_type.path(),
-                        msg_id: None,
-                        req_serial: None,
-                        result_code: code.code(),
-                        detail: &detail_for_db,
-                        body_sm3: &digest,
-                    },
-                    Utc::now(),
-                );
-            }
-        });
+        let rejection = EdgeRejection {
+            inst_id: inst.map(|i| i.id.clone()),
+            msg_type,
+            code,
+            detail: detail.clone(),
+            body_sm3: hex::encode(crate::crypto::sm3::digest(raw)),
+            at: Utc::now(),
+        };
+        if self.edge_rejections.try_send(rejection).is_err() {
+            self.metrics.channel_rejections_unrecorded.inc();
+        }
         let fallback;
         let inst = match inst {
             Some(inst) => inst,
@@ -356,12 +393,13 @@ async fn handle(
             );
         }
     };
-    let sender = match message::parse(&body) {
-        Ok(message) => message
-            .header
-            .text_of("SndInstId")
-            .unwrap_or("")
-            .to_string(),
+    let (signed_len, signature, header, body_element) = match message::parse(&body) {
+        Ok(message) => (
+            message.signed.len(),
+            message.signature,
+            message.header,
+            message.body,
+        ),
         Err(e) => {
             return gateway.refuse(
                 None,
@@ -372,6 +410,7 @@ async fn handle(
             );
         }
     };
+    let sender = header.text_of("SndInstId").unwrap_or("").to_string();
     let Some(institution) = gateway.institutions.get(&sender) else {
         return gateway.refuse(
             None,
@@ -397,6 +436,10 @@ async fn handle(
     let job = Job {
         msg_type,
         raw: body.clone(),
+        signed_len,
+        signature,
+        header,
+        body: body_element,
         received: Utc::now(),
         reply: reply_tx,
     };
@@ -493,31 +536,10 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
             return internal(flows, inst, job.msg_type);
         }
     };
-    let message = match message::parse(&job.raw) {
-        Ok(message) => message,
-        Err(e) => {
-            return reject(
-                &mut conn,
-                flows,
-                inst,
-                job,
-                None,
-                ResultCode::MalformedMessage,
-                e.to_string(),
-            );
-        }
-    };
-    let header = |name: &str| {
-        message
-            .header
-            .text_of(name)
-            .unwrap_or("")
-            .trim()
-            .to_string()
-    };
+    let header = |name: &str| job.header(name);
     let msg_id = header("MsgId");
     let fail = |conn: &mut db::PooledConnection, code: ResultCode, detail: String| {
-        reject(conn, flows, inst, job, Some(&message), code, detail)
+        reject(conn, flows, inst, job, code, detail)
     };
     if header("MsgTp") != job.msg_type.name() {
         return fail(
@@ -545,11 +567,11 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
             format!("SgnSN {:?} is not the configured serial", header("SgnSN")),
         );
     }
-    if let Err(e) =
-        institution
-            .verifier
-            .verify(message.signed, &message.signature, inst.signature_format)
-    {
+    if let Err(e) = institution.verifier.verify(
+        &job.raw[..job.signed_len],
+        &job.signature,
+        inst.signature_format,
+    ) {
         return fail(&mut conn, ResultCode::BadSignature, e.to_string());
     }
     // From here on the message is authentic: its content may be trusted to mean what it says.
@@ -609,10 +631,7 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
             Err(e) => return fail(&mut conn, ResultCode::EnvelopeInvalid, e.to_string()),
         }
     };
-    let parsed = request::parse(job.msg_type, &message.body, key.as_ref()).and_then(|parsed| {
-        request::canonical_fields(&message.body, key.as_ref()).map(|fields| (parsed, fields))
-    });
-    let (parsed, fields) = match parsed {
+    let (parsed, fields) = match request::parse(job.msg_type, &job.body, key.as_ref()) {
         Ok(ok) => ok,
         Err(e) => return fail(&mut conn, e.code, e.detail),
     };
@@ -639,13 +658,13 @@ fn reject(
     flows: &Flows,
     inst: &InstitutionConfig,
     job: &Job,
-    message: Option<&SignedMessage<'_>>,
     code: ResultCode,
     detail: String,
 ) -> Reply {
     let text = |name: &str| {
-        message
-            .and_then(|m| m.header.text_of(name).or_else(|| m.body.text_of(name)))
+        job.header
+            .text_of(name)
+            .or_else(|| job.body.text_of(name))
             .map(str::to_string)
     };
     let digest = hex::encode(crate::crypto::sm3::digest(&job.raw));

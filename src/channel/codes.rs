@@ -179,17 +179,6 @@ impl ResultCode {
             InternalError => "internal error; retry later with the same ReqSerial",
         }
     }
-
-    /// A final business answer (as opposed to a temporary condition worth retrying).
-    pub fn is_final(self) -> bool {
-        !matches!(
-            self,
-            ResultCode::Processing
-                | ResultCode::SystemBusy
-                | ResultCode::CoreUnavailable
-                | ResultCode::InternalError
-        )
-    }
 }
 
 impl fmt::Display for ResultCode {

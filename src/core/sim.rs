@@ -152,10 +152,6 @@ impl CoreSimulator {
         self.lock().outbox.get(phone).cloned()
     }
 
-    pub fn postings(&self) -> usize {
-        self.lock().postings.len()
-    }
-
     pub fn set_faults(&self, faults: Faults) {
         *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
     }

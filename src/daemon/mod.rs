@@ -413,7 +413,6 @@ fn start_channel(
             flows,
             encrypt_key: channel.encrypt_key,
             encrypt_key_serial: config.keys.encrypt_key_serial.clone(),
-            longest_window,
         },
         core,
         connect,

@@ -149,11 +149,6 @@ impl PrivateCluster {
         self.pg_ctl_stop("fast")
     }
 
-    /// Immediate shutdown: no checkpoint, recovery on next start, like a crash.
-    pub fn crash(&mut self) -> anyhow::Result<()> {
-        self.pg_ctl_stop("immediate")
-    }
-
     fn pg_ctl_stop(&mut self, mode: &str) -> anyhow::Result<()> {
         if !self.is_running() {
             return Ok(());
@@ -214,11 +209,6 @@ impl PrivateCluster {
             diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn)?;
         }
         Ok(())
-    }
-
-    /// Hands the cluster over: it keeps running after this value is dropped.
-    pub fn detach(mut self) {
-        self.started_by_us = false;
     }
 
     fn command(&self, program: &str) -> Command {

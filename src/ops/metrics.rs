@@ -40,7 +40,9 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_in_flight: Family<ListenerLabels, Gauge>,
-    pub http_rejected_overload: Family<ListenerLabels, Counter>,
+    /// Channel refusals decided at the edge whose record was dropped because the recorder's
+    /// bounded queue was full (a flood); the answers were still sent.
+    pub channel_rejections_unrecorded: Counter,
     pub http_duration: Family<ListenerLabels, Histogram>,
     pub db_probe: Family<ResultLabels, Counter>,
     pub db_probe_duration: Histogram,
@@ -66,7 +68,7 @@ impl Metrics {
         let metrics = Metrics {
             http_requests: Family::default(),
             http_in_flight: Family::default(),
-            http_rejected_overload: Family::default(),
+            channel_rejections_unrecorded: Counter::default(),
             http_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
@@ -91,9 +93,9 @@ impl Metrics {
             metrics.http_in_flight.clone(),
         );
         registry.register(
-            "http_requests_rejected_overload",
-            "HTTP requests refused because the listener's concurrency limit was reached",
-            metrics.http_rejected_overload.clone(),
+            "channel_rejections_unrecorded",
+            "Channel refusals whose rejection record was dropped because the recorder queue was full",
+            metrics.channel_rejections_unrecorded.clone(),
         );
         registry.register(
             "http_request_duration_seconds",

@@ -121,7 +121,7 @@ impl Flows {
 
     /// Per-field keyed digests of a request's decrypted body, in a stable text form: a retry
     /// that re-encrypts the same values under a new envelope has the same digests.
-    pub fn field_digests(&self, fields: &[(String, Zeroizing<String>)]) -> String {
+    pub fn field_digests(&self, fields: &request::DecryptedFields) -> String {
         let mut sorted: Vec<&(String, Zeroizing<String>)> = fields.iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         sorted
@@ -641,8 +641,6 @@ impl Flows {
             MsgType::Debit,
             serial,
             digests,
-            txn_id,
-            amount_fen,
             None,
             &posting,
             now,
@@ -711,8 +709,6 @@ impl Flows {
             MsgType::Credit,
             serial,
             digests,
-            txn_id,
-            amount_fen,
             None,
             &posting,
             now,
@@ -794,8 +790,6 @@ impl Flows {
             MsgType::Refund,
             serial,
             digests,
-            txn_id,
-            amount_fen,
             Some(orig_txn_id),
             &posting,
             now,
@@ -839,12 +833,11 @@ impl Flows {
         msg_type: MsgType,
         serial: &str,
         digests: &str,
-        txn_id: Uuid,
-        amount_fen: i64,
         refund_of: Option<Uuid>,
         posting: &Posting,
         now: DateTime<Utc>,
     ) -> Result<Outcome, FlowError> {
+        let (txn_id, amount_fen) = (posting.txn_id, posting.amount_fen);
         let outcome = core.post(posting);
         let done = Utc::now().max(now);
         conn.transaction(|conn| {

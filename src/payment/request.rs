@@ -72,11 +72,6 @@ impl MsgType {
         MsgType::ALL.into_iter().find(|t| t.path() == path)
     }
 
-    /// State-changing messages carry a `ReqSerial` and are answered idempotently.
-    pub fn is_idempotent_command(self) -> bool {
-        !matches!(self, MsgType::Query | MsgType::QueryRange)
-    }
-
     /// (required, optional) body fields.
     pub fn fields(self) -> (&'static [&'static str], &'static [&'static str]) {
         match self {
@@ -178,12 +173,10 @@ impl Request {
     }
 }
 
-/// Body fields with sensitive ones decrypted, for the idempotency digest. Call after
-/// [`parse`] succeeded (which has checked the field set and the envelope).
-pub fn canonical_fields(
+fn canonical_fields(
     body: &Element,
     key: Option<&MessageKey>,
-) -> Result<Vec<(String, Zeroizing<String>)>, FieldError> {
+) -> Result<DecryptedFields, FieldError> {
     body.children
         .iter()
         .map(|c| {
@@ -208,12 +201,16 @@ pub fn canonical_fields(
         .collect()
 }
 
+/// Body fields by element name, sensitive ones decrypted, in document order.
+pub type DecryptedFields = Vec<(String, Zeroizing<String>)>;
+
 /// Checks the field set, decrypts sensitive fields with the message key, and parses values.
+/// Returns the request and its decrypted fields (the input of the idempotency digest).
 pub fn parse(
     msg_type: MsgType,
     body: &Element,
     key: Option<&MessageKey>,
-) -> Result<Request, FieldError> {
+) -> Result<(Request, DecryptedFields), FieldError> {
     let (required, optional) = msg_type.fields();
     for child in &body.children {
         if !child.children.is_empty() {
@@ -238,18 +235,16 @@ pub fn parse(
             Some(_) => {}
         }
     }
+    // Sensitive fields are decrypted here, once; the same values feed the idempotency digest.
+    let fields = canonical_fields(body, key)?;
     let text = |field: &str| body.text_of(field).unwrap_or("").trim().to_string();
     let secret = |field: &str| -> Result<Zeroizing<String>, FieldError> {
         debug_assert!(SENSITIVE_FIELDS.contains(&field));
-        let key = key.ok_or(FieldError {
-            code: ResultCode::EnvelopeInvalid,
-            detail: format!("<{field}> is encrypted but the header has no <DgtlEnvlp>"),
-        })?;
-        key.decrypt_field(field, &text(field))
-            .map_err(|e| FieldError {
-                code: ResultCode::EnvelopeInvalid,
-                detail: e.to_string(),
-            })
+        fields
+            .iter()
+            .find(|(name, _)| name == field)
+            .map(|(_, value)| value.clone())
+            .ok_or_else(|| FieldError::missing(field))
     };
     let request = match msg_type {
         MsgType::AgreementApply => {
@@ -345,7 +340,7 @@ pub fn parse(
             }
         }
     };
-    Ok(request)
+    Ok((request, fields))
 }
 
 /// Serials and agreement numbers: 1-32 characters of A-Z a-z 0-9 - _ (ours are 32 long).
