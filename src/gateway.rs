@@ -38,7 +38,7 @@ use crate::core::{
 use crate::crypto::sm2::{CipherOrder, PrivateKey, Verifier};
 use crate::db::{self, Pool};
 use crate::payment::request::{self, MsgType};
-use crate::payment::{Flows, Reply, journal};
+use crate::payment::{Executed, Flows, Reply, journal};
 
 /// Opens its circuit after consecutive core failures and refuses core calls while open.
 pub struct CircuitBreaker {
@@ -598,26 +598,28 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
             "<MsgId> must be 1-64 characters".into(),
         );
     }
-    match journal::remember_message(&mut conn, &inst.id, &msg_id, now) {
-        Ok(true) => {}
-        Ok(false) => {
-            return fail(
-                &mut conn,
-                ResultCode::DuplicateMessageId,
-                format!("MsgId {msg_id} was used before"),
-            );
-        }
-        Err(e) => {
-            tracing::error!(institution = %inst.id, error = %e, "recording the message id failed");
-            return internal(flows, inst, job.msg_type);
-        }
-    }
+    // A refusal after this point still spends the message id: a replay is refused as one.
+    let refuse_after_remembering =
+        |conn: &mut db::PooledConnection, code: ResultCode, detail: String| {
+            match journal::remember_message(conn, &inst.id, &msg_id, now) {
+                Ok(true) => fail(conn, code, detail),
+                Ok(false) => fail(
+                    conn,
+                    ResultCode::DuplicateMessageId,
+                    format!("MsgId {msg_id} was used before"),
+                ),
+                Err(e) => {
+                    tracing::error!(institution = %inst.id, error = %e, "recording the message id failed");
+                    internal(flows, inst, job.msg_type)
+                }
+            }
+        };
     let envelope = header("DgtlEnvlp");
     let key = if envelope.is_empty() {
         None
     } else {
         if header("EncSN") != shared.encrypt_key_serial {
-            return fail(
+            return refuse_after_remembering(
                 &mut conn,
                 ResultCode::EnvelopeInvalid,
                 format!(
@@ -628,12 +630,18 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
         }
         match MessageKey::open(&envelope, &shared.encrypt_key, inst.cipher_order) {
             Ok(key) => Some(key),
-            Err(e) => return fail(&mut conn, ResultCode::EnvelopeInvalid, e.to_string()),
+            Err(e) => {
+                return refuse_after_remembering(
+                    &mut conn,
+                    ResultCode::EnvelopeInvalid,
+                    e.to_string(),
+                );
+            }
         }
     };
     let (parsed, fields) = match request::parse(job.msg_type, &job.body, key.as_ref()) {
         Ok(ok) => ok,
-        Err(e) => return fail(&mut conn, e.code, e.detail),
+        Err(e) => return refuse_after_remembering(&mut conn, e.code, e.detail),
     };
     let digests = flows.field_digests(&fields);
     match flows.execute(
@@ -641,11 +649,17 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
         institution.breaker.as_ref(),
         inst,
         job.msg_type,
+        &msg_id,
         parsed,
         &digests,
         now,
     ) {
-        Ok(reply) => reply,
+        Ok(Executed::Replay) => fail(
+            &mut conn,
+            ResultCode::DuplicateMessageId,
+            format!("MsgId {msg_id} was used before"),
+        ),
+        Ok(Executed::Answered(reply)) => reply,
         Err(e) => {
             tracing::error!(institution = %inst.id, msg_id = %msg_id, error = %e, "flow failed");
             internal(flows, inst, job.msg_type)

@@ -481,3 +481,69 @@ fn generated_simulator_customers_can_sign_and_pay() {
     );
     assert_eq!(debit.code(), "0000", "{:?}", debit.fields);
 }
+
+const WANG: (&str, &str, &str, &str) = (
+    "6217001234567890149",
+    "王五",
+    "440301198001010026",
+    "13512345678",
+);
+
+#[test]
+fn a_failed_debit_gives_its_daily_limit_back() {
+    // Tenpay's daily debit limit is 150000 fen; Wang's account starts empty.
+    let node = start("");
+    let inst = &node.tenpay;
+    let agreement = sign_agreement(inst, WANG);
+    let debit = |amount: &str| {
+        inst.call(
+            MsgType::Debit,
+            &[
+                ("ReqSerial", &inst.next_id("D")),
+                ("AgrmtNo", &agreement),
+                ("Amt", amount),
+                ("Ccy", "CNY"),
+            ],
+        )
+    };
+    let refused = debit("100000");
+    assert_eq!(refused.code(), "3010", "{:?}", refused.fields);
+    assert_eq!(refused.get("TxnStatus"), "FAILED");
+    for amount in ["90000", "50000"] {
+        let credit = inst.call(
+            MsgType::Credit,
+            &[
+                ("ReqSerial", &inst.next_id("CR")),
+                ("AcctNo", WANG.0),
+                ("AcctNm", WANG.1),
+                ("Amt", amount),
+                ("Ccy", "CNY"),
+            ],
+        );
+        assert_eq!(credit.code(), "0000", "{:?}", credit.fields);
+    }
+    // Had the failed debit kept its 100000, this one would pass the limit.
+    let paid = debit("100000");
+    assert_eq!(paid.code(), "0000", "{:?}", paid.fields);
+    let over = debit("60000");
+    assert_eq!(over.code(), "3003", "{:?}", over.fields);
+    assert!(
+        over.get("RsltMsg").contains("100000 fen already today"),
+        "{}",
+        over.get("RsltMsg")
+    );
+    assert_eq!(
+        count(
+            &node.db_url,
+            "SELECT CAST(SUM(used_fen) AS BIGINT) AS n FROM daily_usage WHERE kind = 'DEBIT'"
+        ),
+        100000
+    );
+    assert_eq!(
+        count(
+            &node.db_url,
+            "SELECT CAST(SUM(used_fen) AS BIGINT) AS n FROM daily_usage WHERE kind = 'CREDIT'"
+        ),
+        140000
+    );
+}

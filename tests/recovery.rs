@@ -10,21 +10,20 @@ use kunpay::core::{CoreLink, Posting, PostingKind};
 use kunpay::crypto::sm2::{PrivateKey, Signer};
 use kunpay::payment::Flows;
 use kunpay::payment::journal::{self, NewTxn};
-use kunpay::payment::state::TxnState;
 use uuid::Uuid;
 
 const ACCOUNT: &str = "6222021234567890123";
 
 fn stranded(conn: &mut diesel::PgConnection, serial: &str, at: chrono::DateTime<Utc>) -> Uuid {
     let txn_id = Uuid::now_v7();
-    journal::insert_txn(
+    journal::insert_opened(
         conn,
         &NewTxn {
             txn_id,
             inst_id: "T",
             req_serial: serial,
             kind: "DEBIT",
-            state: "RECEIVED",
+            state: "SENT_TO_CORE",
             amount_fen: 700,
             agreement_no: None,
             orig_txn_id: None,
@@ -35,25 +34,9 @@ fn stranded(conn: &mut diesel::PgConnection, serial: &str, at: chrono::DateTime<
             created_at: at,
             updated_at: at,
         },
-        at,
-    )
-    .unwrap();
-    journal::transition(
-        conn,
-        txn_id,
-        TxnState::Received,
-        TxnState::RiskChecked,
-        "test",
-        at,
-    )
-    .unwrap();
-    journal::transition(
-        conn,
-        txn_id,
-        TxnState::RiskChecked,
-        TxnState::SentToCore,
-        "test",
-        at,
+        &journal::Opening {
+            risk_reason: "test",
+        },
     )
     .unwrap();
     txn_id

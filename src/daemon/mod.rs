@@ -419,7 +419,7 @@ fn start_channel(
         pool.clone(),
         state.metrics.clone(),
     )?;
-    tokio::spawn(prune_seen_messages(pool, longest_window));
+    tokio::spawn(prune_expired(pool, longest_window));
     let router = Arc::new(gateway).router(channel_config.max_body);
     server::serve_with(
         "channel",
@@ -431,9 +431,14 @@ fn start_channel(
     )
 }
 
+/// Days of daily-limit usage kept after their business day (for counter staff's questions about
+/// a refusal); limits only ever read today's.
+const DAILY_USAGE_KEPT_DAYS: i64 = 7;
+
 /// Message ids older than the widest send-time window can no longer be replayed (their send
-/// time is refused), so they are deleted in bounded batches.
-async fn prune_seen_messages(pool: db::Pool, window: Duration) {
+/// time is refused), so they are deleted in bounded batches; daily-limit usage of past days is
+/// deleted after [`DAILY_USAGE_KEPT_DAYS`].
+async fn prune_expired(pool: db::Pool, window: Duration) {
     let mut ticker = tokio::time::interval(Duration::from_secs(60));
     loop {
         ticker.tick().await;
@@ -445,6 +450,13 @@ async fn prune_seen_messages(pool: db::Pool, window: Duration) {
             while crate::payment::journal::prune_seen_messages(&mut conn, before, 10_000)? == 10_000
             {
             }
+            let today = chrono::Utc::now()
+                .with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("UTC+8"))
+                .date_naive();
+            let keep_from = today - chrono::Duration::days(DAILY_USAGE_KEPT_DAYS);
+            while crate::payment::journal::prune_daily_usage(&mut conn, keep_from, 10_000)?
+                == 10_000
+            {}
             Ok(())
         })
         .await;

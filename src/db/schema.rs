@@ -98,5 +98,15 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    daily_usage (inst_id, account_hash, kind, business_date) {
+        inst_id -> Varchar,
+        account_hash -> Varchar,
+        kind -> Varchar,
+        business_date -> Date,
+        used_fen -> Int8,
+    }
+}
+
 diesel::joinable!(txn_state_history -> txn (txn_id));
 diesel::allow_tables_to_appear_in_same_query!(agreement, txn, txn_state_history);

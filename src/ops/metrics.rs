@@ -11,6 +11,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+/// Request durations in seconds: fine around the figures we are held to (the seed's 40-45 ms
+/// average, our 20 ms p99 bar), so that quantiles interpolated from them are close.
+const REQUEST_DURATION_BUCKETS: [f64; 22] = [
+    0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025,
+    0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
@@ -70,7 +77,7 @@ impl Metrics {
             http_in_flight: Family::default(),
             channel_rejections_unrecorded: Counter::default(),
             http_duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+                Histogram::new(REQUEST_DURATION_BUCKETS.iter().copied())
             }),
             db_probe: Family::default(),
             db_probe_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),

@@ -28,7 +28,7 @@ use crate::core::{
 };
 use crate::crypto::sm2::Signer;
 use crate::logging::mask;
-use journal::{JournalError, NewTxn};
+use journal::{CreditOpening, DebitOpening, JournalError, NewTxn};
 use request::{MsgType, Request};
 use state::TxnState;
 
@@ -62,6 +62,20 @@ pub struct Flows {
 pub struct Reply {
     pub bytes: Vec<u8>,
     pub code: ResultCode,
+}
+
+/// The risk stage's verdict until rules exist (issue 5): every transaction passes, and the
+/// history says so.
+const NO_RISK_RULES: journal::Opening<'static> = journal::Opening {
+    risk_reason: "approved: no risk rules configured",
+};
+
+/// What [`Flows::execute`] did with a request.
+#[derive(Debug)]
+pub enum Executed {
+    /// Its message id was used before: nothing was done; refuse it as a replay.
+    Replay,
+    Answered(Reply),
 }
 
 /// The business part of an answer, before header and signature.
@@ -187,7 +201,9 @@ impl Flows {
         })
     }
 
-    /// Runs one verified, parsed request. `digests` identifies its content for idempotency.
+    /// Runs one verified, parsed request: records its `msg_id` (a replay is refused), then
+    /// answers a repeated serial from the stored answer or runs the flow. `digests` identifies
+    /// the request's content for idempotency.
     #[allow(clippy::too_many_arguments)]
     pub fn execute(
         &self,
@@ -195,13 +211,43 @@ impl Flows {
         core: &dyn CoreLink,
         inst: &InstitutionConfig,
         msg_type: MsgType,
+        msg_id: &str,
+        request: Request,
+        digests: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Executed, FlowError> {
+        let serial = request.serial().map(str::to_string);
+        let stored = match &serial {
+            Some(serial) => match journal::remember_and_find(conn, &inst.id, msg_id, serial, now)? {
+                journal::Remembered::Replay => return Ok(Executed::Replay),
+                journal::Remembered::Fresh(stored) => stored,
+            },
+            None => {
+                if !journal::remember_message(conn, &inst.id, msg_id, now)? {
+                    return Ok(Executed::Replay);
+                }
+                None
+            }
+        };
+        self.run(conn, core, inst, msg_type, serial, stored, request, digests, now)
+            .map(Executed::Answered)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst: &InstitutionConfig,
+        msg_type: MsgType,
+        serial: Option<String>,
+        stored: Option<journal::StoredResponse>,
         request: Request,
         digests: &str,
         now: DateTime<Utc>,
     ) -> Result<Reply, FlowError> {
-        let serial = request.serial().map(str::to_string);
         if let Some(serial) = &serial {
-            if let Some(stored) = journal::find_response(conn, &inst.id, serial)? {
+            if let Some(stored) = stored {
                 if stored.field_digests == digests && stored.msg_type == msg_type.name() {
                     return Ok(Reply {
                         code: code_from(&stored.result_code),
@@ -581,50 +627,32 @@ impl Flows {
             return Ok(Unstored(over_single_limit(inst, amount_fen)));
         }
         let txn_id = Uuid::now_v7();
-        let prepared = conn.transaction(|conn| -> Result<Result<String, Answer>, FlowError> {
-            let Some(agreement) = journal::lock_agreement(conn, &inst.id, agreement_no)? else {
-                return Ok(Err(Answer::code(ResultCode::AgreementNotFound)));
-            };
-            if agreement.state != "ACTIVE" {
-                return Ok(Err(Answer::detail(
+        let new = journal::NewPosting {
+            txn_id,
+            inst_id: &inst.id,
+            req_serial: serial,
+            amount_fen,
+            daily_limit_fen: inst.daily_limit_fen,
+            business_date: business_date(now),
+            now,
+        };
+        let opened = journal::open_debit(conn, &new, agreement_no, &NO_RISK_RULES)
+            .map(Ok::<_, Answer>)
+            .map_err(FlowError::Db);
+        let sealed = match self.after_journaling(conn, inst, serial, opened)? {
+            Ok(DebitOpening::Opened { account_enc }) => account_enc,
+            Ok(DebitOpening::NoAgreement) => {
+                return Ok(Unstored(Answer::code(ResultCode::AgreementNotFound)));
+            }
+            Ok(DebitOpening::AgreementNotActive(state)) => {
+                return Ok(Unstored(Answer::detail(
                     ResultCode::AgreementNotActive,
-                    format!("the agreement is {}", agreement.state),
+                    format!("the agreement is {state}"),
                 )));
             }
-            if let Some(answer) = check_daily(
-                conn,
-                inst,
-                &agreement.account_hash,
-                "DEBIT",
-                amount_fen,
-                now,
-            )? {
-                return Ok(Err(answer));
+            Ok(DebitOpening::OverDailyLimit { used }) => {
+                return Ok(Unstored(over_daily_limit(inst, used, amount_fen)));
             }
-            self.open_transaction(
-                conn,
-                &NewTxn {
-                    txn_id,
-                    inst_id: &inst.id,
-                    req_serial: serial,
-                    kind: "DEBIT",
-                    state: TxnState::Received.as_str(),
-                    amount_fen,
-                    agreement_no: Some(agreement_no),
-                    orig_txn_id: None,
-                    account_hash: &agreement.account_hash,
-                    account_masked: &agreement.account_masked,
-                    account_enc: &agreement.account_enc,
-                    business_date: business_date(now),
-                    created_at: now,
-                    updated_at: now,
-                },
-                now,
-            )?;
-            Ok(Ok(agreement.account_enc))
-        });
-        let sealed = match self.after_journaling(conn, inst, serial, prepared)? {
-            Ok(sealed) => sealed,
             Err(outcome) => return Ok(outcome),
         };
         let account_no = self.open_account(&sealed)?;
@@ -641,7 +669,6 @@ impl Flows {
             MsgType::Debit,
             serial,
             digests,
-            None,
             &posting,
             now,
         )
@@ -666,35 +693,30 @@ impl Flows {
         let hash = account_hash(&inst.id, account_no);
         let masked = mask::card_number(account_no);
         let sealed = self.seal_account(account_no)?;
-        let prepared = conn.transaction(|conn| -> Result<Result<(), Answer>, FlowError> {
-            journal::lock_customer(conn, &inst.id, &hash)?;
-            if let Some(answer) = check_daily(conn, inst, &hash, "CREDIT", amount_fen, now)? {
-                return Ok(Err(answer));
+        let new = journal::NewPosting {
+            txn_id,
+            inst_id: &inst.id,
+            req_serial: serial,
+            amount_fen,
+            daily_limit_fen: inst.daily_limit_fen,
+            business_date: business_date(now),
+            now,
+        };
+        let payee = journal::Payee {
+            account_hash: &hash,
+            account_masked: &masked,
+            account_enc: &sealed,
+        };
+        let opened =
+            journal::open_credit(conn, &new, &payee, &NO_RISK_RULES)
+                .map(Ok::<_, Answer>)
+                .map_err(FlowError::Db);
+        match self.after_journaling(conn, inst, serial, opened)? {
+            Ok(CreditOpening::Opened) => {}
+            Ok(CreditOpening::OverDailyLimit { used }) => {
+                return Ok(Unstored(over_daily_limit(inst, used, amount_fen)));
             }
-            self.open_transaction(
-                conn,
-                &NewTxn {
-                    txn_id,
-                    inst_id: &inst.id,
-                    req_serial: serial,
-                    kind: "CREDIT",
-                    state: TxnState::Received.as_str(),
-                    amount_fen,
-                    agreement_no: None,
-                    orig_txn_id: None,
-                    account_hash: &hash,
-                    account_masked: &masked,
-                    account_enc: &sealed,
-                    business_date: business_date(now),
-                    created_at: now,
-                    updated_at: now,
-                },
-                now,
-            )?;
-            Ok(Ok(()))
-        });
-        if let Err(outcome) = self.after_journaling(conn, inst, serial, prepared)? {
-            return Ok(outcome);
+            Err(outcome) => return Ok(outcome),
         }
         let posting = Posting {
             txn_id,
@@ -709,7 +731,6 @@ impl Flows {
             MsgType::Credit,
             serial,
             digests,
-            None,
             &posting,
             now,
         )
@@ -728,7 +749,7 @@ impl Flows {
         now: DateTime<Utc>,
     ) -> Result<Outcome, FlowError> {
         let txn_id = Uuid::now_v7();
-        let prepared = conn.transaction(|conn| -> Result<Result<(Uuid, String), Answer>, FlowError> {
+        let prepared = conn.transaction(|conn| -> Result<Result<String, Answer>, FlowError> {
             let Some(original) = journal::lock_txn(conn, &inst.id, orig_serial)? else {
                 return Ok(Err(Answer::detail(
                     ResultCode::OriginalNotRefundable,
@@ -748,14 +769,14 @@ impl Flows {
                     format!("refund of {amount_fen} fen asked, {remaining} fen of {} remain refundable", original.amount_fen),
                 )));
             }
-            self.open_transaction(
+            journal::insert_opened(
                 conn,
                 &NewTxn {
                     txn_id,
                     inst_id: &inst.id,
                     req_serial: serial,
                     kind: "REFUND",
-                    state: TxnState::Received.as_str(),
+                    state: TxnState::SentToCore.as_str(),
                     amount_fen,
                     agreement_no: original.agreement_no.as_deref(),
                     orig_txn_id: Some(original.txn_id),
@@ -766,13 +787,13 @@ impl Flows {
                     created_at: now,
                     updated_at: now,
                 },
-                now,
+                &NO_RISK_RULES,
             )?;
             // Reserve now, under the original's row lock: two refunds cannot both fit.
             journal::add_refunded(conn, original.txn_id, amount_fen)?;
-            Ok(Ok((original.txn_id, original.account_enc)))
+            Ok(Ok(original.account_enc))
         });
-        let (orig_txn_id, sealed) = match self.after_journaling(conn, inst, serial, prepared)? {
+        let sealed = match self.after_journaling(conn, inst, serial, prepared)? {
             Ok(found) => found,
             Err(outcome) => return Ok(outcome),
         };
@@ -790,37 +811,9 @@ impl Flows {
             MsgType::Refund,
             serial,
             digests,
-            Some(orig_txn_id),
             &posting,
             now,
         )
-    }
-
-    /// RECEIVED -> RISK_CHECKED -> SENT_TO_CORE, durably, before the core hears of it.
-    fn open_transaction(
-        &self,
-        conn: &mut PgConnection,
-        new: &NewTxn<'_>,
-        now: DateTime<Utc>,
-    ) -> Result<(), FlowError> {
-        journal::insert_txn(conn, new, now)?;
-        journal::transition(
-            conn,
-            new.txn_id,
-            TxnState::Received,
-            TxnState::RiskChecked,
-            "approved: no risk rules configured",
-            now,
-        )?;
-        journal::transition(
-            conn,
-            new.txn_id,
-            TxnState::RiskChecked,
-            TxnState::SentToCore,
-            "posting sent to core",
-            now,
-        )?;
-        Ok(())
     }
 
     /// Calls the core and records the outcome with the stored response in one transaction.
@@ -833,62 +826,86 @@ impl Flows {
         msg_type: MsgType,
         serial: &str,
         digests: &str,
-        refund_of: Option<Uuid>,
         posting: &Posting,
         now: DateTime<Utc>,
     ) -> Result<Outcome, FlowError> {
         let (txn_id, amount_fen) = (posting.txn_id, posting.amount_fen);
         let outcome = core.post(posting);
         let done = Utc::now().max(now);
-        conn.transaction(|conn| {
-            let (to, code, reason, core_ref) = match &outcome {
-                Ok(PostingOutcome::Posted { core_ref }) => (
-                    TxnState::Succeeded,
-                    ResultCode::Success,
-                    "core posted".to_string(),
-                    Some(core_ref.clone()),
-                ),
-                Ok(PostingOutcome::Rejected(rejection)) => {
-                    let code = rejection_code(*rejection);
-                    (
-                        TxnState::Failed,
-                        code,
-                        format!("core rejected: {}", code.meaning()),
-                        None,
-                    )
-                }
-                Err(CoreError::Timeout) => (
-                    TxnState::Unknown,
-                    ResultCode::Processing,
-                    "core did not answer in time; to be resolved by query".to_string(),
-                    None,
-                ),
-                Err(CoreError::Unavailable(why)) => (
+        let (to, code, reason, core_ref) = match &outcome {
+            Ok(PostingOutcome::Posted { core_ref }) => (
+                TxnState::Succeeded,
+                ResultCode::Success,
+                "core posted".to_string(),
+                Some(core_ref.as_str()),
+            ),
+            Ok(PostingOutcome::Rejected(rejection)) => {
+                let code = rejection_code(*rejection);
+                (
                     TxnState::Failed,
-                    ResultCode::CoreUnavailable,
-                    format!("core unavailable, nothing posted: {why}"),
+                    code,
+                    format!("core rejected: {}", code.meaning()),
                     None,
-                ),
-            };
-            journal::transition(conn, txn_id, TxnState::SentToCore, to, &reason, done)?;
-            journal::set_result(conn, txn_id, code.code(), core_ref.as_deref())?;
-            if to == TxnState::Failed
-                && let Some(original) = refund_of
-            {
-                journal::add_refunded(conn, original, -amount_fen)?;
+                )
             }
-            let answer = Answer {
-                fields: vec![
-                    ("TxnId", txn_id.simple().to_string()),
-                    ("TxnStatus", to.as_str().to_string()),
-                    ("Amt", amount_fen.to_string()),
-                ],
-                txn_id: Some(txn_id),
-                ..Answer::code(code)
-            };
-            self.store(conn, inst, msg_type, serial, digests, answer, done)
-                .map(Stored)
-        })
+            Err(CoreError::Timeout) => (
+                TxnState::Unknown,
+                ResultCode::Processing,
+                "core did not answer in time; to be resolved by query".to_string(),
+                None,
+            ),
+            Err(CoreError::Unavailable(why)) => (
+                TxnState::Failed,
+                ResultCode::CoreUnavailable,
+                format!("core unavailable, nothing posted: {why}"),
+                None,
+            ),
+        };
+        let answer = Answer {
+            fields: vec![
+                ("TxnId", txn_id.simple().to_string()),
+                ("TxnStatus", to.as_str().to_string()),
+                ("Amt", amount_fen.to_string()),
+            ],
+            txn_id: Some(txn_id),
+            ..Answer::code(code)
+        };
+        let reply = self.respond(
+            inst,
+            msg_type,
+            Some(serial),
+            answer.code,
+            answer.detail.as_deref(),
+            &answer.fields,
+            done,
+        )?;
+        let recorded = journal::record_outcome(
+            conn,
+            &journal::OutcomeRecord {
+                txn_id,
+                from: TxnState::SentToCore,
+                to,
+                reason: &reason,
+                result_code: code.code(),
+                core_ref,
+                now: done,
+            },
+            Some(&journal::AnswerToStore {
+                inst_id: &inst.id,
+                req_serial: serial,
+                msg_type: msg_type.name(),
+                field_digests: digests,
+                response: &reply.bytes,
+            }),
+        )?;
+        if !recorded {
+            return Err(JournalError::StateMoved {
+                txn_id,
+                expected: TxnState::SentToCore,
+            }
+            .into());
+        }
+        Ok(Stored(reply))
     }
 
     /// Reads the result of the transaction that journals a request before the core call: the
@@ -1025,42 +1042,41 @@ impl Flows {
             // Still unknown: leave it for the next query or the resolver.
             Err(_) => return Ok(()),
         };
-        conn.transaction(|conn| {
-            let (to, code, reason, core_ref) = match answer {
-                Some(PostingOutcome::Posted { core_ref }) => (
-                    TxnState::Succeeded,
-                    ResultCode::Success,
-                    "core query: posted",
-                    Some(core_ref),
-                ),
-                Some(PostingOutcome::Rejected(rejection)) => (
-                    TxnState::Failed,
-                    rejection_code(rejection),
-                    "core query: rejected",
-                    None,
-                ),
-                None => (
-                    TxnState::Failed,
-                    ResultCode::CoreUnavailable,
-                    "core query: never received, nothing posted",
-                    None,
-                ),
-            };
-            match journal::transition(conn, row.txn_id, TxnState::Unknown, to, reason, now) {
-                Ok(()) => {}
-                // Someone resolved it first; their answer stands.
-                Err(JournalError::StateMoved { .. }) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-            journal::set_result(conn, row.txn_id, code.code(), core_ref.as_deref())?;
-            if to == TxnState::Failed
-                && row.kind == "REFUND"
-                && let Some(original) = row.orig_txn_id
-            {
-                journal::add_refunded(conn, original, -row.amount_fen)?;
-            }
-            Ok(())
-        })
+        let (to, code, reason, core_ref) = match answer {
+            Some(PostingOutcome::Posted { core_ref }) => (
+                TxnState::Succeeded,
+                ResultCode::Success,
+                "core query: posted",
+                Some(core_ref),
+            ),
+            Some(PostingOutcome::Rejected(rejection)) => (
+                TxnState::Failed,
+                rejection_code(rejection),
+                "core query: rejected",
+                None,
+            ),
+            None => (
+                TxnState::Failed,
+                ResultCode::CoreUnavailable,
+                "core query: never received, nothing posted",
+                None,
+            ),
+        };
+        // False: someone resolved it first, and their answer stands.
+        journal::record_outcome(
+            conn,
+            &journal::OutcomeRecord {
+                txn_id: row.txn_id,
+                from: TxnState::Unknown,
+                to,
+                reason,
+                result_code: code.code(),
+                core_ref: core_ref.as_deref(),
+                now,
+            },
+            None,
+        )?;
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1158,25 +1174,14 @@ fn over_single_limit(inst: &InstitutionConfig, amount_fen: i64) -> Answer {
     )
 }
 
-fn check_daily(
-    conn: &mut PgConnection,
-    inst: &InstitutionConfig,
-    hash: &str,
-    kind: &str,
-    amount_fen: i64,
-    now: DateTime<Utc>,
-) -> Result<Option<Answer>, FlowError> {
-    let used = journal::daily_total(conn, &inst.id, hash, kind, business_date(now))?;
-    if used.saturating_add(amount_fen) > inst.daily_limit_fen {
-        return Ok(Some(Answer::detail(
-            ResultCode::OverDailyLimit,
-            format!(
-                "{used} fen already today; {amount_fen} more would pass the daily limit of {} fen",
-                inst.daily_limit_fen
-            ),
-        )));
-    }
-    Ok(None)
+fn over_daily_limit(inst: &InstitutionConfig, used: i64, amount_fen: i64) -> Answer {
+    Answer::detail(
+        ResultCode::OverDailyLimit,
+        format!(
+            "{used} fen already today; {amount_fen} more would pass the daily limit of {} fen",
+            inst.daily_limit_fen
+        ),
+    )
 }
 
 /// Business days follow Beijing time, as the bank's do.

@@ -1,0 +1,954 @@
+//! The journal: every statement the payment flows run against the database.
+//!
+//! Owns: inserting transactions and agreements, state transitions as compare-and-set
+//! (`UPDATE ... WHERE state = <expected>`: lock, check and update in one statement, zero rows
+//! means someone else moved it first), the state history, the idempotency records and the
+//! replay window.
+//! Must never: update a state without naming the state it expects, or write a transition
+//! without its history row in the same database transaction.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use uuid::Uuid;
+
+use crate::db::schema::{
+    agreement, channel_rejection, channel_request, daily_usage, seen_message, txn,
+    txn_state_history,
+};
+
+use super::state::TxnState;
+
+mod fixed;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("database: {0}")]
+    Db(#[from] DieselError),
+    /// The row was not in the expected state: a concurrent actor got there first.
+    #[error("transaction {txn_id} is no longer {expected}")]
+    StateMoved { txn_id: Uuid, expected: TxnState },
+    #[error("the journal holds an unknown value: {0}")]
+    Corrupt(String),
+}
+
+pub fn is_unique_violation(error: &DieselError) -> bool {
+    matches!(
+        error,
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)
+    )
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = txn)]
+pub struct TxnRow {
+    pub txn_id: Uuid,
+    pub inst_id: String,
+    pub req_serial: String,
+    pub kind: String,
+    pub state: String,
+    pub amount_fen: i64,
+    pub refunded_fen: i64,
+    pub agreement_no: Option<String>,
+    pub orig_txn_id: Option<Uuid>,
+    pub account_hash: String,
+    pub account_masked: String,
+    pub account_enc: String,
+    pub result_code: Option<String>,
+    pub core_ref: Option<String>,
+    pub business_date: NaiveDate,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl TxnRow {
+    pub fn state(&self) -> Result<TxnState, JournalError> {
+        self.state.parse().map_err(JournalError::Corrupt)
+    }
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = txn)]
+pub struct NewTxn<'a> {
+    pub txn_id: Uuid,
+    pub inst_id: &'a str,
+    pub req_serial: &'a str,
+    pub kind: &'a str,
+    pub state: &'a str,
+    pub amount_fen: i64,
+    pub agreement_no: Option<&'a str>,
+    pub orig_txn_id: Option<Uuid>,
+    pub account_hash: &'a str,
+    pub account_masked: &'a str,
+    pub account_enc: &'a str,
+    pub business_date: NaiveDate,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+
+/// Moves `txn_id` from `from` to `to` and records why; fails if it is not in `from`.
+pub fn transition(
+    conn: &mut PgConnection,
+    txn_id: Uuid,
+    from: TxnState,
+    to: TxnState,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<(), JournalError> {
+    assert!(
+        from.can_become(to),
+        "{from} -> {to} is not a transition of the state machine"
+    );
+    let moved = diesel::update(txn::table.find(txn_id).filter(txn::state.eq(from.as_str())))
+        .set((txn::state.eq(to.as_str()), txn::updated_at.eq(now)))
+        .execute(conn)?;
+    if moved != 1 {
+        return Err(JournalError::StateMoved {
+            txn_id,
+            expected: from,
+        });
+    }
+    let reason: String = reason.chars().take(200).collect();
+    diesel::insert_into(txn_state_history::table)
+        .values((
+            txn_state_history::txn_id.eq(txn_id),
+            txn_state_history::from_state.eq(Some(from.as_str())),
+            txn_state_history::to_state.eq(to.as_str()),
+            txn_state_history::reason.eq(reason),
+            txn_state_history::at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+
+pub fn find_txn(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    serial: &str,
+) -> Result<Option<TxnRow>, DieselError> {
+    txn::table
+        .filter(txn::inst_id.eq(inst_id))
+        .filter(txn::req_serial.eq(serial))
+        .select(TxnRow::as_select())
+        .first(conn)
+        .optional()
+}
+
+pub fn lock_txn(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    serial: &str,
+) -> Result<Option<TxnRow>, DieselError> {
+    txn::table
+        .filter(txn::inst_id.eq(inst_id))
+        .filter(txn::req_serial.eq(serial))
+        .select(TxnRow::as_select())
+        .for_update()
+        .first(conn)
+        .optional()
+}
+
+/// Transactions whose outcome is not recorded: UNKNOWN, or SENT_TO_CORE for longer than a
+/// live worker ever takes (the process stopped during the core call).
+pub fn unresolved(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    stale_before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<TxnRow>, DieselError> {
+    txn::table
+        .filter(txn::inst_id.eq(inst_id))
+        .filter(
+            txn::state.eq(TxnState::Unknown.as_str()).or(txn::state
+                .eq(TxnState::SentToCore.as_str())
+                .and(txn::updated_at.lt(stale_before))),
+        )
+        .order(txn::updated_at.asc())
+        .limit(limit)
+        .select(TxnRow::as_select())
+        .load(conn)
+}
+
+pub fn add_refunded(
+    conn: &mut PgConnection,
+    txn_id: Uuid,
+    delta_fen: i64,
+) -> Result<(), DieselError> {
+    diesel::update(txn::table.find(txn_id))
+        .set(txn::refunded_fen.eq(txn::refunded_fen + delta_fen))
+        .execute(conn)?;
+    Ok(())
+}
+
+
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = agreement)]
+pub struct AgreementRow {
+    pub agreement_no: String,
+    pub inst_id: String,
+    pub state: String,
+    pub account_hash: String,
+    pub account_masked: String,
+    pub account_enc: String,
+    pub core_customer: Option<String>,
+    pub code_attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub struct NewAgreement<'a> {
+    pub agreement_no: &'a str,
+    pub inst_id: &'a str,
+    pub account_hash: &'a str,
+    pub account_masked: &'a str,
+    pub account_enc: &'a str,
+    pub core_customer: &'a str,
+}
+
+pub fn insert_agreement(
+    conn: &mut PgConnection,
+    new: &NewAgreement<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), DieselError> {
+    diesel::insert_into(agreement::table)
+        .values((
+            agreement::agreement_no.eq(new.agreement_no),
+            agreement::inst_id.eq(new.inst_id),
+            agreement::state.eq("PENDING"),
+            agreement::account_hash.eq(new.account_hash),
+            agreement::account_masked.eq(new.account_masked),
+            agreement::account_enc.eq(new.account_enc),
+            agreement::core_customer.eq(Some(new.core_customer)),
+            agreement::created_at.eq(now),
+            agreement::updated_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn lock_agreement(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    agreement_no: &str,
+) -> Result<Option<AgreementRow>, DieselError> {
+    agreement::table
+        .find(agreement_no)
+        .filter(agreement::inst_id.eq(inst_id))
+        .select(AgreementRow::as_select())
+        .for_update()
+        .first(conn)
+        .optional()
+}
+
+pub fn active_agreement_exists(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    account_hash: &str,
+) -> Result<bool, DieselError> {
+    let count: i64 = agreement::table
+        .filter(agreement::inst_id.eq(inst_id))
+        .filter(agreement::account_hash.eq(account_hash))
+        .filter(agreement::state.eq("ACTIVE"))
+        .count()
+        .get_result(conn)?;
+    Ok(count > 0)
+}
+
+/// Moves an agreement between states under its row lock; returns false if it was not in `from`.
+pub fn set_agreement_state(
+    conn: &mut PgConnection,
+    agreement_no: &str,
+    from: &str,
+    to: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, DieselError> {
+    let moved = diesel::update(
+        agreement::table
+            .find(agreement_no)
+            .filter(agreement::state.eq(from)),
+    )
+    .set((agreement::state.eq(to), agreement::updated_at.eq(now)))
+    .execute(conn)?;
+    Ok(moved == 1)
+}
+
+pub fn count_code_attempt(conn: &mut PgConnection, agreement_no: &str) -> Result<i32, DieselError> {
+    diesel::update(agreement::table.find(agreement_no))
+        .set(agreement::code_attempts.eq(agreement::code_attempts + 1))
+        .returning(agreement::code_attempts)
+        .get_result(conn)
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = channel_request)]
+pub struct StoredResponse {
+    pub msg_type: String,
+    pub field_digests: String,
+    pub response: Vec<u8>,
+    pub result_code: String,
+}
+
+pub fn find_response(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    serial: &str,
+) -> Result<Option<StoredResponse>, DieselError> {
+    channel_request::table
+        .find((inst_id, serial))
+        .select(StoredResponse::as_select())
+        .first(conn)
+        .optional()
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn store_response(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    serial: &str,
+    msg_type: &str,
+    field_digests: &str,
+    response: &[u8],
+    result_code: &str,
+    txn_id: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<(), DieselError> {
+    diesel::insert_into(channel_request::table)
+        .values((
+            channel_request::inst_id.eq(inst_id),
+            channel_request::req_serial.eq(serial),
+            channel_request::msg_type.eq(msg_type),
+            channel_request::field_digests.eq(field_digests),
+            channel_request::response.eq(response),
+            channel_request::result_code.eq(result_code),
+            channel_request::txn_id.eq(txn_id),
+            channel_request::created_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Records a message id; false if it was seen before (a replay).
+pub fn remember_message(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    msg_id: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, DieselError> {
+    match diesel::insert_into(seen_message::table)
+        .values((
+            seen_message::inst_id.eq(inst_id),
+            seen_message::msg_id.eq(msg_id),
+            seen_message::seen_at.eq(now),
+        ))
+        .execute(conn)
+    {
+        Ok(_) => Ok(true),
+        Err(e) if is_unique_violation(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Drops message ids older than the widest send-time window; a replay older than that is
+/// already refused by its send time.
+pub fn prune_seen_messages(
+    conn: &mut PgConnection,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<usize, DieselError> {
+    diesel::sql_query(
+        "DELETE FROM seen_message WHERE (inst_id, msg_id) IN \
+         (SELECT inst_id, msg_id FROM seen_message WHERE seen_at < $1 LIMIT $2)",
+    )
+    .bind::<diesel::sql_types::Timestamptz, _>(before)
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .execute(conn)
+}
+
+pub struct Rejection<'a> {
+    pub inst_id: Option<&'a str>,
+    pub path: &'a str,
+    pub msg_id: Option<&'a str>,
+    pub req_serial: Option<&'a str>,
+    pub result_code: &'a str,
+    pub detail: &'a str,
+    pub body_sm3: &'a str,
+}
+
+pub fn record_rejection(
+    conn: &mut PgConnection,
+    rejection: &Rejection<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), DieselError> {
+    let clip = |s: &str, n: usize| s.chars().take(n).collect::<String>();
+    diesel::insert_into(channel_rejection::table)
+        .values((
+            channel_rejection::inst_id.eq(rejection.inst_id.map(|s| clip(s, 32))),
+            channel_rejection::path.eq(clip(rejection.path, 64)),
+            channel_rejection::msg_id.eq(rejection.msg_id.map(|s| clip(s, 64))),
+            channel_rejection::req_serial.eq(rejection.req_serial.map(|s| clip(s, 64))),
+            channel_rejection::result_code.eq(rejection.result_code),
+            channel_rejection::detail.eq(clip(rejection.detail, 400)),
+            channel_rejection::body_sm3.eq(rejection.body_sm3),
+            channel_rejection::at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn history(
+    conn: &mut PgConnection,
+    txn_id: Uuid,
+) -> Result<Vec<(Option<String>, String, String)>, DieselError> {
+    txn_state_history::table
+        .filter(txn_state_history::txn_id.eq(txn_id))
+        .order(txn_state_history::id.asc())
+        .select((
+            txn_state_history::from_state,
+            txn_state_history::to_state,
+            txn_state_history::reason,
+        ))
+        .load(conn)
+}
+
+pub fn page(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    offset: i64,
+    limit: i64,
+) -> Result<(i64, Vec<TxnRow>), DieselError> {
+    let base = || {
+        txn::table
+            .filter(txn::inst_id.eq(inst_id))
+            .filter(txn::created_at.ge(start))
+            .filter(txn::created_at.lt(end))
+    };
+    let total: i64 = base().count().get_result(conn)?;
+    let rows = base()
+        .order((txn::created_at.asc(), txn::txn_id.asc()))
+        .offset(offset)
+        .limit(limit)
+        .select(TxnRow::as_select())
+        .load(conn)?;
+    Ok((total, rows))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combined statements: the hot path of a payment in three round trips (remember the message and
+// look up its serial; open the transaction; record the outcome with the stored answer). Each is
+// one statement and so one database transaction: its parts commit together or not at all.
+// ---------------------------------------------------------------------------------------------
+
+/// The history rows that take a new transaction from nothing to SENT_TO_CORE, inserted with
+/// it. `opened` is the CTE that inserted the transaction; the nine binds are three steps of
+/// (from, to, reason), then one bind for the time.
+macro_rules! opening_history_cte {
+    () => {
+        "history AS ( \
+            INSERT INTO txn_state_history (txn_id, from_state, to_state, reason, at) \
+            SELECT opened.txn_id, step.from_state, step.to_state, step.reason, ? \
+            FROM opened, (SELECT 1 AS seq, CAST(? AS VARCHAR(16)) AS from_state, \
+                                 CAST(? AS VARCHAR(16)) AS to_state, CAST(? AS VARCHAR(200)) AS reason \
+                          UNION ALL SELECT 2, ?, ?, ? \
+                          UNION ALL SELECT 3, ?, ?, ?) AS step \
+            ORDER BY step.seq \
+        )"
+    };
+}
+
+/// Why each step of the opening was taken; the risk stage supplies its own reason.
+pub struct Opening<'a> {
+    pub risk_reason: &'a str,
+}
+
+impl<'a> Opening<'a> {
+    /// The binds of [`opening_history_cte`], after asserting the steps are the state machine's.
+    fn history_binds(&self, now: DateTime<Utc>) -> Vec<fixed::Bind<'a>> {
+        use fixed::Bind;
+        let steps: [(Option<TxnState>, TxnState, &'a str); 3] = [
+            (None, TxnState::Received, "request received"),
+            (Some(TxnState::Received), TxnState::RiskChecked, self.risk_reason),
+            (
+                Some(TxnState::RiskChecked),
+                TxnState::SentToCore,
+                "posting sent to core",
+            ),
+        ];
+        let mut binds = vec![Bind::Time(now)];
+        for (from, to, reason) in steps {
+            if let Some(from) = from {
+                assert!(from.can_become(to), "{from} -> {to} is not a transition");
+            }
+            binds.push(Bind::OptText(from.map(|s| s.as_str())));
+            binds.push(Bind::Text(to.as_str()));
+            binds.push(Bind::Text(truncate_reason(reason)));
+        }
+        binds
+    }
+}
+
+fn truncate_reason(reason: &str) -> &str {
+    match reason.char_indices().nth(200) {
+        Some((end, _)) => &reason[..end],
+        None => reason,
+    }
+}
+
+/// What remembering a message id found.
+pub enum Remembered {
+    /// The message id was used before: a replay.
+    Replay,
+    /// First sight of this message id; the stored answer for its serial, if any.
+    Fresh(Option<StoredResponse>),
+}
+
+struct RememberAndFind;
+impl fixed::FixedSql for RememberAndFind {
+    const SQL: &'static str = "WITH seen AS ( \
+            INSERT INTO seen_message (inst_id, msg_id, seen_at) VALUES (?, ?, ?) RETURNING msg_id \
+        ) \
+        SELECT r.msg_type, r.field_digests, r.response, r.result_code \
+        FROM seen, channel_request r WHERE r.inst_id = ? AND r.req_serial = ?";
+    type Row = (
+        diesel::sql_types::Text,
+        diesel::sql_types::Text,
+        diesel::sql_types::Binary,
+        diesel::sql_types::Text,
+    );
+}
+
+/// Records a message id and reads the stored answer for `serial`, in one round trip.
+pub fn remember_and_find(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    msg_id: &str,
+    serial: &str,
+    now: DateTime<Utc>,
+) -> Result<Remembered, DieselError> {
+    use fixed::Bind;
+    let found = fixed::Fixed::<RememberAndFind>::new(vec![
+        Bind::Text(inst_id),
+        Bind::Text(msg_id),
+        Bind::Time(now),
+        Bind::Text(inst_id),
+        Bind::Text(serial),
+    ])
+    .get_result::<(String, String, Vec<u8>, String)>(conn)
+    .optional();
+    match found {
+        Ok(stored) => Ok(Remembered::Fresh(stored.map(
+            |(msg_type, field_digests, response, result_code)| StoredResponse {
+                msg_type,
+                field_digests,
+                response,
+                result_code,
+            },
+        ))),
+        Err(e) if is_unique_violation(&e) => Ok(Remembered::Replay),
+        Err(e) => Err(e),
+    }
+}
+
+/// What opening a debit found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DebitOpening {
+    NoAgreement,
+    AgreementNotActive(String),
+    /// The debit would pass the daily limit; `used` is what the account used today already.
+    OverDailyLimit { used: i64 },
+    /// Journaled durably in SENT_TO_CORE; the sealed account number to post against.
+    Opened { account_enc: String },
+}
+
+/// The parts of a new transaction the combined statements need.
+pub struct NewPosting<'a> {
+    pub txn_id: Uuid,
+    pub inst_id: &'a str,
+    pub req_serial: &'a str,
+    pub amount_fen: i64,
+    pub daily_limit_fen: i64,
+    pub business_date: NaiveDate,
+    pub now: DateTime<Utc>,
+}
+
+struct OpenDebit;
+impl fixed::FixedSql for OpenDebit {
+    const SQL: &'static str = concat!(
+        "WITH agr AS ( \
+            SELECT agreement_no, state, account_hash, account_masked, account_enc \
+            FROM agreement WHERE agreement_no = ? AND inst_id = ? FOR SHARE \
+        ), quota AS ( \
+            UPDATE daily_usage SET used_fen = used_fen + ? \
+            WHERE inst_id = ? AND kind = 'DEBIT' AND business_date = ? AND used_fen + ? <= ? \
+              AND account_hash = (SELECT account_hash FROM agr WHERE state = 'ACTIVE') \
+            RETURNING used_fen \
+        ), opened AS ( \
+            INSERT INTO txn (txn_id, inst_id, req_serial, kind, state, amount_fen, agreement_no, \
+                             account_hash, account_masked, account_enc, business_date, \
+                             created_at, updated_at) \
+            SELECT ?, ?, ?, 'DEBIT', 'SENT_TO_CORE', ?, agr.agreement_no, agr.account_hash, \
+                   agr.account_masked, agr.account_enc, ?, ?, ? \
+            FROM agr, quota \
+            RETURNING txn_id \
+        ), ",
+        opening_history_cte!(),
+        " SELECT agr.state, agr.account_enc, (SELECT used_fen FROM quota), \
+                 (SELECT COUNT(*) FROM opened) \
+          FROM agr"
+    );
+    type Row = (
+        diesel::sql_types::Text,
+        diesel::sql_types::Text,
+        diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
+        diesel::sql_types::BigInt,
+    );
+}
+
+/// Opens a debit under an agreement in one statement: the agreement is read under a share lock
+/// (a termination waits for it, and it sees a termination that committed first), today's usage
+/// is raised under its row lock only if the limit allows, and the transaction is inserted in
+/// SENT_TO_CORE with its three history rows. Nothing is written unless all of it is.
+pub fn open_debit(
+    conn: &mut PgConnection,
+    new: &NewPosting<'_>,
+    agreement_no: &str,
+    opening: &Opening<'_>,
+) -> Result<DebitOpening, DieselError> {
+    use fixed::Bind;
+    debug_assert!(new.amount_fen > 0);
+    // At most twice: the first debit of the day on an account creates its usage row first.
+    for _ in 0..2 {
+        let mut binds = vec![
+            Bind::Text(agreement_no),
+            Bind::Text(new.inst_id),
+            Bind::BigInt(new.amount_fen),
+            Bind::Text(new.inst_id),
+            Bind::Date(new.business_date),
+            Bind::BigInt(new.amount_fen),
+            Bind::BigInt(new.daily_limit_fen),
+            Bind::Uuid(new.txn_id),
+            Bind::Text(new.inst_id),
+            Bind::Text(new.req_serial),
+            Bind::BigInt(new.amount_fen),
+            Bind::Date(new.business_date),
+            Bind::Time(new.now),
+            Bind::Time(new.now),
+        ];
+        binds.extend(opening.history_binds(new.now));
+        let row = fixed::Fixed::<OpenDebit>::new(binds)
+            .get_result::<(String, String, Option<i64>, i64)>(conn)
+            .optional()?;
+        let Some((state, account_enc, _, opened)) = row else {
+            return Ok(DebitOpening::NoAgreement);
+        };
+        if state != "ACTIVE" {
+            return Ok(DebitOpening::AgreementNotActive(state));
+        }
+        if opened == 1 {
+            return Ok(DebitOpening::Opened { account_enc });
+        }
+        assert_eq!(opened, 0, "one debit inserted at most");
+        let hash = agreement::table
+            .find(agreement_no)
+            .select(agreement::account_hash)
+            .first::<String>(conn)?;
+        match usage_today(conn, new.inst_id, &hash, "DEBIT", new.business_date)? {
+            Some(used) => return Ok(DebitOpening::OverDailyLimit { used }),
+            None => create_usage(conn, new.inst_id, &hash, "DEBIT", new.business_date)?,
+        }
+    }
+    Err(DieselError::QueryBuilderError(
+        "the daily usage row was created but is not visible".into(),
+    ))
+}
+
+/// What opening a credit found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CreditOpening {
+    OverDailyLimit { used: i64 },
+    Opened,
+}
+
+/// The account a credit or refund goes to.
+pub struct Payee<'a> {
+    pub account_hash: &'a str,
+    pub account_masked: &'a str,
+    pub account_enc: &'a str,
+}
+
+struct OpenCredit;
+impl fixed::FixedSql for OpenCredit {
+    const SQL: &'static str = concat!(
+        "WITH quota AS ( \
+            UPDATE daily_usage SET used_fen = used_fen + ? \
+            WHERE inst_id = ? AND account_hash = ? AND kind = 'CREDIT' AND business_date = ? \
+              AND used_fen + ? <= ? \
+            RETURNING used_fen \
+        ), opened AS ( \
+            INSERT INTO txn (txn_id, inst_id, req_serial, kind, state, amount_fen, \
+                             account_hash, account_masked, account_enc, business_date, \
+                             created_at, updated_at) \
+            SELECT ?, ?, ?, 'CREDIT', 'SENT_TO_CORE', ?, ?, ?, ?, ?, ?, ? \
+            FROM quota \
+            RETURNING txn_id \
+        ), ",
+        opening_history_cte!(),
+        " SELECT COUNT(*) FROM opened"
+    );
+    type Row = diesel::sql_types::BigInt;
+}
+
+/// Opens a credit in one statement: today's usage raised under its row lock only if the limit
+/// allows, and the transaction inserted in SENT_TO_CORE with its history.
+pub fn open_credit(
+    conn: &mut PgConnection,
+    new: &NewPosting<'_>,
+    payee: &Payee<'_>,
+    opening: &Opening<'_>,
+) -> Result<CreditOpening, DieselError> {
+    use fixed::Bind;
+    debug_assert!(new.amount_fen > 0);
+    for _ in 0..2 {
+        let mut binds = vec![
+            Bind::BigInt(new.amount_fen),
+            Bind::Text(new.inst_id),
+            Bind::Text(payee.account_hash),
+            Bind::Date(new.business_date),
+            Bind::BigInt(new.amount_fen),
+            Bind::BigInt(new.daily_limit_fen),
+            Bind::Uuid(new.txn_id),
+            Bind::Text(new.inst_id),
+            Bind::Text(new.req_serial),
+            Bind::BigInt(new.amount_fen),
+            Bind::Text(payee.account_hash),
+            Bind::Text(payee.account_masked),
+            Bind::Text(payee.account_enc),
+            Bind::Date(new.business_date),
+            Bind::Time(new.now),
+            Bind::Time(new.now),
+        ];
+        binds.extend(opening.history_binds(new.now));
+        let opened = fixed::Fixed::<OpenCredit>::new(binds).get_result::<i64>(conn)?;
+        if opened == 1 {
+            return Ok(CreditOpening::Opened);
+        }
+        assert_eq!(opened, 0, "one credit inserted at most");
+        match usage_today(
+            conn,
+            new.inst_id,
+            payee.account_hash,
+            "CREDIT",
+            new.business_date,
+        )? {
+            Some(used) => return Ok(CreditOpening::OverDailyLimit { used }),
+            None => create_usage(
+                conn,
+                new.inst_id,
+                payee.account_hash,
+                "CREDIT",
+                new.business_date,
+            )?,
+        }
+    }
+    Err(DieselError::QueryBuilderError(
+        "the daily usage row was created but is not visible".into(),
+    ))
+}
+
+struct InsertOpened;
+impl fixed::FixedSql for InsertOpened {
+    const SQL: &'static str = concat!(
+        "WITH opened AS ( \
+            INSERT INTO txn (txn_id, inst_id, req_serial, kind, state, amount_fen, agreement_no, \
+                             orig_txn_id, account_hash, account_masked, account_enc, \
+                             business_date, created_at, updated_at) \
+            VALUES (?, ?, ?, ?, 'SENT_TO_CORE', ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+            RETURNING txn_id \
+        ), ",
+        opening_history_cte!(),
+        " SELECT COUNT(*) FROM opened"
+    );
+    type Row = diesel::sql_types::BigInt;
+}
+
+/// Inserts a transaction in SENT_TO_CORE with its three history rows, in the caller's database
+/// transaction (a refund, which checks and reserves against its original first).
+pub fn insert_opened(
+    conn: &mut PgConnection,
+    new: &NewTxn<'_>,
+    opening: &Opening<'_>,
+) -> Result<(), DieselError> {
+    use fixed::Bind;
+    assert_eq!(new.state, TxnState::SentToCore.as_str());
+    assert!(new.amount_fen > 0);
+    let mut binds = vec![
+        Bind::Uuid(new.txn_id),
+        Bind::Text(new.inst_id),
+        Bind::Text(new.req_serial),
+        Bind::Text(new.kind),
+        Bind::BigInt(new.amount_fen),
+        Bind::OptText(new.agreement_no),
+        Bind::OptUuid(new.orig_txn_id),
+        Bind::Text(new.account_hash),
+        Bind::Text(new.account_masked),
+        Bind::Text(new.account_enc),
+        Bind::Date(new.business_date),
+        Bind::Time(new.created_at),
+        Bind::Time(new.updated_at),
+    ];
+    binds.extend(opening.history_binds(new.created_at));
+    let opened = fixed::Fixed::<InsertOpened>::new(binds).get_result::<i64>(conn)?;
+    assert_eq!(opened, 1, "an INSERT ... VALUES inserts its row or fails");
+    Ok(())
+}
+
+fn usage_today(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    account_hash: &str,
+    kind: &str,
+    day: NaiveDate,
+) -> Result<Option<i64>, DieselError> {
+    daily_usage::table
+        .find((inst_id, account_hash, kind, day))
+        .select(daily_usage::used_fen)
+        .first(conn)
+        .optional()
+}
+
+/// Creates an account's usage row for the day; a concurrent creator winning is as good.
+fn create_usage(
+    conn: &mut PgConnection,
+    inst_id: &str,
+    account_hash: &str,
+    kind: &str,
+    day: NaiveDate,
+) -> Result<(), DieselError> {
+    match diesel::insert_into(daily_usage::table)
+        .values((
+            daily_usage::inst_id.eq(inst_id),
+            daily_usage::account_hash.eq(account_hash),
+            daily_usage::kind.eq(kind),
+            daily_usage::business_date.eq(day),
+            daily_usage::used_fen.eq(0i64),
+        ))
+        .execute(conn)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_unique_violation(&e) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Drops up to `limit` usage rows of business days before `before` (limits are per day; older
+/// rows say nothing the journal does not); returns how many it dropped.
+pub fn prune_daily_usage(
+    conn: &mut PgConnection,
+    before: NaiveDate,
+    limit: i64,
+) -> Result<usize, DieselError> {
+    diesel::sql_query(
+        "DELETE FROM daily_usage WHERE (inst_id, account_hash, kind, business_date) IN \
+         (SELECT inst_id, account_hash, kind, business_date FROM daily_usage \
+          WHERE business_date < $1 LIMIT $2)",
+    )
+    .bind::<diesel::sql_types::Date, _>(before)
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .execute(conn)
+}
+
+/// The answer to store with an outcome, for a repeat of the request to receive byte for byte.
+pub struct AnswerToStore<'a> {
+    pub inst_id: &'a str,
+    pub req_serial: &'a str,
+    pub msg_type: &'a str,
+    pub field_digests: &'a str,
+    pub response: &'a [u8],
+}
+
+/// A transaction's outcome: the state it leaves and the one it reaches, with why.
+pub struct OutcomeRecord<'a> {
+    pub txn_id: Uuid,
+    pub from: TxnState,
+    pub to: TxnState,
+    pub reason: &'a str,
+    pub result_code: &'a str,
+    pub core_ref: Option<&'a str>,
+    pub now: DateTime<Utc>,
+}
+
+struct RecordOutcome;
+impl fixed::FixedSql for RecordOutcome {
+    const SQL: &'static str = "WITH moved AS ( \
+            UPDATE txn SET state = ?, result_code = ?, core_ref = ?, updated_at = ? \
+            WHERE txn_id = ? AND state = ? \
+            RETURNING txn_id, inst_id, account_hash, kind, business_date, amount_fen, orig_txn_id \
+        ), history AS ( \
+            INSERT INTO txn_state_history (txn_id, from_state, to_state, reason, at) \
+            SELECT txn_id, ?, ?, ?, ? FROM moved \
+        ), released AS ( \
+            UPDATE daily_usage SET used_fen = daily_usage.used_fen - moved.amount_fen \
+            FROM moved \
+            WHERE ? = 'FAILED' AND daily_usage.inst_id = moved.inst_id \
+              AND daily_usage.account_hash = moved.account_hash \
+              AND daily_usage.kind = moved.kind \
+              AND daily_usage.business_date = moved.business_date \
+        ), unreserved AS ( \
+            UPDATE txn SET refunded_fen = txn.refunded_fen - moved.amount_fen \
+            FROM moved \
+            WHERE ? = 'FAILED' AND moved.kind = 'REFUND' AND txn.txn_id = moved.orig_txn_id \
+        ), stored AS ( \
+            INSERT INTO channel_request (inst_id, req_serial, msg_type, field_digests, response, \
+                                         result_code, txn_id, created_at) \
+            SELECT ?, ?, ?, ?, ?, ?, txn_id, ? FROM moved WHERE ? \
+        ) \
+        SELECT COUNT(*) FROM moved";
+    type Row = diesel::sql_types::BigInt;
+}
+
+/// Records an outcome in one statement: the compare-and-set transition with its history row,
+/// on FAILED the day's usage (debit, credit) or the original's reservation (refund) given
+/// back, and the answer stored when given. False if the transaction was no longer in
+/// `record.from` (someone else recorded an outcome first): then nothing was written.
+pub fn record_outcome(
+    conn: &mut PgConnection,
+    record: &OutcomeRecord<'_>,
+    answer: Option<&AnswerToStore<'_>>,
+) -> Result<bool, DieselError> {
+    use fixed::Bind;
+    assert!(
+        record.from.can_become(record.to),
+        "{} -> {} is not a transition of the state machine",
+        record.from,
+        record.to
+    );
+    let binds = vec![
+        Bind::Text(record.to.as_str()),
+        Bind::Text(record.result_code),
+        Bind::OptText(record.core_ref),
+        Bind::Time(record.now),
+        Bind::Uuid(record.txn_id),
+        Bind::Text(record.from.as_str()),
+        Bind::Text(record.from.as_str()),
+        Bind::Text(record.to.as_str()),
+        Bind::Text(truncate_reason(record.reason)),
+        Bind::Time(record.now),
+        Bind::Text(record.to.as_str()),
+        Bind::Text(record.to.as_str()),
+        Bind::Text(answer.map_or("", |a| a.inst_id)),
+        Bind::Text(answer.map_or("", |a| a.req_serial)),
+        Bind::Text(answer.map_or("", |a| a.msg_type)),
+        Bind::Text(answer.map_or("", |a| a.field_digests)),
+        Bind::Bytes(answer.map_or(&[], |a| a.response)),
+        Bind::Text(record.result_code),
+        Bind::Time(record.now),
+        Bind::Bool(answer.is_some()),
+    ];
+    let moved = fixed::Fixed::<RecordOutcome>::new(binds).get_result::<i64>(conn)?;
+    assert!(moved <= 1, "txn_id is the primary key");
+    Ok(moved == 1)
+}
