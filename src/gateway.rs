@@ -599,21 +599,22 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
         );
     }
     // A refusal after this point still spends the message id: a replay is refused as one.
-    let refuse_after_remembering =
-        |conn: &mut db::PooledConnection, code: ResultCode, detail: String| {
-            match journal::remember_message(conn, &inst.id, &msg_id, now) {
-                Ok(true) => fail(conn, code, detail),
-                Ok(false) => fail(
-                    conn,
-                    ResultCode::DuplicateMessageId,
-                    format!("MsgId {msg_id} was used before"),
-                ),
-                Err(e) => {
-                    tracing::error!(institution = %inst.id, error = %e, "recording the message id failed");
-                    internal(flows, inst, job.msg_type)
-                }
+    let refuse_after_remembering = |conn: &mut db::PooledConnection,
+                                    code: ResultCode,
+                                    detail: String| {
+        match journal::remember_message(conn, &inst.id, &msg_id, now) {
+            Ok(true) => fail(conn, code, detail),
+            Ok(false) => fail(
+                conn,
+                ResultCode::DuplicateMessageId,
+                format!("MsgId {msg_id} was used before"),
+            ),
+            Err(e) => {
+                tracing::error!(institution = %inst.id, error = %e, "recording the message id failed");
+                internal(flows, inst, job.msg_type)
             }
-        };
+        }
+    };
     let envelope = header("DgtlEnvlp");
     let key = if envelope.is_empty() {
         None
@@ -760,4 +761,109 @@ pub fn tls_acceptor(
         .check_private_key()
         .map_err(|e| anyhow::anyhow!("channel.tls_key does not match channel.tls_cert: {e}"))?;
     Ok(builder.build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::sim::{CoreSimulator, Faults};
+    use crate::core::{PostingKind, Rejection};
+
+    /// Counts the calls that reach the core.
+    struct Counting {
+        core: Arc<CoreSimulator>,
+        calls: AtomicU32,
+    }
+
+    impl CoreLink for Counting {
+        fn request_binding(&self, request: &BindRequest) -> Result<BindOutcome, CoreError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.core.request_binding(request)
+        }
+        fn check_code(&self, agreement_no: &str, code: &str) -> Result<CodeCheck, CoreError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.core.check_code(agreement_no, code)
+        }
+        fn post(&self, posting: &Posting) -> Result<PostingOutcome, CoreError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.core.post(posting)
+        }
+        fn query_posting(&self, txn_id: Uuid) -> Result<Option<PostingOutcome>, CoreError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.core.query_posting(txn_id)
+        }
+    }
+
+    fn debit(account_no: &str) -> Posting {
+        Posting {
+            txn_id: Uuid::now_v7(),
+            kind: PostingKind::Debit,
+            account_no: account_no.into(),
+            amount_fen: 100,
+        }
+    }
+
+    #[test]
+    fn the_breaker_opens_on_repeated_failures_spares_the_core_and_closes_again() {
+        let core = Arc::new(CoreSimulator::with_demo_accounts());
+        let counting = Arc::new(Counting {
+            core: core.clone(),
+            calls: AtomicU32::new(0),
+        });
+        let breaker = CircuitBreaker::new(counting.clone(), 3, Duration::from_millis(300));
+        core.set_faults(Faults {
+            unavailable: true,
+            ..Faults::default()
+        });
+        for _ in 0..3 {
+            assert!(matches!(
+                breaker.post(&debit("6222021234567890123")),
+                Err(CoreError::Unavailable(_))
+            ));
+        }
+        assert!(breaker.is_open(), "three failures in a row open it");
+        assert_eq!(counting.calls.load(Ordering::SeqCst), 3);
+        // While open, nothing reaches the core: a failing core is not hammered further.
+        for _ in 0..10 {
+            match breaker.post(&debit("6222021234567890123")) {
+                Err(CoreError::Unavailable(why)) => assert!(why.contains("circuit open"), "{why}"),
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        assert_eq!(counting.calls.load(Ordering::SeqCst), 3);
+        // The core recovers; after open_for the next call goes through and closes the circuit.
+        core.set_faults(Faults::default());
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(!breaker.is_open());
+        assert!(matches!(
+            breaker.post(&debit("6222021234567890123")),
+            Ok(PostingOutcome::Posted { .. })
+        ));
+        assert_eq!(counting.calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[test]
+    fn business_rejections_and_interleaved_successes_do_not_open_the_breaker() {
+        let core = Arc::new(CoreSimulator::with_demo_accounts());
+        let breaker = CircuitBreaker::new(core.clone(), 2, Duration::from_secs(60));
+        // An overdraft is the core answering, not the core failing.
+        for _ in 0..5 {
+            assert!(matches!(
+                breaker.post(&debit("6217001234567890149")),
+                Ok(PostingOutcome::Rejected(Rejection::InsufficientFunds))
+            ));
+        }
+        assert!(!breaker.is_open());
+        // failure, success, failure: never two in a row.
+        for _ in 0..3 {
+            core.set_faults(Faults {
+                unavailable: true,
+                ..Faults::default()
+            });
+            assert!(breaker.post(&debit("6222021234567890123")).is_err());
+            core.set_faults(Faults::default());
+            assert!(breaker.post(&debit("6222021234567890123")).is_ok());
+        }
+        assert!(!breaker.is_open());
+    }
 }

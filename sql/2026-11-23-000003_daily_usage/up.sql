@@ -19,3 +19,6 @@ SELECT inst_id, account_hash, kind, business_date, CAST(SUM(amount_fen) AS BIGIN
 FROM txn
 WHERE kind IN ('DEBIT', 'CREDIT') AND state <> 'FAILED'
 GROUP BY inst_id, account_hash, kind, business_date;
+
+-- The daily check no longer sums the day's transactions per account.
+DROP INDEX txn_daily_idx;

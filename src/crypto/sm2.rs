@@ -787,16 +787,26 @@ mod tests {
         for round in 0..12u32 {
             let key = PrivateKey::generate().unwrap();
             let other = PrivateKey::generate().unwrap();
-            let distid = if round % 3 == 0 { "ALICE123@YAHOO.COM" } else { DEFAULT_DISTID };
+            let distid = if round % 3 == 0 {
+                "ALICE123@YAHOO.COM"
+            } else {
+                DEFAULT_DISTID
+            };
             let signer = Signer::new(&key, distid).unwrap();
             let verifier = Verifier::new(&key.public_key(), distid).unwrap();
             let wrong_key = Verifier::new(&other.public_key(), distid).unwrap();
             let wrong_id = Verifier::new(&key.public_key(), "8765432187654321").unwrap();
-            let message: Vec<u8> = (0..(round * 37) as usize).map(|i| (i * 7 + 3) as u8).collect();
+            let message: Vec<u8> = (0..(round * 37) as usize)
+                .map(|i| (i * 7 + 3) as u8)
+                .collect();
             for format in [SignatureFormat::Der, SignatureFormat::Raw] {
                 let signature = signer.sign(&message, format).unwrap();
                 assert!(verifier.verify(&message, &signature, format).is_ok());
-                assert!(verifier.verify_reference(&message, &signature, format).is_ok());
+                assert!(
+                    verifier
+                        .verify_reference(&message, &signature, format)
+                        .is_ok()
+                );
                 for candidate in [&wrong_key, &wrong_id] {
                     assert!(matches!(
                         candidate.verify(&message, &signature, format),

@@ -218,10 +218,12 @@ impl Flows {
     ) -> Result<Executed, FlowError> {
         let serial = request.serial().map(str::to_string);
         let stored = match &serial {
-            Some(serial) => match journal::remember_and_find(conn, &inst.id, msg_id, serial, now)? {
-                journal::Remembered::Replay => return Ok(Executed::Replay),
-                journal::Remembered::Fresh(stored) => stored,
-            },
+            Some(serial) => {
+                match journal::remember_and_find(conn, &inst.id, msg_id, serial, now)? {
+                    journal::Remembered::Replay => return Ok(Executed::Replay),
+                    journal::Remembered::Fresh(stored) => stored,
+                }
+            }
             None => {
                 if !journal::remember_message(conn, &inst.id, msg_id, now)? {
                     return Ok(Executed::Replay);
@@ -229,8 +231,10 @@ impl Flows {
                 None
             }
         };
-        self.run(conn, core, inst, msg_type, serial, stored, request, digests, now)
-            .map(Executed::Answered)
+        self.run(
+            conn, core, inst, msg_type, serial, stored, request, digests, now,
+        )
+        .map(Executed::Answered)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -707,10 +711,9 @@ impl Flows {
             account_masked: &masked,
             account_enc: &sealed,
         };
-        let opened =
-            journal::open_credit(conn, &new, &payee, &NO_RISK_RULES)
-                .map(Ok::<_, Answer>)
-                .map_err(FlowError::Db);
+        let opened = journal::open_credit(conn, &new, &payee, &NO_RISK_RULES)
+            .map(Ok::<_, Answer>)
+            .map_err(FlowError::Db);
         match self.after_journaling(conn, inst, serial, opened)? {
             Ok(CreditOpening::Opened) => {}
             Ok(CreditOpening::OverDailyLimit { used }) => {
@@ -759,14 +762,20 @@ impl Flows {
             if original.kind != "DEBIT" || original.state()? != TxnState::Succeeded {
                 return Ok(Err(Answer::detail(
                     ResultCode::OriginalNotRefundable,
-                    format!("the original is a {} in state {}", original.kind, original.state),
+                    format!(
+                        "the original is a {} in state {}",
+                        original.kind, original.state
+                    ),
                 )));
             }
             let remaining = original.amount_fen - original.refunded_fen;
             if amount_fen > remaining {
                 return Ok(Err(Answer::detail(
                     ResultCode::RefundExceedsRemaining,
-                    format!("refund of {amount_fen} fen asked, {remaining} fen of {} remain refundable", original.amount_fen),
+                    format!(
+                        "refund of {amount_fen} fen asked, {remaining} fen of {} remain refundable",
+                        original.amount_fen
+                    ),
                 )));
             }
             journal::insert_opened(

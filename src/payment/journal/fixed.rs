@@ -20,7 +20,6 @@ pub trait FixedSql: 'static {
     type Row: 'static;
 }
 
-
 /// One bind value.
 pub enum Bind<'a> {
     Text(&'a str),
@@ -78,12 +77,14 @@ impl<S: FixedSql> QueryFragment<Pg> for Fixed<'_, S> {
                 })?;
                 match bind {
                     Bind::Text(value) => out.push_bind_param::<sql_types::Text, str>(value)?,
-                    Bind::OptText(value) => out
-                        .push_bind_param::<sql_types::Nullable<sql_types::Text>, _>(value)?,
+                    Bind::OptText(value) => {
+                        out.push_bind_param::<sql_types::Nullable<sql_types::Text>, _>(value)?
+                    }
                     Bind::BigInt(value) => out.push_bind_param::<sql_types::BigInt, _>(value)?,
                     Bind::Uuid(value) => out.push_bind_param::<sql_types::Uuid, _>(value)?,
-                    Bind::OptUuid(value) => out
-                        .push_bind_param::<sql_types::Nullable<sql_types::Uuid>, _>(value)?,
+                    Bind::OptUuid(value) => {
+                        out.push_bind_param::<sql_types::Nullable<sql_types::Uuid>, _>(value)?
+                    }
                     Bind::Date(value) => out.push_bind_param::<sql_types::Date, _>(value)?,
                     Bind::Time(value) => out.push_bind_param::<sql_types::Timestamptz, _>(value)?,
                     Bind::Bytes(value) => out.push_bind_param::<sql_types::Binary, [u8]>(value)?,

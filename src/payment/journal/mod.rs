@@ -86,7 +86,6 @@ pub struct NewTxn<'a> {
     pub updated_at: DateTime<Utc>,
 }
 
-
 /// Moves `txn_id` from `from` to `to` and records why; fails if it is not in `from`.
 pub fn transition(
     conn: &mut PgConnection,
@@ -121,7 +120,6 @@ pub fn transition(
         .execute(conn)?;
     Ok(())
 }
-
 
 pub fn find_txn(
     conn: &mut PgConnection,
@@ -181,8 +179,6 @@ pub fn add_refunded(
         .execute(conn)?;
     Ok(())
 }
-
-
 
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = agreement)]
@@ -471,7 +467,11 @@ impl<'a> Opening<'a> {
         use fixed::Bind;
         let steps: [(Option<TxnState>, TxnState, &'a str); 3] = [
             (None, TxnState::Received, "request received"),
-            (Some(TxnState::Received), TxnState::RiskChecked, self.risk_reason),
+            (
+                Some(TxnState::Received),
+                TxnState::RiskChecked,
+                self.risk_reason,
+            ),
             (
                 Some(TxnState::RiskChecked),
                 TxnState::SentToCore,
@@ -559,9 +559,13 @@ pub enum DebitOpening {
     NoAgreement,
     AgreementNotActive(String),
     /// The debit would pass the daily limit; `used` is what the account used today already.
-    OverDailyLimit { used: i64 },
+    OverDailyLimit {
+        used: i64,
+    },
     /// Journaled durably in SENT_TO_CORE; the sealed account number to post against.
-    Opened { account_enc: String },
+    Opened {
+        account_enc: String,
+    },
 }
 
 /// The parts of a new transaction the combined statements need.
