@@ -137,3 +137,17 @@ fn the_scanner_catches_each_forbidden_construct() {
             .is_empty()
     );
 }
+
+/// The journal's combined statements live in Rust, not sql/, and must run on openGauss too.
+#[test]
+fn the_journal_statements_in_rust_use_only_constructs_opengauss_runs() {
+    let problems: Vec<String> = kunpay::payment::journal::combined_statements_sql()
+        .iter()
+        .flat_map(|sql| {
+            violations(sql)
+                .into_iter()
+                .map(move |v| format!("{}...: {v}", &sql[..60.min(sql.len())]))
+        })
+        .collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

@@ -199,6 +199,159 @@ fn server_percentiles(metrics_before: &str, metrics_after: &str) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
+/// pgbench from the PostgreSQL installation the tests use.
+fn pgbench() -> Option<std::path::PathBuf> {
+    let on_path = Command::new("pgbench").arg("--version").output();
+    if on_path.is_ok_and(|o| o.status.success()) {
+        return Some("pgbench".into());
+    }
+    let mut found: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin/pgbench"))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Database clients pgbench uses for the ceiling measurement (the daemon's pool size).
+const CEILING_CLIENTS: usize = 16;
+const CEILING_SECONDS: u32 = 15;
+
+/// What PostgreSQL alone does with a debit's three statements (the daemon's own SQL, prepared,
+/// from pgbench on this machine, against synthetic agreements in the bench database):
+/// debits/s with synchronous commit, and without it (the CPU ceiling). None without pgbench.
+fn database_ceiling(db_url: &str) -> Option<(f64, f64)> {
+    let pgbench = pgbench()?;
+    let mut conn = PgConnection::establish(db_url).unwrap();
+    diesel::sql_query(
+        "INSERT INTO agreement (agreement_no, inst_id, state, account_hash, account_masked, \
+         account_enc, code_attempts, created_at, updated_at) \
+         SELECT 'PGB' || i, 'PGBENCH', 'ACTIVE', 'pgbench-hash-' || i, '622202*********0123', \
+                repeat('x', 120), 0, now(), now() FROM generate_series(0, 255) AS i",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    // Binds in the order the journal binds them (see journal::debit_path_sql).
+    let today = "CAST(timezone('Asia/Shanghai', now()) AS DATE)";
+    let binds: [Vec<String>; 3] = [
+        ["'PGBENCH'", "'M' || :n", "now()", "'PGBENCH'", "'S' || :n"]
+            .map(String::from)
+            .to_vec(),
+        [
+            "'PGB' || :a",
+            "'PGBENCH'",
+            "100",
+            "'PGBENCH'",
+            today,
+            "100",
+            "100000000000",
+            "CAST(md5('S' || :n) AS UUID)",
+            "'PGBENCH'",
+            "'S' || :n",
+            "100",
+            today,
+            "now()",
+            "now()",
+            "now()",
+            "NULL",
+            "'RECEIVED'",
+            "'request received'",
+            "'RECEIVED'",
+            "'RISK_CHECKED'",
+            "'approved: no risk rules configured'",
+            "'RISK_CHECKED'",
+            "'SENT_TO_CORE'",
+            "'posting sent to core'",
+        ]
+        .map(String::from)
+        .to_vec(),
+        [
+            "'SUCCEEDED'",
+            "'0000'",
+            "'C' || :n",
+            "now()",
+            "CAST(md5('S' || :n) AS UUID)",
+            "'SENT_TO_CORE'",
+            "'SENT_TO_CORE'",
+            "'SUCCEEDED'",
+            "'core posted'",
+            "now()",
+            "'SUCCEEDED'",
+            "'SUCCEEDED'",
+            "'PGBENCH'",
+            "'S' || :n",
+            "'DEBIT'",
+            "repeat('d', 180)",
+            "convert_to(repeat('r', 1100), 'UTF8')",
+            "'0000'",
+            "now()",
+            "true",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let mut script = String::from("\\set a random(0, 255)\n\\set n random(1, 1000000000000000)\n");
+    for (sql, binds) in kunpay::payment::journal::debit_path_sql()
+        .iter()
+        .zip(&binds)
+    {
+        let parts: Vec<&str> = sql.split('?').collect();
+        assert_eq!(parts.len(), binds.len() + 1, "binds for {sql}");
+        for (index, part) in parts.iter().enumerate() {
+            if index > 0 {
+                script.push_str(&binds[index - 1]);
+            }
+            script.push_str(&part.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+        script.push_str(";\n");
+    }
+    // One usage row per synthetic account, as the first debit of a day would create.
+    diesel::sql_query(format!(
+        "INSERT INTO daily_usage (inst_id, account_hash, kind, business_date, used_fen) \
+         SELECT 'PGBENCH', 'pgbench-hash-' || i, 'DEBIT', {today}, 0 FROM generate_series(0, 255) AS i"
+    ))
+    .execute(&mut conn)
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let script_path = dir.path().join("debit.pgbench");
+    std::fs::write(&script_path, script).unwrap();
+    let run = |synchronous: bool| -> f64 {
+        let output = Command::new(&pgbench)
+            .args(["-n", "-M", "prepared", "-j", "2"])
+            .arg("-c")
+            .arg(CEILING_CLIENTS.to_string())
+            .arg("-T")
+            .arg(CEILING_SECONDS.to_string())
+            .arg("-f")
+            .arg(&script_path)
+            .arg(db_url)
+            .env(
+                "PGOPTIONS",
+                if synchronous {
+                    "-c synchronous_commit=on"
+                } else {
+                    "-c synchronous_commit=off"
+                },
+            )
+            .output()
+            .expect("pgbench runs");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && text.contains("failed transactions: 0 "),
+            "pgbench: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("tps = "))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("pgbench prints tps")
+    };
+    Some((run(true), run(false)))
+}
+
 fn main() {
     let debits = env_number("KUNPAY_BENCH_DEBITS", 20_000);
     let connections = env_number("KUNPAY_BENCH_CONNECTIONS", 32);
@@ -439,6 +592,8 @@ rate_limit_burst = 1000000
     }
     let elapsed = started.elapsed();
     let after = scrape();
+    eprintln!("measuring what PostgreSQL alone does with the same statements (pgbench)");
+    let ceiling = database_ceiling(&db_url);
     let mut latencies = latencies.lock().unwrap().clone();
     latencies.sort();
     let tps = latencies.len() as f64 / elapsed.as_secs_f64();
@@ -454,13 +609,23 @@ rate_limit_burst = 1000000
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
+    let ceiling_rows = match ceiling {
+        Some((durable, unsafe_async)) => format!(
+            "| database ceiling: the same statements from pgbench, synchronous commit | {durable:.0} debits/s | | {:.2}x | |\n\
+             | database ceiling: the same, synchronous commit off (CPU bound, not how kunpay runs) | {unsafe_async:.0} debits/s | | {:.2}x | |\n",
+            durable / 500.0,
+            unsafe_async / 500.0,
+        ),
+        None => "| database ceiling | pgbench not found | | | |\n".to_string(),
+    };
     let section = format!(
         "## Debit end to end (issue 3)\n\n\
          | measure | kunpay | seed (002) | ratio | bar (issue 3) |\n|---|---:|---:|---:|---|\n\
          | debit throughput | {tps:.0} TPS | 500 TPS | {:.2}x | 2,000 TPS: {} |\n\
          | client-observed latency p50 / p99 | {:.1} ms / {:.1} ms | 45 ms average | | p99 under 20 ms: {} |\n\
          | platform-internal time p50 / p99 (server histogram, interpolated) | {:.1} ms / {:.1} ms | 45 ms average | | |\n\
-         | failed answers | {failures} of {} | 0 | | must be 0 |\n\n\
+         | failed answers | {failures} of {} | 0 | | must be 0 |\n\
+         {ceiling_rows}\n\
          Method: `cargo bench --bench payments` starts a release `kunpayd` with the channel on TLS 1.3 \
          (self-signed certificate, verified by the client), its database on the shared PostgreSQL 15 \
          of this machine with default durability (fsync, synchronous commit), and the in-process core \
@@ -468,9 +633,13 @@ rate_limit_burst = 1000000
          protocol, pre-signs {} debits of 100 fen round robin over the agreements (SM2/SM3 over the \
          exact bytes), then sends them from {connections} keep-alive TLS connections on {connections} threads \
          and checks every answer's result code. Each debit: signature verification, send-time and \
-         message-id replay checks, agreement lock, daily-limit sum, journal insert with three state \
-         transitions, core posting, outcome transition, signed answer stored for idempotency, signed \
-         response. Load generator, daemon and database share the machine: {cpu}, {} cores, {}. \
+         message-id replay checks, agreement share lock, daily usage raised under the limit, journal \
+         insert with three state transitions (one statement), core posting, outcome transition with \
+         the signed answer stored for idempotency (one statement), signed response. The database \
+         ceiling rows run the daemon's own three statements of a debit (`journal::debit_path_sql`, \
+         prepared) from pgbench with {CEILING_CLIENTS} clients for {CEILING_SECONDS} s each on the same \
+         database, with and without synchronous commit: what PostgreSQL on this machine can do with \
+         a debit's journal work when nothing else runs. Load generator, daemon and database share the machine: {cpu}, {} cores, {}. \
          Date: {}.\n",
         tps / 500.0,
         if tps >= 2000.0 { "met" } else { "NOT met" },

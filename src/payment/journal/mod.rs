@@ -956,3 +956,23 @@ pub fn record_outcome(
     assert!(moved <= 1, "txn_id is the primary key");
     Ok(moved == 1)
 }
+
+/// The SQL of a debit's three statements (remember and find, open, record the outcome), with
+/// `?` for each bind in the order the functions above bind them: for the benchmark that
+/// measures what the database alone can do with them.
+pub fn debit_path_sql() -> [&'static str; 3] {
+    use fixed::FixedSql;
+    [RememberAndFind::SQL, OpenDebit::SQL, RecordOutcome::SQL]
+}
+
+/// The SQL of every combined statement, for the openGauss portability check.
+pub fn combined_statements_sql() -> [&'static str; 5] {
+    use fixed::FixedSql;
+    [
+        RememberAndFind::SQL,
+        OpenDebit::SQL,
+        OpenCredit::SQL,
+        InsertOpened::SQL,
+        RecordOutcome::SQL,
+    ]
+}
