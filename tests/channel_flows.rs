@@ -547,3 +547,49 @@ fn a_failed_debit_gives_its_daily_limit_back() {
         140000
     );
 }
+
+#[test]
+fn concurrent_debits_on_one_account_never_pass_the_daily_limit_together() {
+    // 150000 fen a day; 24 concurrent debits of 10000 on one agreement: exactly 15 fit.
+    let node = start("workers = 8\ndb_pool_size = 8\n");
+    let inst = &node.tenpay;
+    let agreement = sign_agreement(inst, ZHANG);
+    let codes: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..24)
+            .map(|_| {
+                let agreement = &agreement;
+                scope.spawn(move || {
+                    inst.call(
+                        MsgType::Debit,
+                        &[
+                            ("ReqSerial", &inst.next_id("D")),
+                            ("AgrmtNo", agreement),
+                            ("Amt", "10000"),
+                            ("Ccy", "CNY"),
+                        ],
+                    )
+                    .code()
+                    .to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let passed = codes.iter().filter(|c| *c == "0000").count();
+    let refused = codes.iter().filter(|c| *c == "3003").count();
+    assert_eq!((passed, refused), (15, 9), "{codes:?}");
+    assert_eq!(
+        count(
+            &node.db_url,
+            "SELECT CAST(SUM(amount_fen) AS BIGINT) AS n FROM txn WHERE state = 'SUCCEEDED'"
+        ),
+        150000
+    );
+    assert_eq!(
+        count(
+            &node.db_url,
+            "SELECT used_fen AS n FROM daily_usage WHERE kind = 'DEBIT'"
+        ),
+        150000
+    );
+}

@@ -301,7 +301,9 @@ fn database_ceiling(db_url: &str) -> Option<(f64, f64)> {
         assert_eq!(parts.len(), binds.len() + 1, "binds for {sql}");
         for (index, part) in parts.iter().enumerate() {
             if index > 0 {
+                script.push(' ');
                 script.push_str(&binds[index - 1]);
+                script.push(' ');
             }
             script.push_str(&part.split_whitespace().collect::<Vec<_>>().join(" "));
         }
@@ -592,6 +594,11 @@ rate_limit_burst = 1000000
     }
     let elapsed = started.elapsed();
     let after = scrape();
+    eprintln!(
+        "{} debits in {elapsed:?}: {:.0} TPS",
+        signed.len(),
+        signed.len() as f64 / elapsed.as_secs_f64()
+    );
     eprintln!("measuring what PostgreSQL alone does with the same statements (pgbench)");
     let ceiling = database_ceiling(&db_url);
     let mut latencies = latencies.lock().unwrap().clone();
