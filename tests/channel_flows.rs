@@ -273,6 +273,41 @@ fn repeats_are_answered_byte_for_byte_and_changed_repeats_name_the_fields() {
     );
     assert_eq!(inst.send(MsgType::Query, &message).code(), "0000");
     assert_eq!(inst.send(MsgType::Query, &message).code(), "2005");
+    // A debit's exact bytes sent again: refused as a replay, whether the first was applied,
+    // refused by a limit, or answered from the stored answer.
+    for (amount, first_code) in [("800", "0000"), ("100001", "3002")] {
+        let debit = inst.message_with(
+            MsgType::Debit,
+            "DEBIT",
+            &[
+                ("ReqSerial", &inst.next_id("D")),
+                ("AgrmtNo", agreement.as_str()),
+                ("Amt", amount),
+                ("Ccy", "CNY"),
+            ],
+            &chrono::Utc::now().to_rfc3339(),
+            &inst.next_id("MID-"),
+        );
+        assert_eq!(inst.send(MsgType::Debit, &debit).code(), first_code);
+        assert_eq!(inst.send(MsgType::Debit, &debit).code(), "2005");
+    }
+    let repeat = inst.message_with(
+        MsgType::Debit,
+        "DEBIT",
+        &fields,
+        &chrono::Utc::now().to_rfc3339(),
+        "FIXED-ID-3",
+    );
+    assert_eq!(inst.send(MsgType::Debit, &repeat).raw, first.raw);
+    assert_eq!(inst.send(MsgType::Debit, &repeat).code(), "2005");
+    assert_eq!(
+        count(
+            &node.db_url,
+            "SELECT count(*) AS n FROM txn WHERE kind = 'DEBIT'"
+        ),
+        2,
+        "replays applied nothing"
+    );
     let stale = (chrono::Utc::now() - chrono::Duration::minutes(10)).to_rfc3339();
     let message = inst.message_with(
         MsgType::Query,

@@ -219,7 +219,7 @@ fn pgbench() -> Option<std::path::PathBuf> {
 const CEILING_CLIENTS: usize = 16;
 const CEILING_SECONDS: u32 = 15;
 
-/// What PostgreSQL alone does with a debit's three statements (the daemon's own SQL, prepared,
+/// What PostgreSQL alone does with a debit's two statements (the daemon's own SQL, prepared,
 /// from pgbench on this machine, against synthetic agreements in the bench database):
 /// debits/s with synchronous commit, and without it (the CPU ceiling). None without pgbench.
 fn database_ceiling(db_url: &str) -> Option<(f64, f64)> {
@@ -235,13 +235,17 @@ fn database_ceiling(db_url: &str) -> Option<(f64, f64)> {
     .unwrap();
     // Binds in the order the journal binds them (see journal::debit_path_sql).
     let today = "CAST(timezone('Asia/Shanghai', now()) AS DATE)";
-    let binds: [Vec<String>; 3] = [
-        ["'PGBENCH'", "'M' || :n", "now()", "'PGBENCH'", "'S' || :n"]
-            .map(String::from)
-            .to_vec(),
+    let binds: [Vec<String>; 2] = [
         [
+            "'PGBENCH'",
+            "'M' || :n",
+            "now()",
+            "true",
+            "'PGBENCH'",
+            "'S' || :n",
             "'PGB' || :a",
             "'PGBENCH'",
+            "true",
             "100",
             "'PGBENCH'",
             today,
@@ -640,10 +644,11 @@ rate_limit_burst = 1000000
          protocol, pre-signs {} debits of 100 fen round robin over the agreements (SM2/SM3 over the \
          exact bytes), then sends them from {connections} keep-alive TLS connections on {connections} threads \
          and checks every answer's result code. Each debit: signature verification, send-time and \
-         message-id replay checks, agreement share lock, daily usage raised under the limit, journal \
-         insert with three state transitions (one statement), core posting, outcome transition with \
+         message-id replay checks, then one statement (message id recorded, stored answer looked up, \
+         agreement share lock, daily usage raised under the limit, journal insert with three state \
+         transitions), core posting, outcome transition with \
          the signed answer stored for idempotency (one statement), signed response. The database \
-         ceiling rows run the daemon's own three statements of a debit (`journal::debit_path_sql`, \
+         ceiling rows run the daemon's own two statements of a debit (`journal::debit_path_sql`, \
          prepared) from pgbench with {CEILING_CLIENTS} clients for {CEILING_SECONDS} s each on the same \
          database, with and without synchronous commit: what PostgreSQL on this machine can do with \
          a debit's journal work when nothing else runs. Load generator, daemon and database share the machine: {cpu}, {} cores, {}. \

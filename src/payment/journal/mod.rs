@@ -278,7 +278,7 @@ pub fn count_code_attempt(conn: &mut PgConnection, agreement_no: &str) -> Result
         .get_result(conn)
 }
 
-#[derive(Debug, Clone, Queryable, Selectable)]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = channel_request)]
 pub struct StoredResponse {
     pub msg_type: String,
@@ -556,6 +556,12 @@ pub fn remember_and_find(
 /// What opening a debit found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DebitOpening {
+    /// The message id was used before: nothing was done.
+    Replay,
+    /// The serial was answered before: this is the stored answer (nothing was opened).
+    Answered(StoredResponse),
+    /// Over the per-transaction limit: the message id was recorded, nothing opened.
+    OverSingleLimit,
     NoAgreement,
     AgreementNotActive(String),
     /// The debit would pass the daily limit; `used` is what the account used today already.
@@ -566,6 +572,13 @@ pub enum DebitOpening {
     Opened {
         account_enc: String,
     },
+}
+
+/// The message a request arrived in, recorded with the first statement that touches it.
+pub struct Arrival<'a> {
+    pub msg_id: &'a str,
+    /// False when an earlier statement for this request recorded it already.
+    pub record: bool,
 }
 
 /// The parts of a new transaction the combined statements need.
@@ -582,9 +595,17 @@ pub struct NewPosting<'a> {
 struct OpenDebit;
 impl fixed::FixedSql for OpenDebit {
     const SQL: &'static str = concat!(
-        "WITH agr AS ( \
+        "WITH seen AS ( \
+            INSERT INTO seen_message (inst_id, msg_id, seen_at) SELECT ?, ?, ? WHERE ? \
+            RETURNING msg_id \
+        ), stored AS ( \
+            SELECT msg_type, field_digests, response, result_code FROM channel_request \
+            WHERE inst_id = ? AND req_serial = ? \
+        ), agr AS ( \
             SELECT agreement_no, state, account_hash, account_masked, account_enc \
-            FROM agreement WHERE agreement_no = ? AND inst_id = ? FOR SHARE \
+            FROM agreement WHERE agreement_no = ? AND inst_id = ? AND ? \
+              AND NOT EXISTS (SELECT 1 FROM stored) \
+            FOR SHARE \
         ), quota AS ( \
             UPDATE daily_usage SET used_fen = used_fen + ? \
             WHERE inst_id = ? AND kind = 'DEBIT' AND business_date = ? AND used_fen + ? <= ? \
@@ -600,35 +621,74 @@ impl fixed::FixedSql for OpenDebit {
             RETURNING txn_id \
         ), ",
         opening_history_cte!(),
-        " SELECT agr.state, agr.account_enc, (SELECT used_fen FROM quota), \
-                 (SELECT COUNT(*) FROM opened) \
-          FROM agr"
+        " SELECT (SELECT state FROM agr), (SELECT account_enc FROM agr), \
+                 (SELECT used_fen FROM quota), (SELECT COUNT(*) FROM opened), \
+                 (SELECT COUNT(*) FROM seen), \
+                 s.msg_type, s.field_digests, s.response, s.result_code \
+          FROM (SELECT 1 AS one) AS one LEFT JOIN stored s ON TRUE"
     );
     type Row = (
-        diesel::sql_types::Text,
-        diesel::sql_types::Text,
+        diesel::sql_types::Nullable<diesel::sql_types::Text>,
+        diesel::sql_types::Nullable<diesel::sql_types::Text>,
         diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
         diesel::sql_types::BigInt,
+        diesel::sql_types::BigInt,
+        diesel::sql_types::Nullable<diesel::sql_types::Text>,
+        diesel::sql_types::Nullable<diesel::sql_types::Text>,
+        diesel::sql_types::Nullable<diesel::sql_types::Binary>,
+        diesel::sql_types::Nullable<diesel::sql_types::Text>,
     );
 }
 
-/// Opens a debit under an agreement in one statement: the agreement is read under a share lock
-/// (a termination waits for it, and it sees a termination that committed first), today's usage
-/// is raised under its row lock only if the limit allows, and the transaction is inserted in
-/// SENT_TO_CORE with its three history rows. Nothing is written unless all of it is.
+type OpenDebitRow = (
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<String>,
+);
+
+fn is_replay(error: &DieselError) -> bool {
+    matches!(
+        error,
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
+            if info.constraint_name() == Some("seen_message_pk")
+    )
+}
+
+/// A debit's first statement: records its message id (a duplicate is a replay), reads the
+/// stored answer for its serial, and (when there is none and `within_single_limit`) opens
+/// it: the agreement is read under a share lock (a termination waits for it, and it sees a
+/// termination that committed first), today's usage is raised under its row lock only if the
+/// limit allows, and the transaction is inserted in SENT_TO_CORE with its three history
+/// rows. One statement: all of it or none of it.
 pub fn open_debit(
     conn: &mut PgConnection,
     new: &NewPosting<'_>,
+    arrival: &Arrival<'_>,
     agreement_no: &str,
+    within_single_limit: bool,
     opening: &Opening<'_>,
 ) -> Result<DebitOpening, DieselError> {
     use fixed::Bind;
     debug_assert!(new.amount_fen > 0);
+    let mut record = arrival.record;
     // At most twice: the first debit of the day on an account creates its usage row first.
     for _ in 0..2 {
         let mut binds = vec![
+            Bind::Text(new.inst_id),
+            Bind::Text(arrival.msg_id),
+            Bind::Time(new.now),
+            Bind::Bool(record),
+            Bind::Text(new.inst_id),
+            Bind::Text(new.req_serial),
             Bind::Text(agreement_no),
             Bind::Text(new.inst_id),
+            Bind::Bool(within_single_limit),
             Bind::BigInt(new.amount_fen),
             Bind::Text(new.inst_id),
             Bind::Date(new.business_date),
@@ -643,10 +703,30 @@ pub fn open_debit(
             Bind::Time(new.now),
         ];
         binds.extend(opening.history_binds(new.now));
-        let row = fixed::Fixed::<OpenDebit>::new(binds)
-            .get_result::<(String, String, Option<i64>, i64)>(conn)
-            .optional()?;
-        let Some((state, account_enc, _, opened)) = row else {
+        let row = match fixed::Fixed::<OpenDebit>::new(binds).get_result::<OpenDebitRow>(conn) {
+            Ok(row) => row,
+            Err(e) if is_replay(&e) => return Ok(DebitOpening::Replay),
+            Err(e) => return Err(e),
+        };
+        let (state, account_enc, _, opened, seen, msg_type, field_digests, response, result_code) =
+            row;
+        assert_eq!(seen, i64::from(record), "the message id is recorded once");
+        record = false;
+        if let (Some(msg_type), Some(field_digests), Some(response), Some(result_code)) =
+            (msg_type, field_digests, response, result_code)
+        {
+            assert_eq!(opened, 0, "nothing opens under a stored answer");
+            return Ok(DebitOpening::Answered(StoredResponse {
+                msg_type,
+                field_digests,
+                response,
+                result_code,
+            }));
+        }
+        if !within_single_limit {
+            return Ok(DebitOpening::OverSingleLimit);
+        }
+        let (Some(state), Some(account_enc)) = (state, account_enc) else {
             return Ok(DebitOpening::NoAgreement);
         };
         if state != "ACTIVE" {
@@ -957,12 +1037,12 @@ pub fn record_outcome(
     Ok(moved == 1)
 }
 
-/// The SQL of a debit's three statements (remember and find, open, record the outcome), with
-/// `?` for each bind in the order the functions above bind them: for the benchmark that
-/// measures what the database alone can do with them.
-pub fn debit_path_sql() -> [&'static str; 3] {
+/// The SQL of a debit's two statements (open, record the outcome), with `?` for each bind in
+/// the order the functions above bind them: for the benchmark that measures what the database
+/// alone can do with them.
+pub fn debit_path_sql() -> [&'static str; 2] {
     use fixed::FixedSql;
-    [RememberAndFind::SQL, OpenDebit::SQL, RecordOutcome::SQL]
+    [OpenDebit::SQL, RecordOutcome::SQL]
 }
 
 /// The SQL of every combined statement, for the openGauss portability check.
