@@ -2,8 +2,9 @@
 //!
 //! Owns: inserting transactions and agreements, state transitions as compare-and-set
 //! (`UPDATE ... WHERE state = <expected>`: lock, check and update in one statement, zero rows
-//! means someone else moved it first), the state history, the idempotency records and the
-//! replay window.
+//! means someone else moved it first), the state history, the idempotency records, the replay
+//! window and the daily-limit counters. The hot path's statements are combined (several writes
+//! in one statement, so one round trip and one commit) and run prepared (`fixed.rs`).
 //! Must never: update a state without naming the state it expects, or write a transition
 //! without its history row in the same database transaction.
 
@@ -434,14 +435,15 @@ pub fn page(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Combined statements: the hot path of a payment in three round trips (remember the message and
-// look up its serial; open the transaction; record the outcome with the stored answer). Each is
-// one statement and so one database transaction: its parts commit together or not at all.
+// Combined statements: the hot path of a payment in two or three round trips (a debit: open it,
+// with its message id and stored-answer lookup; record the outcome with the stored answer).
+// Each is one statement and so one database transaction: its parts commit together or not at
+// all.
 // ---------------------------------------------------------------------------------------------
 
 /// The history rows that take a new transaction from nothing to SENT_TO_CORE, inserted with
-/// it. `opened` is the CTE that inserted the transaction; the nine binds are three steps of
-/// (from, to, reason), then one bind for the time.
+/// it. `opened` is the CTE that inserted the transaction; its ten binds are the time, then
+/// three steps of (from, to, reason) ([`Opening::history_binds`]).
 macro_rules! opening_history_cte {
     () => {
         "history AS ( \
