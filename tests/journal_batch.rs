@@ -1,0 +1,185 @@
+//! Several outcomes in one statement: each is its own compare-and-set, a failure gives back
+//! exactly its own daily usage (two on one account add up), a refund's reservation is
+//! returned, answers are stored only where given, and an error writes nothing for any.
+
+mod common;
+
+use chrono::Utc;
+use common::TestDb;
+use diesel::prelude::*;
+use kunpay::payment::journal::{self, NewTxn, OwnedAnswer, OwnedOutcome};
+use kunpay::payment::state::TxnState;
+use uuid::Uuid;
+
+fn open(
+    conn: &mut PgConnection,
+    serial: &str,
+    kind: &str,
+    amount: i64,
+    orig: Option<Uuid>,
+) -> Uuid {
+    let txn_id = Uuid::now_v7();
+    let now = Utc::now();
+    journal::insert_opened(
+        conn,
+        &NewTxn {
+            txn_id,
+            inst_id: "T",
+            req_serial: serial,
+            kind,
+            state: "SENT_TO_CORE",
+            amount_fen: amount,
+            agreement_no: None,
+            orig_txn_id: orig,
+            account_hash: "acct",
+            account_masked: "622202*********0123",
+            account_enc: "sealed",
+            business_date: now.date_naive(),
+            created_at: now,
+            updated_at: now,
+        },
+        &journal::Opening {
+            risk_reason: "test",
+        },
+    )
+    .unwrap();
+    txn_id
+}
+
+fn outcome(txn_id: Uuid, to: TxnState, serial: Option<&str>) -> OwnedOutcome {
+    OwnedOutcome {
+        txn_id,
+        from: TxnState::SentToCore,
+        to,
+        reason: format!("test {to}"),
+        result_code: if to == TxnState::Succeeded {
+            "0000"
+        } else {
+            "3010"
+        },
+        core_ref: None,
+        now: Utc::now(),
+        answer: serial.map(|serial| OwnedAnswer {
+            req_serial: serial.into(),
+            msg_type: "DEBIT",
+            field_digests: "d".into(),
+            response: serial.as_bytes().to_vec(),
+        }),
+    }
+}
+
+fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(sql).get_result::<N>(conn).unwrap().n
+}
+
+#[test]
+fn a_batch_of_outcomes_is_each_its_own_compare_and_set() {
+    let db = TestDb::migrated();
+    let mut conn = db.connect();
+    let today = Utc::now().date_naive();
+    diesel::sql_query(
+        "INSERT INTO daily_usage (inst_id, account_hash, kind, business_date, used_fen) \
+         VALUES ('T', 'acct', 'DEBIT', $1, 1000)",
+    )
+    .bind::<diesel::sql_types::Date, _>(today)
+    .execute(&mut conn)
+    .unwrap();
+    // A succeeded debit with 100 of it reserved by a refund that will fail.
+    let original = open(&mut conn, "O", "DEBIT", 500, None);
+    assert_eq!(
+        journal::record_outcomes(
+            &mut conn,
+            &[outcome(original, TxnState::Succeeded, None).borrowed()]
+        )
+        .unwrap(),
+        [true]
+    );
+    journal::add_refunded(&mut conn, original, 100).unwrap();
+    let refund = open(&mut conn, "R", "REFUND", 100, Some(original));
+    let ok = open(&mut conn, "A", "DEBIT", 300, None);
+    let failed_1 = open(&mut conn, "B", "DEBIT", 200, None);
+    let failed_2 = open(&mut conn, "C", "DEBIT", 250, None);
+    let batch = [
+        outcome(ok, TxnState::Succeeded, Some("A")),
+        outcome(failed_1, TxnState::Failed, Some("B")),
+        // Someone recorded this one first: it is reported, and nothing is written for it.
+        outcome(original, TxnState::Succeeded, Some("O")),
+        outcome(failed_2, TxnState::Failed, None),
+        outcome(refund, TxnState::Failed, Some("R")),
+    ];
+    let borrowed: Vec<_> = batch.iter().map(OwnedOutcome::borrowed).collect();
+    assert_eq!(
+        journal::record_outcomes(&mut conn, &borrowed).unwrap(),
+        [true, true, false, true, true]
+    );
+    assert_eq!(
+        scalar(&mut conn, "SELECT used_fen AS n FROM daily_usage"),
+        1000 - 200 - 250,
+        "both failures on one account given back"
+    );
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT refunded_fen AS n FROM txn WHERE req_serial = 'O'"
+        ),
+        0,
+        "the failed refund's reservation returned"
+    );
+    assert_eq!(
+        scalar(&mut conn, "SELECT count(*) AS n FROM channel_request"),
+        3,
+        "answers stored for A, B and R only"
+    );
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM txn_state_history WHERE from_state = 'SENT_TO_CORE'"
+        ),
+        5,
+        "one history row per transition: O once, A, B, C, R"
+    );
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM txn WHERE state = 'FAILED' AND req_serial IN ('B', 'C', 'R')"
+        ),
+        3
+    );
+}
+
+#[test]
+fn an_error_in_a_batch_writes_nothing_for_any_outcome() {
+    let db = TestDb::migrated();
+    let mut conn = db.connect();
+    let first = open(&mut conn, "A", "DEBIT", 300, None);
+    let second = open(&mut conn, "B", "DEBIT", 300, None);
+    // B's answer is already stored: storing it again breaks the unique key.
+    journal::record_outcomes(
+        &mut conn,
+        &[outcome(second, TxnState::Unknown, Some("B")).borrowed()],
+    )
+    .unwrap();
+    let mut again = outcome(second, TxnState::Succeeded, Some("B"));
+    again.from = TxnState::Unknown;
+    let batch = [outcome(first, TxnState::Succeeded, Some("A")), again];
+    let borrowed: Vec<_> = batch.iter().map(OwnedOutcome::borrowed).collect();
+    assert!(journal::record_outcomes(&mut conn, &borrowed).is_err());
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM txn WHERE state = 'SENT_TO_CORE'"
+        ),
+        1,
+        "A untouched"
+    );
+    assert_eq!(
+        scalar(&mut conn, "SELECT count(*) AS n FROM channel_request"),
+        1,
+        "only B's first answer"
+    );
+}
