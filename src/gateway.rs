@@ -166,81 +166,6 @@ fn record_edge_rejections(pool: Pool, queue: Receiver<EdgeRejection>) {
     }
 }
 
-/// One outcome waiting for the institution's recorder, and where to say how it went.
-struct OutcomeJob {
-    outcome: journal::OwnedOutcome,
-    done: SyncSender<Result<bool, String>>,
-}
-
-/// Records the outcomes of one institution's workers: whatever is waiting when the previous
-/// statement returns goes into the next one (up to `journal::MAX_OUTCOME_BATCH`), so under
-/// load many outcomes share one statement and one commit, and alone an outcome waits for
-/// nobody. Each worker waits for its own outcome's commit before it answers.
-pub struct BatchingRecorder {
-    queue: SyncSender<OutcomeJob>,
-}
-
-impl crate::payment::OutcomeRecorder for BatchingRecorder {
-    fn record(
-        &self,
-        _conn: &mut diesel::PgConnection,
-        outcome: journal::OwnedOutcome,
-    ) -> Result<bool, crate::payment::FlowError> {
-        let (done, result) = std::sync::mpsc::sync_channel(1);
-        let lost = || crate::payment::FlowError::Recorder("the outcome recorder stopped".into());
-        self.queue
-            .send(OutcomeJob { outcome, done })
-            .map_err(|_| lost())?;
-        result
-            .recv()
-            .map_err(|_| lost())?
-            .map_err(crate::payment::FlowError::Recorder)
-    }
-}
-
-fn record_outcomes(institution: &str, pool: &Pool, queue: &Receiver<OutcomeJob>) {
-    while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        while batch.len() < journal::MAX_OUTCOME_BATCH {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let mut conn = match db::checkout(pool, Duration::from_secs(5)) {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::error!(institution, error = %e, "no database connection for outcomes");
-                for job in batch {
-                    let _ = job.done.send(Err(format!("no database connection: {e}")));
-                }
-                continue;
-            }
-        };
-        let outcomes: Vec<_> = batch.iter().map(|job| job.outcome.borrowed()).collect();
-        match journal::record_outcomes(&mut conn, &outcomes) {
-            Ok(recorded) => {
-                for (job, recorded) in batch.iter().zip(recorded) {
-                    let _ = job.done.send(Ok(recorded));
-                }
-            }
-            // One bad outcome must not fail the others: each alone, with its own result.
-            Err(e) if batch.len() > 1 => {
-                tracing::warn!(institution, error = %e, outcomes = batch.len(), "a batch of outcomes failed; recording them one by one");
-                for (job, outcome) in batch.iter().zip(&outcomes) {
-                    let result = journal::record_outcomes(&mut conn, std::slice::from_ref(outcome))
-                        .map(|recorded| recorded[0])
-                        .map_err(|e| e.to_string());
-                    let _ = job.done.send(result);
-                }
-            }
-            Err(e) => {
-                let _ = batch[0].done.send(Err(e.to_string()));
-            }
-        }
-    }
-}
-
 /// One institution's bulkhead.
 pub struct Institution {
     pub config: InstitutionConfig,
@@ -249,7 +174,6 @@ pub struct Institution {
     queue: SyncSender<Job>,
     pub breaker: Arc<CircuitBreaker>,
     pub pool: Pool,
-    outcomes: BatchingRecorder,
 }
 
 /// What every worker shares.
@@ -308,16 +232,6 @@ impl ChannelGateway {
                 config.breaker_failure_threshold,
                 config.breaker_open_for,
             ));
-            // The recorder has a connection of its own, so it never waits for a worker's.
-            let recorder_pool = institution_pool(settings, 1)
-                .map_err(|e| anyhow::anyhow!("institution {}: {e}", config.id))?;
-            let (outcomes, outcome_jobs) = std::sync::mpsc::sync_channel(config.workers);
-            {
-                let id = config.id.clone();
-                std::thread::Builder::new()
-                    .name(format!("inst-{}-record", config.id))
-                    .spawn(move || record_outcomes(&id, &recorder_pool, &outcome_jobs))?;
-            }
             let institution = Arc::new(Institution {
                 config: config.clone(),
                 verifier,
@@ -325,7 +239,6 @@ impl ChannelGateway {
                 queue,
                 breaker,
                 pool,
-                outcomes: BatchingRecorder { queue: outcomes },
             });
             let jobs = Arc::new(Mutex::new(jobs));
             for index in 0..config.workers {
@@ -735,7 +648,6 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
     match flows.execute(
         &mut conn,
         institution.breaker.as_ref(),
-        &institution.outcomes,
         inst,
         job.msg_type,
         &msg_id,

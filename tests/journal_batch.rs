@@ -7,7 +7,7 @@ mod common;
 use chrono::Utc;
 use common::TestDb;
 use diesel::prelude::*;
-use kunpay::payment::journal::{self, NewTxn, OwnedAnswer, OwnedOutcome};
+use kunpay::payment::journal::{self, AnswerToStore, NewTxn, OutcomeRecord, OutcomeToRecord};
 use kunpay::payment::state::TxnState;
 use uuid::Uuid;
 
@@ -46,24 +46,26 @@ fn open(
     txn_id
 }
 
-fn outcome(txn_id: Uuid, to: TxnState, serial: Option<&str>) -> OwnedOutcome {
-    OwnedOutcome {
-        txn_id,
-        from: TxnState::SentToCore,
-        to,
-        reason: format!("test {to}"),
-        result_code: if to == TxnState::Succeeded {
-            "0000"
-        } else {
-            "3010"
+fn outcome(txn_id: Uuid, to: TxnState, serial: Option<&'static str>) -> OutcomeToRecord<'static> {
+    OutcomeToRecord {
+        record: OutcomeRecord {
+            txn_id,
+            from: TxnState::SentToCore,
+            to,
+            reason: "test",
+            result_code: if to == TxnState::Succeeded {
+                "0000"
+            } else {
+                "3010"
+            },
+            core_ref: None,
+            now: Utc::now(),
         },
-        core_ref: None,
-        now: Utc::now(),
-        answer: serial.map(|serial| OwnedAnswer {
-            req_serial: serial.into(),
+        answer: serial.map(|serial| AnswerToStore {
+            req_serial: serial,
             msg_type: "DEBIT",
-            field_digests: "d".into(),
-            response: serial.as_bytes().to_vec(),
+            field_digests: "d",
+            response: serial.as_bytes(),
         }),
     }
 }
@@ -92,11 +94,8 @@ fn a_batch_of_outcomes_is_each_its_own_compare_and_set() {
     // A succeeded debit with 100 of it reserved by a refund that will fail.
     let original = open(&mut conn, "O", "DEBIT", 500, None);
     assert_eq!(
-        journal::record_outcomes(
-            &mut conn,
-            &[outcome(original, TxnState::Succeeded, None).borrowed()]
-        )
-        .unwrap(),
+        journal::record_outcomes(&mut conn, &[outcome(original, TxnState::Succeeded, None)])
+            .unwrap(),
         [true]
     );
     journal::add_refunded(&mut conn, original, 100).unwrap();
@@ -112,9 +111,8 @@ fn a_batch_of_outcomes_is_each_its_own_compare_and_set() {
         outcome(failed_2, TxnState::Failed, None),
         outcome(refund, TxnState::Failed, Some("R")),
     ];
-    let borrowed: Vec<_> = batch.iter().map(OwnedOutcome::borrowed).collect();
     assert_eq!(
-        journal::record_outcomes(&mut conn, &borrowed).unwrap(),
+        journal::record_outcomes(&mut conn, &batch).unwrap(),
         [true, true, false, true, true]
     );
     assert_eq!(
@@ -159,16 +157,11 @@ fn an_error_in_a_batch_writes_nothing_for_any_outcome() {
     let first = open(&mut conn, "A", "DEBIT", 300, None);
     let second = open(&mut conn, "B", "DEBIT", 300, None);
     // B's answer is already stored: storing it again breaks the unique key.
-    journal::record_outcomes(
-        &mut conn,
-        &[outcome(second, TxnState::Unknown, Some("B")).borrowed()],
-    )
-    .unwrap();
+    journal::record_outcomes(&mut conn, &[outcome(second, TxnState::Unknown, Some("B"))]).unwrap();
     let mut again = outcome(second, TxnState::Succeeded, Some("B"));
-    again.from = TxnState::Unknown;
+    again.record.from = TxnState::Unknown;
     let batch = [outcome(first, TxnState::Succeeded, Some("A")), again];
-    let borrowed: Vec<_> = batch.iter().map(OwnedOutcome::borrowed).collect();
-    assert!(journal::record_outcomes(&mut conn, &borrowed).is_err());
+    assert!(journal::record_outcomes(&mut conn, &batch).is_err());
     assert_eq!(
         scalar(
             &mut conn,

@@ -45,10 +45,6 @@ pub enum FlowError {
     Sign(String),
     #[error("stored account data cannot be decrypted: {0}")]
     DataKey(String),
-    /// The outcome could not be recorded (its transaction stays SENT_TO_CORE; the resolver
-    /// settles it by asking the core).
-    #[error("recording the outcome failed: {0}")]
-    Recorder(String),
 }
 
 /// Everything a flow needs that does not change per request.
@@ -73,31 +69,6 @@ pub struct Reply {
 const NO_RISK_RULES: journal::Opening<'static> = journal::Opening {
     risk_reason: "approved: no risk rules configured",
 };
-
-/// Where a flow records its outcomes: directly on the flow's own connection ([`Direct`]), or
-/// handed to a recorder that batches several workers' outcomes into one statement (the
-/// gateway's, per institution). Either way the outcome is committed when `record` returns.
-pub trait OutcomeRecorder: Send + Sync {
-    /// True if recorded; false if the transaction was no longer in `outcome.from`.
-    fn record(
-        &self,
-        conn: &mut PgConnection,
-        outcome: journal::OwnedOutcome,
-    ) -> Result<bool, FlowError>;
-}
-
-/// Records each outcome on the flow's own connection, one statement each.
-pub struct Direct;
-
-impl OutcomeRecorder for Direct {
-    fn record(
-        &self,
-        conn: &mut PgConnection,
-        outcome: journal::OwnedOutcome,
-    ) -> Result<bool, FlowError> {
-        Ok(journal::record_outcomes(conn, &[outcome.borrowed()])?[0])
-    }
-}
 
 /// What [`Flows::execute`] did with a request.
 #[derive(Debug)]
@@ -238,7 +209,6 @@ impl Flows {
         &self,
         conn: &mut PgConnection,
         core: &dyn CoreLink,
-        recorder: &dyn OutcomeRecorder,
         inst: &InstitutionConfig,
         msg_type: MsgType,
         msg_id: &str,
@@ -257,7 +227,6 @@ impl Flows {
             return self.debit(
                 conn,
                 core,
-                recorder,
                 inst,
                 msg_id,
                 serial,
@@ -283,7 +252,7 @@ impl Flows {
             }
         };
         self.run(
-            conn, core, recorder, inst, msg_type, serial, stored, request, digests, now,
+            conn, core, inst, msg_type, serial, stored, request, digests, now,
         )
         .map(Executed::Answered)
     }
@@ -293,7 +262,6 @@ impl Flows {
         &self,
         conn: &mut PgConnection,
         core: &dyn CoreLink,
-        recorder: &dyn OutcomeRecorder,
         inst: &InstitutionConfig,
         msg_type: MsgType,
         serial: Option<String>,
@@ -375,7 +343,6 @@ impl Flows {
             } => self.credit(
                 conn,
                 core,
-                recorder,
                 inst,
                 &serial,
                 &account_no,
@@ -390,7 +357,6 @@ impl Flows {
             } => self.refund(
                 conn,
                 core,
-                recorder,
                 inst,
                 &serial,
                 &orig_serial,
@@ -663,7 +629,6 @@ impl Flows {
         &self,
         conn: &mut PgConnection,
         core: &dyn CoreLink,
-        recorder: &dyn OutcomeRecorder,
         inst: &InstitutionConfig,
         msg_id: &str,
         serial: &str,
@@ -721,7 +686,6 @@ impl Flows {
                     .run(
                         conn,
                         core,
-                        recorder,
                         inst,
                         MsgType::Debit,
                         Some(serial.to_string()),
@@ -760,7 +724,6 @@ impl Flows {
         match self.finish_posting(
             conn,
             core,
-            recorder,
             inst,
             MsgType::Debit,
             serial,
@@ -778,7 +741,6 @@ impl Flows {
         &self,
         conn: &mut PgConnection,
         core: &dyn CoreLink,
-        recorder: &dyn OutcomeRecorder,
         inst: &InstitutionConfig,
         serial: &str,
         account_no: &str,
@@ -826,7 +788,6 @@ impl Flows {
         self.finish_posting(
             conn,
             core,
-            recorder,
             inst,
             MsgType::Credit,
             serial,
@@ -841,7 +802,6 @@ impl Flows {
         &self,
         conn: &mut PgConnection,
         core: &dyn CoreLink,
-        recorder: &dyn OutcomeRecorder,
         inst: &InstitutionConfig,
         serial: &str,
         orig_serial: &str,
@@ -914,7 +874,6 @@ impl Flows {
         self.finish_posting(
             conn,
             core,
-            recorder,
             inst,
             MsgType::Refund,
             serial,
@@ -930,7 +889,6 @@ impl Flows {
         &self,
         conn: &mut PgConnection,
         core: &dyn CoreLink,
-        recorder: &dyn OutcomeRecorder,
         inst: &InstitutionConfig,
         msg_type: MsgType,
         serial: &str,
@@ -988,23 +946,23 @@ impl Flows {
             &answer.fields,
             done,
         )?;
-        let recorded = recorder.record(
+        let recorded = journal::record_outcome(
             conn,
-            journal::OwnedOutcome {
+            &journal::OutcomeRecord {
                 txn_id,
                 from: TxnState::SentToCore,
                 to,
-                reason,
+                reason: &reason,
                 result_code: code.code(),
-                core_ref: core_ref.map(str::to_string),
+                core_ref,
                 now: done,
-                answer: Some(journal::OwnedAnswer {
-                    req_serial: serial.to_string(),
-                    msg_type: msg_type.name(),
-                    field_digests: digests.to_string(),
-                    response: reply.bytes.clone(),
-                }),
             },
+            Some(&journal::AnswerToStore {
+                req_serial: serial,
+                msg_type: msg_type.name(),
+                field_digests: digests,
+                response: &reply.bytes,
+            }),
         )?;
         if !recorded {
             return Err(JournalError::StateMoved {
