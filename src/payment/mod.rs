@@ -958,6 +958,7 @@ impl Flows {
                 now: done,
             },
             Some(&journal::AnswerToStore {
+                inst_id: &inst.id,
                 req_serial: serial,
                 msg_type: msg_type.name(),
                 field_digests: digests,

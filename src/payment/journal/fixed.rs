@@ -16,8 +16,7 @@ use uuid::Uuid;
 
 /// One statement: its SQL with a `?` where each bind goes, and the SQL types of its rows.
 pub trait FixedSql: 'static {
-    /// The same text on every call (diesel caches the prepared statement by type).
-    fn sql() -> &'static str;
+    const SQL: &'static str;
     type Row: 'static;
 }
 
@@ -43,7 +42,7 @@ pub struct Fixed<'a, S: FixedSql> {
 impl<'a, S: FixedSql> Fixed<'a, S> {
     pub fn new(binds: Vec<Bind<'a>>) -> Self {
         debug_assert_eq!(
-            S::sql().matches('?').count(),
+            S::SQL.matches('?').count(),
             binds.len(),
             "binds of {}",
             std::any::type_name::<S>()
@@ -69,7 +68,7 @@ impl<S: FixedSql> RunQueryDsl<PgConnection> for Fixed<'_, S> {}
 impl<S: FixedSql> QueryFragment<Pg> for Fixed<'_, S> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let mut binds = self.binds.iter();
-        for (index, part) in S::sql().split('?').enumerate() {
+        for (index, part) in S::SQL.split('?').enumerate() {
             if index > 0 {
                 let bind = binds.next().ok_or_else(|| {
                     diesel::result::Error::QueryBuilderError(

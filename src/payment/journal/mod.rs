@@ -510,13 +510,11 @@ pub enum Remembered {
 
 struct RememberAndFind;
 impl fixed::FixedSql for RememberAndFind {
-    fn sql() -> &'static str {
-        "WITH seen AS ( \
+    const SQL: &'static str = "WITH seen AS ( \
             INSERT INTO seen_message (inst_id, msg_id, seen_at) VALUES (?, ?, ?) RETURNING msg_id \
         ) \
         SELECT r.msg_type, r.field_digests, r.response, r.result_code \
-        FROM seen, channel_request r WHERE r.inst_id = ? AND r.req_serial = ?"
-    }
+        FROM seen, channel_request r WHERE r.inst_id = ? AND r.req_serial = ?";
     type Row = (
         diesel::sql_types::Text,
         diesel::sql_types::Text,
@@ -598,9 +596,8 @@ pub struct NewPosting<'a> {
 
 struct OpenDebit;
 impl fixed::FixedSql for OpenDebit {
-    fn sql() -> &'static str {
-        concat!(
-            "WITH seen AS ( \
+    const SQL: &'static str = concat!(
+        "WITH seen AS ( \
             INSERT INTO seen_message (inst_id, msg_id, seen_at) SELECT ?, ?, ? WHERE ? \
             RETURNING msg_id \
         ), stored AS ( \
@@ -625,14 +622,13 @@ impl fixed::FixedSql for OpenDebit {
             FROM agr, quota \
             RETURNING txn_id \
         ), ",
-            opening_history_cte!(),
-            " SELECT (SELECT state FROM agr), (SELECT account_enc FROM agr), \
+        opening_history_cte!(),
+        " SELECT (SELECT state FROM agr), (SELECT account_enc FROM agr), \
                  (SELECT used_fen FROM quota), (SELECT COUNT(*) FROM opened), \
                  (SELECT COUNT(*) FROM seen), \
                  s.msg_type, s.field_digests, s.response, s.result_code \
           FROM (SELECT 1 AS one) AS one LEFT JOIN stored s ON TRUE"
-        )
-    }
+    );
     type Row = (
         diesel::sql_types::Nullable<diesel::sql_types::Text>,
         diesel::sql_types::Nullable<diesel::sql_types::Text>,
@@ -772,9 +768,8 @@ pub struct Payee<'a> {
 
 struct OpenCredit;
 impl fixed::FixedSql for OpenCredit {
-    fn sql() -> &'static str {
-        concat!(
-            "WITH quota AS ( \
+    const SQL: &'static str = concat!(
+        "WITH quota AS ( \
             UPDATE daily_usage SET used_fen = used_fen + ? \
             WHERE inst_id = ? AND account_hash = ? AND kind = 'CREDIT' AND business_date = ? \
               AND used_fen + ? <= ? \
@@ -787,10 +782,9 @@ impl fixed::FixedSql for OpenCredit {
             FROM quota \
             RETURNING txn_id \
         ), ",
-            opening_history_cte!(),
-            " SELECT COUNT(*) FROM opened"
-        )
-    }
+        opening_history_cte!(),
+        " SELECT COUNT(*) FROM opened"
+    );
     type Row = diesel::sql_types::BigInt;
 }
 
@@ -853,19 +847,17 @@ pub fn open_credit(
 
 struct InsertOpened;
 impl fixed::FixedSql for InsertOpened {
-    fn sql() -> &'static str {
-        concat!(
-            "WITH opened AS ( \
+    const SQL: &'static str = concat!(
+        "WITH opened AS ( \
             INSERT INTO txn (txn_id, inst_id, req_serial, kind, state, amount_fen, agreement_no, \
                              orig_txn_id, account_hash, account_masked, account_enc, \
                              business_date, created_at, updated_at) \
             VALUES (?, ?, ?, ?, 'SENT_TO_CORE', ?, ?, ?, ?, ?, ?, ?, ?, ?) \
             RETURNING txn_id \
         ), ",
-            opening_history_cte!(),
-            " SELECT COUNT(*) FROM opened"
-        )
-    }
+        opening_history_cte!(),
+        " SELECT COUNT(*) FROM opened"
+    );
     type Row = diesel::sql_types::BigInt;
 }
 
@@ -957,6 +949,7 @@ pub fn prune_daily_usage(
 
 /// The answer to store with an outcome, for a repeat of the request to receive byte for byte.
 pub struct AnswerToStore<'a> {
+    pub inst_id: &'a str,
     pub req_serial: &'a str,
     pub msg_type: &'a str,
     pub field_digests: &'a str,
@@ -974,148 +967,76 @@ pub struct OutcomeRecord<'a> {
     pub now: DateTime<Utc>,
 }
 
-/// The most outcomes one statement records (a statement for each size is prepared per
-/// connection, on first use). The flows record one at a time today; batching several
-/// workers' outcomes is measured in issue 3's note (2.5 per statement under load, no gain
-/// alone) and waits for the opens to be batched too.
-pub const MAX_OUTCOME_BATCH: usize = 16;
-
-/// Columns of one outcome row, in bind order.
-const OUTCOME_COLUMNS: &str = "seq, txn_id, from_state, to_state, reason, result_code, \
-    core_ref, at, store, req_serial, msg_type, field_digests, response";
-
-fn record_outcomes_sql(rows: usize) -> String {
-    assert!((1..=MAX_OUTCOME_BATCH).contains(&rows));
-    let typed = "CAST(? AS UUID), CAST(? AS VARCHAR(16)), CAST(? AS VARCHAR(16)), \
-        CAST(? AS VARCHAR(200)), CAST(? AS VARCHAR(4)), CAST(? AS VARCHAR(64)), \
-        CAST(? AS TIMESTAMPTZ), CAST(? AS BOOLEAN), CAST(? AS VARCHAR(64)), \
-        CAST(? AS VARCHAR(32)), CAST(? AS TEXT), CAST(? AS BYTEA)";
-    let values: Vec<String> = (1..=rows).map(|seq| format!("({seq}, {typed})")).collect();
-    format!(
-        "WITH v ({OUTCOME_COLUMNS}) AS (VALUES {values}), \
-         moved AS ( \
-            UPDATE txn SET state = v.to_state, result_code = v.result_code, \
-                           core_ref = v.core_ref, updated_at = v.at \
-            FROM v WHERE txn.txn_id = v.txn_id AND txn.state = v.from_state \
-            RETURNING txn.txn_id, txn.inst_id, txn.account_hash, txn.kind, txn.business_date, \
-                      txn.amount_fen, txn.orig_txn_id, v.seq, v.from_state, v.to_state, \
-                      v.reason, v.result_code, v.at, v.store, v.req_serial, v.msg_type, \
-                      v.field_digests, v.response \
-         ), history AS ( \
+struct RecordOutcome;
+impl fixed::FixedSql for RecordOutcome {
+    const SQL: &'static str = "WITH moved AS ( \
+            UPDATE txn SET state = ?, result_code = ?, core_ref = ?, updated_at = ? \
+            WHERE txn_id = ? AND state = ? \
+            RETURNING txn_id, inst_id, account_hash, kind, business_date, amount_fen, orig_txn_id \
+        ), history AS ( \
             INSERT INTO txn_state_history (txn_id, from_state, to_state, reason, at) \
-            SELECT txn_id, from_state, to_state, reason, at FROM moved ORDER BY seq \
-         ), released AS ( \
-            UPDATE daily_usage SET used_fen = daily_usage.used_fen - f.total \
-            FROM (SELECT inst_id, account_hash, kind, business_date, \
-                         CAST(SUM(amount_fen) AS BIGINT) AS total \
-                  FROM moved WHERE to_state = 'FAILED' \
-                  GROUP BY inst_id, account_hash, kind, business_date) AS f \
-            WHERE daily_usage.inst_id = f.inst_id AND daily_usage.account_hash = f.account_hash \
-              AND daily_usage.kind = f.kind AND daily_usage.business_date = f.business_date \
-         ), unreserved AS ( \
-            UPDATE txn SET refunded_fen = txn.refunded_fen - f.total \
-            FROM (SELECT orig_txn_id, CAST(SUM(amount_fen) AS BIGINT) AS total \
-                  FROM moved WHERE to_state = 'FAILED' AND kind = 'REFUND' \
-                  GROUP BY orig_txn_id) AS f \
-            WHERE txn.txn_id = f.orig_txn_id \
-         ), stored AS ( \
+            SELECT txn_id, ?, ?, ?, ? FROM moved \
+        ), released AS ( \
+            UPDATE daily_usage SET used_fen = daily_usage.used_fen - moved.amount_fen \
+            FROM moved \
+            WHERE ? = 'FAILED' AND daily_usage.inst_id = moved.inst_id \
+              AND daily_usage.account_hash = moved.account_hash \
+              AND daily_usage.kind = moved.kind \
+              AND daily_usage.business_date = moved.business_date \
+        ), unreserved AS ( \
+            UPDATE txn SET refunded_fen = txn.refunded_fen - moved.amount_fen \
+            FROM moved \
+            WHERE ? = 'FAILED' AND moved.kind = 'REFUND' AND txn.txn_id = moved.orig_txn_id \
+        ), stored AS ( \
             INSERT INTO channel_request (inst_id, req_serial, msg_type, field_digests, response, \
                                          result_code, txn_id, created_at) \
-            SELECT inst_id, req_serial, msg_type, field_digests, response, result_code, txn_id, \
-                   at \
-            FROM moved WHERE store \
-         ) \
-         SELECT seq FROM moved ORDER BY seq",
-        values = values.join(", ")
-    )
+            SELECT ?, ?, ?, ?, ?, ?, txn_id, ? FROM moved WHERE ? \
+        ) \
+        SELECT COUNT(*) FROM moved";
+    type Row = diesel::sql_types::BigInt;
 }
 
-static RECORD_OUTCOMES_SQL: std::sync::LazyLock<Vec<String>> =
-    std::sync::LazyLock::new(|| (1..=MAX_OUTCOME_BATCH).map(record_outcomes_sql).collect());
-
-/// The statement that records `N` outcomes.
-struct RecordOutcomes<const N: usize>;
-impl<const N: usize> fixed::FixedSql for RecordOutcomes<N> {
-    fn sql() -> &'static str {
-        &RECORD_OUTCOMES_SQL[N - 1]
-    }
-    type Row = diesel::sql_types::Integer;
-}
-
-/// One outcome with the answer to store for it, if any.
-pub struct OutcomeToRecord<'a> {
-    pub record: OutcomeRecord<'a>,
-    pub answer: Option<AnswerToStore<'a>>,
-}
-
-/// Records a single outcome: [`record_outcomes`] with one row.
+/// Records an outcome in one statement: the compare-and-set transition with its history row,
+/// on FAILED the day's usage (debit, credit) or the original's reservation (refund) given
+/// back, and the answer stored when given. False if the transaction was no longer in
+/// `record.from` (someone else recorded an outcome first): then nothing was written.
 pub fn record_outcome(
     conn: &mut PgConnection,
     record: &OutcomeRecord<'_>,
     answer: Option<&AnswerToStore<'_>>,
 ) -> Result<bool, DieselError> {
-    let outcome = OutcomeToRecord {
-        record: OutcomeRecord { ..*record },
-        answer: answer.map(|a| AnswerToStore { ..*a }),
-    };
-    Ok(record_outcomes(conn, std::slice::from_ref(&outcome))?[0])
-}
-
-/// Records up to [`MAX_OUTCOME_BATCH`] outcomes in one statement (one round trip, one commit):
-/// for each, the compare-and-set transition with its history row, on FAILED the day's usage
-/// (debit, credit) or the original's reservation (refund) given back, and the answer stored
-/// when given. Returns, for each in order, false if the transaction was no longer in its
-/// `from` state (someone else recorded an outcome first; nothing was written for it). An error
-/// writes nothing for any of them.
-pub fn record_outcomes(
-    conn: &mut PgConnection,
-    outcomes: &[OutcomeToRecord<'_>],
-) -> Result<Vec<bool>, DieselError> {
     use fixed::Bind;
     assert!(
-        (1..=MAX_OUTCOME_BATCH).contains(&outcomes.len()),
-        "1 to {MAX_OUTCOME_BATCH} outcomes per statement, not {}",
-        outcomes.len()
+        record.from.can_become(record.to),
+        "{} -> {} is not a transition of the state machine",
+        record.from,
+        record.to
     );
-    let mut binds = Vec::with_capacity(outcomes.len() * 12);
-    for OutcomeToRecord { record, answer } in outcomes {
-        assert!(
-            record.from.can_become(record.to),
-            "{} -> {} is not a transition of the state machine",
-            record.from,
-            record.to
-        );
-        binds.extend([
-            Bind::Uuid(record.txn_id),
-            Bind::Text(record.from.as_str()),
-            Bind::Text(record.to.as_str()),
-            Bind::Text(truncate_reason(record.reason)),
-            Bind::Text(record.result_code),
-            Bind::OptText(record.core_ref),
-            Bind::Time(record.now),
-            Bind::Bool(answer.is_some()),
-            Bind::Text(answer.as_ref().map_or("", |a| a.req_serial)),
-            Bind::Text(answer.as_ref().map_or("", |a| a.msg_type)),
-            Bind::Text(answer.as_ref().map_or("", |a| a.field_digests)),
-            Bind::Bytes(answer.as_ref().map_or(&[], |a| a.response)),
-        ]);
-    }
-    macro_rules! run {
-        ($($n:literal)*) => {
-            match outcomes.len() {
-                $($n => fixed::Fixed::<RecordOutcomes<$n>>::new(binds).load::<i32>(conn)?,)*
-                _ => unreachable!("length asserted above"),
-            }
-        };
-    }
-    let moved = run!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
-    let mut recorded = vec![false; outcomes.len()];
-    for seq in moved {
-        let index = usize::try_from(seq - 1).expect("seq counts from 1");
-        assert!(!recorded[index], "txn {index} moved twice");
-        recorded[index] = true;
-    }
-    Ok(recorded)
+    let binds = vec![
+        Bind::Text(record.to.as_str()),
+        Bind::Text(record.result_code),
+        Bind::OptText(record.core_ref),
+        Bind::Time(record.now),
+        Bind::Uuid(record.txn_id),
+        Bind::Text(record.from.as_str()),
+        Bind::Text(record.from.as_str()),
+        Bind::Text(record.to.as_str()),
+        Bind::Text(truncate_reason(record.reason)),
+        Bind::Time(record.now),
+        Bind::Text(record.to.as_str()),
+        Bind::Text(record.to.as_str()),
+        Bind::Text(answer.map_or("", |a| a.inst_id)),
+        Bind::Text(answer.map_or("", |a| a.req_serial)),
+        Bind::Text(answer.map_or("", |a| a.msg_type)),
+        Bind::Text(answer.map_or("", |a| a.field_digests)),
+        Bind::Bytes(answer.map_or(&[], |a| a.response)),
+        Bind::Text(record.result_code),
+        Bind::Time(record.now),
+        Bind::Bool(answer.is_some()),
+    ];
+    let moved = fixed::Fixed::<RecordOutcome>::new(binds).get_result::<i64>(conn)?;
+    assert!(moved <= 1, "txn_id is the primary key");
+    Ok(moved == 1)
 }
 
 /// The SQL of a debit's two statements (open, record the outcome), with `?` for each bind in
@@ -1123,18 +1044,17 @@ pub fn record_outcomes(
 /// alone can do with them.
 pub fn debit_path_sql() -> [&'static str; 2] {
     use fixed::FixedSql;
-    [OpenDebit::sql(), RecordOutcomes::<1>::sql()]
+    [OpenDebit::SQL, RecordOutcome::SQL]
 }
 
 /// The SQL of every combined statement, for the openGauss portability check.
-pub fn combined_statements_sql() -> [&'static str; 6] {
+pub fn combined_statements_sql() -> [&'static str; 5] {
     use fixed::FixedSql;
     [
-        RememberAndFind::sql(),
-        OpenDebit::sql(),
-        OpenCredit::sql(),
-        InsertOpened::sql(),
-        RecordOutcomes::<1>::sql(),
-        RecordOutcomes::<{ MAX_OUTCOME_BATCH }>::sql(),
+        RememberAndFind::SQL,
+        OpenDebit::SQL,
+        OpenCredit::SQL,
+        InsertOpened::SQL,
+        RecordOutcome::SQL,
     ]
 }

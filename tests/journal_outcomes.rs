@@ -1,13 +1,13 @@
-//! Several outcomes in one statement: each is its own compare-and-set, a failure gives back
-//! exactly its own daily usage (two on one account add up), a refund's reservation is
-//! returned, answers are stored only where given, and an error writes nothing for any.
+//! Recording outcomes: each is a compare-and-set (a second recording of one transaction writes
+//! nothing), a failure gives back exactly its own daily usage (two on one account add up), a
+//! failed refund returns its reservation, and answers are stored only where given.
 
 mod common;
 
 use chrono::Utc;
 use common::TestDb;
 use diesel::prelude::*;
-use kunpay::payment::journal::{self, AnswerToStore, NewTxn, OutcomeRecord, OutcomeToRecord};
+use kunpay::payment::journal::{self, AnswerToStore, NewTxn, OutcomeRecord};
 use kunpay::payment::state::TxnState;
 use uuid::Uuid;
 
@@ -46,8 +46,13 @@ fn open(
     txn_id
 }
 
-fn outcome(txn_id: Uuid, to: TxnState, serial: Option<&'static str>) -> OutcomeToRecord<'static> {
-    OutcomeToRecord {
+struct Outcome {
+    record: OutcomeRecord<'static>,
+    answer: Option<AnswerToStore<'static>>,
+}
+
+fn outcome(txn_id: Uuid, to: TxnState, serial: Option<&'static str>) -> Outcome {
+    Outcome {
         record: OutcomeRecord {
             txn_id,
             from: TxnState::SentToCore,
@@ -62,12 +67,20 @@ fn outcome(txn_id: Uuid, to: TxnState, serial: Option<&'static str>) -> OutcomeT
             now: Utc::now(),
         },
         answer: serial.map(|serial| AnswerToStore {
+            inst_id: "T",
             req_serial: serial,
             msg_type: "DEBIT",
             field_digests: "d",
             response: serial.as_bytes(),
         }),
     }
+}
+
+fn record(conn: &mut PgConnection, outcomes: &[Outcome]) -> Vec<bool> {
+    outcomes
+        .iter()
+        .map(|o| journal::record_outcome(conn, &o.record, o.answer.as_ref()).unwrap())
+        .collect()
 }
 
 fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
@@ -80,7 +93,7 @@ fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
 }
 
 #[test]
-fn a_batch_of_outcomes_is_each_its_own_compare_and_set() {
+fn each_outcome_is_a_compare_and_set_that_gives_back_what_a_failure_held() {
     let db = TestDb::migrated();
     let mut conn = db.connect();
     let today = Utc::now().date_naive();
@@ -94,8 +107,7 @@ fn a_batch_of_outcomes_is_each_its_own_compare_and_set() {
     // A succeeded debit with 100 of it reserved by a refund that will fail.
     let original = open(&mut conn, "O", "DEBIT", 500, None);
     assert_eq!(
-        journal::record_outcomes(&mut conn, &[outcome(original, TxnState::Succeeded, None)])
-            .unwrap(),
+        record(&mut conn, &[outcome(original, TxnState::Succeeded, None)]),
         [true]
     );
     journal::add_refunded(&mut conn, original, 100).unwrap();
@@ -103,7 +115,7 @@ fn a_batch_of_outcomes_is_each_its_own_compare_and_set() {
     let ok = open(&mut conn, "A", "DEBIT", 300, None);
     let failed_1 = open(&mut conn, "B", "DEBIT", 200, None);
     let failed_2 = open(&mut conn, "C", "DEBIT", 250, None);
-    let batch = [
+    let outcomes = [
         outcome(ok, TxnState::Succeeded, Some("A")),
         outcome(failed_1, TxnState::Failed, Some("B")),
         // Someone recorded this one first: it is reported, and nothing is written for it.
@@ -112,7 +124,7 @@ fn a_batch_of_outcomes_is_each_its_own_compare_and_set() {
         outcome(refund, TxnState::Failed, Some("R")),
     ];
     assert_eq!(
-        journal::record_outcomes(&mut conn, &batch).unwrap(),
+        record(&mut conn, &outcomes),
         [true, true, false, true, true]
     );
     assert_eq!(
@@ -147,32 +159,5 @@ fn a_batch_of_outcomes_is_each_its_own_compare_and_set() {
             "SELECT count(*) AS n FROM txn WHERE state = 'FAILED' AND req_serial IN ('B', 'C', 'R')"
         ),
         3
-    );
-}
-
-#[test]
-fn an_error_in_a_batch_writes_nothing_for_any_outcome() {
-    let db = TestDb::migrated();
-    let mut conn = db.connect();
-    let first = open(&mut conn, "A", "DEBIT", 300, None);
-    let second = open(&mut conn, "B", "DEBIT", 300, None);
-    // B's answer is already stored: storing it again breaks the unique key.
-    journal::record_outcomes(&mut conn, &[outcome(second, TxnState::Unknown, Some("B"))]).unwrap();
-    let mut again = outcome(second, TxnState::Succeeded, Some("B"));
-    again.record.from = TxnState::Unknown;
-    let batch = [outcome(first, TxnState::Succeeded, Some("A")), again];
-    assert!(journal::record_outcomes(&mut conn, &batch).is_err());
-    assert_eq!(
-        scalar(
-            &mut conn,
-            "SELECT count(*) AS n FROM txn WHERE state = 'SENT_TO_CORE'"
-        ),
-        1,
-        "A untouched"
-    );
-    assert_eq!(
-        scalar(&mut conn, "SELECT count(*) AS n FROM channel_request"),
-        1,
-        "only B's first answer"
     );
 }
