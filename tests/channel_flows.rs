@@ -291,6 +291,62 @@ fn repeats_are_answered_byte_for_byte_and_changed_repeats_name_the_fields() {
         assert_eq!(inst.send(MsgType::Debit, &debit).code(), first_code);
         assert_eq!(inst.send(MsgType::Debit, &debit).code(), "2005");
     }
+    // The same for a credit: exact bytes again are a replay; a retry (new MsgId) gets the
+    // first answer byte for byte; changed content names the field.
+    let credit_serial = inst.next_id("CR");
+    let credit_fields = [
+        ("ReqSerial", credit_serial.as_str()),
+        ("AcctNo", LI.0),
+        ("AcctNm", LI.1),
+        ("Amt", "900"),
+        ("Ccy", "CNY"),
+    ];
+    let credit = inst.message_with(
+        MsgType::Credit,
+        "CREDIT",
+        &credit_fields,
+        &chrono::Utc::now().to_rfc3339(),
+        &inst.next_id("MID-"),
+    );
+    let first_credit = inst.send(MsgType::Credit, &credit);
+    assert_eq!(first_credit.code(), "0000", "{:?}", first_credit.fields);
+    assert_eq!(inst.send(MsgType::Credit, &credit).code(), "2005");
+    assert_eq!(
+        inst.call(MsgType::Credit, &credit_fields).raw,
+        first_credit.raw
+    );
+    let mut changed_credit = credit_fields;
+    changed_credit[3] = ("Amt", "901");
+    let changed = inst.call(MsgType::Credit, &changed_credit);
+    assert_eq!(changed.code(), "3009");
+    assert!(
+        changed.get("RsltMsg").ends_with("fields: Amt"),
+        "{}",
+        changed.get("RsltMsg")
+    );
+    let over = inst.message_with(
+        MsgType::Credit,
+        "CREDIT",
+        &[
+            ("ReqSerial", &inst.next_id("CR")),
+            ("AcctNo", LI.0),
+            ("AcctNm", LI.1),
+            ("Amt", "100001"),
+            ("Ccy", "CNY"),
+        ],
+        &chrono::Utc::now().to_rfc3339(),
+        &inst.next_id("MID-"),
+    );
+    assert_eq!(inst.send(MsgType::Credit, &over).code(), "3002");
+    assert_eq!(inst.send(MsgType::Credit, &over).code(), "2005");
+    assert_eq!(
+        count(
+            &node.db_url,
+            "SELECT count(*) AS n FROM txn WHERE kind = 'CREDIT'"
+        ),
+        1,
+        "one credit applied, once"
+    );
     let repeat = inst.message_with(
         MsgType::Debit,
         "DEBIT",

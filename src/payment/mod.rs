@@ -216,8 +216,8 @@ impl Flows {
         digests: &str,
         now: DateTime<Utc>,
     ) -> Result<Executed, FlowError> {
-        // The busiest request records its message id and looks up its serial in the statement
-        // that opens it (one round trip fewer); the others do both first.
+        // Debits and credits record their message id and look up their serial in the statement
+        // that opens them (one round trip fewer); the others do both first.
         if let Request::Debit {
             serial,
             agreement_no,
@@ -231,6 +231,25 @@ impl Flows {
                 msg_id,
                 serial,
                 agreement_no,
+                *amount_fen,
+                digests,
+                now,
+            );
+        }
+        if let Request::Credit {
+            serial,
+            account_no,
+            amount_fen,
+            ..
+        } = &request
+        {
+            return self.credit(
+                conn,
+                core,
+                inst,
+                msg_id,
+                serial,
+                account_no,
                 *amount_fen,
                 digests,
                 now,
@@ -257,6 +276,42 @@ impl Flows {
         .map(Executed::Answered)
     }
 
+    /// A serial seen before: its stored answer byte for byte if the content is the same,
+    /// otherwise 3009 naming the fields that differ.
+    fn answer_repeat(
+        &self,
+        inst: &InstitutionConfig,
+        msg_type: MsgType,
+        serial: &str,
+        stored: journal::StoredResponse,
+        digests: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Reply, FlowError> {
+        if stored.field_digests == digests && stored.msg_type == msg_type.name() {
+            return Ok(Reply {
+                code: code_from(&stored.result_code),
+                bytes: stored.response,
+            });
+        }
+        let differing = differing_fields(
+            &stored.field_digests,
+            digests,
+            &stored.msg_type,
+            msg_type.name(),
+        );
+        self.respond(
+            inst,
+            msg_type,
+            Some(serial),
+            ResultCode::SerialReusedWithDifferentContent,
+            Some(&format!(
+                "ReqSerial {serial} was used before with different {differing}"
+            )),
+            &[],
+            now,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
@@ -270,32 +325,8 @@ impl Flows {
         digests: &str,
         now: DateTime<Utc>,
     ) -> Result<Reply, FlowError> {
-        if let Some(serial) = &serial {
-            if let Some(stored) = stored {
-                if stored.field_digests == digests && stored.msg_type == msg_type.name() {
-                    return Ok(Reply {
-                        code: code_from(&stored.result_code),
-                        bytes: stored.response,
-                    });
-                }
-                let differing = differing_fields(
-                    &stored.field_digests,
-                    digests,
-                    &stored.msg_type,
-                    msg_type.name(),
-                );
-                return self.respond(
-                    inst,
-                    msg_type,
-                    Some(serial),
-                    ResultCode::SerialReusedWithDifferentContent,
-                    Some(&format!(
-                        "ReqSerial {serial} was used before with different {differing}"
-                    )),
-                    &[],
-                    now,
-                );
-            }
+        if let (Some(serial), Some(stored)) = (&serial, stored) {
+            return self.answer_repeat(inst, msg_type, serial, stored, digests, now);
         }
         let answer = match request {
             Request::AgreementApply {
@@ -335,21 +366,7 @@ impl Flows {
                 agreement_no,
             } => self.agreement_terminate(conn, inst, &serial, &agreement_no, digests, now)?,
             Request::Debit { .. } => unreachable!("execute runs debits itself"),
-            Request::Credit {
-                serial,
-                account_no,
-                account_name: _,
-                amount_fen,
-            } => self.credit(
-                conn,
-                core,
-                inst,
-                &serial,
-                &account_no,
-                amount_fen,
-                digests,
-                now,
-            )?,
+            Request::Credit { .. } => unreachable!("execute runs credits itself"),
             Request::Refund {
                 serial,
                 orig_serial,
@@ -677,23 +694,8 @@ impl Flows {
             Ok(DebitOpening::Opened { account_enc }) => account_enc,
             Ok(DebitOpening::Replay) => return Ok(Executed::Replay),
             Ok(DebitOpening::Answered(stored)) => {
-                let request = Request::Debit {
-                    serial: serial.to_string(),
-                    agreement_no: agreement_no.to_string(),
-                    amount_fen,
-                };
                 return self
-                    .run(
-                        conn,
-                        core,
-                        inst,
-                        MsgType::Debit,
-                        Some(serial.to_string()),
-                        Some(stored),
-                        request,
-                        digests,
-                        now,
-                    )
+                    .answer_repeat(inst, MsgType::Debit, serial, stored, digests, now)
                     .map(Executed::Answered);
             }
             Ok(DebitOpening::OverSingleLimit) => {
@@ -736,21 +738,21 @@ impl Flows {
         }
     }
 
+    /// A credit from first sight, as [`Flows::debit`]: message id, stored answer, limits and
+    /// opening in one statement, then the core and the outcome.
     #[allow(clippy::too_many_arguments)]
     fn credit(
         &self,
         conn: &mut PgConnection,
         core: &dyn CoreLink,
         inst: &InstitutionConfig,
+        msg_id: &str,
         serial: &str,
         account_no: &str,
         amount_fen: i64,
         digests: &str,
         now: DateTime<Utc>,
-    ) -> Result<Outcome, FlowError> {
-        if amount_fen > inst.single_limit_fen {
-            return Ok(Unstored(over_single_limit(inst, amount_fen)));
-        }
+    ) -> Result<Executed, FlowError> {
         let txn_id = Uuid::now_v7();
         let hash = account_hash(&inst.id, account_no);
         let masked = mask::card_number(account_no);
@@ -769,15 +771,48 @@ impl Flows {
             account_masked: &masked,
             account_enc: &sealed,
         };
-        let opened = journal::open_credit(conn, &new, &payee, &NO_RISK_RULES)
-            .map(Ok::<_, Answer>)
-            .map_err(FlowError::Db);
+        let arrival = journal::Arrival {
+            msg_id,
+            record: true,
+        };
+        let opened = journal::open_credit(
+            conn,
+            &new,
+            &arrival,
+            &payee,
+            amount_fen <= inst.single_limit_fen,
+            &NO_RISK_RULES,
+        )
+        .map(Ok::<_, Answer>)
+        .map_err(FlowError::Db);
+        let unstored = |answer: Answer| -> Result<Executed, FlowError> {
+            self.respond(
+                inst,
+                MsgType::Credit,
+                Some(serial),
+                answer.code,
+                answer.detail.as_deref(),
+                &answer.fields,
+                now,
+            )
+            .map(Executed::Answered)
+        };
         match self.after_journaling(conn, inst, serial, opened)? {
             Ok(CreditOpening::Opened) => {}
-            Ok(CreditOpening::OverDailyLimit { used }) => {
-                return Ok(Unstored(over_daily_limit(inst, used, amount_fen)));
+            Ok(CreditOpening::Replay) => return Ok(Executed::Replay),
+            Ok(CreditOpening::Answered(stored)) => {
+                return self
+                    .answer_repeat(inst, MsgType::Credit, serial, stored, digests, now)
+                    .map(Executed::Answered);
             }
-            Err(outcome) => return Ok(outcome),
+            Ok(CreditOpening::OverSingleLimit) => {
+                return unstored(over_single_limit(inst, amount_fen));
+            }
+            Ok(CreditOpening::OverDailyLimit { used }) => {
+                return unstored(over_daily_limit(inst, used, amount_fen));
+            }
+            Err(Stored(reply)) => return Ok(Executed::Answered(reply)),
+            Err(Unstored(answer)) => return unstored(answer),
         }
         let posting = Posting {
             txn_id,
@@ -785,7 +820,7 @@ impl Flows {
             account_no: account_no.to_string(),
             amount_fen,
         };
-        self.finish_posting(
+        match self.finish_posting(
             conn,
             core,
             inst,
@@ -794,7 +829,10 @@ impl Flows {
             digests,
             &posting,
             now,
-        )
+        )? {
+            Stored(reply) => Ok(Executed::Answered(reply)),
+            Unstored(answer) => unstored(answer),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -755,7 +755,15 @@ pub fn open_debit(
 /// What opening a credit found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum CreditOpening {
-    OverDailyLimit { used: i64 },
+    /// The message id was used before: nothing was done.
+    Replay,
+    /// The serial was answered before: this is the stored answer (nothing was opened).
+    Answered(StoredResponse),
+    /// Over the per-transaction limit: the message id was recorded, nothing opened.
+    OverSingleLimit,
+    OverDailyLimit {
+        used: i64,
+    },
     Opened,
 }
 
@@ -769,10 +777,16 @@ pub struct Payee<'a> {
 struct OpenCredit;
 impl fixed::FixedSql for OpenCredit {
     const SQL: &'static str = concat!(
-        "WITH quota AS ( \
+        "WITH seen AS ( \
+            INSERT INTO seen_message (inst_id, msg_id, seen_at) SELECT ?, ?, ? WHERE ? \
+            RETURNING msg_id \
+        ), stored AS ( \
+            SELECT msg_type, field_digests, response, result_code FROM channel_request \
+            WHERE inst_id = ? AND req_serial = ? \
+        ), quota AS ( \
             UPDATE daily_usage SET used_fen = used_fen + ? \
             WHERE inst_id = ? AND account_hash = ? AND kind = 'CREDIT' AND business_date = ? \
-              AND used_fen + ? <= ? \
+              AND used_fen + ? <= ? AND ? AND NOT EXISTS (SELECT 1 FROM stored) \
             RETURNING used_fen \
         ), opened AS ( \
             INSERT INTO txn (txn_id, inst_id, req_serial, kind, state, amount_fen, \
@@ -783,29 +797,59 @@ impl fixed::FixedSql for OpenCredit {
             RETURNING txn_id \
         ), ",
         opening_history_cte!(),
-        " SELECT COUNT(*) FROM opened"
+        " SELECT (SELECT COUNT(*) FROM opened), (SELECT COUNT(*) FROM seen), \
+                 s.msg_type, s.field_digests, s.response, s.result_code \
+          FROM (SELECT 1 AS one) AS one LEFT JOIN stored s ON TRUE"
     );
-    type Row = diesel::sql_types::BigInt;
+    type Row = (
+        diesel::sql_types::BigInt,
+        diesel::sql_types::BigInt,
+        diesel::sql_types::Nullable<diesel::sql_types::Text>,
+        diesel::sql_types::Nullable<diesel::sql_types::Text>,
+        diesel::sql_types::Nullable<diesel::sql_types::Binary>,
+        diesel::sql_types::Nullable<diesel::sql_types::Text>,
+    );
 }
 
-/// Opens a credit in one statement: today's usage raised under its row lock only if the limit
-/// allows, and the transaction inserted in SENT_TO_CORE with its history.
+type OpenCreditRow = (
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<String>,
+);
+
+/// A credit's first statement, as [`open_debit`] for a debit: records its message id (a
+/// duplicate is a replay), reads the stored answer for its serial, and (when there is none and
+/// `within_single_limit`) raises today's usage under its row lock only if the limit allows and
+/// inserts the transaction in SENT_TO_CORE with its history. All of it or none of it.
 pub fn open_credit(
     conn: &mut PgConnection,
     new: &NewPosting<'_>,
+    arrival: &Arrival<'_>,
     payee: &Payee<'_>,
+    within_single_limit: bool,
     opening: &Opening<'_>,
 ) -> Result<CreditOpening, DieselError> {
     use fixed::Bind;
     debug_assert!(new.amount_fen > 0);
+    let mut record = arrival.record;
     for _ in 0..2 {
         let mut binds = vec![
+            Bind::Text(new.inst_id),
+            Bind::Text(arrival.msg_id),
+            Bind::Time(new.now),
+            Bind::Bool(record),
+            Bind::Text(new.inst_id),
+            Bind::Text(new.req_serial),
             Bind::BigInt(new.amount_fen),
             Bind::Text(new.inst_id),
             Bind::Text(payee.account_hash),
             Bind::Date(new.business_date),
             Bind::BigInt(new.amount_fen),
             Bind::BigInt(new.daily_limit_fen),
+            Bind::Bool(within_single_limit),
             Bind::Uuid(new.txn_id),
             Bind::Text(new.inst_id),
             Bind::Text(new.req_serial),
@@ -818,7 +862,28 @@ pub fn open_credit(
             Bind::Time(new.now),
         ];
         binds.extend(opening.history_binds(new.now));
-        let opened = fixed::Fixed::<OpenCredit>::new(binds).get_result::<i64>(conn)?;
+        let row = match fixed::Fixed::<OpenCredit>::new(binds).get_result::<OpenCreditRow>(conn) {
+            Ok(row) => row,
+            Err(e) if is_replay(&e) => return Ok(CreditOpening::Replay),
+            Err(e) => return Err(e),
+        };
+        let (opened, seen, msg_type, field_digests, response, result_code) = row;
+        assert_eq!(seen, i64::from(record), "the message id is recorded once");
+        record = false;
+        if let (Some(msg_type), Some(field_digests), Some(response), Some(result_code)) =
+            (msg_type, field_digests, response, result_code)
+        {
+            assert_eq!(opened, 0, "nothing opens under a stored answer");
+            return Ok(CreditOpening::Answered(StoredResponse {
+                msg_type,
+                field_digests,
+                response,
+                result_code,
+            }));
+        }
+        if !within_single_limit {
+            return Ok(CreditOpening::OverSingleLimit);
+        }
         if opened == 1 {
             return Ok(CreditOpening::Opened);
         }
