@@ -7,7 +7,7 @@ mod common;
 use chrono::Utc;
 use common::TestDb;
 use diesel::prelude::*;
-use kunpay::payment::journal::{self, AnswerToStore, NewTxn, OutcomeRecord};
+use kunpay::payment::journal::{self, AnswerToStore, OutcomeRecord};
 use kunpay::payment::state::TxnState;
 use uuid::Uuid;
 
@@ -18,32 +18,7 @@ fn open(
     amount: i64,
     orig: Option<Uuid>,
 ) -> Uuid {
-    let txn_id = Uuid::now_v7();
-    let now = Utc::now();
-    journal::insert_opened(
-        conn,
-        &NewTxn {
-            txn_id,
-            inst_id: "T",
-            req_serial: serial,
-            kind,
-            state: "SENT_TO_CORE",
-            amount_fen: amount,
-            agreement_no: None,
-            orig_txn_id: orig,
-            account_hash: "acct",
-            account_masked: "622202*********0123",
-            account_enc: "sealed",
-            business_date: now.date_naive(),
-            created_at: now,
-            updated_at: now,
-        },
-        &journal::Opening {
-            risk_reason: "test",
-        },
-    )
-    .unwrap();
-    txn_id
+    common::open_sent_to_core(conn, serial, kind, amount, orig, Utc::now())
 }
 
 struct Outcome {

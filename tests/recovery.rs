@@ -9,37 +9,13 @@ use kunpay::core::sim::CoreSimulator;
 use kunpay::core::{CoreLink, Posting, PostingKind};
 use kunpay::crypto::sm2::{PrivateKey, Signer};
 use kunpay::payment::Flows;
-use kunpay::payment::journal::{self, NewTxn};
+use kunpay::payment::journal;
 use uuid::Uuid;
 
 const ACCOUNT: &str = "6222021234567890123";
 
 fn stranded(conn: &mut diesel::PgConnection, serial: &str, at: chrono::DateTime<Utc>) -> Uuid {
-    let txn_id = Uuid::now_v7();
-    journal::insert_opened(
-        conn,
-        &NewTxn {
-            txn_id,
-            inst_id: "T",
-            req_serial: serial,
-            kind: "DEBIT",
-            state: "SENT_TO_CORE",
-            amount_fen: 700,
-            agreement_no: None,
-            orig_txn_id: None,
-            account_hash: "h",
-            account_masked: "622202*********0123",
-            account_enc: "unused here",
-            business_date: at.date_naive(),
-            created_at: at,
-            updated_at: at,
-        },
-        &journal::Opening {
-            risk_reason: "test",
-        },
-    )
-    .unwrap();
-    txn_id
+    common::open_sent_to_core(conn, serial, "DEBIT", 700, None, at)
 }
 
 #[test]

@@ -16,7 +16,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use ::sm2::dsa::signature::{RandomizedSigner, Verifier as _};
+use ::sm2::dsa::signature::RandomizedSigner;
 use ::sm2::dsa::{DerSignature, Signature, SigningKey, VerifyingKey};
 use ::sm2::elliptic_curve::sec1::ToSec1Point;
 use ::sm2::pke::{Cipher, DecryptingKey, EncryptingKey, Mode};
@@ -481,17 +481,17 @@ impl Verifier {
         }
     }
 
-    /// The library's own (constant-time, slower) verification: the reference for tests and
-    /// benchmarks of [`Verifier::verify`].
-    pub fn verify_reference(
+    /// The library's own (constant-time, slower) verification: the reference the tests compare
+    /// [`Verifier::verify`] with.
+    #[cfg(test)]
+    fn verify_reference(
         &self,
         message: &[u8],
         signature: &[u8],
         format: SignatureFormat,
     ) -> Result<(), CryptoError> {
         let parsed = parse_signature(signature, format)?;
-        self.verifying_key
-            .verify(message, &parsed)
+        ::sm2::dsa::signature::Verifier::verify(&self.verifying_key, message, &parsed)
             .map_err(|_| CryptoError::SignatureMismatch)
     }
 

@@ -450,10 +450,8 @@ async fn prune_expired(pool: db::Pool, window: Duration) {
             while crate::payment::journal::prune_seen_messages(&mut conn, before, 10_000)? == 10_000
             {
             }
-            let today = chrono::Utc::now()
-                .with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("UTC+8"))
-                .date_naive();
-            let keep_from = today - chrono::Duration::days(DAILY_USAGE_KEPT_DAYS);
+            let keep_from = crate::payment::business_date(chrono::Utc::now())
+                - chrono::Duration::days(DAILY_USAGE_KEPT_DAYS);
             while crate::payment::journal::prune_daily_usage(&mut conn, keep_from, 10_000)?
                 == 10_000
             {}

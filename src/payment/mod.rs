@@ -28,7 +28,7 @@ use crate::core::{
 };
 use crate::crypto::sm2::Signer;
 use crate::logging::mask;
-use journal::{CreditOpening, DebitOpening, JournalError, NewTxn};
+use journal::{FirstSight, JournalError, NewTxn};
 use request::{MsgType, Request};
 use state::TxnState;
 
@@ -69,6 +69,33 @@ pub struct Reply {
 const NO_RISK_RULES: journal::Opening<'static> = journal::Opening {
     risk_reason: "approved: no risk rules configured",
 };
+
+/// What answering a debit or credit from its first statement needs to know of the request.
+struct FirstRequest<'a> {
+    inst: &'a InstitutionConfig,
+    msg_type: MsgType,
+    serial: &'a str,
+    amount_fen: i64,
+    digests: &'a str,
+    now: DateTime<Utc>,
+}
+
+fn new_posting<'a>(
+    inst: &'a InstitutionConfig,
+    serial: &'a str,
+    amount_fen: i64,
+    now: DateTime<Utc>,
+) -> journal::NewPosting<'a> {
+    journal::NewPosting {
+        txn_id: Uuid::now_v7(),
+        inst_id: &inst.id,
+        req_serial: serial,
+        amount_fen,
+        daily_limit_fen: inst.daily_limit_fen,
+        business_date: business_date(now),
+        now,
+    }
+}
 
 /// What [`Flows::execute`] did with a request.
 #[derive(Debug)]
@@ -654,76 +681,41 @@ impl Flows {
         digests: &str,
         now: DateTime<Utc>,
     ) -> Result<Executed, FlowError> {
-        let txn_id = Uuid::now_v7();
-        let new = journal::NewPosting {
-            txn_id,
-            inst_id: &inst.id,
-            req_serial: serial,
-            amount_fen,
-            daily_limit_fen: inst.daily_limit_fen,
-            business_date: business_date(now),
-            now,
-        };
-        let arrival = journal::Arrival {
-            msg_id,
-            record: true,
-        };
+        let new = new_posting(inst, serial, amount_fen, now);
         let opened = journal::open_debit(
             conn,
             &new,
-            &arrival,
+            &journal::Arrival {
+                msg_id,
+                record: true,
+            },
             agreement_no,
             amount_fen <= inst.single_limit_fen,
             &NO_RISK_RULES,
-        )
-        .map(Ok::<_, Answer>)
-        .map_err(FlowError::Db);
-        let unstored = |answer: Answer| -> Result<Executed, FlowError> {
-            self.respond(
-                inst,
-                MsgType::Debit,
-                Some(serial),
-                answer.code,
-                answer.detail.as_deref(),
-                &answer.fields,
-                now,
-            )
-            .map(Executed::Answered)
+        );
+        let (sight, sealed) = match opened {
+            Ok((sight, sealed)) => (Ok(sight), sealed),
+            Err(e) => (Err(e), None),
         };
-        let sealed = match self.after_journaling(conn, inst, serial, opened)? {
-            Ok(DebitOpening::Opened { account_enc }) => account_enc,
-            Ok(DebitOpening::Replay) => return Ok(Executed::Replay),
-            Ok(DebitOpening::Answered(stored)) => {
-                return self
-                    .answer_repeat(inst, MsgType::Debit, serial, stored, digests, now)
-                    .map(Executed::Answered);
-            }
-            Ok(DebitOpening::OverSingleLimit) => {
-                return unstored(over_single_limit(inst, amount_fen));
-            }
-            Ok(DebitOpening::NoAgreement) => {
-                return unstored(Answer::code(ResultCode::AgreementNotFound));
-            }
-            Ok(DebitOpening::AgreementNotActive(state)) => {
-                return unstored(Answer::detail(
-                    ResultCode::AgreementNotActive,
-                    format!("the agreement is {state}"),
-                ));
-            }
-            Ok(DebitOpening::OverDailyLimit { used }) => {
-                return unstored(over_daily_limit(inst, used, amount_fen));
-            }
-            Err(Stored(reply)) => return Ok(Executed::Answered(reply)),
-            Err(Unstored(answer)) => return unstored(answer),
+        let first = FirstRequest {
+            inst,
+            msg_type: MsgType::Debit,
+            serial,
+            amount_fen,
+            digests,
+            now,
         };
-        let account_no = self.open_account(&sealed)?;
+        if let Some(answered) = self.answer_first_sight(conn, &first, sight)? {
+            return Ok(answered);
+        }
+        let sealed = sealed.expect("an opened debit has its agreement's account");
         let posting = Posting {
-            txn_id,
+            txn_id: new.txn_id,
             kind: PostingKind::Debit,
-            account_no: account_no.to_string(),
+            account_no: self.open_account(&sealed)?.to_string(),
             amount_fen,
         };
-        match self.finish_posting(
+        self.finish_posting(
             conn,
             core,
             inst,
@@ -732,10 +724,8 @@ impl Flows {
             digests,
             &posting,
             now,
-        )? {
-            Stored(reply) => Ok(Executed::Answered(reply)),
-            Unstored(answer) => unstored(answer),
-        }
+        )
+        .map(Executed::Answered)
     }
 
     /// A credit from first sight, as [`Flows::debit`]: message id, stored answer, limits and
@@ -753,74 +743,43 @@ impl Flows {
         digests: &str,
         now: DateTime<Utc>,
     ) -> Result<Executed, FlowError> {
-        let txn_id = Uuid::now_v7();
+        let new = new_posting(inst, serial, amount_fen, now);
         let hash = account_hash(&inst.id, account_no);
         let masked = mask::card_number(account_no);
         let sealed = self.seal_account(account_no)?;
-        let new = journal::NewPosting {
-            txn_id,
-            inst_id: &inst.id,
-            req_serial: serial,
-            amount_fen,
-            daily_limit_fen: inst.daily_limit_fen,
-            business_date: business_date(now),
-            now,
-        };
-        let payee = journal::Payee {
-            account_hash: &hash,
-            account_masked: &masked,
-            account_enc: &sealed,
-        };
-        let arrival = journal::Arrival {
-            msg_id,
-            record: true,
-        };
-        let opened = journal::open_credit(
+        let sight = journal::open_credit(
             conn,
             &new,
-            &arrival,
-            &payee,
+            &journal::Arrival {
+                msg_id,
+                record: true,
+            },
+            &journal::Payee {
+                account_hash: &hash,
+                account_masked: &masked,
+                account_enc: &sealed,
+            },
             amount_fen <= inst.single_limit_fen,
             &NO_RISK_RULES,
-        )
-        .map(Ok::<_, Answer>)
-        .map_err(FlowError::Db);
-        let unstored = |answer: Answer| -> Result<Executed, FlowError> {
-            self.respond(
-                inst,
-                MsgType::Credit,
-                Some(serial),
-                answer.code,
-                answer.detail.as_deref(),
-                &answer.fields,
-                now,
-            )
-            .map(Executed::Answered)
+        );
+        let first = FirstRequest {
+            inst,
+            msg_type: MsgType::Credit,
+            serial,
+            amount_fen,
+            digests,
+            now,
         };
-        match self.after_journaling(conn, inst, serial, opened)? {
-            Ok(CreditOpening::Opened) => {}
-            Ok(CreditOpening::Replay) => return Ok(Executed::Replay),
-            Ok(CreditOpening::Answered(stored)) => {
-                return self
-                    .answer_repeat(inst, MsgType::Credit, serial, stored, digests, now)
-                    .map(Executed::Answered);
-            }
-            Ok(CreditOpening::OverSingleLimit) => {
-                return unstored(over_single_limit(inst, amount_fen));
-            }
-            Ok(CreditOpening::OverDailyLimit { used }) => {
-                return unstored(over_daily_limit(inst, used, amount_fen));
-            }
-            Err(Stored(reply)) => return Ok(Executed::Answered(reply)),
-            Err(Unstored(answer)) => return unstored(answer),
+        if let Some(answered) = self.answer_first_sight(conn, &first, sight)? {
+            return Ok(answered);
         }
         let posting = Posting {
-            txn_id,
+            txn_id: new.txn_id,
             kind: PostingKind::Credit,
             account_no: account_no.to_string(),
             amount_fen,
         };
-        match self.finish_posting(
+        self.finish_posting(
             conn,
             core,
             inst,
@@ -829,10 +788,61 @@ impl Flows {
             digests,
             &posting,
             now,
-        )? {
-            Stored(reply) => Ok(Executed::Answered(reply)),
-            Unstored(answer) => unstored(answer),
-        }
+        )
+        .map(Executed::Answered)
+    }
+
+    /// The answer to a debit or credit whose first statement did not open it (`None`: opened,
+    /// go on to the core).
+    fn answer_first_sight(
+        &self,
+        conn: &mut PgConnection,
+        first: &FirstRequest<'_>,
+        sight: Result<FirstSight, diesel::result::Error>,
+    ) -> Result<Option<Executed>, FlowError> {
+        let inst = first.inst;
+        let refusal = match sight {
+            Ok(FirstSight::Opened) => return Ok(None),
+            Ok(FirstSight::Replay) => return Ok(Some(Executed::Replay)),
+            Ok(FirstSight::Answered(stored)) => {
+                let reply = self.answer_repeat(
+                    inst,
+                    first.msg_type,
+                    first.serial,
+                    stored,
+                    first.digests,
+                    first.now,
+                )?;
+                return Ok(Some(Executed::Answered(reply)));
+            }
+            // A concurrent request with the same serial inserted it first.
+            Err(e) if journal::is_unique_violation(&e) => {
+                match self.concurrent_repeat(conn, inst, first.serial)? {
+                    Stored(reply) => return Ok(Some(Executed::Answered(reply))),
+                    Unstored(answer) => answer,
+                }
+            }
+            Err(e) => return Err(e.into()),
+            Ok(FirstSight::OverSingleLimit) => over_single_limit(inst, first.amount_fen),
+            Ok(FirstSight::NoAgreement) => Answer::code(ResultCode::AgreementNotFound),
+            Ok(FirstSight::AgreementNotActive(state)) => Answer::detail(
+                ResultCode::AgreementNotActive,
+                format!("the agreement is {state}"),
+            ),
+            Ok(FirstSight::OverDailyLimit { used }) => {
+                over_daily_limit(inst, used, first.amount_fen)
+            }
+        };
+        let reply = self.respond(
+            inst,
+            first.msg_type,
+            Some(first.serial),
+            refusal.code,
+            refusal.detail.as_deref(),
+            &refusal.fields,
+            first.now,
+        )?;
+        Ok(Some(Executed::Answered(reply)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -881,7 +891,6 @@ impl Flows {
                     inst_id: &inst.id,
                     req_serial: serial,
                     kind: "REFUND",
-                    state: TxnState::SentToCore.as_str(),
                     amount_fen,
                     agreement_no: original.agreement_no.as_deref(),
                     orig_txn_id: Some(original.txn_id),
@@ -890,7 +899,6 @@ impl Flows {
                     account_enc: &original.account_enc,
                     business_date: business_date(now),
                     created_at: now,
-                    updated_at: now,
                 },
                 &NO_RISK_RULES,
             )?;
@@ -919,9 +927,10 @@ impl Flows {
             &posting,
             now,
         )
+        .map(Stored)
     }
 
-    /// Calls the core and records the outcome with the stored response in one transaction.
+    /// Calls the core and records the outcome with the stored response in one statement.
     #[allow(clippy::too_many_arguments)]
     fn finish_posting(
         &self,
@@ -933,7 +942,7 @@ impl Flows {
         digests: &str,
         posting: &Posting,
         now: DateTime<Utc>,
-    ) -> Result<Outcome, FlowError> {
+    ) -> Result<Reply, FlowError> {
         let (txn_id, amount_fen) = (posting.txn_id, posting.amount_fen);
         let outcome = core.post(posting);
         let done = Utc::now().max(now);
@@ -1010,7 +1019,7 @@ impl Flows {
             }
             .into());
         }
-        Ok(Stored(reply))
+        Ok(reply)
     }
 
     /// Reads the result of the transaction that journals a request before the core call: the
@@ -1290,7 +1299,7 @@ fn over_daily_limit(inst: &InstitutionConfig, used: i64, amount_fen: i64) -> Ans
 }
 
 /// Business days follow Beijing time, as the bank's do.
-fn business_date(now: DateTime<Utc>) -> chrono::NaiveDate {
+pub fn business_date(now: DateTime<Utc>) -> chrono::NaiveDate {
     now.with_timezone(&china()).date_naive()
 }
 

@@ -409,3 +409,38 @@ pub fn run(command: &mut Command) -> (i32, String, String) {
 pub fn shared_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
 }
+
+/// A transaction of institution `T` journaled in SENT_TO_CORE at `at` (as the flows leave it
+/// before the core call), on account hash `acct`; its id.
+pub fn open_sent_to_core(
+    conn: &mut diesel::PgConnection,
+    serial: &str,
+    kind: &str,
+    amount_fen: i64,
+    orig_txn_id: Option<uuid::Uuid>,
+    at: chrono::DateTime<chrono::Utc>,
+) -> uuid::Uuid {
+    let txn_id = uuid::Uuid::now_v7();
+    kunpay::payment::journal::insert_opened(
+        conn,
+        &kunpay::payment::journal::NewTxn {
+            txn_id,
+            inst_id: "T",
+            req_serial: serial,
+            kind,
+            amount_fen,
+            agreement_no: None,
+            orig_txn_id,
+            account_hash: "acct",
+            account_masked: "622202*********0123",
+            account_enc: "sealed",
+            business_date: at.date_naive(),
+            created_at: at,
+        },
+        &kunpay::payment::journal::Opening {
+            risk_reason: "test",
+        },
+    )
+    .unwrap();
+    txn_id
+}

@@ -8,6 +8,8 @@
 //! Must never: update a state without naming the state it expects, or write a transition
 //! without its history row in the same database transaction.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, NaiveDate, Utc};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
@@ -68,14 +70,13 @@ impl TxnRow {
     }
 }
 
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = txn)]
+/// A transaction [`insert_opened`] writes (in SENT_TO_CORE, created and updated at `created_at`).
+#[derive(Debug, Clone)]
 pub struct NewTxn<'a> {
     pub txn_id: Uuid,
     pub inst_id: &'a str,
     pub req_serial: &'a str,
     pub kind: &'a str,
-    pub state: &'a str,
     pub amount_fen: i64,
     pub agreement_no: Option<&'a str>,
     pub orig_txn_id: Option<Uuid>,
@@ -84,7 +85,6 @@ pub struct NewTxn<'a> {
     pub account_enc: &'a str,
     pub business_date: NaiveDate,
     pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
 }
 
 /// Moves `txn_id` from `from` to `to` and records why; fails if it is not in `from`.
@@ -443,7 +443,7 @@ pub fn page(
 
 /// The history rows that take a new transaction from nothing to SENT_TO_CORE, inserted with
 /// it. `opened` is the CTE that inserted the transaction; its ten binds are the time, then
-/// three steps of (from, to, reason) ([`Opening::history_binds`]).
+/// three steps of (from, to, reason) ([`Opening::push_history_binds`]).
 macro_rules! opening_history_cte {
     () => {
         "history AS ( \
@@ -464,8 +464,9 @@ pub struct Opening<'a> {
 }
 
 impl<'a> Opening<'a> {
-    /// The binds of [`opening_history_cte`], after asserting the steps are the state machine's.
-    fn history_binds(&self, now: DateTime<Utc>) -> Vec<fixed::Bind<'a>> {
+    /// Appends the binds of [`opening_history_cte`], after asserting the steps are the state
+    /// machine's.
+    fn push_history_binds(&self, now: DateTime<Utc>, binds: &mut Vec<fixed::Bind<'a>>) {
         use fixed::Bind;
         let steps: [(Option<TxnState>, TxnState, &'a str); 3] = [
             (None, TxnState::Received, "request received"),
@@ -480,7 +481,7 @@ impl<'a> Opening<'a> {
                 "posting sent to core",
             ),
         ];
-        let mut binds = vec![Bind::Time(now)];
+        binds.push(Bind::Time(now));
         for (from, to, reason) in steps {
             if let Some(from) = from {
                 assert!(from.can_become(to), "{from} -> {to} is not a transition");
@@ -489,7 +490,6 @@ impl<'a> Opening<'a> {
             binds.push(Bind::Text(to.as_str()));
             binds.push(Bind::Text(truncate_reason(reason)));
         }
-        binds
     }
 }
 
@@ -555,25 +555,23 @@ pub fn remember_and_find(
     }
 }
 
-/// What opening a debit found.
+/// What the first statement of a debit or credit found.
 #[derive(Debug, PartialEq, Eq)]
-pub enum DebitOpening {
+pub enum FirstSight {
     /// The message id was used before: nothing was done.
     Replay,
     /// The serial was answered before: this is the stored answer (nothing was opened).
     Answered(StoredResponse),
     /// Over the per-transaction limit: the message id was recorded, nothing opened.
     OverSingleLimit,
+    /// Debits only: no agreement with this number at this institution.
     NoAgreement,
+    /// Debits only: the agreement is in this state, not ACTIVE.
     AgreementNotActive(String),
-    /// The debit would pass the daily limit; `used` is what the account used today already.
-    OverDailyLimit {
-        used: i64,
-    },
-    /// Journaled durably in SENT_TO_CORE; the sealed account number to post against.
-    Opened {
-        account_enc: String,
-    },
+    /// The amount would pass the daily limit; `used` is what the account used today already.
+    OverDailyLimit { used: i64 },
+    /// Journaled durably in SENT_TO_CORE.
+    Opened,
 }
 
 /// The message a request arrived in, recorded with the first statement that touches it.
@@ -594,16 +592,162 @@ pub struct NewPosting<'a> {
     pub now: DateTime<Utc>,
 }
 
-struct OpenDebit;
-impl fixed::FixedSql for OpenDebit {
-    const SQL: &'static str = concat!(
+/// The first two CTEs of an opening statement: the message id recorded (`seen`, when its
+/// fourth bind is true) and the stored answer for the serial (`stored`). Six binds.
+macro_rules! first_sight_ctes {
+    () => {
         "WITH seen AS ( \
             INSERT INTO seen_message (inst_id, msg_id, seen_at) SELECT ?, ?, ? WHERE ? \
             RETURNING msg_id \
         ), stored AS ( \
             SELECT msg_type, field_digests, response, result_code FROM channel_request \
             WHERE inst_id = ? AND req_serial = ? \
-        ), agr AS ( \
+        ), "
+    };
+}
+
+/// The last columns of an opening statement's one row, read by [`Sighting`].
+macro_rules! first_sight_columns {
+    () => {
+        "(SELECT COUNT(*) FROM opened), (SELECT COUNT(*) FROM seen), \
+         s.msg_type, s.field_digests, s.response, s.result_code \
+         FROM (SELECT 1 AS one) AS one LEFT JOIN stored s ON TRUE"
+    };
+}
+
+type SightingSql = (
+    diesel::sql_types::BigInt,
+    diesel::sql_types::BigInt,
+    diesel::sql_types::Nullable<diesel::sql_types::Text>,
+    diesel::sql_types::Nullable<diesel::sql_types::Text>,
+    diesel::sql_types::Nullable<diesel::sql_types::Binary>,
+    diesel::sql_types::Nullable<diesel::sql_types::Text>,
+);
+
+type SightingRow = (
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<String>,
+);
+
+/// What every opening statement reports besides its own columns.
+struct Sighting {
+    opened: i64,
+    stored: Option<StoredResponse>,
+}
+
+impl Sighting {
+    fn read(row: SightingRow, recorded: bool) -> Sighting {
+        let (opened, seen, msg_type, field_digests, response, result_code) = row;
+        assert_eq!(seen, i64::from(recorded), "the message id is recorded once");
+        assert!(
+            (0..=1).contains(&opened),
+            "one transaction inserted at most"
+        );
+        let stored = match (msg_type, field_digests, response, result_code) {
+            (Some(msg_type), Some(field_digests), Some(response), Some(result_code)) => {
+                assert_eq!(opened, 0, "nothing opens under a stored answer");
+                Some(StoredResponse {
+                    msg_type,
+                    field_digests,
+                    response,
+                    result_code,
+                })
+            }
+            _ => None,
+        };
+        Sighting { opened, stored }
+    }
+
+    /// The answer decided before the opening's own checks: a stored answer, or the single
+    /// limit.
+    fn settled(&mut self, within_single_limit: bool) -> Option<FirstSight> {
+        if let Some(stored) = self.stored.take() {
+            return Some(FirstSight::Answered(stored));
+        }
+        (!within_single_limit).then_some(FirstSight::OverSingleLimit)
+    }
+}
+
+/// The binds of [`first_sight_ctes`].
+fn first_sight_binds<'a>(
+    new: &NewPosting<'a>,
+    arrival: &Arrival<'a>,
+    record: bool,
+) -> [fixed::Bind<'a>; 6] {
+    use fixed::Bind;
+    [
+        Bind::Text(new.inst_id),
+        Bind::Text(arrival.msg_id),
+        Bind::Time(new.now),
+        Bind::Bool(record),
+        Bind::Text(new.inst_id),
+        Bind::Text(new.req_serial),
+    ]
+}
+
+fn is_replay(error: &DieselError) -> bool {
+    matches!(
+        error,
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
+            if info.constraint_name() == Some("seen_message_pk")
+    )
+}
+
+/// Runs an opening statement at most twice: the first debit or credit of the day on an
+/// account finds no usage row to raise, creates it and tries again (without recording the
+/// message id a second time). `run` returns its own columns' verdict (`Ok(Some(..))` ends it),
+/// the [`Sighting`], and the account's hash for the usage row.
+fn open_with_usage<'a, 'h>(
+    conn: &mut PgConnection,
+    new: &NewPosting<'a>,
+    arrival: &Arrival<'a>,
+    kind: &str,
+    within_single_limit: bool,
+    mut run: impl FnMut(
+        &mut PgConnection,
+        [fixed::Bind<'a>; 6],
+    ) -> Result<(Option<FirstSight>, SightingRow, Cow<'h, str>), DieselError>,
+) -> Result<FirstSight, DieselError> {
+    debug_assert!(new.amount_fen > 0);
+    let mut record = arrival.record;
+    for _ in 0..2 {
+        let (verdict, row, account_hash) = match run(conn, first_sight_binds(new, arrival, record))
+        {
+            Ok(found) => found,
+            Err(e) if is_replay(&e) => return Ok(FirstSight::Replay),
+            Err(e) => return Err(e),
+        };
+        let mut sighting = Sighting::read(row, record);
+        record = false;
+        if let Some(settled) = sighting.settled(within_single_limit) {
+            return Ok(settled);
+        }
+        if let Some(verdict) = verdict {
+            return Ok(verdict);
+        }
+        if sighting.opened == 1 {
+            return Ok(FirstSight::Opened);
+        }
+        if let Some(used) = usage_today(conn, new.inst_id, &account_hash, kind, new.business_date)?
+        {
+            return Ok(FirstSight::OverDailyLimit { used });
+        }
+        create_usage(conn, new.inst_id, &account_hash, kind, new.business_date)?;
+    }
+    Err(DieselError::QueryBuilderError(
+        "the daily usage row was created but is not visible".into(),
+    ))
+}
+
+struct OpenDebit;
+impl fixed::FixedSql for OpenDebit {
+    const SQL: &'static str = concat!(
+        first_sight_ctes!(),
+        "agr AS ( \
             SELECT agreement_no, state, account_hash, account_masked, account_enc \
             FROM agreement WHERE agreement_no = ? AND inst_id = ? AND ? \
               AND NOT EXISTS (SELECT 1 FROM stored) \
@@ -623,43 +767,16 @@ impl fixed::FixedSql for OpenDebit {
             RETURNING txn_id \
         ), ",
         opening_history_cte!(),
-        " SELECT (SELECT state FROM agr), (SELECT account_enc FROM agr), \
-                 (SELECT used_fen FROM quota), (SELECT COUNT(*) FROM opened), \
-                 (SELECT COUNT(*) FROM seen), \
-                 s.msg_type, s.field_digests, s.response, s.result_code \
-          FROM (SELECT 1 AS one) AS one LEFT JOIN stored s ON TRUE"
+        " SELECT (SELECT state FROM agr), (SELECT account_hash FROM agr), \
+                 (SELECT account_enc FROM agr), ",
+        first_sight_columns!()
     );
     type Row = (
         diesel::sql_types::Nullable<diesel::sql_types::Text>,
         diesel::sql_types::Nullable<diesel::sql_types::Text>,
-        diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
-        diesel::sql_types::BigInt,
-        diesel::sql_types::BigInt,
         diesel::sql_types::Nullable<diesel::sql_types::Text>,
-        diesel::sql_types::Nullable<diesel::sql_types::Text>,
-        diesel::sql_types::Nullable<diesel::sql_types::Binary>,
-        diesel::sql_types::Nullable<diesel::sql_types::Text>,
+        SightingSql,
     );
-}
-
-type OpenDebitRow = (
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    i64,
-    i64,
-    Option<String>,
-    Option<String>,
-    Option<Vec<u8>>,
-    Option<String>,
-);
-
-fn is_replay(error: &DieselError) -> bool {
-    matches!(
-        error,
-        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
-            if info.constraint_name() == Some("seen_message_pk")
-    )
 }
 
 /// A debit's first statement: records its message id (a duplicate is a replay), reads the
@@ -667,7 +784,8 @@ fn is_replay(error: &DieselError) -> bool {
 /// it: the agreement is read under a share lock (a termination waits for it, and it sees a
 /// termination that committed first), today's usage is raised under its row lock only if the
 /// limit allows, and the transaction is inserted in SENT_TO_CORE with its three history
-/// rows. One statement: all of it or none of it.
+/// rows. One statement: all of it or none of it. On `Opened`, also the agreement's sealed
+/// account number to post against.
 pub fn open_debit(
     conn: &mut PgConnection,
     new: &NewPosting<'_>,
@@ -675,96 +793,50 @@ pub fn open_debit(
     agreement_no: &str,
     within_single_limit: bool,
     opening: &Opening<'_>,
-) -> Result<DebitOpening, DieselError> {
+) -> Result<(FirstSight, Option<String>), DieselError> {
     use fixed::Bind;
-    debug_assert!(new.amount_fen > 0);
-    let mut record = arrival.record;
-    // At most twice: the first debit of the day on an account creates its usage row first.
-    for _ in 0..2 {
-        let mut binds = vec![
-            Bind::Text(new.inst_id),
-            Bind::Text(arrival.msg_id),
-            Bind::Time(new.now),
-            Bind::Bool(record),
-            Bind::Text(new.inst_id),
-            Bind::Text(new.req_serial),
-            Bind::Text(agreement_no),
-            Bind::Text(new.inst_id),
-            Bind::Bool(within_single_limit),
-            Bind::BigInt(new.amount_fen),
-            Bind::Text(new.inst_id),
-            Bind::Date(new.business_date),
-            Bind::BigInt(new.amount_fen),
-            Bind::BigInt(new.daily_limit_fen),
-            Bind::Uuid(new.txn_id),
-            Bind::Text(new.inst_id),
-            Bind::Text(new.req_serial),
-            Bind::BigInt(new.amount_fen),
-            Bind::Date(new.business_date),
-            Bind::Time(new.now),
-            Bind::Time(new.now),
-        ];
-        binds.extend(opening.history_binds(new.now));
-        let row = match fixed::Fixed::<OpenDebit>::new(binds).get_result::<OpenDebitRow>(conn) {
-            Ok(row) => row,
-            Err(e) if is_replay(&e) => return Ok(DebitOpening::Replay),
-            Err(e) => return Err(e),
-        };
-        let (state, account_enc, _, opened, seen, msg_type, field_digests, response, result_code) =
-            row;
-        assert_eq!(seen, i64::from(record), "the message id is recorded once");
-        record = false;
-        if let (Some(msg_type), Some(field_digests), Some(response), Some(result_code)) =
-            (msg_type, field_digests, response, result_code)
-        {
-            assert_eq!(opened, 0, "nothing opens under a stored answer");
-            return Ok(DebitOpening::Answered(StoredResponse {
-                msg_type,
-                field_digests,
-                response,
-                result_code,
-            }));
-        }
-        if !within_single_limit {
-            return Ok(DebitOpening::OverSingleLimit);
-        }
-        let (Some(state), Some(account_enc)) = (state, account_enc) else {
-            return Ok(DebitOpening::NoAgreement);
-        };
-        if state != "ACTIVE" {
-            return Ok(DebitOpening::AgreementNotActive(state));
-        }
-        if opened == 1 {
-            return Ok(DebitOpening::Opened { account_enc });
-        }
-        assert_eq!(opened, 0, "one debit inserted at most");
-        let hash = agreement::table
-            .find(agreement_no)
-            .select(agreement::account_hash)
-            .first::<String>(conn)?;
-        match usage_today(conn, new.inst_id, &hash, "DEBIT", new.business_date)? {
-            Some(used) => return Ok(DebitOpening::OverDailyLimit { used }),
-            None => create_usage(conn, new.inst_id, &hash, "DEBIT", new.business_date)?,
-        }
-    }
-    Err(DieselError::QueryBuilderError(
-        "the daily usage row was created but is not visible".into(),
-    ))
-}
-
-/// What opening a credit found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum CreditOpening {
-    /// The message id was used before: nothing was done.
-    Replay,
-    /// The serial was answered before: this is the stored answer (nothing was opened).
-    Answered(StoredResponse),
-    /// Over the per-transaction limit: the message id was recorded, nothing opened.
-    OverSingleLimit,
-    OverDailyLimit {
-        used: i64,
-    },
-    Opened,
+    let mut sealed = None;
+    let sight = open_with_usage(
+        conn,
+        new,
+        arrival,
+        "DEBIT",
+        within_single_limit,
+        |conn, first| {
+            let mut binds = Vec::with_capacity(40);
+            binds.extend(first);
+            binds.extend([
+                Bind::Text(agreement_no),
+                Bind::Text(new.inst_id),
+                Bind::Bool(within_single_limit),
+                Bind::BigInt(new.amount_fen),
+                Bind::Text(new.inst_id),
+                Bind::Date(new.business_date),
+                Bind::BigInt(new.amount_fen),
+                Bind::BigInt(new.daily_limit_fen),
+                Bind::Uuid(new.txn_id),
+                Bind::Text(new.inst_id),
+                Bind::Text(new.req_serial),
+                Bind::BigInt(new.amount_fen),
+                Bind::Date(new.business_date),
+                Bind::Time(new.now),
+                Bind::Time(new.now),
+            ]);
+            opening.push_history_binds(new.now, &mut binds);
+            let (state, account_hash, account_enc, row) = fixed::Fixed::<OpenDebit>::new(binds)
+                .get_result::<(Option<String>, Option<String>, Option<String>, SightingRow)>(
+                    conn,
+                )?;
+            sealed = account_enc;
+            let verdict = match state {
+                None => Some(FirstSight::NoAgreement),
+                Some(state) if state != "ACTIVE" => Some(FirstSight::AgreementNotActive(state)),
+                Some(_) => None,
+            };
+            Ok((verdict, row, Cow::Owned(account_hash.unwrap_or_default())))
+        },
+    )?;
+    Ok((sight, sealed))
 }
 
 /// The account a credit or refund goes to.
@@ -777,13 +849,8 @@ pub struct Payee<'a> {
 struct OpenCredit;
 impl fixed::FixedSql for OpenCredit {
     const SQL: &'static str = concat!(
-        "WITH seen AS ( \
-            INSERT INTO seen_message (inst_id, msg_id, seen_at) SELECT ?, ?, ? WHERE ? \
-            RETURNING msg_id \
-        ), stored AS ( \
-            SELECT msg_type, field_digests, response, result_code FROM channel_request \
-            WHERE inst_id = ? AND req_serial = ? \
-        ), quota AS ( \
+        first_sight_ctes!(),
+        "quota AS ( \
             UPDATE daily_usage SET used_fen = used_fen + ? \
             WHERE inst_id = ? AND account_hash = ? AND kind = 'CREDIT' AND business_date = ? \
               AND used_fen + ? <= ? AND ? AND NOT EXISTS (SELECT 1 FROM stored) \
@@ -797,28 +864,11 @@ impl fixed::FixedSql for OpenCredit {
             RETURNING txn_id \
         ), ",
         opening_history_cte!(),
-        " SELECT (SELECT COUNT(*) FROM opened), (SELECT COUNT(*) FROM seen), \
-                 s.msg_type, s.field_digests, s.response, s.result_code \
-          FROM (SELECT 1 AS one) AS one LEFT JOIN stored s ON TRUE"
+        " SELECT ",
+        first_sight_columns!()
     );
-    type Row = (
-        diesel::sql_types::BigInt,
-        diesel::sql_types::BigInt,
-        diesel::sql_types::Nullable<diesel::sql_types::Text>,
-        diesel::sql_types::Nullable<diesel::sql_types::Text>,
-        diesel::sql_types::Nullable<diesel::sql_types::Binary>,
-        diesel::sql_types::Nullable<diesel::sql_types::Text>,
-    );
+    type Row = SightingSql;
 }
-
-type OpenCreditRow = (
-    i64,
-    i64,
-    Option<String>,
-    Option<String>,
-    Option<Vec<u8>>,
-    Option<String>,
-);
 
 /// A credit's first statement, as [`open_debit`] for a debit: records its message id (a
 /// duplicate is a replay), reads the stored answer for its serial, and (when there is none and
@@ -831,83 +881,41 @@ pub fn open_credit(
     payee: &Payee<'_>,
     within_single_limit: bool,
     opening: &Opening<'_>,
-) -> Result<CreditOpening, DieselError> {
+) -> Result<FirstSight, DieselError> {
     use fixed::Bind;
-    debug_assert!(new.amount_fen > 0);
-    let mut record = arrival.record;
-    for _ in 0..2 {
-        let mut binds = vec![
-            Bind::Text(new.inst_id),
-            Bind::Text(arrival.msg_id),
-            Bind::Time(new.now),
-            Bind::Bool(record),
-            Bind::Text(new.inst_id),
-            Bind::Text(new.req_serial),
-            Bind::BigInt(new.amount_fen),
-            Bind::Text(new.inst_id),
-            Bind::Text(payee.account_hash),
-            Bind::Date(new.business_date),
-            Bind::BigInt(new.amount_fen),
-            Bind::BigInt(new.daily_limit_fen),
-            Bind::Bool(within_single_limit),
-            Bind::Uuid(new.txn_id),
-            Bind::Text(new.inst_id),
-            Bind::Text(new.req_serial),
-            Bind::BigInt(new.amount_fen),
-            Bind::Text(payee.account_hash),
-            Bind::Text(payee.account_masked),
-            Bind::Text(payee.account_enc),
-            Bind::Date(new.business_date),
-            Bind::Time(new.now),
-            Bind::Time(new.now),
-        ];
-        binds.extend(opening.history_binds(new.now));
-        let row = match fixed::Fixed::<OpenCredit>::new(binds).get_result::<OpenCreditRow>(conn) {
-            Ok(row) => row,
-            Err(e) if is_replay(&e) => return Ok(CreditOpening::Replay),
-            Err(e) => return Err(e),
-        };
-        let (opened, seen, msg_type, field_digests, response, result_code) = row;
-        assert_eq!(seen, i64::from(record), "the message id is recorded once");
-        record = false;
-        if let (Some(msg_type), Some(field_digests), Some(response), Some(result_code)) =
-            (msg_type, field_digests, response, result_code)
-        {
-            assert_eq!(opened, 0, "nothing opens under a stored answer");
-            return Ok(CreditOpening::Answered(StoredResponse {
-                msg_type,
-                field_digests,
-                response,
-                result_code,
-            }));
-        }
-        if !within_single_limit {
-            return Ok(CreditOpening::OverSingleLimit);
-        }
-        if opened == 1 {
-            return Ok(CreditOpening::Opened);
-        }
-        assert_eq!(opened, 0, "one credit inserted at most");
-        match usage_today(
-            conn,
-            new.inst_id,
-            payee.account_hash,
-            "CREDIT",
-            new.business_date,
-        )? {
-            Some(used) => return Ok(CreditOpening::OverDailyLimit { used }),
-            None => create_usage(
-                conn,
-                new.inst_id,
-                payee.account_hash,
-                "CREDIT",
-                new.business_date,
-            )?,
-        }
-    }
-    Err(DieselError::QueryBuilderError(
-        "the daily usage row was created but is not visible".into(),
-    ))
+    open_with_usage(
+        conn,
+        new,
+        arrival,
+        "CREDIT",
+        within_single_limit,
+        |conn, first| {
+            let mut binds = Vec::with_capacity(40);
+            binds.extend(first);
+            binds.extend([
+                Bind::BigInt(new.amount_fen),
+                Bind::Text(new.inst_id),
+                Bind::Text(payee.account_hash),
+                Bind::Date(new.business_date),
+                Bind::BigInt(new.amount_fen),
+                Bind::BigInt(new.daily_limit_fen),
+                Bind::Bool(within_single_limit),
+                Bind::Uuid(new.txn_id),
+                Bind::Text(new.inst_id),
+                Bind::Text(new.req_serial),
+                Bind::BigInt(new.amount_fen),
+                Bind::Text(payee.account_hash),
+                Bind::Text(payee.account_masked),
+                Bind::Text(payee.account_enc),
+                Bind::Date(new.business_date),
+                Bind::Time(new.now),
+                Bind::Time(new.now),
+            ]);
+            opening.push_history_binds(new.now, &mut binds);
+            let row = fixed::Fixed::<OpenCredit>::new(binds).get_result::<SightingRow>(conn)?;
+            Ok((None, row, Cow::Borrowed(payee.account_hash)))
+        },
+    )
 }
 
 struct InsertOpened;
@@ -934,7 +942,6 @@ pub fn insert_opened(
     opening: &Opening<'_>,
 ) -> Result<(), DieselError> {
     use fixed::Bind;
-    assert_eq!(new.state, TxnState::SentToCore.as_str());
     assert!(new.amount_fen > 0);
     let mut binds = vec![
         Bind::Uuid(new.txn_id),
@@ -949,9 +956,9 @@ pub fn insert_opened(
         Bind::Text(new.account_enc),
         Bind::Date(new.business_date),
         Bind::Time(new.created_at),
-        Bind::Time(new.updated_at),
+        Bind::Time(new.created_at),
     ];
-    binds.extend(opening.history_binds(new.created_at));
+    opening.push_history_binds(new.created_at, &mut binds);
     let opened = fixed::Fixed::<InsertOpened>::new(binds).get_result::<i64>(conn)?;
     assert_eq!(opened, 1, "an INSERT ... VALUES inserts its row or fails");
     Ok(())
