@@ -123,12 +123,27 @@ impl Drop for TestCluster {
     }
 }
 
+/// A port nothing listens on, for a daemon to bind a moment later. Taken below the kernel's
+/// ephemeral range: a port the kernel hands out for `bind(0)` can be handed out again, in the
+/// gap before the daemon binds it, as the local port of some outgoing connection (a database
+/// client's, say), and the daemon then fails with "address in use".
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_from.max(10_001));
+    for _ in 0..1000 {
+        // Random per call and per process, so parallel tests spread over the range.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        let port = low + (hasher.finish() % u64::from(high - low)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {low} and {high}");
 }
 
 /// A directory for one daemon: config, keys, logs, the notify socket.
