@@ -53,6 +53,17 @@ if ! psql "$url" -qAtc 'SELECT 1' >/dev/null 2>&1; then
   fi
 fi
 
+# RabbitMQ for the core-link tests (tests/core_link.rs); another broker: KUNPAY_TEST_AMQP_URL.
+if [ -z "${KUNPAY_TEST_AMQP_URL:-}" ] && ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  say "starting RabbitMQ"
+  service rabbitmq-server start >/dev/null 2>&1 || rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 1 60); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break; sleep 1; done
+  if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
+    say "no RabbitMQ answers on 127.0.0.1:5672; start one (guest/guest) or set KUNPAY_TEST_AMQP_URL"; exit 1
+  fi
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   say "cargo-nextest not installed; installing it from crates.io (cargo install --locked cargo-nextest)"
   cargo install --locked cargo-nextest >/dev/null 2>&1 || say "could not install cargo-nextest; make test falls back to cargo test"

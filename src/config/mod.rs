@@ -196,6 +196,26 @@ pub struct ChannelConfig {
 pub struct CoreConfig {
     /// Generated customers the in-process simulator holds besides its three demo accounts.
     pub simulator_generated_accounts: u32,
+    /// `None`: the in-process simulator (`core.link = "simulator"`).
+    pub amqp: Option<AmqpCoreConfig>,
+}
+
+/// The MQ bridge to core banking (`core.link = "amqp"`), see docs/core-link.md.
+#[derive(Debug, Clone)]
+pub struct AmqpCoreConfig {
+    /// `amqp://user@host:port/vhost` or `amqps://...`, without a password.
+    pub url: String,
+    pub password: Option<PassphraseSource>,
+    pub request_queue: String,
+    pub reply_queue: String,
+    pub dead_letter_queue: String,
+    pub mac_key_id: String,
+    /// Holds the shared MAC key as hex (at least 16 bytes).
+    pub mac_key: Option<PassphraseSource>,
+    pub reply_timeout: Duration,
+    pub confirm_timeout: Duration,
+    pub max_in_flight: usize,
+    pub prefetch: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -563,6 +583,7 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
             0,
             0..=1_000_000,
         ) as u32,
+        amqp: read_core_amqp(r, &node.id),
     };
     if channel.is_some() && keys.encrypt_private.is_none() {
         r.reject(
@@ -584,6 +605,109 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
         institutions,
         core,
     }
+}
+
+/// AMQP queue names: what RabbitMQ accepts, kept to a safe alphabet.
+fn is_queue_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with("amq.")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
+}
+
+fn read_core_amqp(r: &mut Reader, node_id: &str) -> Option<AmqpCoreConfig> {
+    let link = r.str_or("core.link", "simulator");
+    match link.as_str() {
+        "simulator" => return None,
+        "amqp" => {}
+        other => {
+            r.reject(
+                "core.link",
+                format!("\"{other}\" is not a core link; use \"simulator\" or \"amqp\""),
+            );
+            return None;
+        }
+    }
+    let url = r.opt_str("core.amqp.url").unwrap_or_default();
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        r.reject(
+            "core.amqp.url",
+            "is required with core.link = \"amqp\" and must start with amqp:// or amqps://, e.g. \"amqp://kunpay@mq.bank:5672/%2f\"",
+        );
+    } else if url_has_password(&url) {
+        r.reject(
+            "core.amqp.url",
+            "contains a password; put it in core.amqp.password_file or core.amqp.password_credential instead",
+        );
+    }
+    let queue = |r: &mut Reader, key: &str, default: String| {
+        let name = r.str_or(key, &default);
+        if !is_queue_name(&name) {
+            r.reject(
+                key,
+                format!("\"{name}\" is not a usable queue name (1-200 of A-Z a-z 0-9 . - _ :, not amq.*)"),
+            );
+        }
+        name
+    };
+    let request_queue = queue(r, "core.amqp.request_queue", "kunpay.core.request".into());
+    let reply_queue = queue(
+        r,
+        "core.amqp.reply_queue",
+        format!("kunpay.core.reply.{node_id}"),
+    );
+    let dead_letter_queue = queue(r, "core.amqp.dead_letter_queue", "kunpay.core.dead".into());
+    if request_queue == reply_queue
+        || dead_letter_queue == request_queue
+        || dead_letter_queue == reply_queue
+    {
+        r.reject(
+            "core.amqp.reply_queue",
+            "the request, reply and dead-letter queues must be three different queues",
+        );
+    }
+    let mac_key_id = r.str_or("core.amqp.mac_key_id", "");
+    if mac_key_id.is_empty() || mac_key_id.len() > 64 || !mac_key_id.is_ascii() {
+        r.reject(
+            "core.amqp.mac_key_id",
+            "is required with core.link = \"amqp\": the id of the shared MAC key, 1-64 ASCII characters, agreed with the core team",
+        );
+    }
+    let mac_key =
+        read_passphrase_source(r, "core.amqp.mac_key_file", "core.amqp.mac_key_credential");
+    if mac_key.is_none() {
+        r.reject(
+            "core.amqp.mac_key_file",
+            "core.amqp.mac_key_file or core.amqp.mac_key_credential is required with core.link = \"amqp\" (the shared MAC key as hex)",
+        );
+    }
+    Some(AmqpCoreConfig {
+        url,
+        password: read_passphrase_source(
+            r,
+            "core.amqp.password_file",
+            "core.amqp.password_credential",
+        ),
+        request_queue,
+        reply_queue,
+        dead_letter_queue,
+        mac_key_id,
+        mac_key,
+        reply_timeout: r.duration_or(
+            "core.amqp.reply_timeout",
+            Duration::from_secs(5),
+            (Duration::from_millis(50), Duration::from_secs(300)),
+        ),
+        confirm_timeout: r.duration_or(
+            "core.amqp.confirm_timeout",
+            Duration::from_secs(5),
+            (Duration::from_millis(50), Duration::from_secs(300)),
+        ),
+        max_in_flight: r.int_or("core.amqp.max_in_flight", 4096, 1..=1_000_000) as usize,
+        prefetch: r.int_or("core.amqp.prefetch", 256, 1..=65_535) as u16,
+    })
 }
 
 fn read_channel(r: &mut Reader) -> Option<ChannelConfig> {

@@ -7,7 +7,11 @@
 //! Must never: decide a transaction's outcome by guessing; a timeout is `CoreError::Timeout`,
 //! which the flow records as UNKNOWN and resolves with `query_posting`.
 
+pub mod amqp;
+pub mod bridge;
+pub mod coresim;
 pub mod sim;
+pub mod wire;
 
 use thiserror::Error;
 use uuid::Uuid;

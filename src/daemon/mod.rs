@@ -77,6 +77,14 @@ struct ChannelPrepared {
     encrypt_key: crate::crypto::sm2::PrivateKey,
     data_key: [u8; 16],
     institution_keys: std::collections::HashMap<String, crate::crypto::sm2::PublicKey>,
+    /// With `core.link = "amqp"`: the MAC keys and the broker URI with its password, read
+    /// while still privileged like every other secret.
+    core_link: Option<CoreLinkSecrets>,
+}
+
+struct CoreLinkSecrets {
+    mac_keys: Arc<crate::core::wire::MacKeys>,
+    uri: String,
 }
 
 /// What start-up reads while still privileged, handed to the async part.
@@ -157,7 +165,18 @@ fn start(options: Options) -> Result<u8, Fatal> {
             };
             let institution_keys = crate::gateway::load_institution_keys(&config.institutions)?;
             let listener = server::bind(channel.listen, "channel.listen")?;
+            let core_link = match &config.core.amqp {
+                None => None,
+                Some(amqp) => Some(CoreLinkSecrets {
+                    mac_keys: Arc::new(
+                        crate::core::wire::MacKeys::single(&amqp.mac_key_id, read_mac_key(amqp)?)
+                            .map_err(|e| anyhow::anyhow!("core.amqp.mac_key_file: {e}"))?,
+                    ),
+                    uri: amqp_uri(amqp)?,
+                }),
+            };
             Some(ChannelPrepared {
+                core_link,
                 institution_keys,
                 listener,
                 tls,
@@ -378,6 +397,155 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
     }
 }
 
+/// Late posting replies waiting to be compared with the journal.
+const LATE_REPLY_QUEUE: usize = 4096;
+
+/// The MQ bridge to core banking, and the thread that reconciles late posting replies.
+fn start_core_bridge(
+    amqp: &crate::config::AmqpCoreConfig,
+    secrets: CoreLinkSecrets,
+    node_id: &str,
+    pool: db::Pool,
+) -> anyhow::Result<Arc<dyn crate::core::CoreLink>> {
+    let CoreLinkSecrets {
+        mac_keys: keys,
+        uri,
+    } = secrets;
+    let (bridge, late_replies) = crate::core::bridge::MqCore::start(
+        tokio::runtime::Handle::current(),
+        crate::core::amqp::AmqpSettings {
+            uri,
+            queues: vec![amqp.request_queue.clone(), amqp.reply_queue.clone()],
+            dead_letter_queue: amqp.dead_letter_queue.clone(),
+            consume_queue: amqp.reply_queue.clone(),
+            prefetch: amqp.prefetch,
+            confirm_timeout: amqp.confirm_timeout,
+            connection_name: format!("kunpay {node_id}"),
+            app_id: "kunpay".into(),
+        },
+        crate::core::bridge::BridgeSettings {
+            request_queue: amqp.request_queue.clone(),
+            reply_queue: amqp.reply_queue.clone(),
+            reply_timeout: amqp.reply_timeout,
+            max_in_flight: amqp.max_in_flight,
+            late_queue: LATE_REPLY_QUEUE,
+        },
+        keys,
+    );
+    std::thread::Builder::new()
+        .name("core-late-replies".into())
+        .spawn(move || reconcile_late_replies(late_replies, pool))
+        .context("starting the late-reply thread")?;
+    tracing::info!(
+        request_queue = %amqp.request_queue,
+        reply_queue = %amqp.reply_queue,
+        "core link: MQ bridge started (connecting in the background)"
+    );
+    Ok(Arc::new(bridge))
+}
+
+fn read_mac_key(
+    amqp: &crate::config::AmqpCoreConfig,
+) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    let source = amqp
+        .mac_key
+        .as_ref()
+        .expect("configuration requires a MAC key source with core.link = amqp");
+    let text = source
+        .read()
+        .map_err(|e| anyhow::anyhow!("core.amqp.mac_key_file: {e}"))?;
+    let trimmed: Vec<u8> = text
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    let trimmed = zeroize::Zeroizing::new(trimmed);
+    hex::decode(trimmed.as_slice())
+        .map(zeroize::Zeroizing::new)
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "core.amqp.mac_key_file: the MAC key must be hex (e.g. from `openssl rand -hex 32`)"
+            )
+        })
+}
+
+/// The broker URI with the password from its file or credential put in.
+fn amqp_uri(amqp: &crate::config::AmqpCoreConfig) -> anyhow::Result<String> {
+    let Some(source) = &amqp.password else {
+        return Ok(amqp.url.clone());
+    };
+    let password = source
+        .read()
+        .map_err(|e| anyhow::anyhow!("core.amqp.password_file: {e}"))?;
+    let password = String::from_utf8(password.to_vec())
+        .map_err(|_| anyhow::anyhow!("core.amqp.password_file: the password is not UTF-8"))?;
+    let password = password.trim_end_matches(['\r', '\n']);
+    let (scheme, rest) = amqp.url.split_once("://").expect("validated scheme");
+    let Some((user, host)) = rest.split_once('@') else {
+        anyhow::bail!(
+            "core.amqp.url: a password is configured but the URL names no user (amqp://USER@host/vhost)"
+        );
+    };
+    let encoded: String = password
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    Ok(format!("{scheme}://{user}:{encoded}@{host}"))
+}
+
+/// Compares every late posting reply with the journal, one at a time, for as long as the
+/// bridge lives.
+fn reconcile_late_replies(
+    late_replies: std::sync::mpsc::Receiver<crate::core::bridge::LateReply>,
+    pool: db::Pool,
+) {
+    use crate::payment::LateReplyVerdict;
+    for late in late_replies {
+        let verdict = db::checkout(&pool, Duration::from_secs(5))
+            .map_err(|e| e.to_string())
+            .and_then(|mut conn| {
+                crate::payment::Flows::reconcile_late_reply(
+                    &mut conn,
+                    late.txn_id,
+                    &late.outcome,
+                    chrono::Utc::now(),
+                )
+                .map_err(|e| e.to_string())
+            });
+        match verdict {
+            Ok(LateReplyVerdict::Settled(state)) => {
+                tracing::info!(txn_id = %late.txn_id, "late core reply settled the transaction as {state}")
+            }
+            Ok(LateReplyVerdict::Duplicate) => {
+                tracing::info!(txn_id = %late.txn_id, "late core reply repeats the recorded outcome")
+            }
+            Ok(LateReplyVerdict::LeftToResolver) => {
+                tracing::info!(txn_id = %late.txn_id, "late core reply left to the resolver (no outcome recorded yet)")
+            }
+            Ok(LateReplyVerdict::Conflict {
+                recorded,
+                core_says,
+            }) => tracing::error!(
+                txn_id = %late.txn_id,
+                "CONFLICT: the journal says {recorded}, the core says {core_says}; settle by hand (reversal if the core moved money)"
+            ),
+            Ok(LateReplyVerdict::NoSuchTransaction) => {
+                tracing::error!(txn_id = %late.txn_id, "late core reply for a transaction this database does not have")
+            }
+            Err(why) => tracing::error!(
+                txn_id = %late.txn_id,
+                "late core reply not reconciled ({why}); the resolver settles the transaction by query"
+            ),
+        }
+    }
+}
+
 fn start_channel(
     config: &Config,
     channel: ChannelPrepared,
@@ -401,11 +569,20 @@ fn start_channel(
         channel.signer,
         channel.data_key,
     );
-    // The in-process core simulator is the core until the MQ bridge exists.
-    let core: Arc<dyn crate::core::CoreLink> = Arc::new(
-        crate::core::sim::CoreSimulator::with_demo_accounts()
-            .with_generated_accounts(config.core.simulator_generated_accounts),
-    );
+    let core: Arc<dyn crate::core::CoreLink> = match &config.core.amqp {
+        Some(amqp) => start_core_bridge(
+            amqp,
+            channel
+                .core_link
+                .expect("prepared whenever core.amqp is configured"),
+            &config.node.id,
+            pool.clone(),
+        )?,
+        None => Arc::new(
+            crate::core::sim::CoreSimulator::with_demo_accounts()
+                .with_generated_accounts(config.core.simulator_generated_accounts),
+        ),
+    };
     let gateway = crate::gateway::ChannelGateway::start(
         &config.institutions,
         &channel.institution_keys,

@@ -1143,6 +1143,62 @@ impl Flows {
         Ok(rows.len())
     }
 
+    /// A posting reply that came when nobody waited for it any more (after the worker's
+    /// timeout, a duplicate, or after a restart). It settles an UNKNOWN transaction exactly
+    /// like a query answer would; against a recorded outcome it is only compared, never applied.
+    pub fn reconcile_late_reply(
+        conn: &mut PgConnection,
+        txn_id: Uuid,
+        outcome: &PostingOutcome,
+        now: DateTime<Utc>,
+    ) -> Result<LateReplyVerdict, FlowError> {
+        let (to, code, core_ref) = match outcome {
+            PostingOutcome::Posted { core_ref } => (
+                TxnState::Succeeded,
+                ResultCode::Success,
+                Some(core_ref.as_str()),
+            ),
+            PostingOutcome::Rejected(rejection) => {
+                (TxnState::Failed, rejection_code(*rejection), None)
+            }
+        };
+        let settled = journal::record_outcome(
+            conn,
+            &journal::OutcomeRecord {
+                txn_id,
+                from: TxnState::Unknown,
+                to,
+                reason: "late core reply",
+                result_code: code.code(),
+                core_ref,
+                now,
+            },
+            None,
+        )?;
+        if settled {
+            return Ok(LateReplyVerdict::Settled(to));
+        }
+        let Some(row) = journal::txn_by_id(conn, txn_id)? else {
+            return Ok(LateReplyVerdict::NoSuchTransaction);
+        };
+        let state = row.state()?;
+        Ok(match state {
+            // Its worker is still between the timeout and recording UNKNOWN, or the process
+            // stopped: the resolver asks the core, which gives this same answer.
+            TxnState::SentToCore | TxnState::Unknown => LateReplyVerdict::LeftToResolver,
+            recorded
+                if recorded == to
+                    && (to != TxnState::Succeeded || row.core_ref.as_deref() == core_ref) =>
+            {
+                LateReplyVerdict::Duplicate
+            }
+            recorded => LateReplyVerdict::Conflict {
+                recorded,
+                core_says: to,
+            },
+        })
+    }
+
     /// UNKNOWN is resolved by asking the core, never by guessing.
     pub fn resolve_unknown(
         &self,
@@ -1267,6 +1323,25 @@ fn core_unavailable(error: &CoreError) -> Answer {
         ResultCode::CoreUnavailable,
         format!("core banking: {error}"),
     )
+}
+
+/// What a late posting reply did to the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateReplyVerdict {
+    /// It settled an UNKNOWN transaction.
+    Settled(TxnState),
+    /// The journal already holds the same outcome.
+    Duplicate,
+    /// No outcome recorded yet; the resolver settles it by query.
+    LeftToResolver,
+    /// The journal recorded another outcome than the core reports: a person (and, for money
+    /// the core moved that the journal says failed, a reversal) must settle it.
+    Conflict {
+        recorded: TxnState,
+        core_says: TxnState,
+    },
+    /// The reply names a transaction this database never had.
+    NoSuchTransaction,
 }
 
 fn rejection_code(rejection: Rejection) -> ResultCode {

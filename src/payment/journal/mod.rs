@@ -135,6 +135,14 @@ pub fn find_txn(
         .optional()
 }
 
+pub fn txn_by_id(conn: &mut PgConnection, txn_id: Uuid) -> Result<Option<TxnRow>, DieselError> {
+    txn::table
+        .find(txn_id)
+        .select(TxnRow::as_select())
+        .first(conn)
+        .optional()
+}
+
 pub fn lock_txn(
     conn: &mut PgConnection,
     inst_id: &str,

@@ -1,0 +1,271 @@
+//! kunpay-coresim: the core-banking simulator as a service on the message queue, for test, demo
+//! and benchmark environments (never production). Exit codes: 0 stopped by SIGTERM/SIGINT,
+//! 2 configuration error, 101 crashed on purpose (fault injection).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use kunpay::core::Rejection;
+use kunpay::core::amqp::AmqpSettings;
+use kunpay::core::coresim::{CoreSimService, ServiceFaults};
+use kunpay::core::sim::CoreSimulator;
+use kunpay::core::wire::MacKeys;
+
+#[derive(Parser)]
+#[command(
+    name = "kunpay-coresim",
+    version,
+    about = "Core-banking simulator answering kunpay over AMQP (test environments only)"
+)]
+struct Cli {
+    /// Configuration file (TOML; see packaging/coresim.toml).
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/kunpay-coresim/coresim.toml"
+    )]
+    config: PathBuf,
+    /// Override [faults] latency, e.g. 20ms.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    latency: Option<Duration>,
+    /// Override [faults] drop_every: every Nth reply is never sent.
+    #[arg(long, value_name = "N")]
+    drop_every: Option<u64>,
+    /// Override [faults] duplicate_every: every Nth reply is sent twice.
+    #[arg(long, value_name = "N")]
+    duplicate_every: Option<u64>,
+    /// Override [faults] reorder_every: every Nth reply is held back.
+    #[arg(long, value_name = "N")]
+    reorder_every: Option<u64>,
+    /// Override [faults] reject_every: every Nth posting is rejected.
+    #[arg(long, value_name = "N")]
+    reject_every: Option<u64>,
+    /// Override [faults] crash_at: exit abruptly on the Nth request.
+    #[arg(long, value_name = "N")]
+    crash_at: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    amqp: AmqpSection,
+    mac: MacSection,
+    #[serde(default)]
+    ledger: LedgerSection,
+    #[serde(default)]
+    faults: FaultsSection,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AmqpSection {
+    url: String,
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_request_queue")]
+    request_queue: String,
+    #[serde(default = "default_dead_letter_queue")]
+    dead_letter_queue: String,
+    #[serde(default = "default_prefetch")]
+    prefetch: u16,
+}
+
+fn default_request_queue() -> String {
+    "kunpay.core.request".into()
+}
+fn default_dead_letter_queue() -> String {
+    "kunpay.core.dead".into()
+}
+fn default_prefetch() -> u16 {
+    64
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MacSection {
+    key_id: String,
+    key_file: PathBuf,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LedgerSection {
+    #[serde(default)]
+    generated_accounts: u32,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FaultsSection {
+    latency: Option<String>,
+    #[serde(default)]
+    drop_every: u64,
+    #[serde(default)]
+    duplicate_every: u64,
+    #[serde(default)]
+    reorder_every: u64,
+    hold_back: Option<String>,
+    #[serde(default)]
+    reject_every: u64,
+    /// insufficient_funds, unknown_account, frozen or name_mismatch.
+    reject_reason: Option<String>,
+    #[serde(default)]
+    crash_at: u64,
+}
+
+/// A secret file: must not be readable by group or others.
+fn read_secret(path: &Path, what: &str) -> anyhow::Result<Zeroizing<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("{what} {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{what} {} is readable by group or others; chmod 600 it",
+            path.display()
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("{what} {}", path.display()))?;
+    Ok(Zeroizing::new(text.trim().to_string()))
+}
+
+fn duration(text: Option<&str>, key: &str, default: Duration) -> anyhow::Result<Duration> {
+    match text {
+        None => Ok(default),
+        Some(t) => humantime::parse_duration(t).with_context(|| {
+            format!("[faults] {key} = \"{t}\" is not a duration such as \"20ms\"")
+        }),
+    }
+}
+
+fn load(cli: &Cli) -> anyhow::Result<(AmqpSettings, MacKeys, u32, ServiceFaults)> {
+    let text = std::fs::read_to_string(&cli.config)
+        .with_context(|| format!("reading {}", cli.config.display()))?;
+    let file: FileConfig =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", cli.config.display()))?;
+    let mut uri = file.amqp.url.clone();
+    if !(uri.starts_with("amqp://") || uri.starts_with("amqps://")) {
+        bail!("[amqp] url must start with amqp:// or amqps://");
+    }
+    if let Some(path) = &file.amqp.password_file {
+        let password = read_secret(path, "[amqp] password_file")?;
+        let (scheme, rest) = uri.split_once("://").expect("checked above");
+        let Some((user, host)) = rest.split_once('@') else {
+            bail!("[amqp] url names no user (amqp://USER@host/vhost) but a password_file is set");
+        };
+        let encoded: String = password
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        uri = format!("{scheme}://{user}:{encoded}@{host}");
+    }
+    let key_hex = read_secret(&file.mac.key_file, "[mac] key_file")?;
+    let key = Zeroizing::new(hex::decode(key_hex.as_bytes()).map_err(|_| {
+        anyhow::anyhow!("[mac] key_file must hold the shared key as hex (openssl rand -hex 32)")
+    })?);
+    let keys = MacKeys::single(&file.mac.key_id, key).map_err(|e| anyhow::anyhow!("[mac] {e}"))?;
+    if file.amqp.prefetch == 0 {
+        bail!("[amqp] prefetch must be at least 1");
+    }
+    let f = &file.faults;
+    let mut faults = ServiceFaults {
+        latency: duration(f.latency.as_deref(), "latency", Duration::ZERO)?,
+        drop_every: f.drop_every,
+        duplicate_every: f.duplicate_every,
+        reorder_every: f.reorder_every,
+        hold_back: duration(f.hold_back.as_deref(), "hold_back", Duration::from_secs(1))?,
+        reject_every: f.reject_every,
+        reject_reason: match f.reject_reason.as_deref() {
+            None => None,
+            Some("insufficient_funds") => Some(Rejection::InsufficientFunds),
+            Some("unknown_account") => Some(Rejection::UnknownAccount),
+            Some("frozen") => Some(Rejection::Frozen),
+            Some("name_mismatch") => Some(Rejection::NameMismatch),
+            Some(other) => bail!(
+                "[faults] reject_reason = \"{other}\"; use insufficient_funds, unknown_account, frozen or name_mismatch"
+            ),
+        },
+        crash_at: f.crash_at,
+    };
+    if let Some(v) = cli.latency {
+        faults.latency = v;
+    }
+    for (value, slot) in [
+        (cli.drop_every, &mut faults.drop_every),
+        (cli.duplicate_every, &mut faults.duplicate_every),
+        (cli.reorder_every, &mut faults.reorder_every),
+        (cli.reject_every, &mut faults.reject_every),
+        (cli.crash_at, &mut faults.crash_at),
+    ] {
+        if let Some(v) = value {
+            *slot = v;
+        }
+    }
+    let settings = AmqpSettings {
+        uri,
+        queues: vec![file.amqp.request_queue.clone()],
+        dead_letter_queue: file.amqp.dead_letter_queue,
+        consume_queue: file.amqp.request_queue,
+        prefetch: file.amqp.prefetch,
+        confirm_timeout: Duration::from_secs(5),
+        connection_name: "kunpay-coresim".into(),
+        app_id: "kunpay-coresim".into(),
+    };
+    Ok((settings, keys, file.ledger.generated_accounts, faults))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let (settings, keys, accounts, faults) = match load(&cli) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("kunpay-coresim: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let core = Arc::new(CoreSimulator::with_demo_accounts().with_generated_accounts(accounts));
+    let service = CoreSimService::start(
+        runtime.handle().clone(),
+        settings,
+        Arc::new(keys),
+        core,
+        faults,
+    );
+    tracing::info!("kunpay-coresim: started");
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    });
+    tracing::info!(handled = service.handled(), "kunpay-coresim: stopping");
+    service.stop();
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    ExitCode::SUCCESS
+}

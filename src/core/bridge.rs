@@ -1,0 +1,407 @@
+//! The MQ bridge: `CoreLink` over a message queue, request/reply matched by correlation id.
+//!
+//! Owns: sealing requests (MAC), publishing them with confirms, the bounded table of requests
+//! waiting for a reply, the reply timeout, and the verdict on every received reply (bad MAC,
+//! unknown correlation id, wrong type, duplicate, late). A posting reply nobody waits for any
+//! more goes to the late-reply queue, where the payment flows reconcile it with the journal.
+//! Must never: apply a reply itself (the journal's compare-and-set does that, once), match a
+//! reply whose MAC failed, wait without a deadline, or hold more requests than its bound.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::amqp::{AmqpLink, AmqpSettings, Disposition, PublishError, RawMessage};
+use super::wire::{CoreReply, CoreRequest, Envelope, MacKeys, MessageType, now_ms};
+use super::{BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingOutcome};
+
+/// A posting reply that arrived when nobody waited for it: after the timeout, a duplicate, or
+/// after a restart. The flows compare it with the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LateReply {
+    pub txn_id: Uuid,
+    pub outcome: PostingOutcome,
+}
+
+/// Why a received message was not matched (counted in /metrics, logged with its ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// MAC missing, wrong, or under an unknown key id.
+    BadMac,
+    /// The MAC verified but the message is not a valid reply.
+    Malformed,
+    /// A reply type other than the one the request expects.
+    WrongType,
+    /// No request waits under this correlation id and it is not a posting reply.
+    UnknownCorrelation,
+    /// The late-reply queue was full; the reply is dead-lettered for a person.
+    LateQueueFull,
+}
+
+impl Refusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::BadMac => "bad_mac",
+            Refusal::Malformed => "malformed",
+            Refusal::WrongType => "wrong_type",
+            Refusal::UnknownCorrelation => "unknown_correlation",
+            Refusal::LateQueueFull => "late_queue_full",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BridgeSettings {
+    pub request_queue: String,
+    pub reply_queue: String,
+    pub reply_timeout: Duration,
+    /// Requests waiting for a reply at once; beyond it a request fails as unavailable.
+    pub max_in_flight: usize,
+    /// Late posting replies held for the flows to reconcile.
+    pub late_queue: usize,
+}
+
+struct Waiter {
+    expects: MessageType,
+    reply: SyncSender<CoreReply>,
+}
+
+/// Counters for /metrics and tests.
+#[derive(Default)]
+pub struct BridgeCounters {
+    pub published: AtomicU64,
+    pub replies_matched: AtomicU64,
+    pub replies_late: AtomicU64,
+    pub refused: Mutex<HashMap<&'static str, u64>>,
+    pub timeouts: AtomicU64,
+}
+
+impl BridgeCounters {
+    fn refuse(&self, refusal: Refusal) {
+        *self
+            .refused
+            .lock()
+            .expect("counter lock")
+            .entry(refusal.label())
+            .or_default() += 1;
+    }
+
+    pub fn refused(&self, refusal: Refusal) -> u64 {
+        self.refused
+            .lock()
+            .expect("counter lock")
+            .get(refusal.label())
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+struct Shared {
+    keys: Arc<MacKeys>,
+    waiting: Mutex<HashMap<String, Waiter>>,
+    late: SyncSender<LateReply>,
+    counters: BridgeCounters,
+}
+
+pub struct MqCore {
+    link: AmqpLink,
+    settings: BridgeSettings,
+    shared: Arc<Shared>,
+}
+
+impl MqCore {
+    /// Connects (in the background) and starts consuming the reply queue. Posting replies that
+    /// nobody waits for come out of the returned receiver.
+    pub fn start(
+        runtime: tokio::runtime::Handle,
+        amqp: AmqpSettings,
+        settings: BridgeSettings,
+        keys: Arc<MacKeys>,
+    ) -> (MqCore, Receiver<LateReply>) {
+        assert!(settings.max_in_flight > 0 && settings.late_queue > 0);
+        assert_eq!(amqp.consume_queue, settings.reply_queue);
+        let (late, late_replies) = sync_channel(settings.late_queue);
+        let shared = Arc::new(Shared {
+            keys,
+            waiting: Mutex::new(HashMap::new()),
+            late,
+            counters: BridgeCounters::default(),
+        });
+        let handler_shared = shared.clone();
+        let handler: super::amqp::Handler = Arc::new(move |message: RawMessage| {
+            let disposition = on_reply(&handler_shared, message);
+            Box::pin(async move { disposition })
+        });
+        let link = AmqpLink::start(runtime, amqp, handler);
+        (
+            MqCore {
+                link,
+                settings,
+                shared,
+            },
+            late_replies,
+        )
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.link.is_connected()
+    }
+
+    pub fn wait_connected(&self, within: Duration) -> bool {
+        self.link.wait_connected(within)
+    }
+
+    pub fn counters(&self) -> &BridgeCounters {
+        &self.shared.counters
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.shared.waiting.lock().expect("waiting lock").len()
+    }
+
+    pub fn stop(&self) {
+        self.link.stop();
+    }
+
+    /// Publishes `request` under `correlation_id` and waits for its reply.
+    fn call(&self, request: &CoreRequest, correlation_id: String) -> Result<CoreReply, CoreError> {
+        let message_type = request.message_type();
+        let expects = message_type.reply().expect("requests have a reply type");
+        let (reply_tx, reply_rx) = sync_channel(1);
+        {
+            let mut waiting = self.shared.waiting.lock().expect("waiting lock");
+            if waiting.len() >= self.settings.max_in_flight {
+                return Err(CoreError::Unavailable(format!(
+                    "{} requests already wait for the core (core.amqp.max_in_flight)",
+                    waiting.len()
+                )));
+            }
+            if waiting.contains_key(&correlation_id) {
+                // One owner per transaction is the journal's rule; a second caller cannot know
+                // what the first one's posting did, so it must not claim anything.
+                return Err(CoreError::Timeout);
+            }
+            waiting.insert(
+                correlation_id.clone(),
+                Waiter {
+                    expects,
+                    reply: reply_tx,
+                },
+            );
+        }
+        let envelope = Envelope::seal(
+            &self.shared.keys,
+            message_type,
+            &correlation_id,
+            now_ms(),
+            request.encode(),
+        );
+        let published = self.link.publish_blocking(
+            &self.settings.request_queue,
+            &envelope,
+            Some(&self.settings.reply_queue),
+        );
+        let forget = || {
+            self.shared
+                .waiting
+                .lock()
+                .expect("waiting lock")
+                .remove(&correlation_id);
+        };
+        match published {
+            Ok(()) => {
+                self.shared
+                    .counters
+                    .published
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(PublishError::NotSent(why)) => {
+                forget();
+                return Err(CoreError::Unavailable(why));
+            }
+            Err(PublishError::Unconfirmed(why)) => {
+                forget();
+                tracing::warn!(%correlation_id, "core link: {why}; the outcome is unknown");
+                return Err(CoreError::Timeout);
+            }
+        }
+        match reply_rx.recv_timeout(self.settings.reply_timeout) {
+            Ok(reply) => Ok(reply),
+            Err(_) => {
+                forget();
+                // The reply may have been handed over between the timeout and the removal.
+                if let Ok(reply) = reply_rx.try_recv() {
+                    return Ok(reply);
+                }
+                self.shared
+                    .counters
+                    .timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(CoreError::Timeout)
+            }
+        }
+    }
+}
+
+/// The verdict on one received message. Runs on the runtime: no blocking.
+fn on_reply(shared: &Shared, message: RawMessage) -> Disposition {
+    let ids = (
+        message.message_id.clone().unwrap_or_default(),
+        message.correlation_id.clone().unwrap_or_default(),
+    );
+    let envelope = match message.open(&shared.keys) {
+        Ok(envelope) => envelope,
+        Err(why) => {
+            shared.counters.refuse(Refusal::BadMac);
+            tracing::error!(
+                message_id = %ids.0, correlation_id = %ids.1,
+                "core link: reply refused and dead-lettered: {why}"
+            );
+            return Disposition::DeadLetter;
+        }
+    };
+    let reply = match CoreReply::decode(&envelope) {
+        Ok(reply) => reply,
+        Err(why) => {
+            shared.counters.refuse(Refusal::Malformed);
+            tracing::error!(
+                message_id = %ids.0, correlation_id = %ids.1,
+                "core link: reply refused and dead-lettered: {why}"
+            );
+            return Disposition::DeadLetter;
+        }
+    };
+    let waiter = {
+        let mut waiting = shared.waiting.lock().expect("waiting lock");
+        match waiting.get(&envelope.correlation_id) {
+            Some(w) if w.expects != envelope.message_type => {
+                shared.counters.refuse(Refusal::WrongType);
+                tracing::error!(
+                    message_id = %ids.0, correlation_id = %ids.1,
+                    "core link: a {} answers a request expecting {}; dead-lettered",
+                    envelope.message_type, w.expects
+                );
+                return Disposition::DeadLetter;
+            }
+            Some(_) => waiting.remove(&envelope.correlation_id),
+            None => None,
+        }
+    };
+    if let Some(waiter) = waiter {
+        // The waiter may have timed out a moment ago and gone: then the reply is late.
+        match waiter.reply.try_send(reply.clone()) {
+            Ok(()) => {
+                shared
+                    .counters
+                    .replies_matched
+                    .fetch_add(1, Ordering::Relaxed);
+                return Disposition::Ack;
+            }
+            Err(TrySendError::Full(_)) => unreachable!("one reply per waiter"),
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+    match reply {
+        CoreReply::Post { txn_id, outcome } => {
+            match shared.late.try_send(LateReply { txn_id, outcome }) {
+                Ok(()) => {
+                    shared.counters.replies_late.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        %txn_id, message_id = %ids.0,
+                        "core link: posting reply after its request stopped waiting; reconciling with the journal"
+                    );
+                    Disposition::Ack
+                }
+                Err(_) => {
+                    shared.counters.refuse(Refusal::LateQueueFull);
+                    tracing::error!(
+                        %txn_id, message_id = %ids.0,
+                        "core link: late posting reply dead-lettered, the reconciliation queue is full"
+                    );
+                    Disposition::DeadLetter
+                }
+            }
+        }
+        _ => {
+            shared.counters.refuse(Refusal::UnknownCorrelation);
+            tracing::warn!(
+                message_id = %ids.0, correlation_id = %ids.1,
+                "core link: {} with no request waiting for it; acknowledged and dropped",
+                envelope.message_type
+            );
+            Disposition::Ack
+        }
+    }
+}
+
+fn unexpected(reply: CoreReply) -> CoreError {
+    // The waiter table matches types, so this is a bug, not a core fault.
+    unreachable!(
+        "reply type checked against the waiter: {:?}",
+        reply.message_type()
+    )
+}
+
+impl CoreLink for MqCore {
+    fn request_binding(&self, request: &BindRequest) -> Result<BindOutcome, CoreError> {
+        match self.call(
+            &CoreRequest::Bind(request.into()),
+            Uuid::now_v7().simple().to_string(),
+        )? {
+            CoreReply::Bind(outcome) => Ok(outcome),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn check_code(&self, agreement_no: &str, code: &str) -> Result<CodeCheck, CoreError> {
+        match self.call(
+            &CoreRequest::CheckCode {
+                agreement_no: agreement_no.to_string(),
+                code: code.to_string(),
+            },
+            Uuid::now_v7().simple().to_string(),
+        )? {
+            CoreReply::CheckCode(check) => Ok(check),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn post(&self, posting: &Posting) -> Result<PostingOutcome, CoreError> {
+        match self.call(
+            &CoreRequest::Post(posting.clone()),
+            posting.txn_id.simple().to_string(),
+        )? {
+            CoreReply::Post { txn_id, outcome } => {
+                assert_eq!(
+                    txn_id, posting.txn_id,
+                    "decode checks txn_id = correlation id"
+                );
+                Ok(outcome)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn query_posting(&self, txn_id: Uuid) -> Result<Option<PostingOutcome>, CoreError> {
+        match self.call(
+            &CoreRequest::Query { txn_id },
+            Uuid::now_v7().simple().to_string(),
+        )? {
+            CoreReply::Query {
+                txn_id: answered,
+                outcome,
+            } => {
+                if answered != txn_id {
+                    tracing::error!(%txn_id, %answered, "core link: query answered for another transaction");
+                    return Err(CoreError::Timeout);
+                }
+                Ok(outcome)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! The MQ bridge to core banking against the real RabbitMQ: postings, bindings and queries
+//! through the broker to the core simulator service; forged, unmatched, duplicate and late
+//! replies; a broker that is not there; and a daemon whose core is `kunpay-coresim`.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use common::institution::TestInstitution;
+use common::*;
+use diesel::prelude::*;
+use kunpay::core::amqp::{AmqpLink, AmqpSettings, Disposition, Handler, RawMessage};
+use kunpay::core::bridge::{BridgeSettings, LateReply, MqCore, Refusal};
+use kunpay::core::coresim::{CoreSimService, ServiceFaults};
+use kunpay::core::sim::CoreSimulator;
+use kunpay::core::wire::{CoreReply, Envelope, MacKeys, MessageType, now_ms};
+use kunpay::core::{
+    BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingKind, PostingOutcome,
+};
+use kunpay::payment::request::MsgType;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+fn amqp_url() -> String {
+    std::env::var("KUNPAY_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+const MAC_HEX: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+fn keys() -> Arc<MacKeys> {
+    Arc::new(MacKeys::single("test-2026", Zeroizing::new(hex::decode(MAC_HEX).unwrap())).unwrap())
+}
+
+/// Queue names of one test; the queues are deleted when it ends.
+struct Queues {
+    request: String,
+    reply: String,
+    dead: String,
+}
+
+impl Queues {
+    fn new() -> Queues {
+        let tag = Uuid::now_v7().simple().to_string();
+        Queues {
+            request: format!("test.{tag}.request"),
+            reply: format!("test.{tag}.reply"),
+            dead: format!("test.{tag}.dead"),
+        }
+    }
+
+    fn settings(&self, consume: &str, app: &str) -> AmqpSettings {
+        AmqpSettings {
+            uri: amqp_url(),
+            queues: vec![self.request.clone(), self.reply.clone()],
+            dead_letter_queue: self.dead.clone(),
+            consume_queue: consume.to_string(),
+            prefetch: 32,
+            confirm_timeout: Duration::from_secs(5),
+            connection_name: format!("test {app}"),
+            app_id: app.into(),
+        }
+    }
+
+    /// Messages waiting in a queue (RabbitMQ's count, after a moment to settle).
+    fn depth(&self, queue: &str) -> u32 {
+        std::thread::sleep(Duration::from_millis(300));
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let conn =
+                lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                    .await
+                    .unwrap();
+            let channel = conn.create_channel().await.unwrap();
+            let q = channel
+                .queue_declare(
+                    queue.into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            q.message_count()
+        })
+    }
+}
+
+impl Drop for Queues {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Runtime::new() else {
+            return;
+        };
+        runtime.block_on(async {
+            let Ok(conn) =
+                lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                    .await
+            else {
+                return;
+            };
+            let Ok(channel) = conn.create_channel().await else {
+                return;
+            };
+            for q in [&self.request, &self.reply, &self.dead] {
+                let _ = channel
+                    .queue_delete(
+                        q.as_str().into(),
+                        lapin::options::QueueDeleteOptions::default(),
+                    )
+                    .await;
+            }
+        });
+    }
+}
+
+struct Pair {
+    queues: Queues,
+    core: Arc<CoreSimulator>,
+    coresim: CoreSimService,
+    bridge: MqCore,
+    late: Receiver<LateReply>,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn start_pair(faults: ServiceFaults, reply_timeout: Duration) -> Pair {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let queues = Queues::new();
+    let core = Arc::new(CoreSimulator::with_demo_accounts());
+    let mut coresim_settings = queues.settings(&queues.request, "coresim");
+    coresim_settings.queues = vec![queues.request.clone()];
+    let coresim = CoreSimService::start(
+        runtime.handle().clone(),
+        coresim_settings,
+        keys(),
+        core.clone(),
+        faults,
+    );
+    let (bridge, late) = MqCore::start(
+        runtime.handle().clone(),
+        queues.settings(&queues.reply, "kunpay"),
+        BridgeSettings {
+            request_queue: queues.request.clone(),
+            reply_queue: queues.reply.clone(),
+            reply_timeout,
+            max_in_flight: 64,
+            late_queue: 64,
+        },
+        keys(),
+    );
+    assert!(
+        bridge.wait_connected(Duration::from_secs(20))
+            && coresim.wait_connected(Duration::from_secs(20)),
+        "RabbitMQ at {} (make test-deps starts it)",
+        amqp_url()
+    );
+    Pair {
+        queues,
+        core,
+        coresim,
+        bridge,
+        late,
+        runtime,
+    }
+}
+
+const ZHANG_ACCOUNT: &str = "6222021234567890123";
+
+fn debit(amount_fen: i64) -> Posting {
+    Posting {
+        txn_id: Uuid::now_v7(),
+        kind: PostingKind::Debit,
+        account_no: ZHANG_ACCOUNT.into(),
+        amount_fen,
+    }
+}
+
+#[test]
+fn postings_bindings_and_queries_go_through_the_broker() {
+    let pair = start_pair(ServiceFaults::default(), Duration::from_secs(10));
+    let before = pair.core.balance(ZHANG_ACCOUNT).unwrap();
+    let bind = pair
+        .bridge
+        .request_binding(&BindRequest {
+            agreement_no: "AGR-MQ-1".into(),
+            account_no: ZHANG_ACCOUNT.into(),
+            account_name: "张三".into(),
+            id_no: "110101199003077774".into(),
+            phone: "13812345678".into(),
+        })
+        .unwrap();
+    assert!(matches!(bind, BindOutcome::CodeSent { .. }), "{bind:?}");
+    let code = kunpay::core::sim::verification_code("AGR-MQ-1");
+    assert_eq!(
+        pair.bridge.check_code("AGR-MQ-1", &code).unwrap(),
+        CodeCheck::Valid
+    );
+    assert_eq!(
+        pair.bridge.check_code("AGR-MQ-1", "000000").unwrap(),
+        CodeCheck::Wrong
+    );
+
+    let posting = debit(1_234);
+    let first = pair.bridge.post(&posting).unwrap();
+    assert!(matches!(first, PostingOutcome::Posted { .. }), "{first:?}");
+    assert_eq!(pair.core.balance(ZHANG_ACCOUNT).unwrap(), before - 1_234);
+    // A repeated posting (a republish after a crash) is answered with the first outcome and
+    // moves no money.
+    assert_eq!(pair.bridge.post(&posting).unwrap(), first);
+    assert_eq!(pair.core.balance(ZHANG_ACCOUNT).unwrap(), before - 1_234);
+    assert_eq!(
+        pair.bridge.query_posting(posting.txn_id).unwrap(),
+        Some(first)
+    );
+    assert_eq!(pair.bridge.query_posting(Uuid::now_v7()).unwrap(), None);
+    let too_much = pair.bridge.post(&debit(i64::MAX / 2)).unwrap();
+    assert!(
+        matches!(too_much, PostingOutcome::Rejected(_)),
+        "{too_much:?}"
+    );
+    assert_eq!(pair.bridge.in_flight(), 0);
+    assert!(pair.late.try_recv().is_err(), "nothing was late");
+    assert_eq!(pair.queues.depth(&pair.queues.dead), 0);
+}
+
+fn idle_handler() -> Handler {
+    Arc::new(|_: RawMessage| {
+        let settle: std::pin::Pin<Box<dyn std::future::Future<Output = Disposition> + Send>> =
+            Box::pin(async { Disposition::Requeue });
+        settle
+    })
+}
+
+/// Publishes `envelope` to the reply queue the way a core would (or a forger).
+fn publish_reply(pair: &Pair, envelope: &Envelope) {
+    let link = AmqpLink::start(
+        pair.runtime.handle().clone(),
+        AmqpSettings {
+            // Consumes the dead-letter queue only to have something to consume; never acks.
+            consume_queue: format!("{}.forger", pair.queues.request),
+            queues: vec![format!("{}.forger", pair.queues.request)],
+            ..pair.queues.settings(&pair.queues.reply, "forger")
+        },
+        idle_handler(),
+    );
+    assert!(link.wait_connected(Duration::from_secs(20)));
+    link.publish_blocking(&pair.queues.reply, envelope, None)
+        .unwrap();
+    link.stop();
+}
+
+#[test]
+fn forged_malformed_and_unmatched_replies_are_refused() {
+    let pair = start_pair(ServiceFaults::default(), Duration::from_secs(10));
+    let before = pair.core.balance(ZHANG_ACCOUNT).unwrap();
+    let victim = Uuid::now_v7();
+    // Forged: a posting reply under the right key id with the wrong key.
+    let forger_keys = MacKeys::single("test-2026", Zeroizing::new(vec![0x42; 32])).unwrap();
+    let forged = CoreReply::Post {
+        txn_id: victim,
+        outcome: PostingOutcome::Posted {
+            core_ref: "FORGED".into(),
+        },
+    };
+    publish_reply(
+        &pair,
+        &Envelope::seal(
+            &forger_keys,
+            MessageType::PostReply,
+            &victim.simple().to_string(),
+            now_ms(),
+            forged.encode(),
+        ),
+    );
+    // Malformed: a valid MAC over a body that is not a reply.
+    publish_reply(
+        &pair,
+        &Envelope::seal(
+            &keys(),
+            MessageType::PostReply,
+            &victim.simple().to_string(),
+            now_ms(),
+            br#"{"txn_id":"nonsense","status":"POSTED","core_ref":"X"}"#.to_vec(),
+        ),
+    );
+    // Unmatched: a valid code reply nobody asked for.
+    publish_reply(
+        &pair,
+        &Envelope::seal(
+            &keys(),
+            MessageType::CodeReply,
+            "no-such-request",
+            now_ms(),
+            CoreReply::CheckCode(CodeCheck::Valid).encode(),
+        ),
+    );
+    let counters = pair.bridge.counters();
+    for _ in 0..100 {
+        if counters.refused(Refusal::UnknownCorrelation) == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(counters.refused(Refusal::BadMac), 1);
+    assert_eq!(counters.refused(Refusal::Malformed), 1);
+    assert_eq!(counters.refused(Refusal::UnknownCorrelation), 1);
+    // The forged and the malformed reply wait in the dead-letter queue for a person.
+    assert_eq!(pair.queues.depth(&pair.queues.dead), 2);
+    assert!(
+        pair.late.try_recv().is_err(),
+        "a forged reply must never reach the journal"
+    );
+    // The link still works, and nothing moved money.
+    assert!(matches!(
+        pair.bridge.post(&debit(100)).unwrap(),
+        PostingOutcome::Posted { .. }
+    ));
+    assert_eq!(pair.core.balance(ZHANG_ACCOUNT).unwrap(), before - 100);
+}
+
+#[test]
+fn duplicate_replies_are_late_and_carry_the_same_outcome() {
+    let pair = start_pair(
+        ServiceFaults {
+            duplicate_every: 1,
+            ..ServiceFaults::default()
+        },
+        Duration::from_secs(10),
+    );
+    let before = pair.core.balance(ZHANG_ACCOUNT).unwrap();
+    let posting = debit(500);
+    let outcome = pair.bridge.post(&posting).unwrap();
+    let late = pair.late.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        late,
+        LateReply {
+            txn_id: posting.txn_id,
+            outcome: outcome.clone()
+        }
+    );
+    assert_eq!(pair.core.balance(ZHANG_ACCOUNT).unwrap(), before - 500);
+}
+
+#[test]
+fn a_reply_after_the_timeout_goes_to_reconciliation_and_a_lost_one_is_found_by_query() {
+    let pair = start_pair(
+        ServiceFaults {
+            latency: Duration::from_millis(800),
+            ..ServiceFaults::default()
+        },
+        Duration::from_millis(200),
+    );
+    let posting = debit(300);
+    assert_eq!(pair.bridge.post(&posting), Err(CoreError::Timeout));
+    let late = pair.late.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(late.txn_id, posting.txn_id);
+    assert!(matches!(late.outcome, PostingOutcome::Posted { .. }));
+
+    pair.coresim.set_faults(ServiceFaults {
+        drop_every: 1,
+        ..ServiceFaults::default()
+    });
+    let lost = debit(400);
+    assert_eq!(pair.bridge.post(&lost), Err(CoreError::Timeout));
+    pair.coresim.set_faults(ServiceFaults::default());
+    let found = pair.bridge.query_posting(lost.txn_id).unwrap();
+    assert!(
+        matches!(found, Some(PostingOutcome::Posted { .. })),
+        "{found:?}"
+    );
+    assert!(
+        pair.bridge
+            .counters()
+            .timeouts
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+}
+
+#[test]
+fn without_a_broker_a_posting_is_unavailable_and_certainly_not_sent() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let queues = Queues::new();
+    let mut settings = queues.settings(&queues.reply, "kunpay");
+    settings.uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", free_port());
+    let (bridge, _late) = MqCore::start(
+        runtime.handle().clone(),
+        settings,
+        BridgeSettings {
+            request_queue: queues.request.clone(),
+            reply_queue: queues.reply.clone(),
+            reply_timeout: Duration::from_secs(1),
+            max_in_flight: 4,
+            late_queue: 4,
+        },
+        keys(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!bridge.is_connected());
+    match bridge.post(&debit(100)) {
+        Err(CoreError::Unavailable(why)) => assert!(why.contains("not connected"), "{why}"),
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    assert_eq!(bridge.in_flight(), 0);
+}
+
+fn count(db_url: &str, sql: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = PgConnection::establish(db_url).unwrap();
+    diesel::sql_query(sql).get_result::<N>(&mut conn).unwrap().n
+}
+
+/// The daemon with `core.link = "amqp"` and the `kunpay-coresim` binary as its core.
+#[test]
+fn the_daemon_pays_through_the_broker_and_kunpay_coresim() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::new();
+    let dir = DaemonDir::new();
+    let queues = Queues::new();
+    let mac_file = dir.path().join("core-mac.key");
+    std::fs::write(&mac_file, format!("{MAC_HEX}\n")).unwrap();
+    std::fs::set_permissions(&mac_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let coresim_config = dir.path().join("coresim.toml");
+    std::fs::write(
+        &coresim_config,
+        format!(
+            "[amqp]\nurl = \"{}\"\nrequest_queue = \"{}\"\ndead_letter_queue = \"{}\"\n\n[mac]\nkey_id = \"test-2026\"\nkey_file = \"{}\"\n",
+            amqp_url(),
+            queues.request,
+            queues.dead,
+            mac_file.display()
+        ),
+    )
+    .unwrap();
+    let mut coresim = std::process::Command::new(env!("CARGO_BIN_EXE_kunpay-coresim"))
+        .arg("--config")
+        .arg(&coresim_config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let coresim = Kill(&mut coresim);
+
+    // The guest account is for tests; a bank's broker gets a user and a password file.
+    let (user_url, password) = {
+        let url = amqp_url();
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let (userinfo, host) = rest.split_once('@').unwrap();
+        let (user, password) = userinfo.split_once(':').unwrap();
+        (format!("{scheme}://{user}@{host}"), password.to_string())
+    };
+    let password_file = dir.path().join("amqp-password");
+    std::fs::write(&password_file, &password).unwrap();
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let (inst, section) =
+        TestInstitution::create(dir.path(), "MQPAY", &dir.path().join("keys"), &base);
+    dir.write_channel_config(
+        db.url(),
+        port,
+        &section,
+        &format!(
+            "[core]\nlink = \"amqp\"\n\n[core.amqp]\nurl = \"{user_url}\"\npassword_file = \"{}\"\nrequest_queue = \"{}\"\nreply_queue = \"{}\"\ndead_letter_queue = \"{}\"\nmac_key_id = \"test-2026\"\nmac_key_file = \"{}\"\nreply_timeout = \"10s\"\n",
+            password_file.display(),
+            queues.request,
+            queues.reply,
+            queues.dead,
+            mac_file.display()
+        ),
+    );
+    let mut daemon = Daemon::spawn(&dir);
+    daemon.wait_ready();
+    // Give both ends a moment to connect and declare their queues.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let serial = inst.next_id("AP");
+    let apply = inst.call(
+        MsgType::AgreementApply,
+        &[
+            ("ReqSerial", &serial),
+            ("AcctNo", ZHANG_ACCOUNT),
+            ("AcctNm", "张三"),
+            ("IdTp", "01"),
+            ("IdNo", "110101199003077774"),
+            ("PhoneNo", "13812345678"),
+        ],
+    );
+    assert_eq!(
+        apply.code(),
+        "0000",
+        "{:?}\n{}",
+        apply.fields,
+        daemon.stderr()
+    );
+    let agreement = apply.get("AgrmtNo").to_string();
+    let confirm = inst.call(
+        MsgType::AgreementConfirm,
+        &[
+            ("ReqSerial", &inst.next_id("CF")),
+            ("AgrmtNo", &agreement),
+            ("VrfyCd", &kunpay::core::sim::verification_code(&agreement)),
+        ],
+    );
+    assert_eq!(confirm.code(), "0000", "{:?}", confirm.fields);
+    for _ in 0..5 {
+        let debit = inst.call(
+            MsgType::Debit,
+            &[
+                ("ReqSerial", &inst.next_id("D")),
+                ("AgrmtNo", &agreement),
+                ("Amt", "100"),
+                ("Ccy", "CNY"),
+            ],
+        );
+        assert_eq!(debit.code(), "0000", "{:?}", debit.fields);
+    }
+    assert_eq!(
+        count(
+            db.url(),
+            "SELECT count(*) AS n FROM txn WHERE state = 'SUCCEEDED' AND core_ref IS NOT NULL"
+        ),
+        5
+    );
+    drop(coresim);
+    assert_eq!(queues.depth(&queues.dead), 0);
+}
