@@ -52,7 +52,7 @@ pub fn run(options: Options) -> ExitCode {
             if !logging::writes_to_stderr() {
                 tracing::error!("start-up failed: {line}");
             }
-            eprintln!("kunpayd: {line}");
+            logging::print_final_line(&format!("kunpayd: {line}"));
             ExitCode::from(EXIT_FAILURE)
         }
     }

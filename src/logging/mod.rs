@@ -74,6 +74,9 @@ impl Drop for LineWriter {
         match &self.sink {
             Sink::Stderr => {
                 let mut stderr = io::stderr().lock();
+                if FINAL_LINE_WRITTEN.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
                 // A failing stderr has nowhere to report to; dropping the line is the only option.
                 let _ = writeln!(stderr, "{line}");
             }
@@ -117,6 +120,17 @@ impl MaskingMakeWriter {
 }
 
 static TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static FINAL_LINE_WRITTEN: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Writes the process's last line to stderr; log lines after it are dropped, so an operator
+/// (and systemd's status) sees the reason for the exit last, not a background thread's
+/// afterthought. Checked under the stderr lock, so no line can slip in after it.
+pub fn print_final_line(line: &str) {
+    let mut stderr = io::stderr().lock();
+    FINAL_LINE_WRITTEN.store(true, std::sync::atomic::Ordering::Release);
+    let _ = writeln!(stderr, "{line}");
+}
 
 /// Whether the log already goes to stderr (so a fatal line printed there would appear twice).
 pub fn writes_to_stderr() -> bool {
