@@ -77,6 +77,9 @@ impl CircuitBreaker {
         let result = f(self.inner.as_ref());
         match &result {
             Ok(_) => self.failures.store(0, Ordering::Relaxed),
+            // The broker is away, not the core: queueing is the designed answer, and an open
+            // circuit would turn queued postings into failures.
+            Err(CoreError::Queued(_)) => {}
             Err(_) => {
                 if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.threshold {
                     *self.open_until.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -484,8 +487,10 @@ const RESOLVE_BATCH: i64 = 100;
 /// Settles this institution's transactions without a recorded outcome (after a crash, or a
 /// core timeout nobody queried), through the institution's own pool and circuit breaker.
 fn resolver(institution: &Institution, shared: &Shared) {
+    let mut pause = RESOLVE_EVERY;
     loop {
-        std::thread::sleep(RESOLVE_EVERY);
+        std::thread::sleep(pause);
+        pause = RESOLVE_EVERY;
         let Ok(mut conn) = db::checkout(&institution.pool, Duration::from_secs(5)) else {
             continue;
         };
@@ -499,9 +504,19 @@ fn resolver(institution: &Institution, shared: &Shared) {
             RESOLVE_BATCH,
             Utc::now(),
         ) {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(institution = %institution.config.id, transactions = n, "resolved transactions without a recorded outcome")
+            Ok(resolved) if resolved.looked_at == 0 => {}
+            Ok(resolved) => {
+                tracing::info!(
+                    institution = %institution.config.id,
+                    looked_at = resolved.looked_at,
+                    settled = resolved.settled,
+                    "resolved transactions without a recorded outcome"
+                );
+                // A full batch that made progress: a backlog is draining (after a broker
+                // outage), so go on at once rather than at the resolver's pace.
+                if resolved.looked_at as i64 == RESOLVE_BATCH && resolved.settled > 0 {
+                    pause = Duration::ZERO;
+                }
             }
             Err(e) => {
                 tracing::warn!(institution = %institution.config.id, error = %e, "resolving unrecorded transactions failed")

@@ -152,6 +152,7 @@ fn start_pair(faults: ServiceFaults, reply_timeout: Duration) -> Pair {
             reply_timeout,
             max_in_flight: 64,
             late_queue: 64,
+            max_queued: 1000,
         },
         keys(),
     );
@@ -385,7 +386,7 @@ fn a_reply_after_the_timeout_goes_to_reconciliation_and_a_lost_one_is_found_by_q
 }
 
 #[test]
-fn without_a_broker_a_posting_is_unavailable_and_certainly_not_sent() {
+fn without_a_broker_a_posting_is_queued_until_the_outbox_is_full() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let queues = Queues::new();
     let mut settings = queues.settings(&queues.reply, "kunpay");
@@ -399,13 +400,26 @@ fn without_a_broker_a_posting_is_unavailable_and_certainly_not_sent() {
             reply_timeout: Duration::from_secs(1),
             max_in_flight: 4,
             late_queue: 4,
+            max_queued: 10,
         },
         keys(),
     );
     std::thread::sleep(Duration::from_millis(300));
     assert!(!bridge.is_connected());
+    // Journaled by the flow and owed: queued in the outbox, delivered when the broker is back.
     match bridge.post(&debit(100)) {
-        Err(CoreError::Unavailable(why)) => assert!(why.contains("not connected"), "{why}"),
+        Err(CoreError::Queued(why)) => assert!(why.contains("not connected"), "{why}"),
+        other => panic!("expected queued, got {other:?}"),
+    }
+    // Other requests cannot wait in the outbox.
+    assert!(matches!(
+        bridge.query_posting(Uuid::now_v7()),
+        Err(CoreError::Unavailable(_))
+    ));
+    bridge.set_backlog(10);
+    assert!(bridge.outbox_full());
+    match bridge.post(&debit(100)) {
+        Err(CoreError::Unavailable(why)) => assert!(why.contains("outbox is full"), "{why}"),
         other => panic!("expected unavailable, got {other:?}"),
     }
     assert_eq!(bridge.in_flight(), 0);

@@ -48,10 +48,11 @@ fn stranded_transactions_are_settled_by_asking_the_core() {
     // This one is in flight right now: a live worker owns it.
     stranded(&mut conn, "S3", now);
 
-    let looked_at = flows
+    let resolved = flows
         .resolve_unrecorded(&mut conn, &core, "T", Duration::seconds(60), 100, now)
         .unwrap();
-    assert_eq!(looked_at, 2);
+    assert_eq!(resolved.looked_at, 2);
+    assert_eq!(resolved.settled, 2);
     let state = |conn: &mut diesel::PgConnection, serial: &str| {
         journal::find_txn(conn, "T", serial).unwrap().unwrap()
     };
@@ -89,7 +90,10 @@ fn stranded_transactions_are_settled_by_asking_the_core() {
     assert_eq!(
         flows
             .resolve_unrecorded(&mut conn, &core, "T", Duration::seconds(60), 100, now)
-            .unwrap(),
+            .unwrap()
+            .looked_at,
         0
     );
+    // The outbox holds only the transaction a live worker still owns.
+    assert_eq!(journal::pending_count(&mut conn).unwrap(), 1);
 }

@@ -216,6 +216,10 @@ pub struct AmqpCoreConfig {
     pub confirm_timeout: Duration,
     pub max_in_flight: usize,
     pub prefetch: u16,
+    /// Postings the outbox may hold while the broker is away.
+    pub max_queued: u64,
+    /// UNKNOWN postings younger than this are delivered again; older ones only queried.
+    pub redeliver_within: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -707,6 +711,12 @@ fn read_core_amqp(r: &mut Reader, node_id: &str) -> Option<AmqpCoreConfig> {
         ),
         max_in_flight: r.int_or("core.amqp.max_in_flight", 4096, 1..=1_000_000) as usize,
         prefetch: r.int_or("core.amqp.prefetch", 256, 1..=65_535) as u16,
+        max_queued: r.int_or("core.amqp.max_queued", 100_000, 1..=100_000_000) as u64,
+        redeliver_within: r.duration_or(
+            "core.amqp.redeliver_within",
+            Duration::from_secs(600),
+            (Duration::ZERO, Duration::from_secs(7 * 24 * 3600)),
+        ),
     })
 }
 

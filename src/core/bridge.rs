@@ -63,6 +63,9 @@ pub struct BridgeSettings {
     pub max_in_flight: usize,
     /// Late posting replies held for the flows to reconcile.
     pub late_queue: usize,
+    /// Postings the outbox may hold while the broker is away; beyond it a posting fails as
+    /// unavailable (and readiness says 503 so F5 stops sending).
+    pub max_queued: u64,
 }
 
 struct Waiter {
@@ -105,6 +108,8 @@ struct Shared {
     waiting: Mutex<HashMap<String, Waiter>>,
     late: SyncSender<LateReply>,
     counters: BridgeCounters,
+    /// The outbox depth as last counted (`set_backlog`).
+    backlog: AtomicU64,
 }
 
 pub struct MqCore {
@@ -130,6 +135,7 @@ impl MqCore {
             waiting: Mutex::new(HashMap::new()),
             late,
             counters: BridgeCounters::default(),
+            backlog: AtomicU64::new(0),
         });
         let handler_shared = shared.clone();
         let handler: super::amqp::Handler = Arc::new(move |message: RawMessage| {
@@ -167,7 +173,19 @@ impl MqCore {
         self.link.stop();
     }
 
-    /// Publishes `request` under `correlation_id` and waits for its reply.
+    /// The outbox depth (postings whose answer is owed), counted by the daemon from the journal.
+    pub fn set_backlog(&self, pending: u64) {
+        self.shared.backlog.store(pending, Ordering::Release);
+    }
+
+    /// Whether the outbox holds as many postings as it may.
+    pub fn outbox_full(&self) -> bool {
+        self.shared.backlog.load(Ordering::Acquire) >= self.settings.max_queued
+    }
+
+    /// Publishes `request` under `correlation_id` and waits for its reply. A posting that
+    /// certainly was not sent is `Queued` while the outbox has room (it is journaled and the
+    /// resolver delivers it later); anything else not sent is `Unavailable`.
     fn call(&self, request: &CoreRequest, correlation_id: String) -> Result<CoreReply, CoreError> {
         let message_type = request.message_type();
         let expects = message_type.reply().expect("requests have a reply type");
@@ -221,7 +239,17 @@ impl MqCore {
             }
             Err(PublishError::NotSent(why)) => {
                 forget();
-                return Err(CoreError::Unavailable(why));
+                if !matches!(request, CoreRequest::Post(_)) {
+                    return Err(CoreError::Unavailable(why));
+                }
+                if self.outbox_full() {
+                    return Err(CoreError::Unavailable(format!(
+                        "{why}; the outbox is full ({} postings owed, core.amqp.max_queued = {})",
+                        self.shared.backlog.load(Ordering::Acquire),
+                        self.settings.max_queued
+                    )));
+                }
+                return Err(CoreError::Queued(why));
             }
             Err(PublishError::Unconfirmed(why)) => {
                 forget();

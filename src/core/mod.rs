@@ -90,6 +90,11 @@ pub enum CoreError {
     /// The request certainly did not reach the core.
     #[error("core banking is unavailable: {0}")]
     Unavailable(String),
+    /// A posting that could not be handed to the transport now (the broker is away) but is
+    /// durably journaled: it is delivered from the outbox (`core_pending`) when the link is
+    /// back. The flow records UNKNOWN and answers "processing".
+    #[error("queued for core banking: {0}")]
+    Queued(String),
 }
 
 /// What kunpay needs from core banking. Implementations are called from an institution's

@@ -406,6 +406,7 @@ fn start_core_bridge(
     secrets: CoreLinkSecrets,
     node_id: &str,
     pool: db::Pool,
+    state: &Arc<NodeState>,
 ) -> anyhow::Result<Arc<dyn crate::core::CoreLink>> {
     let CoreLinkSecrets {
         mac_keys: keys,
@@ -429,9 +430,17 @@ fn start_core_bridge(
             reply_timeout: amqp.reply_timeout,
             max_in_flight: amqp.max_in_flight,
             late_queue: LATE_REPLY_QUEUE,
+            max_queued: amqp.max_queued,
         },
         keys,
     );
+    let bridge = Arc::new(bridge);
+    tokio::spawn(watch_outbox(
+        bridge.clone(),
+        pool.clone(),
+        state.clone(),
+        amqp.max_queued,
+    ));
     std::thread::Builder::new()
         .name("core-late-replies".into())
         .spawn(move || reconcile_late_replies(late_replies, pool))
@@ -441,7 +450,53 @@ fn start_core_bridge(
         reply_queue = %amqp.reply_queue,
         "core link: MQ bridge started (connecting in the background)"
     );
-    Ok(Arc::new(bridge))
+    Ok(bridge)
+}
+
+/// How often the outbox depth is counted for readiness, the bridge's bound and /metrics.
+const OUTBOX_WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts the outbox; beyond `max_queued` readiness and /primary say 503 (F5 stops sending)
+/// until it drains below the bound again. Also removes entries a final state left behind.
+async fn watch_outbox(
+    bridge: Arc<crate::core::bridge::MqCore>,
+    pool: db::Pool,
+    state: Arc<NodeState>,
+    max_queued: u64,
+) {
+    loop {
+        tokio::time::sleep(OUTBOX_WATCH_EVERY).await;
+        let pool = pool.clone();
+        let counted = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
+            let mut conn = db::checkout(&pool, Duration::from_secs(2))?;
+            crate::payment::journal::prune_settled_pending(&mut conn)?;
+            Ok(crate::payment::journal::pending_count(&mut conn)?)
+        })
+        .await;
+        state
+            .metrics
+            .core_link_connected
+            .set(i64::from(bridge.is_connected()));
+        let Ok(Ok(pending)) = counted else {
+            continue;
+        };
+        let pending = pending.max(0) as u64;
+        bridge.set_backlog(pending);
+        state.metrics.core_outbox_depth.set(pending as i64);
+        let full = pending >= max_queued;
+        if full != state.is_outbox_full() {
+            if full {
+                tracing::error!(
+                    pending,
+                    max_queued,
+                    "core outbox full: readiness and /primary answer 503 until it drains"
+                );
+            } else {
+                tracing::info!(pending, "core outbox below its bound again: ready");
+            }
+            state.set_outbox_full(full);
+        }
+    }
 }
 
 fn read_mac_key(
@@ -569,6 +624,11 @@ fn start_channel(
         channel.signer,
         channel.data_key,
     );
+    // Over the MQ bridge an UNKNOWN posting is delivered again from the outbox while young.
+    let flows = match &config.core.amqp {
+        Some(amqp) => flows.with_redelivery(amqp.redeliver_within),
+        None => flows,
+    };
     let core: Arc<dyn crate::core::CoreLink> = match &config.core.amqp {
         Some(amqp) => start_core_bridge(
             amqp,
@@ -577,6 +637,7 @@ fn start_channel(
                 .expect("prepared whenever core.amqp is configured"),
             &config.node.id,
             pool.clone(),
+            state,
         )?,
         None => Arc::new(
             crate::core::sim::CoreSimulator::with_demo_accounts()

@@ -108,5 +108,14 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    core_pending (txn_id) {
+        txn_id -> Uuid,
+        inst_id -> Varchar,
+        since -> Timestamptz,
+    }
+}
+
 diesel::joinable!(txn_state_history -> txn (txn_id));
-diesel::allow_tables_to_appear_in_same_query!(agreement, txn, txn_state_history);
+diesel::joinable!(core_pending -> txn (txn_id));
+diesel::allow_tables_to_appear_in_same_query!(agreement, txn, txn_state_history, core_pending);

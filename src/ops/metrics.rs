@@ -59,6 +59,10 @@ pub struct Metrics {
     pub role: Family<RoleLabels, Gauge>,
     pub draining: Gauge,
     pub start_time_seconds: Gauge<f64, AtomicU64>,
+    /// Postings whose core answer is owed (`core_pending`): in flight plus backlog.
+    pub core_outbox_depth: Gauge,
+    /// 1 while the MQ bridge is connected to its broker.
+    pub core_link_connected: Gauge,
 }
 
 impl Metrics {
@@ -87,6 +91,8 @@ impl Metrics {
             role: Family::default(),
             draining: Gauge::default(),
             start_time_seconds: Gauge::default(),
+            core_outbox_depth: Gauge::default(),
+            core_link_connected: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -143,6 +149,16 @@ impl Metrics {
             "draining",
             "1 while the daemon drains before stopping",
             metrics.draining.clone(),
+        );
+        registry.register(
+            "core_outbox_depth",
+            "Postings whose core answer is owed (in flight and queued)",
+            metrics.core_outbox_depth.clone(),
+        );
+        registry.register(
+            "core_link_connected",
+            "1 while the MQ bridge to core banking is connected to its broker",
+            metrics.core_link_connected.clone(),
         );
         registry.register(
             "start_time_seconds",

@@ -31,6 +31,8 @@ pub struct NodeState {
     role: AtomicU8,
     ready: AtomicBool,
     draining: AtomicBool,
+    /// The core link's outbox is over `core.amqp.max_queued`: F5 must stop sending.
+    outbox_full: AtomicBool,
     heartbeat_unix_ms: AtomicU64,
     health_timeout_ms: AtomicU64,
     liveness_ttl_ms: AtomicU64,
@@ -71,6 +73,7 @@ impl NodeState {
             role: AtomicU8::new(role_code(role)),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            outbox_full: AtomicBool::new(false),
             heartbeat_unix_ms: AtomicU64::new(now_unix_ms()),
             health_timeout_ms: AtomicU64::new(health_timeout.as_millis() as u64),
             liveness_ttl_ms: AtomicU64::new(liveness_ttl.as_millis() as u64),
@@ -143,6 +146,14 @@ impl NodeState {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn set_outbox_full(&self, full: bool) {
+        self.outbox_full.store(full, Ordering::SeqCst);
+    }
+
+    pub fn is_outbox_full(&self) -> bool {
+        self.outbox_full.load(Ordering::SeqCst)
     }
 
     pub fn beat(&self) {
@@ -230,6 +241,8 @@ impl NodeReport {
             role: state.role().to_string(),
             state: if state.is_draining() {
                 "draining"
+            } else if state.is_outbox_full() {
+                "core outbox full"
             } else if state.is_ready() {
                 "running"
             } else {
@@ -261,7 +274,10 @@ fn answer(ok: bool, report: NodeReport) -> Response {
 }
 
 async fn primary(State(state): State<Arc<NodeState>>) -> Response {
-    let serving = state.role() == Role::Active && state.is_ready() && !state.is_draining();
+    let serving = state.role() == Role::Active
+        && state.is_ready()
+        && !state.is_draining()
+        && !state.is_outbox_full();
     let database_up = if serving {
         Some(state.database_up().await)
     } else {
@@ -297,7 +313,7 @@ async fn liveness(State(state): State<Arc<NodeState>>) -> Response {
 }
 
 async fn readiness(State(state): State<Arc<NodeState>>) -> Response {
-    let ready = state.is_ready() && !state.is_draining();
+    let ready = state.is_ready() && !state.is_draining() && !state.is_outbox_full();
     let database_up = if ready {
         Some(state.database_up().await)
     } else {

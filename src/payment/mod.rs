@@ -55,6 +55,10 @@ pub struct Flows {
     data_key: MessageKey,
     /// Keys the idempotency digests so they cannot be brute-forced back to card numbers.
     digest_key: Zeroizing<[u8; 16]>,
+    /// An UNKNOWN transaction younger than this is settled by delivering its posting again
+    /// (the core answers a repeat with its first outcome, or applies it now if it never got
+    /// it: the outbox); an older one only by a query. Zero: query only.
+    redeliver_within: chrono::Duration,
 }
 
 /// The answer for one request: signed bytes, and the code for metrics and logs.
@@ -157,7 +161,31 @@ impl Flows {
                     .try_into()
                     .expect("16 bytes"),
             ),
+            redeliver_within: chrono::Duration::zero(),
         }
+    }
+
+    /// Settle UNKNOWN transactions younger than `within` by delivering their posting again.
+    pub fn with_redelivery(mut self, within: std::time::Duration) -> Flows {
+        self.redeliver_within =
+            chrono::Duration::from_std(within).unwrap_or(chrono::Duration::zero());
+        self
+    }
+
+    /// The posting a journaled transaction stands for.
+    fn posting_of(&self, row: &journal::TxnRow) -> Result<Posting, FlowError> {
+        Ok(Posting {
+            txn_id: row.txn_id,
+            kind: match row.kind.as_str() {
+                "DEBIT" => PostingKind::Debit,
+                "CREDIT" | "REFUND" => PostingKind::Credit,
+                other => {
+                    return Err(JournalError::Corrupt(format!("transaction kind {other}")).into());
+                }
+            },
+            account_no: self.open_account(&row.account_enc)?.to_string(),
+            amount_fen: row.amount_fen,
+        })
     }
 
     /// Per-field keyed digests of a request's decrypted body, in a stable text form: a retry
@@ -968,6 +996,14 @@ impl Flows {
                 "core did not answer in time; to be resolved by query".to_string(),
                 None,
             ),
+            Err(CoreError::Queued(why)) => (
+                TxnState::Unknown,
+                ResultCode::Processing,
+                format!(
+                    "queued for the core ({why}); delivered from the outbox when the link is back"
+                ),
+                None,
+            ),
             Err(CoreError::Unavailable(why)) => (
                 TxnState::Failed,
                 ResultCode::CoreUnavailable,
@@ -1081,7 +1117,7 @@ impl Flows {
             );
         };
         if row.state()? == TxnState::Unknown {
-            self.resolve_unknown(conn, core, &row, now)?;
+            let _settled = self.resolve_unknown(conn, core, &row, now)?;
             row = journal::find_txn(conn, &inst.id, serial)?.expect("the row exists");
         }
         let fields = [
@@ -1112,7 +1148,7 @@ impl Flows {
     }
 
     /// Resolves up to `limit` transactions of one institution whose outcome is not recorded;
-    /// returns how many were looked at. SENT_TO_CORE older than `stale_after` first becomes
+    /// returns how many were looked at and settled. SENT_TO_CORE older than `stale_after` first becomes
     /// UNKNOWN (its worker is gone), then every UNKNOWN is settled by asking the core.
     pub fn resolve_unrecorded(
         &self,
@@ -1122,8 +1158,9 @@ impl Flows {
         stale_after: chrono::Duration,
         limit: i64,
         now: DateTime<Utc>,
-    ) -> Result<usize, FlowError> {
+    ) -> Result<Resolved, FlowError> {
         let rows = journal::unresolved(conn, inst_id, now - stale_after, limit)?;
+        let mut settled = 0;
         for row in &rows {
             if row.state()? == TxnState::SentToCore {
                 match journal::transition(
@@ -1138,9 +1175,14 @@ impl Flows {
                     Err(e) => return Err(e.into()),
                 }
             }
-            self.resolve_unknown(conn, core, row, now)?;
+            if self.resolve_unknown(conn, core, row, now)? {
+                settled += 1;
+            }
         }
-        Ok(rows.len())
+        Ok(Resolved {
+            looked_at: rows.len(),
+            settled,
+        })
     }
 
     /// A posting reply that came when nobody waited for it any more (after the worker's
@@ -1199,30 +1241,47 @@ impl Flows {
         })
     }
 
-    /// UNKNOWN is resolved by asking the core, never by guessing.
+    /// UNKNOWN is resolved by asking the core, never by guessing: while young, by delivering
+    /// the posting again (idempotent at the core by transaction id), later by a query.
     pub fn resolve_unknown(
         &self,
         conn: &mut PgConnection,
         core: &dyn CoreLink,
         row: &journal::TxnRow,
         now: DateTime<Utc>,
-    ) -> Result<(), FlowError> {
-        let answer = match core.query_posting(row.txn_id) {
-            Ok(answer) => answer,
-            // Still unknown: leave it for the next query or the resolver.
-            Err(_) => return Ok(()),
+    ) -> Result<bool, FlowError> {
+        let redeliver = now - row.created_at <= self.redeliver_within;
+        let answer = if redeliver {
+            match core.post(&self.posting_of(row)?) {
+                Ok(outcome) => Some(outcome),
+                // Still unknown: leave it for the next round.
+                Err(_) => return Ok(false),
+            }
+        } else {
+            match core.query_posting(row.txn_id) {
+                Ok(answer) => answer,
+                Err(_) => return Ok(false),
+            }
         };
         let (to, code, reason, core_ref) = match answer {
             Some(PostingOutcome::Posted { core_ref }) => (
                 TxnState::Succeeded,
                 ResultCode::Success,
-                "core query: posted",
+                if redeliver {
+                    "core redelivery: posted"
+                } else {
+                    "core query: posted"
+                },
                 Some(core_ref),
             ),
             Some(PostingOutcome::Rejected(rejection)) => (
                 TxnState::Failed,
                 rejection_code(rejection),
-                "core query: rejected",
+                if redeliver {
+                    "core redelivery: rejected"
+                } else {
+                    "core query: rejected"
+                },
                 None,
             ),
             None => (
@@ -1233,7 +1292,7 @@ impl Flows {
             ),
         };
         // False: someone resolved it first, and their answer stands.
-        journal::record_outcome(
+        Ok(journal::record_outcome(
             conn,
             &journal::OutcomeRecord {
                 txn_id: row.txn_id,
@@ -1245,8 +1304,7 @@ impl Flows {
                 now,
             },
             None,
-        )?;
-        Ok(())
+        )?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1323,6 +1381,13 @@ fn core_unavailable(error: &CoreError) -> Answer {
         ResultCode::CoreUnavailable,
         format!("core banking: {error}"),
     )
+}
+
+/// What one resolver round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    pub looked_at: usize,
+    pub settled: usize,
 }
 
 /// What a late posting reply did to the journal.

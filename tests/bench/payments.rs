@@ -284,6 +284,7 @@ fn database_ceiling(db_url: &str) -> Option<(f64, f64)> {
             "now()",
             "'SUCCEEDED'",
             "'SUCCEEDED'",
+            "'SUCCEEDED'",
             "'PGBENCH'",
             "'S' || :n",
             "'DEBIT'",

@@ -159,23 +159,45 @@ pub fn lock_txn(
 
 /// Transactions whose outcome is not recorded: UNKNOWN, or SENT_TO_CORE for longer than a
 /// live worker ever takes (the process stopped during the core call).
+///
+/// Read from the outbox (`core_pending`, in-flight and backlog only), oldest first, so a
+/// backlog drains in the order it was accepted; never a scan of the journal.
 pub fn unresolved(
     conn: &mut PgConnection,
     inst_id: &str,
     stale_before: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<TxnRow>, DieselError> {
-    txn::table
-        .filter(txn::inst_id.eq(inst_id))
+    use crate::db::schema::core_pending;
+    core_pending::table
+        .inner_join(txn::table)
+        .filter(core_pending::inst_id.eq(inst_id))
         .filter(
             txn::state.eq(TxnState::Unknown.as_str()).or(txn::state
                 .eq(TxnState::SentToCore.as_str())
                 .and(txn::updated_at.lt(stale_before))),
         )
-        .order(txn::updated_at.asc())
+        .order(core_pending::since.asc())
         .limit(limit)
         .select(TxnRow::as_select())
         .load(conn)
+}
+
+/// Outbox entries whose transaction has a final state (a path that recorded it without the
+/// outbox in mind): removed, so nothing is delivered twice for nothing. Returns how many.
+pub fn prune_settled_pending(conn: &mut PgConnection) -> Result<usize, DieselError> {
+    diesel::sql_query(
+        "DELETE FROM core_pending WHERE txn_id IN ( \
+             SELECT p.txn_id FROM core_pending p JOIN txn t ON t.txn_id = p.txn_id \
+             WHERE t.state NOT IN ('SENT_TO_CORE', 'UNKNOWN'))",
+    )
+    .execute(conn)
+}
+
+/// Postings whose core answer is still owed (the outbox depth).
+pub fn pending_count(conn: &mut PgConnection) -> Result<i64, DieselError> {
+    use crate::db::schema::core_pending;
+    core_pending::table.count().get_result(conn)
 }
 
 pub fn add_refunded(
@@ -450,8 +472,9 @@ pub fn page(
 // ---------------------------------------------------------------------------------------------
 
 /// The history rows that take a new transaction from nothing to SENT_TO_CORE, inserted with
-/// it. `opened` is the CTE that inserted the transaction; its ten binds are the time, then
-/// three steps of (from, to, reason) ([`Opening::push_history_binds`]).
+/// it, and its entry in `core_pending` (the core's answer is owed from now on). `opened` is the
+/// CTE that inserted the transaction (returning txn_id, inst_id, created_at); the ten binds are
+/// the time, then three steps of (from, to, reason) ([`Opening::push_history_binds`]).
 macro_rules! opening_history_cte {
     () => {
         "history AS ( \
@@ -462,6 +485,9 @@ macro_rules! opening_history_cte {
                           UNION ALL SELECT 2, ?, ?, ? \
                           UNION ALL SELECT 3, ?, ?, ?) AS step \
             ORDER BY step.seq \
+        ), pending AS ( \
+            INSERT INTO core_pending (txn_id, inst_id, since) \
+            SELECT txn_id, inst_id, created_at FROM opened \
         )"
     };
 }
@@ -772,7 +798,7 @@ impl fixed::FixedSql for OpenDebit {
             SELECT ?, ?, ?, 'DEBIT', 'SENT_TO_CORE', ?, agr.agreement_no, agr.account_hash, \
                    agr.account_masked, agr.account_enc, ?, ?, ? \
             FROM agr, quota \
-            RETURNING txn_id \
+            RETURNING txn_id, inst_id, created_at \
         ), ",
         opening_history_cte!(),
         " SELECT (SELECT state FROM agr), (SELECT account_hash FROM agr), \
@@ -869,7 +895,7 @@ impl fixed::FixedSql for OpenCredit {
                              created_at, updated_at) \
             SELECT ?, ?, ?, 'CREDIT', 'SENT_TO_CORE', ?, ?, ?, ?, ?, ?, ? \
             FROM quota \
-            RETURNING txn_id \
+            RETURNING txn_id, inst_id, created_at \
         ), ",
         opening_history_cte!(),
         " SELECT ",
@@ -934,7 +960,7 @@ impl fixed::FixedSql for InsertOpened {
                              orig_txn_id, account_hash, account_masked, account_enc, \
                              business_date, created_at, updated_at) \
             VALUES (?, ?, ?, ?, 'SENT_TO_CORE', ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-            RETURNING txn_id \
+            RETURNING txn_id, inst_id, created_at \
         ), ",
         opening_history_cte!(),
         " SELECT COUNT(*) FROM opened"
@@ -1067,6 +1093,9 @@ impl fixed::FixedSql for RecordOutcome {
             UPDATE txn SET refunded_fen = txn.refunded_fen - moved.amount_fen \
             FROM moved \
             WHERE ? = 'FAILED' AND moved.kind = 'REFUND' AND txn.txn_id = moved.orig_txn_id \
+        ), settled AS ( \
+            DELETE FROM core_pending WHERE ? <> 'UNKNOWN' \
+              AND txn_id IN (SELECT txn_id FROM moved) \
         ), stored AS ( \
             INSERT INTO channel_request (inst_id, req_serial, msg_type, field_digests, response, \
                                          result_code, txn_id, created_at) \
@@ -1103,6 +1132,7 @@ pub fn record_outcome(
         Bind::Text(record.to.as_str()),
         Bind::Text(truncate_reason(record.reason)),
         Bind::Time(record.now),
+        Bind::Text(record.to.as_str()),
         Bind::Text(record.to.as_str()),
         Bind::Text(record.to.as_str()),
         Bind::Text(answer.map_or("", |a| a.inst_id)),
