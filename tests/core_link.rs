@@ -556,3 +556,206 @@ fn the_daemon_pays_through_the_broker_and_kunpay_coresim() {
     drop(coresim);
     assert_eq!(queues.depth(&queues.dead), 0);
 }
+
+/// The daemon's broker connection goes through a TCP proxy the test cuts: debits are queued in
+/// the outbox (answered "processing"), readiness turns 503 at the bound and postings beyond
+/// it fail, and when the broker is back the backlog is delivered oldest first and settled;
+/// the core's balance moves exactly by the succeeded debits.
+#[test]
+fn a_broker_outage_queues_postings_and_drains_them_when_it_returns() {
+    use std::os::unix::fs::PermissionsExt;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = TestDb::new();
+    let dir = DaemonDir::new();
+    let queues = Queues::new();
+    let core = Arc::new(CoreSimulator::with_demo_accounts());
+    let mut coresim_settings = queues.settings(&queues.request, "coresim");
+    coresim_settings.queues = vec![queues.request.clone()];
+    let coresim = CoreSimService::start(
+        runtime.handle().clone(),
+        coresim_settings,
+        keys(),
+        core.clone(),
+        ServiceFaults::default(),
+    );
+    assert!(coresim.wait_connected(Duration::from_secs(20)));
+    let before = core.balance(ZHANG_ACCOUNT).unwrap();
+
+    let broker = {
+        let url = amqp_url();
+        let rest = url.split_once('@').unwrap().1;
+        rest.split('/').next().unwrap().to_string()
+    };
+    let proxy = common::proxy::Proxy::start(&broker);
+    let mac_file = dir.path().join("core-mac.key");
+    std::fs::write(&mac_file, MAC_HEX).unwrap();
+    std::fs::set_permissions(&mac_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let (inst, section) =
+        TestInstitution::create(dir.path(), "MQPAY", &dir.path().join("keys"), &base);
+    let url = amqp_url();
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let userinfo = rest.split_once('@').unwrap().0;
+    dir.write_channel_config(
+        db.url(),
+        port,
+        &section,
+        &format!(
+            "[core]\nlink = \"amqp\"\n\n[core.amqp]\nurl = \"{scheme}://{user}@127.0.0.1:{proxy_port}/%2f\"\npassword_file = \"{password}\"\nrequest_queue = \"{}\"\nreply_queue = \"{}\"\ndead_letter_queue = \"{}\"\nmac_key_id = \"test-2026\"\nmac_key_file = \"{}\"\nreply_timeout = \"3s\"\nmax_queued = 3\n",
+            queues.request,
+            queues.reply,
+            queues.dead,
+            mac_file.display(),
+            user = userinfo.split_once(':').unwrap().0,
+            proxy_port = proxy.port,
+            password = {
+                let path = dir.path().join("amqp-password");
+                std::fs::write(&path, userinfo.split_once(':').unwrap().1).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+                path.display().to_string()
+            },
+        ),
+    );
+    let mut daemon = Daemon::spawn(&dir);
+    daemon.wait_ready();
+    std::thread::sleep(Duration::from_secs(1));
+    let apply = inst.call(
+        MsgType::AgreementApply,
+        &[
+            ("ReqSerial", &inst.next_id("AP")),
+            ("AcctNo", ZHANG_ACCOUNT),
+            ("AcctNm", "张三"),
+            ("IdTp", "01"),
+            ("IdNo", "110101199003077774"),
+            ("PhoneNo", "13812345678"),
+        ],
+    );
+    assert_eq!(
+        apply.code(),
+        "0000",
+        "{:?}\n{}",
+        apply.fields,
+        daemon.stderr()
+    );
+    let agreement = apply.get("AgrmtNo").to_string();
+    let confirm = inst.call(
+        MsgType::AgreementConfirm,
+        &[
+            ("ReqSerial", &inst.next_id("CF")),
+            ("AgrmtNo", &agreement),
+            ("VrfyCd", &kunpay::core::sim::verification_code(&agreement)),
+        ],
+    );
+    assert_eq!(confirm.code(), "0000", "{:?}", confirm.fields);
+    let debit_as = |serial: &str, amount: &str| {
+        inst.call(
+            MsgType::Debit,
+            &[
+                ("ReqSerial", serial),
+                ("AgrmtNo", &agreement),
+                ("Amt", amount),
+                ("Ccy", "CNY"),
+            ],
+        )
+    };
+    let debit = |amount: &str| debit_as(&inst.next_id("D"), amount);
+    assert_eq!(debit("100").code(), "0000");
+
+    proxy.sever();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut queued = Vec::new();
+    for amount in ["201", "202", "203"] {
+        let serial = inst.next_id("D");
+        let answer = debit_as(&serial, amount);
+        assert_eq!(
+            answer.code(),
+            "0001",
+            "queued, not failed: {:?}",
+            answer.fields
+        );
+        queued.push(serial);
+    }
+    assert_eq!(
+        count(db.url(), "SELECT count(*) AS n FROM core_pending"),
+        3,
+        "three postings owed"
+    );
+    // The outbox is at its bound: F5 is told to stop sending, and a posting beyond it fails.
+    let mut unready = false;
+    for _ in 0..50 {
+        if http_get(&dir.ops_url("/readiness")).map(|(s, _)| s) == Ok(503) {
+            unready = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(unready, "readiness turns 503 with a full outbox");
+    assert_eq!(http_get(&dir.ops_url("/primary")).unwrap().0, 503);
+    let refused = debit("300");
+    assert_eq!(refused.code(), "9002", "{:?}", refused.fields);
+
+    proxy.restore();
+    let mut drained = false;
+    for _ in 0..300 {
+        if count(db.url(), "SELECT count(*) AS n FROM core_pending") == 0 {
+            drained = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        drained,
+        "the backlog drains when the broker is back\n{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        count(
+            db.url(),
+            "SELECT count(*) AS n FROM txn WHERE kind = 'DEBIT' AND state = 'SUCCEEDED'"
+        ),
+        4
+    );
+    assert_eq!(
+        count(
+            db.url(),
+            "SELECT count(*) AS n FROM txn WHERE state = 'FAILED'"
+        ),
+        1
+    );
+    // Settled oldest first.
+    let order = count(
+        db.url(),
+        "SELECT count(*) AS n FROM ( \
+           SELECT t.created_at, h.at, \
+                  row_number() OVER (ORDER BY t.created_at) AS by_created, \
+                  row_number() OVER (ORDER BY h.id) AS by_settled \
+           FROM txn t JOIN txn_state_history h ON h.txn_id = t.txn_id \
+           WHERE h.from_state = 'UNKNOWN' AND h.to_state = 'SUCCEEDED') s \
+         WHERE by_created <> by_settled",
+    );
+    assert_eq!(
+        order, 0,
+        "the backlog is delivered in the order it was accepted"
+    );
+    // The core moved exactly the succeeded debits, once each.
+    assert_eq!(
+        core.balance(ZHANG_ACCOUNT).unwrap(),
+        before - (100 + 201 + 202 + 203)
+    );
+    let mut ready = false;
+    for _ in 0..50 {
+        if http_get(&dir.ops_url("/readiness")).map(|(s, _)| s) == Ok(200) {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ready, "ready again once the outbox drained");
+    for serial in queued {
+        let query = inst.call(MsgType::Query, &[("QrySerial", &serial)]);
+        assert_eq!(query.get("TxnStatus"), "SUCCEEDED", "{:?}", query.fields);
+    }
+    drop(daemon);
+    coresim.stop();
+}

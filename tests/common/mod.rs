@@ -265,6 +265,7 @@ impl DaemonDir {
 }
 
 pub mod institution;
+pub mod proxy;
 
 pub fn kunpayd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kunpayd"))
