@@ -215,6 +215,8 @@ impl ChannelGateway {
         metrics: Arc<crate::ops::metrics::Metrics>,
     ) -> anyhow::Result<ChannelGateway> {
         let shared = Arc::new(shared);
+        // No worker of this process owns a transaction last touched before it started.
+        let started = Utc::now();
         let mut institutions = HashMap::new();
         for config in configs {
             let public = public_keys.get(&config.id).ok_or_else(|| {
@@ -257,7 +259,7 @@ impl ChannelGateway {
                 let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("inst-{}-resolve", config.id))
-                    .spawn(move || resolver(&institution, &shared))?;
+                    .spawn(move || resolver(&institution, &shared, started))?;
             }
             institutions.insert(config.id.clone(), institution);
         }
@@ -486,7 +488,7 @@ const RESOLVE_BATCH: i64 = 100;
 
 /// Settles this institution's transactions without a recorded outcome (after a crash, or a
 /// core timeout nobody queried), through the institution's own pool and circuit breaker.
-fn resolver(institution: &Institution, shared: &Shared) {
+fn resolver(institution: &Institution, shared: &Shared, started: chrono::DateTime<Utc>) {
     let mut pause = RESOLVE_EVERY;
     loop {
         std::thread::sleep(pause);
@@ -494,15 +496,19 @@ fn resolver(institution: &Institution, shared: &Shared) {
         let Ok(mut conn) = db::checkout(&institution.pool, Duration::from_secs(5)) else {
             continue;
         };
-        let stale =
-            chrono::Duration::from_std(STALE_SENT_TO_CORE).unwrap_or(chrono::Duration::minutes(1));
+        // SENT_TO_CORE older than a live worker ever takes, or from before this process
+        // started (a crash): nobody will record its outcome, the resolver must.
+        let now = Utc::now();
+        let stale = (now - started).min(
+            chrono::Duration::from_std(STALE_SENT_TO_CORE).unwrap_or(chrono::Duration::minutes(1)),
+        );
         match shared.flows.resolve_unrecorded(
             &mut conn,
             institution.breaker.as_ref(),
             &institution.config.id,
             stale,
             RESOLVE_BATCH,
-            Utc::now(),
+            now,
         ) {
             Ok(resolved) if resolved.looked_at == 0 => {}
             Ok(resolved) => {

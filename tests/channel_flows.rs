@@ -684,3 +684,44 @@ fn concurrent_debits_on_one_account_never_pass_the_daily_limit_together() {
         150000
     );
 }
+
+#[test]
+fn concurrent_first_debits_of_the_day_all_pass_under_the_limit() {
+    // The day's usage row does not exist yet: the first debits race to create it, and one that
+    // finds it created after its statement began must try again, not report the limit reached
+    // (seen: 3003 for the first of four concurrent debits of 100 with 150000 free).
+    for _ in 0..3 {
+        let node = start("workers = 8\ndb_pool_size = 8\n");
+        let inst = &node.tenpay;
+        let agreement = sign_agreement(inst, ZHANG);
+        let codes: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let agreement = &agreement;
+                    scope.spawn(move || {
+                        inst.call(
+                            MsgType::Debit,
+                            &[
+                                ("ReqSerial", &inst.next_id("D")),
+                                ("AgrmtNo", agreement),
+                                ("Amt", "100"),
+                                ("Ccy", "CNY"),
+                            ],
+                        )
+                        .code()
+                        .to_string()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(codes.iter().all(|c| c == "0000"), "{codes:?}");
+        assert_eq!(
+            count(
+                &node.db_url,
+                "SELECT used_fen AS n FROM daily_usage WHERE kind = 'DEBIT'"
+            ),
+            800
+        );
+    }
+}

@@ -147,6 +147,23 @@ impl TestInstitution {
         (status, bytes)
     }
 
+    /// Posts; `None` when the connection failed (the daemon is gone), for tests that kill it.
+    pub fn try_post(&self, msg_type: MsgType, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let mut response = agent
+            .post(&format!("{}{}", self.base_url, msg_type.path()))
+            .header("Content-Type", "application/xml")
+            .send(body)
+            .ok()?;
+        let status = response.status().as_u16();
+        let bytes = response.body_mut().read_to_vec().ok()?;
+        Some((status, bytes))
+    }
+
     /// Posts and verifies kunpay's signature on the answer.
     pub fn send(&self, msg_type: MsgType, body: &[u8]) -> Answer {
         let (status, raw) = self.post_raw(msg_type, body);

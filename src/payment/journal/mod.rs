@@ -748,7 +748,9 @@ fn open_with_usage<'a, 'h>(
 ) -> Result<FirstSight, DieselError> {
     debug_assert!(new.amount_fen > 0);
     let mut record = arrival.record;
-    for _ in 0..2 {
+    // At most: create the day's row, then see it; one more for a row another debit created
+    // after our statement's snapshot.
+    for _ in 0..3 {
         let (verdict, row, account_hash) = match run(conn, first_sight_binds(new, arrival, record))
         {
             Ok(found) => found,
@@ -766,11 +768,15 @@ fn open_with_usage<'a, 'h>(
         if sighting.opened == 1 {
             return Ok(FirstSight::Opened);
         }
-        if let Some(used) = usage_today(conn, new.inst_id, &account_hash, kind, new.business_date)?
-        {
-            return Ok(FirstSight::OverDailyLimit { used });
+        match usage_today(conn, new.inst_id, &account_hash, kind, new.business_date)? {
+            Some(used) if used.saturating_add(new.amount_fen) > new.daily_limit_fen => {
+                return Ok(FirstSight::OverDailyLimit { used });
+            }
+            // The day's row appeared after our statement took its snapshot (a concurrent first
+            // debit of the day created it): not over the limit, so try again.
+            Some(_) => {}
+            None => create_usage(conn, new.inst_id, &account_hash, kind, new.business_date)?,
         }
-        create_usage(conn, new.inst_id, &account_hash, kind, new.business_date)?;
     }
     Err(DieselError::QueryBuilderError(
         "the daily usage row was created but is not visible".into(),
