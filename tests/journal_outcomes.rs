@@ -40,6 +40,7 @@ fn outcome(txn_id: Uuid, to: TxnState, serial: Option<&'static str>) -> Outcome 
             },
             core_ref: None,
             now: Utc::now(),
+            notify: true,
         },
         answer: serial.map(|serial| AnswerToStore {
             inst_id: "T",
@@ -134,5 +135,19 @@ fn each_outcome_is_a_compare_and_set_that_gives_back_what_a_failure_held() {
             "SELECT count(*) AS n FROM txn WHERE state = 'FAILED' AND req_serial IN ('B', 'C', 'R')"
         ),
         3
+    );
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM notification n JOIN txn t ON t.txn_id = n.txn_id \
+             WHERE n.status = 'PENDING' AND n.txn_state = t.state"
+        ),
+        5,
+        "each final state recorded queues exactly one notification announcing it"
+    );
+    assert_eq!(
+        scalar(&mut conn, "SELECT count(*) AS n FROM core_pending"),
+        0,
+        "nothing is owed by the core after final outcomes"
     );
 }

@@ -116,6 +116,42 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    notification (event_id) {
+        event_id -> Uuid,
+        txn_id -> Uuid,
+        inst_id -> Varchar,
+        txn_state -> Varchar,
+        status -> Varchar,
+        attempts -> Int4,
+        next_at -> Timestamptz,
+        created_at -> Timestamptz,
+        finished_at -> Nullable<Timestamptz>,
+        last_error -> Nullable<Varchar>,
+    }
+}
+
+diesel::table! {
+    notification_attempt (id) {
+        id -> Int8,
+        event_id -> Uuid,
+        attempt -> Int4,
+        at -> Timestamptz,
+        txn_state -> Varchar,
+        http_status -> Nullable<Int4>,
+        error -> Nullable<Varchar>,
+        duration_ms -> Int4,
+    }
+}
+
+diesel::joinable!(notification_attempt -> notification (event_id));
 diesel::joinable!(txn_state_history -> txn (txn_id));
 diesel::joinable!(core_pending -> txn (txn_id));
-diesel::allow_tables_to_appear_in_same_query!(agreement, txn, txn_state_history, core_pending);
+diesel::allow_tables_to_appear_in_same_query!(
+    agreement,
+    txn,
+    txn_state_history,
+    core_pending,
+    notification,
+    notification_attempt
+);

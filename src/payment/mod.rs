@@ -1039,6 +1039,7 @@ impl Flows {
                 result_code: code.code(),
                 core_ref,
                 now: done,
+                notify: inst.callback_url.is_some(),
             },
             Some(&journal::AnswerToStore {
                 inst_id: &inst.id,
@@ -1214,6 +1215,7 @@ impl Flows {
                 result_code: code.code(),
                 core_ref,
                 now,
+                notify: true,
             },
             None,
         )?;
@@ -1302,6 +1304,7 @@ impl Flows {
                 result_code: code.code(),
                 core_ref: core_ref.as_deref(),
                 now,
+                notify: true,
             },
             None,
         )?)

@@ -1077,6 +1077,9 @@ pub struct OutcomeRecord<'a> {
     pub result_code: &'a str,
     pub core_ref: Option<&'a str>,
     pub now: DateTime<Utc>,
+    /// Queue a result notification to the institution (it has a callback URL). Only final
+    /// states are announced.
+    pub notify: bool,
 }
 
 struct RecordOutcome;
@@ -1102,6 +1105,10 @@ impl fixed::FixedSql for RecordOutcome {
         ), settled AS ( \
             DELETE FROM core_pending WHERE ? <> 'UNKNOWN' \
               AND txn_id IN (SELECT txn_id FROM moved) \
+        ), announced AS ( \
+            INSERT INTO notification (event_id, txn_id, inst_id, txn_state, status, attempts, \
+                                      next_at, created_at) \
+            SELECT ?, txn_id, inst_id, ?, 'PENDING', 0, ?, ? FROM moved WHERE ? \
         ), stored AS ( \
             INSERT INTO channel_request (inst_id, req_serial, msg_type, field_digests, response, \
                                          result_code, txn_id, created_at) \
@@ -1141,6 +1148,11 @@ pub fn record_outcome(
         Bind::Text(record.to.as_str()),
         Bind::Text(record.to.as_str()),
         Bind::Text(record.to.as_str()),
+        Bind::Uuid(Uuid::now_v7()),
+        Bind::Text(record.to.as_str()),
+        Bind::Time(record.now),
+        Bind::Time(record.now),
+        Bind::Bool(record.notify && record.to.is_final()),
         Bind::Text(answer.map_or("", |a| a.inst_id)),
         Bind::Text(answer.map_or("", |a| a.req_serial)),
         Bind::Text(answer.map_or("", |a| a.msg_type)),
