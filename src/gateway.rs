@@ -182,6 +182,7 @@ pub struct Institution {
 /// What every worker shares.
 pub struct Shared {
     pub flows: Flows,
+    pub notify: crate::config::NotifyConfig,
     pub encrypt_key: PrivateKey,
     pub encrypt_key_serial: String,
 }
@@ -260,6 +261,20 @@ impl ChannelGateway {
                 std::thread::Builder::new()
                     .name(format!("inst-{}-resolve", config.id))
                     .spawn(move || resolver(&institution, &shared, started))?;
+            }
+            {
+                let institution = institution.clone();
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("inst-{}-notify", config.id))
+                    .spawn(move || {
+                        crate::notify::run(
+                            &institution.config,
+                            &shared.flows,
+                            &institution.pool,
+                            &shared.notify,
+                        )
+                    })?;
             }
             institutions.insert(config.id.clone(), institution);
         }

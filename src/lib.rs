@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod db;
 pub mod gateway;
 pub mod logging;
+pub mod notify;
 pub mod ops;
 pub mod payment;
 pub mod server;

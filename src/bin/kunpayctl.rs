@@ -73,6 +73,11 @@ enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// Result notifications to institutions: list, show, replay.
+    Notify {
+        #[command(subcommand)]
+        command: NotifyCommand,
+    },
     /// Ask the running daemon how it is (through its ops listener).
     Status {
         #[arg(long, value_name = "PATH", default_value = kunpay::config::DEFAULT_CONFIG_PATH)]
@@ -92,6 +97,44 @@ enum DbCommand {
         /// Database URL instead of database.url (password from database.password_* still applies).
         #[arg(long, value_name = "URL")]
         database_url: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct DatabaseArgs {
+    #[arg(long, value_name = "PATH", default_value = kunpay::config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Database URL instead of database.url (password from database.password_* still applies).
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum NotifyCommand {
+    /// Notifications, newest first (`--status dead` lists the ones that gave up).
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// pending, delivered, dead or skipped.
+        #[arg(long, value_parser = ["pending", "delivered", "dead", "skipped"])]
+        status: Option<String>,
+        /// One institution only.
+        #[arg(long, value_name = "ID")]
+        inst: Option<String>,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+    },
+    /// One notification with every delivery attempt.
+    Show {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        event_id: String,
+    },
+    /// Send a notification once more, now (a dead one, or one an institution asks for again).
+    Replay {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        event_id: String,
     },
 }
 
@@ -136,6 +179,7 @@ fn main() -> ExitCode {
                 },
         } => migrate(&config, database_url),
         Command::Status { config, ops } => status(&config, ops),
+        Command::Notify { command } => notify(command),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -209,7 +253,13 @@ fn verify(
     }
 }
 
-fn migrate(config_path: &Path, database_url: Option<String>) -> anyhow::Result<u8> {
+/// One connection to the node's database, from its configuration (`--database-url`
+/// overrides the URL). `Err(Some(code))`-style usage errors are printed and exited with 2.
+fn connect_database(
+    config_path: &Path,
+    database_url: Option<String>,
+    purpose: &str,
+) -> anyhow::Result<Result<(diesel::PgConnection, String), u8>> {
     let (url, password) = match (database_url, Config::load(config_path, Mode::Development)) {
         (Some(url), Ok(config)) => (url, config.database.password),
         (Some(url), Err(_)) => (url, None),
@@ -229,7 +279,7 @@ fn migrate(config_path: &Path, database_url: Option<String>) -> anyhow::Result<u
         ),
         (None, Err(errors)) => {
             eprintln!("{errors}");
-            return Ok(EXIT_USAGE);
+            return Ok(Err(EXIT_USAGE));
         }
     };
     let password = password
@@ -247,24 +297,25 @@ fn migrate(config_path: &Path, database_url: Option<String>) -> anyhow::Result<u
         pool_min_idle: 0,
         connect_timeout: Duration::from_secs(10),
         statement_timeout: Duration::from_secs(600),
-        application_name: "kunpayctl db migrate".to_string(),
+        application_name: format!("kunpayctl {purpose}"),
     };
-    let mut conn = kunpay::db::connect_one(&settings)?;
+    let conn = kunpay::db::connect_one(&settings)?;
+    Ok(Ok((conn, settings.display_target())))
+}
+
+fn migrate(config_path: &Path, database_url: Option<String>) -> anyhow::Result<u8> {
+    let (mut conn, target) = match connect_database(config_path, database_url, "db migrate")? {
+        Ok(connected) => connected,
+        Err(code) => return Ok(code),
+    };
     let applied = kunpay::db::migrate(&mut conn)?;
     if applied.is_empty() {
-        println!(
-            "{}: schema is current; nothing to apply",
-            settings.display_target()
-        );
+        println!("{target}: schema is current; nothing to apply");
     } else {
         for version in &applied {
             println!("applied migration {version}");
         }
-        println!(
-            "{}: {} migration(s) applied",
-            settings.display_target(),
-            applied.len()
-        );
+        println!("{target}: {} migration(s) applied", applied.len());
     }
     Ok(0)
 }
@@ -321,4 +372,105 @@ fn status(config_path: &Path, ops: Option<String>) -> anyhow::Result<u8> {
     );
     let healthy = report.state == "running" && report.database == "up";
     Ok(if healthy { 0 } else { EXIT_FAILURE })
+}
+
+fn parse_event_id(text: &str) -> anyhow::Result<uuid::Uuid> {
+    uuid::Uuid::parse_str(text.trim())
+        .with_context(|| format!("\"{text}\" is not an event id (32 hex digits, as listed)"))
+}
+
+fn notify(command: NotifyCommand) -> anyhow::Result<u8> {
+    use kunpay::notify::store;
+    let (database, purpose) = match &command {
+        NotifyCommand::List { database, .. } => (database, "notify list"),
+        NotifyCommand::Show { database, .. } => (database, "notify show"),
+        NotifyCommand::Replay { database, .. } => (database, "notify replay"),
+    };
+    let (mut conn, _) =
+        match connect_database(&database.config, database.database_url.clone(), purpose)? {
+            Ok(connected) => connected,
+            Err(code) => return Ok(code),
+        };
+    let time = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    match command {
+        NotifyCommand::List {
+            status,
+            inst,
+            limit,
+            ..
+        } => {
+            let status = status.map(|s| s.to_ascii_uppercase());
+            let rows = store::list(&mut conn, status.as_deref(), inst.as_deref(), limit)?;
+            println!(
+                "{:<32}  {:<12}  {:<32}  {:<9}  {:<9}  {:>8}  {:<23}  LAST ERROR",
+                "EVENT",
+                "INSTITUTION",
+                "TRANSACTION",
+                "STATE",
+                "STATUS",
+                "ATTEMPTS",
+                "NEXT/FINISHED"
+            );
+            for n in &rows {
+                println!(
+                    "{:<32}  {:<12}  {:<32}  {:<9}  {:<9}  {:>8}  {:<23}  {}",
+                    n.event_id.simple(),
+                    n.inst_id,
+                    n.txn_id.simple(),
+                    n.txn_state,
+                    n.status,
+                    n.attempts,
+                    time(n.finished_at.unwrap_or(n.next_at)),
+                    n.last_error.as_deref().unwrap_or("")
+                );
+            }
+            println!("{} notification(s)", rows.len());
+            Ok(0)
+        }
+        NotifyCommand::Show { event_id, .. } => {
+            let event_id = parse_event_id(&event_id)?;
+            let Some(n) = store::get(&mut conn, event_id)? else {
+                eprintln!("kunpayctl: no notification {}", event_id.simple());
+                return Ok(EXIT_FAILURE);
+            };
+            println!("event        {}", n.event_id.simple());
+            println!("institution  {}", n.inst_id);
+            println!("transaction  {} ({})", n.txn_id.simple(), n.txn_state);
+            println!("status       {} after {} attempt(s)", n.status, n.attempts);
+            println!("queued       {}", time(n.created_at));
+            for a in store::attempts(&mut conn, event_id)? {
+                println!(
+                    "attempt {:>3}  {}  {:>6} ms  state {}  {}",
+                    a.attempt,
+                    time(a.at),
+                    a.duration_ms,
+                    a.txn_state,
+                    match (a.http_status, a.error.as_deref()) {
+                        (Some(status), _) if (200..300).contains(&status) =>
+                            format!("HTTP {status}: delivered"),
+                        (_, Some(error)) => error.to_string(),
+                        (Some(status), None) => format!("HTTP {status}"),
+                        (None, None) => String::new(),
+                    }
+                );
+            }
+            Ok(0)
+        }
+        NotifyCommand::Replay { event_id, .. } => {
+            let event_id = parse_event_id(&event_id)?;
+            if store::replay(&mut conn, event_id, chrono::Utc::now())? {
+                println!(
+                    "notification {} queued; the institution's notifier sends it within notify.poll_every",
+                    event_id.simple()
+                );
+                Ok(0)
+            } else {
+                eprintln!(
+                    "kunpayctl: notification {} does not exist or is still pending",
+                    event_id.simple()
+                );
+                Ok(EXIT_FAILURE)
+            }
+        }
+    }
 }

@@ -191,6 +191,55 @@ pub struct ChannelConfig {
     pub bank_id: String,
 }
 
+/// Result notifications to institutions' callback URLs.
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    /// Delays between attempts: the first attempt is at once, then one per entry; after the
+    /// last a notification is DEAD (listed by `kunpayctl notify list --status dead`).
+    pub schedule: Vec<Duration>,
+    /// Bound on one delivery attempt (connect, send, answer).
+    pub timeout: Duration,
+    /// How often each institution's notifier looks for due notifications.
+    pub poll_every: Duration,
+    /// Notifications one notifier round takes at most.
+    pub batch: usize,
+}
+
+/// The default schedule: 1 min, 2x5 min, 5x10 min, 5x1 h, 3x6 h.
+pub const DEFAULT_NOTIFY_SCHEDULE: &str = "1min, 2x5min, 5x10min, 5x1h, 3x6h";
+
+/// Parses a retry schedule such as "1min, 2x5min, 5x10min": comma-separated delays, each
+/// optionally repeated with `Nx`.
+pub fn parse_schedule(text: &str) -> Result<Vec<Duration>, String> {
+    let mut delays = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(format!("\"{text}\" has an empty entry"));
+        }
+        let (times, delay) = match part.split_once('x') {
+            Some((n, d)) if !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) => {
+                let n: usize = n
+                    .parse()
+                    .map_err(|_| format!("\"{part}\": {n} is not a count"))?;
+                (n, d)
+            }
+            _ => (1, part),
+        };
+        if times == 0 || times > 100 {
+            return Err(format!("\"{part}\": repeat 1 to 100 times"));
+        }
+        let delay = reader::parse_duration(delay)?;
+        if delay.is_zero() {
+            return Err(format!("\"{part}\": a delay must be positive"));
+        }
+        delays.extend(std::iter::repeat_n(delay, times));
+    }
+    if delays.len() > 1000 {
+        return Err("at most 1000 attempts".into());
+    }
+    Ok(delays)
+}
+
 /// Which core banking kunpay talks to.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -259,6 +308,7 @@ pub struct Config {
     pub channel: Option<ChannelConfig>,
     pub institutions: Vec<InstitutionConfig>,
     pub core: CoreConfig,
+    pub notify: NotifyConfig,
 }
 
 /// How strict loading is about keys that only the embedded development setup may omit.
@@ -589,6 +639,32 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
         ) as u32,
         amqp: read_core_amqp(r, &node.id),
     };
+    let notify = NotifyConfig {
+        schedule: {
+            let text = r.str_or("notify.schedule", DEFAULT_NOTIFY_SCHEDULE);
+            match parse_schedule(&text) {
+                Ok(delays) => delays,
+                Err(why) => {
+                    r.reject(
+                        "notify.schedule",
+                        format!("{why}; write delays like \"{DEFAULT_NOTIFY_SCHEDULE}\""),
+                    );
+                    Vec::new()
+                }
+            }
+        },
+        timeout: r.duration_or(
+            "notify.timeout",
+            Duration::from_secs(10),
+            (Duration::from_millis(100), Duration::from_secs(300)),
+        ),
+        poll_every: r.duration_or(
+            "notify.poll_every",
+            Duration::from_secs(1),
+            (Duration::from_millis(10), Duration::from_secs(600)),
+        ),
+        batch: r.int_or("notify.batch", 64, 1..=10_000) as usize,
+    };
     if channel.is_some() && keys.encrypt_private.is_none() {
         r.reject(
             "keys.encrypt_private",
@@ -608,6 +684,7 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
         channel,
         institutions,
         core,
+        notify,
     }
 }
 
@@ -798,7 +875,27 @@ fn read_institutions(r: &mut Reader) -> Vec<InstitutionConfig> {
             ),
             single_limit_fen: r.int_or(&p("single_limit_fen"), 5_000_000, 1..=i64::MAX / 4),
             daily_limit_fen: r.int_or(&p("daily_limit_fen"), 20_000_000, 1..=i64::MAX / 4),
-            callback_url: r.opt_str(&p("callback_url")),
+            callback_url: {
+                let url = r.opt_str(&p("callback_url"));
+                if let Some(url) = &url {
+                    let loopback = [
+                        "http://127.0.0.1:",
+                        "http://127.0.0.1/",
+                        "http://localhost:",
+                        "http://localhost/",
+                        "http://[::1]:",
+                    ]
+                    .iter()
+                    .any(|prefix| url.starts_with(prefix));
+                    if !(url.starts_with("https://") || loopback) {
+                        r.reject(
+                            &p("callback_url"),
+                            format!("\"{url}\" must be an https:// URL (plain http only on a loopback address, for tests)"),
+                        );
+                    }
+                }
+                url
+            },
             workers: r.int_or(&p("workers"), 4, 1..=256) as usize,
             queue_depth: r.int_or(&p("queue_depth"), 256, 1..=100_000) as usize,
             db_pool_size: r.int_or(&p("db_pool_size"), 4, 1..=256) as u32,
@@ -838,6 +935,24 @@ fn url_has_password(url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_notification_schedule_is_sixteen_retries_as_written() {
+        let m = |n: u64| Duration::from_secs(60 * n);
+        let delays = parse_schedule(DEFAULT_NOTIFY_SCHEDULE).unwrap();
+        let mut expected = vec![m(1), m(5), m(5)];
+        expected.extend([m(10); 5]);
+        expected.extend([m(60); 5]);
+        expected.extend([m(360); 3]);
+        assert_eq!(delays, expected);
+        assert_eq!(
+            parse_schedule("200ms").unwrap(),
+            vec![Duration::from_millis(200)]
+        );
+        for bad in ["", "1min,,5min", "0x1min", "1min, 0s", "5", "2x", "101x1s"] {
+            assert!(parse_schedule(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigErrors> {
         Config::parse(

@@ -649,6 +649,7 @@ fn start_channel(
         &channel.institution_keys,
         crate::gateway::Shared {
             flows,
+            notify: config.notify.clone(),
             encrypt_key: channel.encrypt_key,
             encrypt_key_serial: config.keys.encrypt_key_serial.clone(),
         },

@@ -101,6 +101,9 @@ fn new_posting<'a>(
     }
 }
 
+/// `MsgTp` of a result notification.
+pub const NOTIFY_MSG_TP: &str = "TXN_NOTIFY";
+
 /// What [`Flows::execute`] did with a request.
 #[derive(Debug)]
 pub enum Executed {
@@ -218,18 +221,12 @@ impl Flows {
         fields: &[(&str, String)],
         now: DateTime<Utc>,
     ) -> Result<Reply, FlowError> {
-        let mut w = MessageWriter::new();
-        w.field("MsgTp", &msg_type.response_name())
-            .field("SndInstId", &self.bank_id)
-            .field("RcvInstId", &inst.id)
-            .field("SgnSN", &self.sign_key_serial)
-            .field(
-                "SndDtTm",
-                &now.with_timezone(&china())
-                    .to_rfc3339_opts(SecondsFormat::Secs, false),
-            )
-            .field("MsgId", &Uuid::now_v7().simple().to_string())
-            .body();
+        let mut w = self.header(
+            inst,
+            &msg_type.response_name(),
+            &Uuid::now_v7().simple().to_string(),
+            now,
+        );
         w.field("RsltCd", code.code())
             .field("RsltMsg", detail.unwrap_or(code.meaning()));
         if let Some(serial) = serial {
@@ -245,15 +242,75 @@ impl Flows {
                 w.field(name, value);
             }
         }
+        Ok(Reply {
+            bytes: self.sign(inst, w)?,
+            code,
+        })
+    }
+
+    /// A message to `inst` with our header, ready for its body.
+    fn header(
+        &self,
+        inst: &InstitutionConfig,
+        msg_tp: &str,
+        msg_id: &str,
+        now: DateTime<Utc>,
+    ) -> MessageWriter {
+        let mut w = MessageWriter::new();
+        w.field("MsgTp", msg_tp)
+            .field("SndInstId", &self.bank_id)
+            .field("RcvInstId", &inst.id)
+            .field("SgnSN", &self.sign_key_serial)
+            .field(
+                "SndDtTm",
+                &now.with_timezone(&china())
+                    .to_rfc3339_opts(SecondsFormat::Secs, false),
+            )
+            .field("MsgId", msg_id)
+            .body();
+        w
+    }
+
+    /// Closes the message and appends our signature over its exact bytes.
+    fn sign(&self, inst: &InstitutionConfig, w: MessageWriter) -> Result<Vec<u8>, FlowError> {
         let signed = w.finish().into_bytes();
         let signature = self
             .signer
             .sign(&signed, inst.signature_format)
             .map_err(|e| FlowError::Sign(e.to_string()))?;
-        Ok(Reply {
-            bytes: attach_signature(signed, &signature),
-            code,
-        })
+        Ok(attach_signature(signed, &signature))
+    }
+
+    /// The signed result notification for a transaction as it stands now: `MsgTp`
+    /// `TXN_NOTIFY`, `MsgId` the event id (the same on every attempt, so the institution can
+    /// deduplicate), the fields of a single-transaction query (docs/protocol.md).
+    pub fn notification(
+        &self,
+        inst: &InstitutionConfig,
+        row: &journal::TxnRow,
+        event_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<u8>, FlowError> {
+        let mut w = self.header(inst, NOTIFY_MSG_TP, &event_id.simple().to_string(), now);
+        let created = row
+            .created_at
+            .with_timezone(&china())
+            .to_rfc3339_opts(SecondsFormat::Secs, false);
+        for (name, value) in [
+            ("EventId", event_id.simple().to_string()),
+            ("ReqSerial", row.req_serial.clone()),
+            ("TxnId", row.txn_id.simple().to_string()),
+            ("TxnKind", row.kind.clone()),
+            ("TxnStatus", row.state.clone()),
+            ("TxnRsltCd", row.result_code.clone().unwrap_or_default()),
+            ("Amt", row.amount_fen.to_string()),
+            ("RefundedAmt", row.refunded_fen.to_string()),
+            ("AcctNoMasked", row.account_masked.clone()),
+            ("TxnDtTm", created),
+        ] {
+            w.field(name, &value);
+        }
+        self.sign(inst, w)
     }
 
     /// Runs one verified, parsed request: records its `msg_id` (a replay is refused), then

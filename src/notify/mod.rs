@@ -1,0 +1,179 @@
+//! Result notifications to institutions (best-effort notification, seed 003).
+//!
+//! Owns: delivering each queued notification (queued by the outcome statement in the journal,
+//! one per final state) to the institution's callback URL, signed like a response, with the
+//! transaction's state read again before every attempt; the retry schedule; recording every
+//! attempt; marking a notification DELIVERED (HTTP 2xx), DEAD (schedule exhausted) or SKIPPED
+//! (no callback URL). One notifier thread per institution, so a hanging endpoint delays only
+//! its own institution, each attempt bounded by `notify.timeout`.
+//! Must never: announce a state the journal does not hold, retry without bound, or run on the
+//! payment path (the query API stays the source of truth).
+
+pub mod store;
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+
+use crate::config::{InstitutionConfig, NotifyConfig};
+use crate::db::{self, Pool};
+use crate::payment::Flows;
+use crate::payment::journal;
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The institution answered 2xx.
+    Acknowledged(u16),
+    /// Another HTTP status.
+    Refused(u16),
+    /// No answer: connection refused, TLS failure, timeout.
+    Failed(String),
+}
+
+/// Sends one signed notification.
+pub fn deliver(agent: &ureq::Agent, url: &str, body: &[u8]) -> Delivery {
+    match agent
+        .post(url)
+        .header("Content-Type", "application/xml; charset=utf-8")
+        .send(body)
+    {
+        Ok(mut response) => {
+            let status = response.status().as_u16();
+            // Read (bounded) so the connection can be reused; the content is not used.
+            let _ = response
+                .body_mut()
+                .with_config()
+                .limit(64 * 1024)
+                .read_to_vec();
+            if (200..300).contains(&status) {
+                Delivery::Acknowledged(status)
+            } else {
+                Delivery::Refused(status)
+            }
+        }
+        Err(e) => Delivery::Failed(e.to_string()),
+    }
+}
+
+/// An HTTP client for callbacks: OpenSSL (native-tls) with the system's trusted roots.
+pub fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .max_redirects(0)
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::NativeTls)
+                .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+                .build(),
+        )
+        .build()
+        .into()
+}
+
+/// Delivers what is due for one institution; returns how many notifications it handled. A
+/// database connection is held only around each read and write, never across an HTTP call.
+pub fn round(
+    inst: &InstitutionConfig,
+    flows: &Flows,
+    pool: &Pool,
+    agent: &ureq::Agent,
+    settings: &NotifyConfig,
+) -> Result<usize, anyhow::Error> {
+    let checkout = || db::checkout(pool, Duration::from_secs(5));
+    let now = Utc::now();
+    let due = store::due(&mut *checkout()?, &inst.id, now, settings.batch as i64)?;
+    for notification in &due {
+        let conn = &mut *checkout()?;
+        let Some(url) = inst.callback_url.as_deref() else {
+            store::skip(conn, notification.event_id, now)?;
+            continue;
+        };
+        // The transaction as it stands now, not as it stood when the event was queued.
+        let Some(row) = journal::txn_by_id(conn, notification.txn_id)? else {
+            store::finish_dead(
+                conn,
+                notification,
+                now,
+                "the transaction is not in the journal",
+            )?;
+            continue;
+        };
+        let body = flows.notification(inst, &row, notification.event_id, now)?;
+        let started = Instant::now();
+        let delivery = deliver(agent, url, &body);
+        let took = started.elapsed();
+        let conn = &mut *checkout()?;
+        let attempt = notification.attempts + 1;
+        let finished = Utc::now();
+        match &delivery {
+            Delivery::Acknowledged(status) => {
+                store::record_attempt(
+                    conn,
+                    notification,
+                    attempt,
+                    &row.state,
+                    Some(*status),
+                    None,
+                    took,
+                    store::Next::Delivered,
+                    finished,
+                )?;
+            }
+            Delivery::Refused(_) | Delivery::Failed(_) => {
+                let (status, error) = match &delivery {
+                    Delivery::Refused(status) => (Some(*status), format!("HTTP {status}")),
+                    Delivery::Failed(why) => (None, why.clone()),
+                    Delivery::Acknowledged(_) => unreachable!(),
+                };
+                let next = match settings.schedule.get(attempt as usize - 1) {
+                    Some(delay) => store::Next::RetryAt(
+                        finished
+                            + chrono::Duration::from_std(*delay)
+                                .unwrap_or(chrono::Duration::hours(1)),
+                    ),
+                    None => store::Next::Dead,
+                };
+                if next == store::Next::Dead {
+                    tracing::warn!(
+                        institution = %inst.id,
+                        event_id = %notification.event_id,
+                        attempts = attempt,
+                        "notification dead after its last attempt: {error}; `kunpayctl notify replay` sends it again"
+                    );
+                }
+                store::record_attempt(
+                    conn,
+                    notification,
+                    attempt,
+                    &row.state,
+                    status,
+                    Some(&error),
+                    took,
+                    next,
+                    finished,
+                )?;
+            }
+        }
+    }
+    Ok(due.len())
+}
+
+/// The notifier of one institution: runs until the process ends.
+pub fn run(inst: &InstitutionConfig, flows: &Flows, pool: &Pool, settings: &NotifyConfig) {
+    let agent = agent(settings.timeout);
+    loop {
+        let handled = match round(inst, flows, pool, &agent, settings) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(institution = %inst.id, "notification round failed: {e:#}");
+                0
+            }
+        };
+        // A full batch means more are due: go on at once.
+        if handled < settings.batch {
+            std::thread::sleep(settings.poll_every);
+        }
+    }
+}
