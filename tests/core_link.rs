@@ -841,3 +841,126 @@ fn a_daemon_killed_under_load_loses_nothing_and_posts_nothing_twice() {
     );
     coresim.stop();
 }
+
+/// `kunpay-coresim` with its own database, started with the arguments the test gives.
+struct CoresimProcess {
+    child: std::process::Child,
+    config: std::path::PathBuf,
+}
+
+impl CoresimProcess {
+    fn start(config: &std::path::Path, args: &[&str]) -> CoresimProcess {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kunpay-coresim"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        CoresimProcess {
+            child,
+            config: config.to_path_buf(),
+        }
+    }
+
+    fn restart(&mut self, args: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = CoresimProcess::start(&self.config.clone(), args);
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for CoresimProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The core simulator crashes (exit, no reply, no ack) on a posting; the broker redelivers it
+/// to the restarted simulator, whose ledger is in its own database: the debit is applied once,
+/// kunpay settles it, and the simulator's balance and postings match kunpay's journal.
+#[test]
+fn a_core_crash_mid_posting_is_settled_once_after_the_core_restarts() {
+    let queues = Queues::new();
+    let core_db = TestDb::new();
+    let scratch = tempfile::tempdir().unwrap();
+    let mac_file = scratch.path().join("core-mac.key");
+    write_secret(&mac_file, MAC_HEX);
+    let config = scratch.path().join("coresim.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[amqp]\nurl = \"{}\"\nrequest_queue = \"{}\"\ndead_letter_queue = \"{}\"\n\n\
+             [mac]\nkey_id = \"test-2026\"\nkey_file = \"{}\"\n\n[database]\nurl = \"{}\"\n",
+            amqp_url(),
+            queues.request,
+            queues.dead,
+            mac_file.display(),
+            core_db.url()
+        ),
+    )
+    .unwrap();
+    // Requests 1 and 2 are the agreement's binding and code check; 3 is the first debit.
+    let mut coresim = CoresimProcess::start(&config, &["--crash-at", "3"]);
+    let node = MqNode::start(&queues, &broker_parts().3, "reply_timeout = \"2s\"");
+    let agreement = node.sign_agreement();
+    let balance = || {
+        count(
+            core_db.url(),
+            "SELECT balance_fen AS n FROM coresim_account WHERE account_no = '6222021234567890123'",
+        )
+    };
+    let before = balance();
+
+    let first = node.debit(&node.inst.next_id("D"), &agreement, "100");
+    assert_eq!(
+        first.code(),
+        "0001",
+        "the core died before answering: {:?}",
+        first.fields
+    );
+    assert_eq!(
+        coresim.wait_exit(Duration::from_secs(5)),
+        Some(101),
+        "crashed on purpose"
+    );
+
+    coresim.restart(&[]);
+    for _ in 0..3 {
+        let debit = node.debit(&node.inst.next_id("D"), &agreement, "100");
+        assert_eq!(debit.code(), "0000", "{:?}", debit.fields);
+    }
+    assert!(
+        node.drained(Duration::from_secs(30)),
+        "the crashed posting is settled\n{}",
+        node.daemon.stderr()
+    );
+    assert_eq!(
+        node.count("SELECT count(*) AS n FROM txn WHERE kind = 'DEBIT' AND state = 'SUCCEEDED'"),
+        4
+    );
+    assert_eq!(
+        balance(),
+        before - 400,
+        "each debit moved money exactly once"
+    );
+    assert_eq!(
+        count(
+            core_db.url(),
+            "SELECT count(*) AS n FROM coresim_posting WHERE status = 'POSTED'"
+        ),
+        4
+    );
+}

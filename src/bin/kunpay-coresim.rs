@@ -57,6 +57,8 @@ struct Cli {
 struct FileConfig {
     amqp: AmqpSection,
     mac: MacSection,
+    /// The ledger's own database; without it the ledger lives in memory and a crash loses it.
+    database: Option<DatabaseSection>,
     #[serde(default)]
     ledger: LedgerSection,
     #[serde(default)]
@@ -84,6 +86,20 @@ fn default_dead_letter_queue() -> String {
 }
 fn default_prefetch() -> u16 {
     64
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatabaseSection {
+    /// libpq URL without a password.
+    url: String,
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_pool")]
+    pool_max_size: u32,
+}
+
+fn default_pool() -> u32 {
+    4
 }
 
 #[derive(Deserialize)]
@@ -143,7 +159,15 @@ fn duration(text: Option<&str>, key: &str, default: Duration) -> anyhow::Result<
     }
 }
 
-fn load(cli: &Cli) -> anyhow::Result<(AmqpSettings, MacKeys, u32, ServiceFaults)> {
+struct Loaded {
+    amqp: AmqpSettings,
+    keys: MacKeys,
+    accounts: u32,
+    faults: ServiceFaults,
+    database: Option<kunpay::db::ConnectSettings>,
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Loaded> {
     let text = std::fs::read_to_string(&cli.config)
         .with_context(|| format!("reading {}", cli.config.display()))?;
     let file: FileConfig =
@@ -222,7 +246,35 @@ fn load(cli: &Cli) -> anyhow::Result<(AmqpSettings, MacKeys, u32, ServiceFaults)
         connection_name: "kunpay-coresim".into(),
         app_id: "kunpay-coresim".into(),
     };
-    Ok((settings, keys, file.ledger.generated_accounts, faults))
+    let database = match &file.database {
+        None => None,
+        Some(db) => {
+            if !(db.url.starts_with("postgres://") || db.url.starts_with("postgresql://")) {
+                bail!("[database] url must start with postgres:// or postgresql://");
+            }
+            Some(kunpay::db::ConnectSettings {
+                url: kunpay::config::Secret::new(db.url.clone()),
+                password: match &db.password_file {
+                    None => None,
+                    Some(path) => Some(kunpay::config::Secret::new(
+                        read_secret(path, "[database] password_file")?.to_string(),
+                    )),
+                },
+                pool_max_size: db.pool_max_size.clamp(1, 64),
+                pool_min_idle: 1,
+                connect_timeout: Duration::from_secs(5),
+                statement_timeout: Duration::from_secs(30),
+                application_name: "kunpay-coresim".into(),
+            })
+        }
+    };
+    Ok(Loaded {
+        amqp: settings,
+        keys,
+        accounts: file.ledger.generated_accounts,
+        faults,
+        database,
+    })
 }
 
 fn main() -> ExitCode {
@@ -234,7 +286,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (settings, keys, accounts, faults) = match load(&cli) {
+    let loaded = match load(&cli) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("kunpay-coresim: {e:#}");
@@ -246,13 +298,35 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let core = Arc::new(CoreSimulator::with_demo_accounts().with_generated_accounts(accounts));
+    let ledger: kunpay::core::coresim::Ledger = match &loaded.database {
+        None => {
+            tracing::warn!("no [database]: the ledger is in memory and a crash loses it");
+            Arc::new(CoreSimulator::with_demo_accounts().with_generated_accounts(loaded.accounts))
+        }
+        Some(settings) => {
+            let opened = kunpay::db::connect(settings)
+                .map_err(anyhow::Error::from)
+                .and_then(|pool| {
+                    let mut accounts = kunpay::core::sim::demo_accounts();
+                    accounts.extend((0..loaded.accounts).map(kunpay::core::sim::generated_account));
+                    kunpay::core::sim_store::PgLedger::open(pool, &accounts)
+                        .map_err(anyhow::Error::from)
+                });
+            match opened {
+                Ok(ledger) => Arc::new(ledger),
+                Err(e) => {
+                    eprintln!("kunpay-coresim: {}: {e:#}", settings.display_target());
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    };
     let service = CoreSimService::start(
         runtime.handle().clone(),
-        settings,
-        Arc::new(keys),
-        core,
-        faults,
+        loaded.amqp,
+        Arc::new(loaded.keys),
+        ledger,
+        loaded.faults,
     );
     tracing::info!("kunpay-coresim: started");
     runtime.block_on(async {

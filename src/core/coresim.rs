@@ -13,9 +13,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use super::amqp::{AmqpLink, AmqpSettings, Disposition, Handler, RawMessage};
-use super::sim::CoreSimulator;
 use super::wire::{CoreReply, CoreRequest, Envelope, MacKeys, now_ms};
-use super::{CoreLink, PostingOutcome, Rejection};
+use super::{CoreError, CoreLink, PostingOutcome, Rejection};
+
+/// The ledger behind the service: the in-memory simulator, or its PostgreSQL twin.
+pub type Ledger = Arc<dyn CoreLink>;
 
 /// Deliberate misbehaviour, changeable while running (`set_faults`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -37,7 +39,7 @@ pub struct ServiceFaults {
 }
 
 pub struct CoreSimService {
-    core: Arc<CoreSimulator>,
+    core: Ledger,
     link: Arc<AmqpLink>,
     faults: Arc<Mutex<ServiceFaults>>,
     handled: Arc<AtomicU64>,
@@ -48,7 +50,7 @@ impl CoreSimService {
         runtime: tokio::runtime::Handle,
         amqp: AmqpSettings,
         keys: Arc<MacKeys>,
-        core: Arc<CoreSimulator>,
+        core: Ledger,
         faults: ServiceFaults,
     ) -> CoreSimService {
         let faults = Arc::new(Mutex::new(faults));
@@ -74,7 +76,7 @@ impl CoreSimService {
                     let Some(link) = link_cell.get().cloned() else {
                         return Disposition::DeadLetter;
                     };
-                    handle(&core, link, &keys, &faults, &handled, message).await
+                    handle(core, link, &keys, &faults, &handled, message).await
                 })
             })
         };
@@ -88,7 +90,7 @@ impl CoreSimService {
         }
     }
 
-    pub fn core(&self) -> &Arc<CoreSimulator> {
+    pub fn core(&self) -> &Ledger {
         &self.core
     }
 
@@ -113,8 +115,33 @@ fn every(n: u64, count: u64) -> bool {
     n > 0 && count.is_multiple_of(n)
 }
 
+/// Runs a request against the ledger (blocking: it may be the database).
+fn execute(
+    core: &dyn CoreLink,
+    request: &CoreRequest,
+    reject: Option<Rejection>,
+) -> Result<CoreReply, CoreError> {
+    Ok(match request {
+        CoreRequest::Post(posting) => CoreReply::Post {
+            txn_id: posting.txn_id,
+            outcome: match reject {
+                Some(reason) => PostingOutcome::Rejected(reason),
+                None => core.post(posting)?,
+            },
+        },
+        CoreRequest::Query { txn_id } => CoreReply::Query {
+            txn_id: *txn_id,
+            outcome: core.query_posting(*txn_id)?,
+        },
+        CoreRequest::Bind(bind) => CoreReply::Bind(core.request_binding(&bind.into())?),
+        CoreRequest::CheckCode { agreement_no, code } => {
+            CoreReply::CheckCode(core.check_code(agreement_no, code)?)
+        }
+    })
+}
+
 async fn handle(
-    core: &CoreSimulator,
+    core: Ledger,
     link: Arc<AmqpLink>,
     keys: &MacKeys,
     faults: &Mutex<ServiceFaults>,
@@ -149,40 +176,18 @@ async fn handle(
         // Abrupt, like a power cut: no reply, no ack; the broker redelivers the request.
         std::process::exit(101);
     }
-    let reply = match &request {
-        CoreRequest::Post(posting) => {
-            let outcome = if every(faults.reject_every, count) {
-                PostingOutcome::Rejected(faults.reject_reason.unwrap_or(Rejection::Frozen))
-            } else {
-                match core.post(posting) {
-                    Ok(outcome) => outcome,
-                    Err(why) => {
-                        tracing::warn!(txn_id = %posting.txn_id, "coresim: no reply: {why}");
-                        return Disposition::Ack;
-                    }
-                }
-            };
-            CoreReply::Post {
-                txn_id: posting.txn_id,
-                outcome,
-            }
+    let reject = (matches!(request, CoreRequest::Post(_)) && every(faults.reject_every, count))
+        .then(|| faults.reject_reason.unwrap_or(Rejection::Frozen));
+    let reply = match tokio::task::spawn_blocking(move || execute(&*core, &request, reject)).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(why)) => {
+            // The ledger could not answer (its database is away): try again later.
+            tracing::warn!(message_id = %envelope.message_id, "coresim: {why}; request requeued");
+            return Disposition::Requeue;
         }
-        CoreRequest::Query { txn_id } => match core.query_posting(*txn_id) {
-            Ok(outcome) => CoreReply::Query {
-                txn_id: *txn_id,
-                outcome,
-            },
-            Err(_) => return Disposition::Ack,
-        },
-        CoreRequest::Bind(bind) => match core.request_binding(&bind.into()) {
-            Ok(outcome) => CoreReply::Bind(outcome),
-            Err(_) => return Disposition::Ack,
-        },
-        CoreRequest::CheckCode { agreement_no, code } => {
-            match core.check_code(agreement_no, code) {
-                Ok(check) => CoreReply::CheckCode(check),
-                Err(_) => return Disposition::Ack,
-            }
+        Err(panicked) => {
+            tracing::error!(message_id = %envelope.message_id, "coresim: ledger panicked: {panicked}");
+            return Disposition::Requeue;
         }
     };
     if every(faults.drop_every, count) {

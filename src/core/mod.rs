@@ -11,6 +11,7 @@ pub mod amqp;
 pub mod bridge;
 pub mod coresim;
 pub mod sim;
+pub mod sim_store;
 pub mod wire;
 
 use thiserror::Error;

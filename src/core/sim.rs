@@ -84,37 +84,8 @@ impl CoreSimulator {
     /// A simulator with demo customers for `make run` and benchmarks.
     pub fn with_demo_accounts() -> CoreSimulator {
         let sim = CoreSimulator::new();
-        for (account_no, name, id_no, phone, balance_fen) in [
-            (
-                "6222021234567890123",
-                "张三",
-                "110101199003077774",
-                "13812345678",
-                100_000_000,
-            ),
-            (
-                "6222021234567890131",
-                "李四",
-                "110101198507071232",
-                "13912345678",
-                50_000_000,
-            ),
-            (
-                "6217001234567890149",
-                "王五",
-                "440301198001010026",
-                "13512345678",
-                0,
-            ),
-        ] {
-            sim.open_account(Account {
-                account_no: account_no.into(),
-                name: name.into(),
-                id_no: id_no.into(),
-                phone: phone.into(),
-                balance_fen,
-                frozen: false,
-            });
+        for account in demo_accounts() {
+            sim.open_account(account);
         }
         sim
     }
@@ -180,6 +151,43 @@ impl CoreSimulator {
 
 /// Generated customer `index`: a deterministic card number, name, valid resident id and phone,
 /// and a balance large enough for any benchmark.
+/// The three demo customers every simulator starts with (docs/protocol.md's examples use them).
+pub fn demo_accounts() -> Vec<Account> {
+    [
+        (
+            "6222021234567890123",
+            "张三",
+            "110101199003077774",
+            "13812345678",
+            100_000_000,
+        ),
+        (
+            "6222021234567890131",
+            "李四",
+            "110101198507071232",
+            "13912345678",
+            50_000_000,
+        ),
+        (
+            "6217001234567890149",
+            "王五",
+            "440301198001010026",
+            "13512345678",
+            0,
+        ),
+    ]
+    .into_iter()
+    .map(|(account_no, name, id_no, phone, balance_fen)| Account {
+        account_no: account_no.into(),
+        name: name.into(),
+        id_no: id_no.into(),
+        phone: phone.into(),
+        balance_fen,
+        frozen: false,
+    })
+    .collect()
+}
+
 pub fn generated_account(index: u32) -> Account {
     const WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
     const CHECK: &[u8; 11] = b"10X98765432";
