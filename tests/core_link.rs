@@ -58,6 +58,7 @@ impl Queues {
             dead_letter_queue: self.dead.clone(),
             consume_queue: consume.to_string(),
             prefetch: 32,
+            concurrency: if app == "coresim" { 8 } else { 1 },
             confirm_timeout: Duration::from_secs(5),
             connection_name: format!("test {app}"),
             app_id: app.into(),

@@ -76,6 +76,9 @@ struct AmqpSection {
     dead_letter_queue: String,
     #[serde(default = "default_prefetch")]
     prefetch: u16,
+    /// Requests handled at once (each waits for its reply's confirm); at most `prefetch`.
+    #[serde(default = "default_concurrency")]
+    concurrency: usize,
 }
 
 fn default_request_queue() -> String {
@@ -86,6 +89,9 @@ fn default_dead_letter_queue() -> String {
 }
 fn default_prefetch() -> u16 {
     64
+}
+fn default_concurrency() -> usize {
+    32
 }
 
 #[derive(Deserialize)]
@@ -202,6 +208,12 @@ fn load(cli: &Cli) -> anyhow::Result<Loaded> {
     if file.amqp.prefetch == 0 {
         bail!("[amqp] prefetch must be at least 1");
     }
+    if file.amqp.concurrency == 0 || file.amqp.concurrency > usize::from(file.amqp.prefetch) {
+        bail!(
+            "[amqp] concurrency must be 1 to prefetch ({})",
+            file.amqp.prefetch
+        );
+    }
     let f = &file.faults;
     let mut faults = ServiceFaults {
         latency: duration(f.latency.as_deref(), "latency", Duration::ZERO)?,
@@ -242,6 +254,7 @@ fn load(cli: &Cli) -> anyhow::Result<Loaded> {
         dead_letter_queue: file.amqp.dead_letter_queue,
         consume_queue: file.amqp.request_queue,
         prefetch: file.amqp.prefetch,
+        concurrency: file.amqp.concurrency,
         confirm_timeout: Duration::from_secs(5),
         connection_name: "kunpay-coresim".into(),
         app_id: "kunpay-coresim".into(),

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,7 +70,7 @@ pub struct BridgeSettings {
 
 struct Waiter {
     expects: MessageType,
-    reply: SyncSender<CoreReply>,
+    reply: tokio::sync::oneshot::Sender<CoreReply>,
 }
 
 /// Counters for /metrics and tests.
@@ -189,7 +189,7 @@ impl MqCore {
     fn call(&self, request: &CoreRequest, correlation_id: String) -> Result<CoreReply, CoreError> {
         let message_type = request.message_type();
         let expects = message_type.reply().expect("requests have a reply type");
-        let (reply_tx, reply_rx) = sync_channel(1);
+        let (reply_tx, mut reply_rx) = tokio::sync::oneshot::channel();
         {
             let mut waiting = self.shared.waiting.lock().expect("waiting lock");
             if waiting.len() >= self.settings.max_in_flight {
@@ -218,11 +218,40 @@ impl MqCore {
             now_ms(),
             request.encode(),
         );
-        let published = self.link.publish_blocking(
-            &self.settings.request_queue,
-            &envelope,
-            Some(&self.settings.reply_queue),
+        // The reply and the broker's confirm are awaited together: the core can answer before
+        // the broker has synced the request to disk, and a persisted request whose reply is
+        // already here needs no confirm to be acted on.
+        let (request_queue, reply_queue, timeout) = (
+            self.settings.request_queue.as_str(),
+            self.settings.reply_queue.as_str(),
+            self.settings.reply_timeout,
         );
+        let link = &self.link;
+        let awaited: Result<CoreReply, PublishError> = link.block_on(async {
+            let confirm = link
+                .send(request_queue, &envelope, Some(reply_queue))
+                .await?;
+            tokio::pin!(confirm);
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut confirmed = false;
+            loop {
+                tokio::select! {
+                    reply = &mut reply_rx => match reply {
+                        Ok(reply) => return Ok(reply),
+                        // The waiter was removed: only this call removes it after a timeout.
+                        Err(_) => return Err(PublishError::Unconfirmed("reply channel closed".into())),
+                    },
+                    result = &mut confirm, if !confirmed => {
+                        result?;
+                        confirmed = true;
+                    }
+                    _ = &mut deadline => {
+                        return Err(PublishError::Unconfirmed(format!("no reply within {timeout:?}")));
+                    }
+                }
+            }
+        });
         let forget = || {
             self.shared
                 .waiting
@@ -230,12 +259,13 @@ impl MqCore {
                 .expect("waiting lock")
                 .remove(&correlation_id);
         };
-        match published {
-            Ok(()) => {
+        match awaited {
+            Ok(reply) => {
                 self.shared
                     .counters
                     .published
                     .fetch_add(1, Ordering::Relaxed);
+                Ok(reply)
             }
             Err(PublishError::NotSent(why)) => {
                 forget();
@@ -249,26 +279,15 @@ impl MqCore {
                         self.settings.max_queued
                     )));
                 }
-                return Err(CoreError::Queued(why));
+                Err(CoreError::Queued(why))
             }
             Err(PublishError::Unconfirmed(why)) => {
                 forget();
-                tracing::warn!(%correlation_id, "core link: {why}; the outcome is unknown");
-                return Err(CoreError::Timeout);
-            }
-        }
-        match reply_rx.recv_timeout(self.settings.reply_timeout) {
-            Ok(reply) => Ok(reply),
-            Err(_) => {
-                forget();
-                // The reply may have been handed over between the timeout and the removal.
-                if let Ok(reply) = reply_rx.try_recv() {
-                    return Ok(reply);
-                }
                 self.shared
                     .counters
                     .timeouts
                     .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%correlation_id, "core link: {why}; the outcome is unknown");
                 Err(CoreError::Timeout)
             }
         }
@@ -321,16 +340,12 @@ fn on_reply(shared: &Shared, message: RawMessage) -> Disposition {
     };
     if let Some(waiter) = waiter {
         // The waiter may have timed out a moment ago and gone: then the reply is late.
-        match waiter.reply.try_send(reply.clone()) {
-            Ok(()) => {
-                shared
-                    .counters
-                    .replies_matched
-                    .fetch_add(1, Ordering::Relaxed);
-                return Disposition::Ack;
-            }
-            Err(TrySendError::Full(_)) => unreachable!("one reply per waiter"),
-            Err(TrySendError::Disconnected(_)) => {}
+        if waiter.reply.send(reply.clone()).is_ok() {
+            shared
+                .counters
+                .replies_matched
+                .fetch_add(1, Ordering::Relaxed);
+            return Disposition::Ack;
         }
     }
     match reply {

@@ -420,6 +420,8 @@ fn start_core_bridge(
             dead_letter_queue: amqp.dead_letter_queue.clone(),
             consume_queue: amqp.reply_queue.clone(),
             prefetch: amqp.prefetch,
+            // Replies are matched in the order they arrive; the handler does not wait.
+            concurrency: 1,
             confirm_timeout: amqp.confirm_timeout,
             connection_name: format!("kunpay {node_id}"),
             app_id: "kunpay".into(),
