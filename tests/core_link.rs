@@ -106,7 +106,8 @@ impl Drop for Queues {
             let Ok(channel) = conn.create_channel().await else {
                 return;
             };
-            for q in [&self.request, &self.reply, &self.dead] {
+            let forger = format!("{}.forger", self.request);
+            for q in [&self.request, &self.reply, &self.dead, &forger] {
                 let _ = channel
                     .queue_delete(
                         q.as_str().into(),
