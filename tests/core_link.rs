@@ -966,3 +966,50 @@ fn a_core_crash_mid_posting_is_settled_once_after_the_core_restarts() {
         4
     );
 }
+
+/// The daemon's link to the broker is slowed past the reply timeout mid-flow: the debit is
+/// answered "processing" (UNKNOWN), and once the link is fast again the reply that was on its
+/// way (or the resolver's redelivery) settles it exactly once.
+#[test]
+fn a_delayed_link_makes_a_debit_unknown_and_it_is_settled_once() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let queues = Queues::new();
+    let (core, coresim) = coresim_in_process(&runtime, &queues);
+    let before = core.balance(ZHANG_ACCOUNT).unwrap();
+    let proxy = common::proxy::Proxy::start(&broker_parts().3);
+    let node = MqNode::start(
+        &queues,
+        &format!("127.0.0.1:{}", proxy.port),
+        "reply_timeout = \"500ms\"",
+    );
+    let agreement = node.sign_agreement();
+    assert_eq!(
+        node.debit(&node.inst.next_id("D"), &agreement, "100")
+            .code(),
+        "0000"
+    );
+
+    proxy.delay(Duration::from_millis(1500));
+    let slow = node.debit(&node.inst.next_id("D"), &agreement, "100");
+    assert_eq!(slow.code(), "0001", "no reply in time: {:?}", slow.fields);
+    assert_eq!(
+        node.count("SELECT count(*) AS n FROM txn WHERE state = 'UNKNOWN'"),
+        1
+    );
+    proxy.delay(Duration::ZERO);
+    assert!(
+        node.drained(Duration::from_secs(30)),
+        "settled once the link is fast again\n{}",
+        node.daemon.stderr()
+    );
+    assert_eq!(
+        node.count("SELECT count(*) AS n FROM txn WHERE kind = 'DEBIT' AND state = 'SUCCEEDED'"),
+        2
+    );
+    assert_eq!(
+        core.balance(ZHANG_ACCOUNT).unwrap(),
+        before - 200,
+        "posted once each"
+    );
+    coresim.stop();
+}
