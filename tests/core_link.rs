@@ -658,6 +658,27 @@ fn the_daemon_pays_through_the_broker_and_kunpay_coresim() {
         5
     );
     assert_eq!(node.count("SELECT count(*) AS n FROM core_pending"), 0);
+    // Every reply (binding, code check, five postings) matched, none refused, in /metrics.
+    let metric = |text: &str, line: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let mut matched = None;
+    for _ in 0..30 {
+        let (_, text) = http_get(&node.dir.ops_url("/metrics")).unwrap();
+        matched = metric(&text, "kunpay_core_replies_total{result=\"matched\"}");
+        if matched == Some(7) {
+            assert_eq!(
+                metric(&text, "kunpay_core_replies_total{result=\"bad_mac\"}"),
+                Some(0)
+            );
+            assert_eq!(metric(&text, "kunpay_core_link_connected"), Some(1));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(matched, Some(7));
     drop(coresim);
     assert_eq!(queues.depth(&queues.dead), 0);
 }

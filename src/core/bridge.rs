@@ -84,6 +84,24 @@ pub struct BridgeCounters {
 }
 
 impl BridgeCounters {
+    /// Every reply verdict with its count so far, and the timeouts, for /metrics.
+    pub fn snapshot(&self) -> (Vec<(&'static str, u64)>, u64) {
+        let mut verdicts = vec![
+            ("matched", self.replies_matched.load(Ordering::Relaxed)),
+            ("late", self.replies_late.load(Ordering::Relaxed)),
+        ];
+        for refusal in [
+            Refusal::BadMac,
+            Refusal::Malformed,
+            Refusal::WrongType,
+            Refusal::UnknownCorrelation,
+            Refusal::LateQueueFull,
+        ] {
+            verdicts.push((refusal.label(), self.refused(refusal)));
+        }
+        (verdicts, self.timeouts.load(Ordering::Relaxed))
+    }
+
     fn refuse(&self, refusal: Refusal) {
         *self
             .refused

@@ -466,8 +466,25 @@ async fn watch_outbox(
     state: Arc<NodeState>,
     max_queued: u64,
 ) {
+    // What /metrics has been told so far: counters only go up by the difference.
+    let mut exported: std::collections::HashMap<&'static str, u64> = Default::default();
+    let mut exported_timeouts = 0u64;
     loop {
         tokio::time::sleep(OUTBOX_WATCH_EVERY).await;
+        let (verdicts, timeouts) = bridge.counters().snapshot();
+        for (result, total) in verdicts {
+            let before = exported.insert(result, total).unwrap_or(0);
+            state
+                .metrics
+                .core_replies
+                .get_or_create(&crate::ops::metrics::ResultLabels { result })
+                .inc_by(total.saturating_sub(before));
+        }
+        state
+            .metrics
+            .core_timeouts
+            .inc_by(timeouts.saturating_sub(exported_timeouts));
+        exported_timeouts = timeouts;
         let pool = pool.clone();
         let counted = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
             let mut conn = db::checkout(&pool, Duration::from_secs(2))?;

@@ -63,6 +63,10 @@ pub struct Metrics {
     pub core_outbox_depth: Gauge,
     /// 1 while the MQ bridge is connected to its broker.
     pub core_link_connected: Gauge,
+    /// Replies received on the core link by verdict (`result`: matched, late, or why refused).
+    pub core_replies: Family<ResultLabels, Counter>,
+    /// Core requests that got no reply in time (or no broker confirm): UNKNOWN until resolved.
+    pub core_timeouts: Counter,
 }
 
 impl Metrics {
@@ -93,6 +97,8 @@ impl Metrics {
             start_time_seconds: Gauge::default(),
             core_outbox_depth: Gauge::default(),
             core_link_connected: Gauge::default(),
+            core_replies: Family::default(),
+            core_timeouts: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -159,6 +165,16 @@ impl Metrics {
             "core_link_connected",
             "1 while the MQ bridge to core banking is connected to its broker",
             metrics.core_link_connected.clone(),
+        );
+        registry.register(
+            "core_replies",
+            "Replies received on the core link, by verdict (matched, late, or why refused)",
+            metrics.core_replies.clone(),
+        );
+        registry.register(
+            "core_timeouts",
+            "Core requests without a reply in time",
+            metrics.core_timeouts.clone(),
         );
         registry.register(
             "start_time_seconds",
