@@ -184,21 +184,8 @@ fn load(cli: &Cli) -> anyhow::Result<Loaded> {
     }
     if let Some(path) = &file.amqp.password_file {
         let password = read_secret(path, "[amqp] password_file")?;
-        let (scheme, rest) = uri.split_once("://").expect("checked above");
-        let Some((user, host)) = rest.split_once('@') else {
-            bail!("[amqp] url names no user (amqp://USER@host/vhost) but a password_file is set");
-        };
-        let encoded: String = password
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        uri = format!("{scheme}://{user}:{encoded}@{host}");
+        uri = kunpay::core::amqp::uri_with_password(&uri, &password)
+            .map_err(|e| anyhow::anyhow!("[amqp] url: {e}"))?;
     }
     let key_hex = read_secret(&file.mac.key_file, "[mac] key_file")?;
     let key = Zeroizing::new(hex::decode(key_hex.as_bytes()).map_err(|_| {

@@ -23,6 +23,28 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use super::wire::Envelope;
 
+/// `amqp://USER@host/vhost` with `password` put in, percent-encoded. Err when the URL names no
+/// user (the password would have nobody to belong to).
+pub fn uri_with_password(url: &str, password: &str) -> Result<String, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| "the broker URL has no scheme (amqp:// or amqps://)".to_string())?;
+    let (user, host) = rest.split_once('@').ok_or_else(|| {
+        "a password is configured but the URL names no user (amqp://USER@host/vhost)".to_string()
+    })?;
+    let encoded: String = password
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    Ok(format!("{scheme}://{user}:{encoded}@{host}"))
+}
+
 /// Header names carrying the envelope fields AMQP has no property for.
 pub const HEADER_MAC: &str = "kunpay-mac";
 pub const HEADER_KEY_ID: &str = "kunpay-mac-key-id";

@@ -217,6 +217,32 @@ pub fn verification_code(agreement_no: &str) -> String {
     format!("{number:06}")
 }
 
+/// Why the simulated core refuses to bind this account for `request`, if it does: the same
+/// rule for the in-memory ledger and its database twin (`sim_store.rs`).
+pub(crate) fn binding_refusal(
+    name: &str,
+    id_no: &str,
+    phone: &str,
+    frozen: bool,
+    request: &BindRequest,
+) -> Option<BindRejection> {
+    if frozen {
+        Some(BindRejection::Frozen)
+    } else if name != request.account_name || id_no != request.id_no || phone != request.phone {
+        Some(BindRejection::DetailsMismatch)
+    } else {
+        None
+    }
+}
+
+/// The simulated core's customer number for an account.
+pub(crate) fn core_customer(account_no: &str) -> String {
+    format!(
+        "C{}",
+        hex::encode(&crate::crypto::sm3::digest(account_no.as_bytes())[..4])
+    )
+}
+
 impl CoreLink for CoreSimulator {
     fn request_binding(&self, request: &BindRequest) -> Result<BindOutcome, CoreError> {
         self.before_call()?;
@@ -225,14 +251,14 @@ impl CoreLink for CoreSimulator {
         let Some(account) = ledger.accounts.get(&request.account_no) else {
             return Ok(BindOutcome::Rejected(BindRejection::UnknownAccount));
         };
-        if account.frozen {
-            return Ok(BindOutcome::Rejected(BindRejection::Frozen));
-        }
-        if account.name != request.account_name
-            || account.id_no != request.id_no
-            || account.phone != request.phone
-        {
-            return Ok(BindOutcome::Rejected(BindRejection::DetailsMismatch));
+        if let Some(refused) = binding_refusal(
+            &account.name,
+            &account.id_no,
+            &account.phone,
+            account.frozen,
+            request,
+        ) {
+            return Ok(BindOutcome::Rejected(refused));
         }
         let phone = account.phone.clone();
         if ledger.codes.len() >= MAX_PENDING_CODES {
@@ -250,13 +276,7 @@ impl CoreLink for CoreSimulator {
         );
         ledger.outbox.insert(phone, code);
         Ok(BindOutcome::CodeSent {
-            core_customer: format!(
-                "C{}",
-                &crate::crypto::sm3::digest(request.account_no.as_bytes())[..4]
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>()
-            ),
+            core_customer: core_customer(&request.account_no),
         })
     }
 

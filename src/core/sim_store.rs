@@ -10,7 +10,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Nullable, Text, Timestamptz};
 use uuid::Uuid;
 
-use super::sim::{Account, CODE_TTL, verification_code};
+use super::sim::{Account, CODE_TTL, binding_refusal, core_customer, verification_code};
 use super::{
     BindOutcome, BindRejection, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingKind,
     PostingOutcome, Rejection,
@@ -155,14 +155,14 @@ impl CoreLink for PgLedger {
         let Some(account) = account else {
             return Ok(BindOutcome::Rejected(BindRejection::UnknownAccount));
         };
-        if account.frozen {
-            return Ok(BindOutcome::Rejected(BindRejection::Frozen));
-        }
-        if account.name != request.account_name
-            || account.id_no != request.id_no
-            || account.phone != request.phone
-        {
-            return Ok(BindOutcome::Rejected(BindRejection::DetailsMismatch));
+        if let Some(refused) = binding_refusal(
+            &account.name,
+            &account.id_no,
+            &account.phone,
+            account.frozen,
+            request,
+        ) {
+            return Ok(BindOutcome::Rejected(refused));
         }
         let code = verification_code(&request.agreement_no);
         conn.transaction(|conn| {
@@ -179,10 +179,7 @@ impl CoreLink for PgLedger {
         })
         .map_err(unavailable)?;
         Ok(BindOutcome::CodeSent {
-            core_customer: format!(
-                "C{}",
-                hex::encode(&crate::crypto::sm3::digest(request.account_no.as_bytes())[..4])
-            ),
+            core_customer: core_customer(&request.account_no),
         })
     }
 

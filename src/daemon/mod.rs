@@ -554,23 +554,8 @@ fn amqp_uri(amqp: &crate::config::AmqpCoreConfig) -> anyhow::Result<String> {
     let password = String::from_utf8(password.to_vec())
         .map_err(|_| anyhow::anyhow!("core.amqp.password_file: the password is not UTF-8"))?;
     let password = password.trim_end_matches(['\r', '\n']);
-    let (scheme, rest) = amqp.url.split_once("://").expect("validated scheme");
-    let Some((user, host)) = rest.split_once('@') else {
-        anyhow::bail!(
-            "core.amqp.url: a password is configured but the URL names no user (amqp://USER@host/vhost)"
-        );
-    };
-    let encoded: String = password
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
-    Ok(format!("{scheme}://{user}:{encoded}@{host}"))
+    crate::core::amqp::uri_with_password(&amqp.url, password)
+        .map_err(|e| anyhow::anyhow!("core.amqp.url: {e}"))
 }
 
 /// Compares every late posting reply with the journal, one at a time, for as long as the

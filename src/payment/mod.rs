@@ -101,6 +101,25 @@ fn new_posting<'a>(
     }
 }
 
+/// A transaction as a `QUERY` answer and a notification show it (docs/protocol.md).
+fn txn_fields(row: &journal::TxnRow) -> [(&'static str, String); 8] {
+    [
+        ("TxnId", row.txn_id.simple().to_string()),
+        ("TxnKind", row.kind.clone()),
+        ("TxnStatus", row.state.clone()),
+        ("TxnRsltCd", row.result_code.clone().unwrap_or_default()),
+        ("Amt", row.amount_fen.to_string()),
+        ("RefundedAmt", row.refunded_fen.to_string()),
+        ("AcctNoMasked", row.account_masked.clone()),
+        (
+            "TxnDtTm",
+            row.created_at
+                .with_timezone(&china())
+                .to_rfc3339_opts(SecondsFormat::Secs, false),
+        ),
+    ]
+}
+
 /// `MsgTp` of a result notification.
 pub const NOTIFY_MSG_TP: &str = "TXN_NOTIFY";
 
@@ -292,22 +311,9 @@ impl Flows {
         now: DateTime<Utc>,
     ) -> Result<Vec<u8>, FlowError> {
         let mut w = self.header(inst, NOTIFY_MSG_TP, &event_id.simple().to_string(), now);
-        let created = row
-            .created_at
-            .with_timezone(&china())
-            .to_rfc3339_opts(SecondsFormat::Secs, false);
-        for (name, value) in [
-            ("EventId", event_id.simple().to_string()),
-            ("ReqSerial", row.req_serial.clone()),
-            ("TxnId", row.txn_id.simple().to_string()),
-            ("TxnKind", row.kind.clone()),
-            ("TxnStatus", row.state.clone()),
-            ("TxnRsltCd", row.result_code.clone().unwrap_or_default()),
-            ("Amt", row.amount_fen.to_string()),
-            ("RefundedAmt", row.refunded_fen.to_string()),
-            ("AcctNoMasked", row.account_masked.clone()),
-            ("TxnDtTm", created),
-        ] {
+        w.field("EventId", &event_id.simple().to_string())
+            .field("ReqSerial", &row.req_serial);
+        for (name, value) in txn_fields(row) {
             w.field(name, &value);
         }
         self.sign(inst, w)
@@ -1178,22 +1184,8 @@ impl Flows {
             let _settled = self.resolve_unknown(conn, core, &row, now)?;
             row = journal::find_txn(conn, &inst.id, serial)?.expect("the row exists");
         }
-        let fields = [
-            ("QrySerial", serial.to_string()),
-            ("TxnId", row.txn_id.simple().to_string()),
-            ("TxnKind", row.kind.clone()),
-            ("TxnStatus", row.state.clone()),
-            ("TxnRsltCd", row.result_code.clone().unwrap_or_default()),
-            ("Amt", row.amount_fen.to_string()),
-            ("RefundedAmt", row.refunded_fen.to_string()),
-            ("AcctNoMasked", row.account_masked.clone()),
-            (
-                "TxnDtTm",
-                row.created_at
-                    .with_timezone(&china())
-                    .to_rfc3339_opts(SecondsFormat::Secs, false),
-            ),
-        ];
+        let mut fields = vec![("QrySerial", serial.to_string())];
+        fields.extend(txn_fields(&row));
         self.respond(
             inst,
             MsgType::Query,

@@ -127,24 +127,8 @@ impl TestInstitution {
     }
 
     pub fn post_raw(&self, msg_type: MsgType, body: &[u8]) -> (u16, Vec<u8>) {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
-        let mut response = agent
-            .post(&format!("{}{}", self.base_url, msg_type.path()))
-            .header("Content-Type", "application/xml")
-            .send(body)
-            .unwrap();
-        let status = response.status().as_u16();
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(16 * 1024 * 1024)
-            .read_to_vec()
-            .unwrap();
-        (status, bytes)
+        self.try_post(msg_type, body)
+            .expect("the daemon answers over HTTP")
     }
 
     /// Posts; `None` when the connection failed (the daemon is gone), for tests that kill it.
@@ -160,7 +144,12 @@ impl TestInstitution {
             .send(body)
             .ok()?;
         let status = response.status().as_u16();
-        let bytes = response.body_mut().read_to_vec().ok()?;
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(16 * 1024 * 1024)
+            .read_to_vec()
+            .ok()?;
         Some((status, bytes))
     }
 
