@@ -33,7 +33,8 @@ use crate::channel::envelope::MessageKey;
 use crate::channel::message::{self, Element};
 use crate::config::InstitutionConfig;
 use crate::core::{
-    BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingOutcome,
+    BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingOutcome, Reversal,
+    ReversalOutcome,
 };
 use crate::crypto::sm2::{CipherOrder, PrivateKey, Verifier};
 use crate::db::{self, Pool};
@@ -108,6 +109,9 @@ impl CoreLink for CircuitBreaker {
     }
     fn query_posting(&self, txn_id: Uuid) -> Result<Option<PostingOutcome>, CoreError> {
         self.call(|core| core.query_posting(txn_id))
+    }
+    fn reverse(&self, reversal: &Reversal) -> Result<ReversalOutcome, CoreError> {
+        self.call(|core| core.reverse(reversal))
     }
 }
 
@@ -502,7 +506,8 @@ const RESOLVE_EVERY: Duration = Duration::from_secs(5);
 const RESOLVE_BATCH: i64 = 100;
 
 /// Settles this institution's transactions without a recorded outcome (after a crash, or a
-/// core timeout nobody queried), through the institution's own pool and circuit breaker.
+/// core timeout nobody queried) and drives its reversals, through the institution's own pool
+/// and circuit breaker.
 fn resolver(institution: &Institution, shared: &Shared, started: chrono::DateTime<Utc>) {
     let mut pause = RESOLVE_EVERY;
     loop {
@@ -541,6 +546,24 @@ fn resolver(institution: &Institution, shared: &Shared, started: chrono::DateTim
             }
             Err(e) => {
                 tracing::warn!(institution = %institution.config.id, error = %e, "resolving unrecorded transactions failed")
+            }
+        }
+        match shared.flows.drive_reversals(
+            &mut conn,
+            institution.breaker.as_ref(),
+            &institution.config.id,
+            RESOLVE_BATCH,
+            Utc::now(),
+        ) {
+            Ok(driven) if driven.looked_at == 0 => {}
+            Ok(driven) => tracing::info!(
+                institution = %institution.config.id,
+                looked_at = driven.looked_at,
+                finished = driven.finished,
+                "drove reversals"
+            ),
+            Err(e) => {
+                tracing::warn!(institution = %institution.config.id, error = %e, "driving reversals failed")
             }
         }
     }
@@ -827,6 +850,10 @@ mod tests {
         fn query_posting(&self, txn_id: Uuid) -> Result<Option<PostingOutcome>, CoreError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             self.core.query_posting(txn_id)
+        }
+        fn reverse(&self, reversal: &Reversal) -> Result<ReversalOutcome, CoreError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.core.reverse(reversal)
         }
     }
 

@@ -139,6 +139,16 @@ struct FaultsSection {
     reject_reason: Option<String>,
     #[serde(default)]
     crash_at: u64,
+    /// Postings wait this long before they are applied, e.g. "2s".
+    post_delay: Option<String>,
+    /// false: a query for an unknown id does not fence it (a core breaking the contract;
+    /// kunpay's reversals then undo the late posting).
+    #[serde(default = "yes")]
+    query_fence: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A secret file: must not be readable by group or others.
@@ -170,6 +180,7 @@ struct Loaded {
     keys: MacKeys,
     accounts: u32,
     faults: ServiceFaults,
+    query_fence: bool,
     database: Option<kunpay::db::ConnectSettings>,
 }
 
@@ -220,6 +231,7 @@ fn load(cli: &Cli) -> anyhow::Result<Loaded> {
             ),
         },
         crash_at: f.crash_at,
+        post_delay: duration(f.post_delay.as_deref(), "post_delay", Duration::ZERO)?,
     };
     if let Some(v) = cli.latency {
         faults.latency = v;
@@ -272,6 +284,7 @@ fn load(cli: &Cli) -> anyhow::Result<Loaded> {
         amqp: settings,
         keys,
         accounts: file.ledger.generated_accounts,
+        query_fence: file.faults.query_fence,
         faults,
         database,
     })
@@ -301,7 +314,12 @@ fn main() -> ExitCode {
     let ledger: kunpay::core::coresim::Ledger = match &loaded.database {
         None => {
             tracing::warn!("no [database]: the ledger is in memory and a crash loses it");
-            Arc::new(CoreSimulator::with_demo_accounts().with_generated_accounts(loaded.accounts))
+            let sim = CoreSimulator::with_demo_accounts().with_generated_accounts(loaded.accounts);
+            sim.set_faults(kunpay::core::sim::Faults {
+                queries_do_not_fence: !loaded.query_fence,
+                ..Default::default()
+            });
+            Arc::new(sim)
         }
         Some(settings) => {
             let opened = kunpay::db::connect(settings)
@@ -313,7 +331,8 @@ fn main() -> ExitCode {
                         .map_err(anyhow::Error::from)
                 });
             match opened {
-                Ok(ledger) => Arc::new(ledger),
+                Ok(ledger) if loaded.query_fence => Arc::new(ledger),
+                Ok(ledger) => Arc::new(ledger.without_query_fence()),
                 Err(e) => {
                     eprintln!("kunpay-coresim: {}: {e:#}", settings.display_target());
                     return ExitCode::from(1);

@@ -78,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         command: NotifyCommand,
     },
+    /// Reversals of postings the core applied after their transaction failed.
+    Reversal {
+        #[command(subcommand)]
+        command: ReversalCommand,
+    },
     /// Ask the running daemon how it is (through its ops listener).
     Status {
         #[arg(long, value_name = "PATH", default_value = kunpay::config::DEFAULT_CONFIG_PATH)]
@@ -107,6 +112,19 @@ struct DatabaseArgs {
     /// Database URL instead of database.url (password from database.password_* still applies).
     #[arg(long, value_name = "URL")]
     database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ReversalCommand {
+    /// Reversals, newest first (`--state refused` lists the ones a person must settle).
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[arg(long, value_parser = ["pending", "reversed", "nothing_posted", "refused"])]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -180,6 +198,7 @@ fn main() -> ExitCode {
         } => migrate(&config, database_url),
         Command::Status { config, ops } => status(&config, ops),
         Command::Notify { command } => notify(command),
+        Command::Reversal { command } => reversal(command),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -377,6 +396,46 @@ fn status(config_path: &Path, ops: Option<String>) -> anyhow::Result<u8> {
 fn parse_event_id(text: &str) -> anyhow::Result<uuid::Uuid> {
     uuid::Uuid::parse_str(text.trim())
         .with_context(|| format!("\"{text}\" is not an event id (32 hex digits, as listed)"))
+}
+
+fn reversal(command: ReversalCommand) -> anyhow::Result<u8> {
+    let ReversalCommand::List {
+        database,
+        state,
+        limit,
+    } = command;
+    let (mut conn, _) =
+        match connect_database(&database.config, database.database_url.clone(), "reversal list")? {
+            Ok(connected) => connected,
+            Err(code) => return Ok(code),
+        };
+    let time = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    let state = state.map(|s| s.to_ascii_uppercase());
+    let rows = kunpay::payment::journal::reversal::list(&mut conn, state.as_deref(), limit)?;
+    println!(
+        "{:<32}  {:<12}  {:<32}  {:<14}  {:>8}  {:<23}  DETAIL",
+        "REVERSAL", "INSTITUTION", "TRANSACTION", "STATE", "ATTEMPTS", "REQUESTED"
+    );
+    for r in &rows {
+        let detail = match (r.state.as_str(), &r.core_ref, &r.refusal, &r.last_error) {
+            ("REVERSED", Some(core_ref), _, _) => format!("core ref {core_ref}"),
+            ("REFUSED", _, Some(why), _) => format!("refused: {why}; settle by hand"),
+            ("PENDING", _, _, Some(error)) => format!("retrying: {error}"),
+            _ => r.reason.clone(),
+        };
+        println!(
+            "{:<32}  {:<12}  {:<32}  {:<14}  {:>8}  {:<23}  {}",
+            r.reversal_id.simple(),
+            r.inst_id,
+            r.txn_id.simple(),
+            r.state,
+            r.attempts,
+            time(r.created_at),
+            detail
+        );
+    }
+    println!("{} reversal(s)", rows.len());
+    Ok(0)
 }
 
 fn notify(command: NotifyCommand) -> anyhow::Result<u8> {

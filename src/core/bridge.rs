@@ -17,7 +17,10 @@ use uuid::Uuid;
 
 use super::amqp::{AmqpLink, AmqpSettings, Disposition, PublishError, RawMessage};
 use super::wire::{CoreReply, CoreRequest, Envelope, MacKeys, MessageType, now_ms};
-use super::{BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingOutcome};
+use super::{
+    BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingOutcome, Reversal,
+    ReversalOutcome,
+};
 
 /// A posting reply that arrived when nobody waited for it: after the timeout, a duplicate, or
 /// after a restart. The flows compare it with the journal.
@@ -458,6 +461,26 @@ impl CoreLink for MqCore {
             } => {
                 if answered != txn_id {
                     tracing::error!(%txn_id, %answered, "core link: query answered for another transaction");
+                    return Err(CoreError::Timeout);
+                }
+                Ok(outcome)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn reverse(&self, reversal: &Reversal) -> Result<ReversalOutcome, CoreError> {
+        // Its own correlation id: a redelivery of the original posting may be waiting under
+        // the transaction id at the same moment.
+        match self.call(
+            &CoreRequest::Reverse(reversal.clone()),
+            reversal.reversal_id.simple().to_string(),
+        )? {
+            CoreReply::Reverse {
+                txn_id, outcome, ..
+            } => {
+                if txn_id != reversal.txn_id {
+                    tracing::error!(txn_id = %reversal.txn_id, answered = %txn_id, "core link: reversal answered for another transaction");
                     return Err(CoreError::Timeout);
                 }
                 Ok(outcome)

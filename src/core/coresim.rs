@@ -24,6 +24,9 @@ pub type Ledger = Arc<dyn CoreLink>;
 pub struct ServiceFaults {
     /// Added before every reply.
     pub latency: Duration,
+    /// Postings wait this long before they are applied (a core slow to post, overtaken by
+    /// the queries and reversals that arrive meanwhile).
+    pub post_delay: Duration,
     /// Every Nth request is processed but its reply never sent (0: never).
     pub drop_every: u64,
     /// Every Nth reply is sent twice (0: never).
@@ -137,6 +140,11 @@ fn execute(
         CoreRequest::CheckCode { agreement_no, code } => {
             CoreReply::CheckCode(core.check_code(agreement_no, code)?)
         }
+        CoreRequest::Reverse(reversal) => CoreReply::Reverse {
+            reversal_id: reversal.reversal_id,
+            txn_id: reversal.txn_id,
+            outcome: core.reverse(reversal)?,
+        },
     })
 }
 
@@ -176,8 +184,12 @@ async fn handle(
         // Abrupt, like a power cut: no reply, no ack; the broker redelivers the request.
         std::process::exit(101);
     }
-    let reject = (matches!(request, CoreRequest::Post(_)) && every(faults.reject_every, count))
+    let is_post = matches!(request, CoreRequest::Post(_));
+    let reject = (is_post && every(faults.reject_every, count))
         .then(|| faults.reject_reason.unwrap_or(Rejection::Frozen));
+    if is_post && !faults.post_delay.is_zero() {
+        tokio::time::sleep(faults.post_delay).await;
+    }
     let reply = match tokio::task::spawn_blocking(move || execute(&*core, &request, reject)).await {
         Ok(Ok(reply)) => reply,
         Ok(Err(why)) => {

@@ -5,7 +5,8 @@
 //! transaction id, and a core must treat a repeated id as the same posting: that is what makes
 //! retries and UNKNOWN resolution safe.
 //! Must never: decide a transaction's outcome by guessing; a timeout is `CoreError::Timeout`,
-//! which the flow records as UNKNOWN and resolves with `query_posting`.
+//! which the flow records as UNKNOWN and resolves with `query_posting`. A posting the core
+//! applied after kunpay recorded it as failed is undone with `reverse`, never left silent.
 
 pub mod amqp;
 pub mod bridge;
@@ -40,6 +41,9 @@ pub enum Rejection {
     Frozen,
     /// The account holder's name does not match the account (credits to a card).
     NameMismatch,
+    /// The posting arrived after the core had answered a query for its transaction id with
+    /// "never received": that answer stands, so the posting is refused and moves no money.
+    TooLate,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +87,60 @@ pub enum CodeCheck {
     Expired,
 }
 
+/// A request to undo an earlier posting that the core applied after kunpay had already
+/// recorded the transaction as failed (冲正). Identified by its own id (the correlation id on a
+/// message link) and idempotent by `txn_id`: a transaction is reversed at most once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reversal {
+    pub reversal_id: Uuid,
+    /// The posting to undo; `kind`, `account_no` and `amount_fen` are the original posting's,
+    /// so the core can check it undoes what it thinks it posted.
+    pub txn_id: Uuid,
+    pub kind: PostingKind,
+    pub account_no: String,
+    pub amount_fen: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReversalOutcome {
+    /// The posting was undone (now or by an earlier delivery of this reversal).
+    Reversed { core_ref: String },
+    /// The core never applied the posting (rejected, or never received); it now refuses it
+    /// for good, so there is nothing to undo.
+    NothingPosted,
+    /// The core cannot undo it automatically: a person must.
+    Refused(ReversalRefusal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReversalRefusal {
+    /// Undoing a credit would overdraw the account (the customer spent the money).
+    InsufficientFunds,
+    Frozen,
+    /// Kind, account or amount differ from the posting the core applied under that id.
+    DoesNotMatch,
+}
+
+impl ReversalRefusal {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReversalRefusal::InsufficientFunds => "INSUFFICIENT_FUNDS",
+            ReversalRefusal::Frozen => "FROZEN",
+            ReversalRefusal::DoesNotMatch => "DOES_NOT_MATCH",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<ReversalRefusal> {
+        [
+            ReversalRefusal::InsufficientFunds,
+            ReversalRefusal::Frozen,
+            ReversalRefusal::DoesNotMatch,
+        ]
+        .into_iter()
+        .find(|r| r.name() == name)
+    }
+}
+
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CoreError {
     /// No answer in time: the posting may or may not have happened.
@@ -105,6 +163,11 @@ pub trait CoreLink: Send + Sync {
     fn check_code(&self, agreement_no: &str, code: &str) -> Result<CodeCheck, CoreError>;
     /// Idempotent by `posting.txn_id`: a repeat returns the first outcome and moves no money.
     fn post(&self, posting: &Posting) -> Result<PostingOutcome, CoreError>;
-    /// The outcome of an earlier `post`, or `None` if the core never received it.
+    /// The outcome of an earlier `post`, or `None` if the core never received it. A `None`
+    /// is final: a core must refuse the posting if it arrives later (`Rejection::TooLate`),
+    /// because kunpay records the transaction as failed on that answer.
     fn query_posting(&self, txn_id: Uuid) -> Result<Option<PostingOutcome>, CoreError>;
+    /// Undoes a posting applied after kunpay recorded its transaction as failed. Idempotent by
+    /// `reversal.txn_id`; an id the core never saw is fenced (a later posting is `TooLate`).
+    fn reverse(&self, reversal: &Reversal) -> Result<ReversalOutcome, CoreError>;
 }

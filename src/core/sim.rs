@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::{
     BindOutcome, BindRejection, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingKind,
-    PostingOutcome, Rejection,
+    PostingOutcome, Rejection, Reversal, ReversalOutcome, ReversalRefusal,
 };
 
 /// How long a verification code stays valid.
@@ -44,6 +44,23 @@ pub struct Faults {
     pub unavailable: bool,
     /// Postings are applied but the answer is lost (kunpay sees a timeout).
     pub lose_replies: bool,
+    /// A query for an id the core never saw answers "not found" without fencing the id, so
+    /// the posting is still applied if it arrives later: a core that breaks the contract in
+    /// `CoreLink::query_posting`, which kunpay's reversals exist for.
+    pub queries_do_not_fence: bool,
+}
+
+/// What the simulated core knows about one transaction id.
+#[derive(Debug, Clone)]
+enum Recorded {
+    /// A query or a reversal found nothing under this id: a later posting is `TooLate`.
+    Fenced,
+    Applied {
+        posting: Posting,
+        outcome: PostingOutcome,
+        /// The reversal's reference once the posting was undone.
+        reversed: Option<String>,
+    },
 }
 
 struct PendingCode {
@@ -54,7 +71,7 @@ struct PendingCode {
 #[derive(Default)]
 struct Ledger {
     accounts: HashMap<String, Account>,
-    postings: HashMap<Uuid, PostingOutcome>,
+    postings: HashMap<Uuid, Recorded>,
     codes: HashMap<String, PendingCode>,
     /// Codes "sent by SMS", readable by tests and by the dev console in place of a phone.
     outbox: HashMap<String, String>,
@@ -305,8 +322,11 @@ impl CoreLink for CoreSimulator {
         );
         let core_ref = format!("CORE{:012}", self.next_ref.fetch_add(1, Ordering::Relaxed));
         let mut ledger = self.lock();
-        if let Some(first) = ledger.postings.get(&posting.txn_id) {
-            let first = first.clone();
+        if let Some(recorded) = ledger.postings.get(&posting.txn_id) {
+            let first = match recorded {
+                Recorded::Fenced => PostingOutcome::Rejected(Rejection::TooLate),
+                Recorded::Applied { outcome, .. } => outcome.clone(),
+            };
             drop(ledger);
             return if faults.lose_replies {
                 Err(CoreError::Timeout)
@@ -344,7 +364,14 @@ impl CoreLink for CoreSimulator {
             ledger.accounts.values().all(|a| a.balance_fen >= 0),
             "balances never go negative"
         );
-        ledger.postings.insert(posting.txn_id, outcome.clone());
+        ledger.postings.insert(
+            posting.txn_id,
+            Recorded::Applied {
+                posting: posting.clone(),
+                outcome: outcome.clone(),
+                reversed: None,
+            },
+        );
         drop(ledger);
         if faults.lose_replies {
             return Err(CoreError::Timeout);
@@ -353,8 +380,90 @@ impl CoreLink for CoreSimulator {
     }
 
     fn query_posting(&self, txn_id: Uuid) -> Result<Option<PostingOutcome>, CoreError> {
+        let faults = self.before_call()?;
+        let mut ledger = self.lock();
+        match ledger.postings.get(&txn_id) {
+            Some(Recorded::Fenced) => Ok(None),
+            Some(Recorded::Applied { outcome, .. }) => Ok(Some(outcome.clone())),
+            None => {
+                if !faults.queries_do_not_fence {
+                    ledger.fence(txn_id)?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn reverse(&self, reversal: &Reversal) -> Result<ReversalOutcome, CoreError> {
         self.before_call()?;
-        Ok(self.lock().postings.get(&txn_id).cloned())
+        let mut ledger = self.lock();
+        let Ledger {
+            postings, accounts, ..
+        } = &mut *ledger;
+        let (posting, reversed) = match postings.get_mut(&reversal.txn_id) {
+            None => {
+                ledger.fence(reversal.txn_id)?;
+                return Ok(ReversalOutcome::NothingPosted);
+            }
+            Some(Recorded::Fenced)
+            | Some(Recorded::Applied {
+                outcome: PostingOutcome::Rejected(_),
+                ..
+            }) => return Ok(ReversalOutcome::NothingPosted),
+            Some(Recorded::Applied {
+                reversed: Some(core_ref),
+                ..
+            }) => {
+                return Ok(ReversalOutcome::Reversed {
+                    core_ref: core_ref.clone(),
+                });
+            }
+            Some(Recorded::Applied {
+                posting, reversed, ..
+            }) => (posting, reversed),
+        };
+        if posting.kind != reversal.kind
+            || posting.account_no != reversal.account_no
+            || posting.amount_fen != reversal.amount_fen
+        {
+            return Ok(ReversalOutcome::Refused(ReversalRefusal::DoesNotMatch));
+        }
+        let Some(account) = accounts.get_mut(&posting.account_no) else {
+            // The posting was applied to this account, and accounts are never removed.
+            unreachable!("a posted account disappeared from the simulator");
+        };
+        if account.frozen {
+            return Ok(ReversalOutcome::Refused(ReversalRefusal::Frozen));
+        }
+        match posting.kind {
+            PostingKind::Debit => {
+                account.balance_fen = account
+                    .balance_fen
+                    .checked_add(posting.amount_fen)
+                    .expect("simulated balance overflow");
+            }
+            PostingKind::Credit if account.balance_fen < posting.amount_fen => {
+                return Ok(ReversalOutcome::Refused(
+                    ReversalRefusal::InsufficientFunds,
+                ));
+            }
+            PostingKind::Credit => account.balance_fen -= posting.amount_fen,
+        }
+        let core_ref = format!("REV{:012}", self.next_ref.fetch_add(1, Ordering::Relaxed));
+        *reversed = Some(core_ref.clone());
+        Ok(ReversalOutcome::Reversed { core_ref })
+    }
+}
+
+impl Ledger {
+    fn fence(&mut self, txn_id: Uuid) -> Result<(), CoreError> {
+        if self.postings.len() >= MAX_POSTINGS {
+            return Err(CoreError::Unavailable(
+                "simulator posting table full".into(),
+            ));
+        }
+        self.postings.insert(txn_id, Recorded::Fenced);
+        Ok(())
     }
 }
 
@@ -425,6 +534,102 @@ mod tests {
         ));
         assert_eq!(sim.balance("6222021234567890123"), Some(100_000_000 - 500));
         assert_eq!(sim.query_posting(Uuid::new_v4()).unwrap(), None);
+    }
+
+    fn reversal_of(posting: &Posting) -> Reversal {
+        Reversal {
+            reversal_id: Uuid::new_v4(),
+            txn_id: posting.txn_id,
+            kind: posting.kind,
+            account_no: posting.account_no.clone(),
+            amount_fen: posting.amount_fen,
+        }
+    }
+
+    #[test]
+    fn a_not_found_answer_fences_the_id_so_a_late_posting_is_refused() {
+        let sim = CoreSimulator::with_demo_accounts();
+        let posting = debit("6222021234567890123", 300);
+        assert_eq!(sim.query_posting(posting.txn_id).unwrap(), None);
+        assert_eq!(
+            sim.post(&posting).unwrap(),
+            PostingOutcome::Rejected(Rejection::TooLate)
+        );
+        assert_eq!(
+            sim.query_posting(posting.txn_id).unwrap(),
+            None,
+            "the answer kunpay acted on stands"
+        );
+        assert_eq!(sim.balance("6222021234567890123"), Some(100_000_000));
+        // A core that does not fence posts it: what reversals exist for.
+        sim.set_faults(Faults {
+            queries_do_not_fence: true,
+            ..Faults::default()
+        });
+        let unfenced = debit("6222021234567890123", 300);
+        assert_eq!(sim.query_posting(unfenced.txn_id).unwrap(), None);
+        assert!(matches!(
+            sim.post(&unfenced).unwrap(),
+            PostingOutcome::Posted { .. }
+        ));
+    }
+
+    #[test]
+    fn a_reversal_undoes_a_posting_once_and_fences_an_unknown_id() {
+        let sim = CoreSimulator::with_demo_accounts();
+        let posting = debit("6222021234567890123", 2_500);
+        sim.post(&posting).unwrap();
+        let reversal = reversal_of(&posting);
+        let first = sim.reverse(&reversal).unwrap();
+        let ReversalOutcome::Reversed { core_ref } = &first else {
+            panic!("expected a reversal, got {first:?}");
+        };
+        assert!(core_ref.starts_with("REV"));
+        assert_eq!(sim.balance("6222021234567890123"), Some(100_000_000));
+        assert_eq!(sim.reverse(&reversal).unwrap(), first, "idempotent");
+        assert_eq!(sim.balance("6222021234567890123"), Some(100_000_000));
+        // Another amount than the posting's is not undone.
+        let other = debit("6222021234567890131", 100);
+        sim.post(&other).unwrap();
+        let mut wrong = reversal_of(&other);
+        wrong.amount_fen = 99;
+        assert_eq!(
+            sim.reverse(&wrong).unwrap(),
+            ReversalOutcome::Refused(ReversalRefusal::DoesNotMatch)
+        );
+        // Never received: nothing to undo, and the posting cannot arrive afterwards.
+        let never = debit("6222021234567890123", 700);
+        assert_eq!(
+            sim.reverse(&reversal_of(&never)).unwrap(),
+            ReversalOutcome::NothingPosted
+        );
+        assert_eq!(
+            sim.post(&never).unwrap(),
+            PostingOutcome::Rejected(Rejection::TooLate)
+        );
+        // A rejected posting has nothing to undo either.
+        let overdraft = debit("6217001234567890149", 1);
+        sim.post(&overdraft).unwrap();
+        assert_eq!(
+            sim.reverse(&reversal_of(&overdraft)).unwrap(),
+            ReversalOutcome::NothingPosted
+        );
+    }
+
+    #[test]
+    fn a_credit_already_spent_cannot_be_reversed_automatically() {
+        let sim = CoreSimulator::with_demo_accounts();
+        let credit = Posting {
+            kind: PostingKind::Credit,
+            ..debit("6217001234567890149", 500)
+        };
+        sim.post(&credit).unwrap();
+        sim.post(&debit("6217001234567890149", 400)).unwrap();
+        assert_eq!(
+            sim.reverse(&reversal_of(&credit)).unwrap(),
+            ReversalOutcome::Refused(ReversalRefusal::InsufficientFunds)
+        );
+        assert_eq!(sim.balance("6217001234567890149"), Some(100));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::sim::{Account, CODE_TTL, binding_refusal, core_customer, verification_code};
 use super::{
     BindOutcome, BindRejection, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingKind,
-    PostingOutcome, Rejection,
+    PostingOutcome, Rejection, Reversal, ReversalOutcome, ReversalRefusal,
 };
 use crate::db::{self, Pool};
 
@@ -21,6 +21,8 @@ const SCHEMA: &str = include_str!("../../sql/coresim.sql");
 
 pub struct PgLedger {
     pool: Pool,
+    /// See `sim::Faults::queries_do_not_fence`.
+    fence_queries: bool,
 }
 
 #[derive(QueryableByName)]
@@ -31,6 +33,20 @@ struct PostingRow {
     core_ref: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     reason: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    kind: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    account_no: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    amount_fen: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    reversal_ref: Option<String>,
+}
+
+/// What the ledger holds under one transaction id.
+enum Recorded {
+    Fenced,
+    Answered(PostingOutcome),
 }
 
 #[derive(QueryableByName)]
@@ -65,19 +81,29 @@ fn reason_name(r: Rejection) -> &'static str {
         Rejection::UnknownAccount => "UNKNOWN_ACCOUNT",
         Rejection::Frozen => "FROZEN",
         Rejection::NameMismatch => "NAME_MISMATCH",
+        Rejection::TooLate => "TOO_LATE",
     }
 }
 
-fn outcome_of(row: PostingRow) -> Result<PostingOutcome, CoreError> {
-    match (row.status.as_str(), row.core_ref, row.reason.as_deref()) {
-        ("POSTED", Some(core_ref), _) => Ok(PostingOutcome::Posted { core_ref }),
-        ("REJECTED", _, Some(reason)) => Ok(PostingOutcome::Rejected(match reason {
+fn kind_name(kind: PostingKind) -> &'static str {
+    match kind {
+        PostingKind::Debit => "DEBIT",
+        PostingKind::Credit => "CREDIT",
+    }
+}
+
+fn recorded_of(row: &PostingRow) -> Result<Recorded, CoreError> {
+    match (row.status.as_str(), row.core_ref.clone(), row.reason.as_deref()) {
+        ("FENCED", _, _) => Ok(Recorded::Fenced),
+        ("POSTED", Some(core_ref), _) => Ok(Recorded::Answered(PostingOutcome::Posted { core_ref })),
+        ("REJECTED", _, Some(reason)) => Ok(Recorded::Answered(PostingOutcome::Rejected(match reason {
             "INSUFFICIENT_FUNDS" => Rejection::InsufficientFunds,
             "UNKNOWN_ACCOUNT" => Rejection::UnknownAccount,
             "FROZEN" => Rejection::Frozen,
             "NAME_MISMATCH" => Rejection::NameMismatch,
+            "TOO_LATE" => Rejection::TooLate,
             other => return Err(unavailable(format!("unknown rejection {other}"))),
-        })),
+        }))),
         (status, _, _) => Err(unavailable(format!("corrupt posting status {status}"))),
     }
 }
@@ -109,7 +135,16 @@ impl PgLedger {
             })
             .map_err(unavailable)?;
         }
-        Ok(PgLedger { pool })
+        Ok(PgLedger {
+            pool,
+            fence_queries: true,
+        })
+    }
+
+    /// A ledger whose queries do not fence (`sim::Faults::queries_do_not_fence`).
+    pub fn without_query_fence(mut self) -> PgLedger {
+        self.fence_queries = false;
+        self
     }
 
     fn conn(&self) -> Result<db::PooledConnection, CoreError> {
@@ -128,18 +163,42 @@ impl PgLedger {
         .map(|a| a.balance_fen))
     }
 
-    fn find_posting(
-        conn: &mut PgConnection,
-        txn_id: Uuid,
-    ) -> Result<Option<PostingOutcome>, CoreError> {
-        diesel::sql_query("SELECT status, core_ref, reason FROM coresim_posting WHERE txn_id = $1")
-            .bind::<diesel::sql_types::Uuid, _>(txn_id)
-            .get_result::<PostingRow>(conn)
-            .optional()
+    fn find_row(conn: &mut PgConnection, txn_id: Uuid, lock: bool) -> QueryResult<Option<PostingRow>> {
+        diesel::sql_query(if lock {
+            "SELECT status, core_ref, reason, kind, account_no, amount_fen, reversal_ref \
+             FROM coresim_posting WHERE txn_id = $1 FOR UPDATE"
+        } else {
+            "SELECT status, core_ref, reason, kind, account_no, amount_fen, reversal_ref \
+             FROM coresim_posting WHERE txn_id = $1"
+        })
+        .bind::<diesel::sql_types::Uuid, _>(txn_id)
+        .get_result::<PostingRow>(conn)
+        .optional()
+    }
+
+    fn find_posting(conn: &mut PgConnection, txn_id: Uuid) -> Result<Option<Recorded>, CoreError> {
+        Self::find_row(conn, txn_id, false)
             .map_err(unavailable)?
-            .map(outcome_of)
+            .as_ref()
+            .map(recorded_of)
             .transpose()
     }
+
+    /// Records that the core answered "never received" for `txn_id`. A concurrent posting of
+    /// the same id collides on the primary key: one of the two fails and is asked again.
+    fn fence(conn: &mut PgConnection, txn_id: Uuid) -> QueryResult<()> {
+        diesel::sql_query(
+            "INSERT INTO coresim_posting (txn_id, status, posted_at) VALUES ($1, 'FENCED', $2)",
+        )
+        .bind::<diesel::sql_types::Uuid, _>(txn_id)
+        .bind::<Timestamptz, _>(Utc::now())
+        .execute(conn)
+        .map(drop)
+    }
+}
+
+fn as_query_error(e: CoreError) -> diesel::result::Error {
+    diesel::result::Error::QueryBuilderError(e.to_string().into())
 }
 
 impl CoreLink for PgLedger {
@@ -226,10 +285,10 @@ impl CoreLink for PgLedger {
             .bind::<Text, _>(&posting.account_no)
             .get_result::<AccountRow>(conn)
             .optional()?;
-            if let Some(first) = Self::find_posting(conn, posting.txn_id)
-                .map_err(|e| diesel::result::Error::QueryBuilderError(e.to_string().into()))?
-            {
-                return Ok(first);
+            match Self::find_posting(conn, posting.txn_id).map_err(as_query_error)? {
+                Some(Recorded::Answered(first)) => return Ok(first),
+                Some(Recorded::Fenced) => return Ok(PostingOutcome::Rejected(Rejection::TooLate)),
+                None => {}
             }
             let outcome = match &account {
                 None => PostingOutcome::Rejected(Rejection::UnknownAccount),
@@ -262,10 +321,7 @@ impl CoreLink for PgLedger {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind::<diesel::sql_types::Uuid, _>(posting.txn_id)
-            .bind::<Text, _>(match posting.kind {
-                PostingKind::Debit => "DEBIT",
-                PostingKind::Credit => "CREDIT",
-            })
+            .bind::<Text, _>(kind_name(posting.kind))
             .bind::<Text, _>(&posting.account_no)
             .bind::<BigInt, _>(posting.amount_fen)
             .bind::<Text, _>(status)
@@ -280,6 +336,69 @@ impl CoreLink for PgLedger {
 
     fn query_posting(&self, txn_id: Uuid) -> Result<Option<PostingOutcome>, CoreError> {
         let mut conn = self.conn()?;
-        Self::find_posting(&mut conn, txn_id)
+        match Self::find_posting(&mut conn, txn_id)? {
+            Some(Recorded::Answered(outcome)) => Ok(Some(outcome)),
+            Some(Recorded::Fenced) => Ok(None),
+            None => {
+                if self.fence_queries {
+                    Self::fence(&mut conn, txn_id).map_err(unavailable)?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn reverse(&self, reversal: &Reversal) -> Result<ReversalOutcome, CoreError> {
+        let mut conn = self.conn()?;
+        conn.transaction(|conn| {
+            let Some(row) = Self::find_row(conn, reversal.txn_id, true)? else {
+                Self::fence(conn, reversal.txn_id)?;
+                return Ok(ReversalOutcome::NothingPosted);
+            };
+            if row.status != "POSTED" {
+                return Ok(ReversalOutcome::NothingPosted);
+            }
+            if let Some(core_ref) = row.reversal_ref {
+                return Ok(ReversalOutcome::Reversed { core_ref });
+            }
+            if row.kind.as_deref() != Some(kind_name(reversal.kind))
+                || row.account_no.as_deref() != Some(reversal.account_no.as_str())
+                || row.amount_fen != Some(reversal.amount_fen)
+            {
+                return Ok(ReversalOutcome::Refused(ReversalRefusal::DoesNotMatch));
+            }
+            let account = diesel::sql_query(
+                "SELECT name, id_no, phone, balance_fen, frozen FROM coresim_account \
+                 WHERE account_no = $1 FOR UPDATE",
+            )
+            .bind::<Text, _>(&reversal.account_no)
+            .get_result::<AccountRow>(conn)?;
+            if account.frozen {
+                return Ok(ReversalOutcome::Refused(ReversalRefusal::Frozen));
+            }
+            let delta = match reversal.kind {
+                PostingKind::Debit => reversal.amount_fen,
+                PostingKind::Credit if account.balance_fen < reversal.amount_fen => {
+                    return Ok(ReversalOutcome::Refused(ReversalRefusal::InsufficientFunds));
+                }
+                PostingKind::Credit => -reversal.amount_fen,
+            };
+            diesel::sql_query(
+                "UPDATE coresim_account SET balance_fen = balance_fen + $1 WHERE account_no = $2",
+            )
+            .bind::<BigInt, _>(delta)
+            .bind::<Text, _>(&reversal.account_no)
+            .execute(conn)?;
+            let core_ref = format!("REV{}", reversal.txn_id.simple());
+            diesel::sql_query(
+                "UPDATE coresim_posting SET reversal_ref = $1, reversed_at = $2 WHERE txn_id = $3",
+            )
+            .bind::<Text, _>(&core_ref)
+            .bind::<Timestamptz, _>(Utc::now())
+            .bind::<diesel::sql_types::Uuid, _>(reversal.txn_id)
+            .execute(conn)?;
+            Ok(ReversalOutcome::Reversed { core_ref })
+        })
+        .map_err(|e: diesel::result::Error| unavailable(e))
     }
 }

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::{
     BindOutcome, BindRejection, BindRequest, CodeCheck, Posting, PostingKind, PostingOutcome,
-    Rejection,
+    Rejection, Reversal, ReversalOutcome, ReversalRefusal,
 };
 use crate::crypto::sm3;
 
@@ -39,10 +39,12 @@ pub enum MessageType {
     BindReply,
     CodeRequest,
     CodeReply,
+    ReverseRequest,
+    ReverseReply,
 }
 
 impl MessageType {
-    pub const ALL: [MessageType; 8] = [
+    pub const ALL: [MessageType; 10] = [
         MessageType::PostRequest,
         MessageType::PostReply,
         MessageType::QueryRequest,
@@ -51,6 +53,8 @@ impl MessageType {
         MessageType::BindReply,
         MessageType::CodeRequest,
         MessageType::CodeReply,
+        MessageType::ReverseRequest,
+        MessageType::ReverseReply,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +67,8 @@ impl MessageType {
             MessageType::BindReply => "kunpay.bind.reply",
             MessageType::CodeRequest => "kunpay.code.request",
             MessageType::CodeReply => "kunpay.code.reply",
+            MessageType::ReverseRequest => "kunpay.reverse.request",
+            MessageType::ReverseReply => "kunpay.reverse.reply",
         }
     }
 
@@ -77,6 +83,7 @@ impl MessageType {
                 | MessageType::QueryReply
                 | MessageType::BindReply
                 | MessageType::CodeReply
+                | MessageType::ReverseReply
         )
     }
 
@@ -87,6 +94,7 @@ impl MessageType {
             MessageType::QueryRequest => Some(MessageType::QueryReply),
             MessageType::BindRequest => Some(MessageType::BindReply),
             MessageType::CodeRequest => Some(MessageType::CodeReply),
+            MessageType::ReverseRequest => Some(MessageType::ReverseReply),
             _ => None,
         }
     }
@@ -364,6 +372,7 @@ enum WireRejection {
     UnknownAccount,
     Frozen,
     NameMismatch,
+    TooLate,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -382,6 +391,29 @@ struct PostingResultBody {
 #[serde(deny_unknown_fields)]
 struct QueryBody {
     txn_id: Uuid,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReverseBody {
+    reversal_id: Uuid,
+    txn_id: Uuid,
+    posting: WirePostingKind,
+    account_no: String,
+    amount_fen: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReverseResultBody {
+    reversal_id: Uuid,
+    txn_id: Uuid,
+    /// REVERSED, NOTHING_POSTED or REFUSED.
+    status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    core_ref: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -426,6 +458,7 @@ pub enum CoreRequest {
     Query { txn_id: Uuid },
     Bind(BindRequestOwned),
     CheckCode { agreement_no: String, code: String },
+    Reverse(Reversal),
 }
 
 /// `BindRequest` with equality, for the request enum.
@@ -476,6 +509,11 @@ pub enum CoreReply {
     },
     Bind(BindOutcome),
     CheckCode(CodeCheck),
+    Reverse {
+        reversal_id: Uuid,
+        txn_id: Uuid,
+        outcome: ReversalOutcome,
+    },
 }
 
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -517,6 +555,7 @@ impl CoreRequest {
             CoreRequest::Query { .. } => MessageType::QueryRequest,
             CoreRequest::Bind(_) => MessageType::BindRequest,
             CoreRequest::CheckCode { .. } => MessageType::CodeRequest,
+            CoreRequest::Reverse(_) => MessageType::ReverseRequest,
         }
     }
 
@@ -524,12 +563,16 @@ impl CoreRequest {
         match self {
             CoreRequest::Post(p) => to_json(&PostBody {
                 txn_id: p.txn_id,
-                posting: match p.kind {
-                    PostingKind::Debit => WirePostingKind::Debit,
-                    PostingKind::Credit => WirePostingKind::Credit,
-                },
+                posting: kind_to_wire(p.kind),
                 account_no: p.account_no.clone(),
                 amount_fen: p.amount_fen,
+            }),
+            CoreRequest::Reverse(r) => to_json(&ReverseBody {
+                reversal_id: r.reversal_id,
+                txn_id: r.txn_id,
+                posting: kind_to_wire(r.kind),
+                account_no: r.account_no.clone(),
+                amount_fen: r.amount_fen,
             }),
             CoreRequest::Query { txn_id } => to_json(&QueryBody { txn_id: *txn_id }),
             CoreRequest::Bind(b) => to_json(&BindBody {
@@ -562,10 +605,24 @@ impl CoreRequest {
                 }
                 Ok(CoreRequest::Post(Posting {
                     txn_id: b.txn_id,
-                    kind: match b.posting {
-                        WirePostingKind::Debit => PostingKind::Debit,
-                        WirePostingKind::Credit => PostingKind::Credit,
-                    },
+                    kind: kind_from_wire(b.posting),
+                    account_no: b.account_no,
+                    amount_fen: b.amount_fen,
+                }))
+            }
+            MessageType::ReverseRequest => {
+                let b: ReverseBody = serde_json::from_slice(body).map_err(|e| bad_body(t, e))?;
+                check_text(t, "account_no", &b.account_no, false)?;
+                if b.amount_fen <= 0 {
+                    return Err(bad_body(t, "amount_fen must be a positive integer"));
+                }
+                if b.reversal_id.simple().to_string() != envelope.correlation_id {
+                    return Err(bad_body(t, "reversal_id differs from the correlation id"));
+                }
+                Ok(CoreRequest::Reverse(Reversal {
+                    reversal_id: b.reversal_id,
+                    txn_id: b.txn_id,
+                    kind: kind_from_wire(b.posting),
                     account_no: b.account_no,
                     amount_fen: b.amount_fen,
                 }))
@@ -607,12 +664,27 @@ impl CoreRequest {
     }
 }
 
+fn kind_to_wire(kind: PostingKind) -> WirePostingKind {
+    match kind {
+        PostingKind::Debit => WirePostingKind::Debit,
+        PostingKind::Credit => WirePostingKind::Credit,
+    }
+}
+
+fn kind_from_wire(kind: WirePostingKind) -> PostingKind {
+    match kind {
+        WirePostingKind::Debit => PostingKind::Debit,
+        WirePostingKind::Credit => PostingKind::Credit,
+    }
+}
+
 fn rejection_to_wire(r: Rejection) -> WireRejection {
     match r {
         Rejection::InsufficientFunds => WireRejection::InsufficientFunds,
         Rejection::UnknownAccount => WireRejection::UnknownAccount,
         Rejection::Frozen => WireRejection::Frozen,
         Rejection::NameMismatch => WireRejection::NameMismatch,
+        Rejection::TooLate => WireRejection::TooLate,
     }
 }
 
@@ -622,6 +694,7 @@ fn rejection_from_wire(r: WireRejection) -> Rejection {
         WireRejection::UnknownAccount => Rejection::UnknownAccount,
         WireRejection::Frozen => Rejection::Frozen,
         WireRejection::NameMismatch => Rejection::NameMismatch,
+        WireRejection::TooLate => Rejection::TooLate,
     }
 }
 
@@ -683,6 +756,7 @@ impl CoreReply {
             CoreReply::Query { .. } => MessageType::QueryReply,
             CoreReply::Bind(_) => MessageType::BindReply,
             CoreReply::CheckCode(_) => MessageType::CodeReply,
+            CoreReply::Reverse { .. } => MessageType::ReverseReply,
         }
     }
 
@@ -709,6 +783,26 @@ impl CoreReply {
                     .into(),
                 ),
             }),
+            CoreReply::Reverse {
+                reversal_id,
+                txn_id,
+                outcome,
+            } => {
+                let (status, core_ref, reason) = match outcome {
+                    ReversalOutcome::Reversed { core_ref } => {
+                        ("REVERSED", Some(core_ref.clone()), None)
+                    }
+                    ReversalOutcome::NothingPosted => ("NOTHING_POSTED", None, None),
+                    ReversalOutcome::Refused(r) => ("REFUSED", None, Some(r.name().to_string())),
+                };
+                to_json(&ReverseResultBody {
+                    reversal_id: *reversal_id,
+                    txn_id: *txn_id,
+                    status: status.into(),
+                    core_ref,
+                    reason,
+                })
+            }
             CoreReply::CheckCode(check) => to_json(&CodeResultBody {
                 result: match check {
                     CodeCheck::Valid => "VALID",
@@ -783,6 +877,38 @@ impl CoreReply {
                         return Err(bad_body(t, format!("unknown result \"{other}\"")));
                     }
                 }))
+            }
+            MessageType::ReverseReply => {
+                let b: ReverseResultBody =
+                    serde_json::from_slice(body).map_err(|e| bad_body(t, e))?;
+                if b.reversal_id.simple().to_string() != envelope.correlation_id {
+                    return Err(bad_body(t, "reversal_id differs from the correlation id"));
+                }
+                let outcome = match (b.status.as_str(), b.core_ref, b.reason.as_deref()) {
+                    ("REVERSED", Some(core_ref), None) => {
+                        check_text(t, "core_ref", &core_ref, false)?;
+                        ReversalOutcome::Reversed { core_ref }
+                    }
+                    ("NOTHING_POSTED", None, None) => ReversalOutcome::NothingPosted,
+                    ("REFUSED", None, Some(reason)) => {
+                        ReversalOutcome::Refused(ReversalRefusal::parse(reason).ok_or_else(
+                            || bad_body(t, format!("unknown refusal reason \"{reason}\"")),
+                        )?)
+                    }
+                    (status, _, _) => {
+                        return Err(bad_body(
+                            t,
+                            format!(
+                                "status \"{status}\" with these fields is not a valid result (REVERSED needs core_ref, REFUSED needs reason, NOTHING_POSTED neither)"
+                            ),
+                        ));
+                    }
+                };
+                Ok(CoreReply::Reverse {
+                    reversal_id: b.reversal_id,
+                    txn_id: b.txn_id,
+                    outcome,
+                })
             }
             request => Err(bad_body(request, "a request where a reply was expected")),
         }

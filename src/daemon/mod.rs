@@ -486,19 +486,35 @@ async fn watch_outbox(
             .inc_by(timeouts.saturating_sub(exported_timeouts));
         exported_timeouts = timeouts;
         let pool = pool.clone();
-        let counted = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-            let mut conn = db::checkout(&pool, Duration::from_secs(2))?;
-            crate::payment::journal::prune_settled_pending(&mut conn)?;
-            Ok(crate::payment::journal::pending_count(&mut conn)?)
-        })
+        let counted = tokio::task::spawn_blocking(
+            move || -> anyhow::Result<(i64, Vec<(String, i64)>)> {
+                let mut conn = db::checkout(&pool, Duration::from_secs(2))?;
+                crate::payment::journal::prune_settled_pending(&mut conn)?;
+                Ok((
+                    crate::payment::journal::pending_count(&mut conn)?,
+                    crate::payment::journal::reversal::counts(&mut conn)?,
+                ))
+            },
+        )
         .await;
         state
             .metrics
             .core_link_connected
             .set(i64::from(bridge.is_connected()));
-        let Ok(Ok(pending)) = counted else {
+        let Ok(Ok((pending, reversals))) = counted else {
             continue;
         };
+        for state_name in ["PENDING", "REVERSED", "NOTHING_POSTED", "REFUSED"] {
+            let n = reversals
+                .iter()
+                .find(|(s, _)| s == state_name)
+                .map_or(0, |(_, n)| *n);
+            state
+                .metrics
+                .core_reversals
+                .get_or_create(&crate::ops::metrics::StateLabels { state: state_name })
+                .set(n);
+        }
         let pending = pending.max(0) as u64;
         bridge.set_backlog(pending);
         state.metrics.core_outbox_depth.set(pending as i64);
@@ -587,12 +603,25 @@ fn reconcile_late_replies(
             Ok(LateReplyVerdict::LeftToResolver) => {
                 tracing::info!(txn_id = %late.txn_id, "late core reply left to the resolver (no outcome recorded yet)")
             }
+            Ok(LateReplyVerdict::ReversalRequested { reversal_id, new }) => {
+                if new {
+                    tracing::warn!(
+                        txn_id = %late.txn_id, %reversal_id,
+                        "the core posted a transaction recorded as FAILED; reversal requested"
+                    )
+                } else {
+                    tracing::info!(
+                        txn_id = %late.txn_id, %reversal_id,
+                        "late core reply repeats a posting already being reversed"
+                    )
+                }
+            }
             Ok(LateReplyVerdict::Conflict {
                 recorded,
                 core_says,
             }) => tracing::error!(
                 txn_id = %late.txn_id,
-                "CONFLICT: the journal says {recorded}, the core says {core_says}; settle by hand (reversal if the core moved money)"
+                "CONFLICT: the journal says {recorded}, the core says {core_says}; no money moved at the core, settle by hand"
             ),
             Ok(LateReplyVerdict::NoSuchTransaction) => {
                 tracing::error!(txn_id = %late.txn_id, "late core reply for a transaction this database does not have")

@@ -144,14 +144,34 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    core_reversal (reversal_id) {
+        reversal_id -> Uuid,
+        txn_id -> Uuid,
+        inst_id -> Varchar,
+        state -> Varchar,
+        reason -> Varchar,
+        posted_ref -> Nullable<Varchar>,
+        core_ref -> Nullable<Varchar>,
+        refusal -> Nullable<Varchar>,
+        attempts -> Int4,
+        next_at -> Timestamptz,
+        last_error -> Nullable<Varchar>,
+        created_at -> Timestamptz,
+        finished_at -> Nullable<Timestamptz>,
+    }
+}
+
 diesel::joinable!(notification_attempt -> notification (event_id));
 diesel::joinable!(txn_state_history -> txn (txn_id));
 diesel::joinable!(core_pending -> txn (txn_id));
+diesel::joinable!(core_reversal -> txn (txn_id));
 diesel::allow_tables_to_appear_in_same_query!(
     agreement,
     txn,
     txn_state_history,
     core_pending,
     notification,
-    notification_attempt
+    notification_attempt,
+    core_reversal
 );

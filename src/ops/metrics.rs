@@ -39,6 +39,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RoleLabels {
     pub role: &'static str,
 }
@@ -67,6 +72,8 @@ pub struct Metrics {
     pub core_replies: Family<ResultLabels, Counter>,
     /// Core requests that got no reply in time (or no broker confirm): UNKNOWN until resolved.
     pub core_timeouts: Counter,
+    /// Reversals of postings the core applied after their transaction failed, by state.
+    pub core_reversals: Family<StateLabels, Gauge>,
 }
 
 impl Metrics {
@@ -99,6 +106,7 @@ impl Metrics {
             core_link_connected: Gauge::default(),
             core_replies: Family::default(),
             core_timeouts: Counter::default(),
+            core_reversals: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -175,6 +183,11 @@ impl Metrics {
             "core_timeouts",
             "Core requests without a reply in time",
             metrics.core_timeouts.clone(),
+        );
+        registry.register(
+            "core_reversals",
+            "Reversals of postings the core applied after their transaction failed, by state (REFUSED needs a person)",
+            metrics.core_reversals.clone(),
         );
         registry.register(
             "start_time_seconds",

@@ -24,7 +24,7 @@ use crate::channel::message::{MessageWriter, attach_signature};
 use crate::config::InstitutionConfig;
 use crate::core::{
     BindOutcome, BindRejection, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingKind,
-    PostingOutcome, Rejection,
+    PostingOutcome, Rejection, Reversal, ReversalOutcome,
 };
 use crate::crypto::sm2::Signer;
 use crate::logging::mask;
@@ -566,7 +566,8 @@ impl Flows {
         Ok(reply)
     }
 
-    fn seal_account(&self, account_no: &str) -> Result<String, FlowError> {
+    /// The account number as the journal stores it (SM4-GCM under the data key).
+    pub fn seal_account(&self, account_no: &str) -> Result<String, FlowError> {
         self.data_key
             .encrypt_field("account", account_no)
             .map_err(|e| FlowError::DataKey(e.to_string()))
@@ -1275,6 +1276,34 @@ impl Flows {
             return Ok(LateReplyVerdict::NoSuchTransaction);
         };
         let state = row.state()?;
+        if state == TxnState::Failed && to == TxnState::Succeeded {
+            return Ok(
+                match journal::reversal::request(conn, txn_id, core_ref, now)? {
+                    journal::reversal::Requested::New(reversal_id) => {
+                        LateReplyVerdict::ReversalRequested {
+                            reversal_id,
+                            new: true,
+                        }
+                    }
+                    journal::reversal::Requested::Existing(reversal_id) => {
+                        LateReplyVerdict::ReversalRequested {
+                            reversal_id,
+                            new: false,
+                        }
+                    }
+                    // Moved since it was read: FAILED is final, so only a bug gets here.
+                    journal::reversal::Requested::NotFailed(recorded) => {
+                        LateReplyVerdict::Conflict {
+                            recorded,
+                            core_says: to,
+                        }
+                    }
+                    journal::reversal::Requested::NoSuchTransaction => {
+                        LateReplyVerdict::NoSuchTransaction
+                    }
+                },
+            );
+        }
         Ok(match state {
             // Its worker is still between the timeout and recording UNKNOWN, or the process
             // stopped: the resolver asks the core, which gives this same answer.
@@ -1290,6 +1319,82 @@ impl Flows {
                 core_says: to,
             },
         })
+    }
+
+    /// Sends this institution's due reversals to the core and records each answer; a core
+    /// that cannot answer now is asked again later (`reversal_retry_after`).
+    pub fn drive_reversals(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst_id: &str,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<ReversalsDriven, FlowError> {
+        use journal::reversal::AttemptResult;
+        let due = journal::reversal::due(conn, inst_id, now, limit).map_err(JournalError::from)?;
+        let mut driven = ReversalsDriven {
+            looked_at: due.len(),
+            finished: 0,
+        };
+        for row in &due {
+            let txn = journal::txn_by_id(conn, row.txn_id)?.ok_or_else(|| {
+                JournalError::Corrupt(format!("reversal {} without its transaction", row.reversal_id))
+            })?;
+            let posting = self.posting_of(&txn)?;
+            let reversal = Reversal {
+                reversal_id: row.reversal_id,
+                txn_id: posting.txn_id,
+                kind: posting.kind,
+                account_no: posting.account_no,
+                amount_fen: posting.amount_fen,
+            };
+            let answer = core.reverse(&reversal);
+            let error_text;
+            let result = match &answer {
+                Ok(ReversalOutcome::Reversed { core_ref }) => AttemptResult::Finished {
+                    state: "REVERSED",
+                    core_ref: Some(core_ref),
+                    refusal: None,
+                },
+                Ok(ReversalOutcome::NothingPosted) => AttemptResult::Finished {
+                    state: "NOTHING_POSTED",
+                    core_ref: None,
+                    refusal: None,
+                },
+                Ok(ReversalOutcome::Refused(why)) => AttemptResult::Finished {
+                    state: "REFUSED",
+                    core_ref: None,
+                    refusal: Some(why.name()),
+                },
+                Err(e) => {
+                    error_text = e.to_string();
+                    AttemptResult::Retry {
+                        error: &error_text,
+                        next_at: now + reversal_retry_after(row.attempts),
+                    }
+                }
+            };
+            let recorded = journal::reversal::record_attempt(conn, row, &result, now)?;
+            match (&answer, recorded) {
+                (Ok(ReversalOutcome::Refused(why)), true) => tracing::error!(
+                    txn_id = %row.txn_id, reversal_id = %row.reversal_id,
+                    "the core refused to reverse a posting it applied after the transaction failed ({}); settle it by hand",
+                    why.name()
+                ),
+                (Ok(outcome), true) => {
+                    tracing::info!(txn_id = %row.txn_id, reversal_id = %row.reversal_id, "reversal finished: {outcome:?}")
+                }
+                (Err(e), true) => {
+                    tracing::warn!(txn_id = %row.txn_id, reversal_id = %row.reversal_id, attempts = row.attempts + 1, "reversal not answered ({e}); retried later")
+                }
+                (_, false) => {}
+            }
+            if recorded && answer.is_ok() {
+                driven.finished += 1;
+            }
+        }
+        Ok(driven)
     }
 
     /// UNKNOWN is resolved by asking the core, never by guessing: while young, by delivering
@@ -1435,6 +1540,21 @@ fn core_unavailable(error: &CoreError) -> Answer {
     )
 }
 
+/// What one round of reversals did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReversalsDriven {
+    pub looked_at: usize,
+    /// Reached a final state (REVERSED, NOTHING_POSTED, REFUSED).
+    pub finished: usize,
+}
+
+/// The pause before a reversal's next attempt: 5 s doubling, at most 10 min. Never given up:
+/// money the core moved by mistake is returned or handed to a person (REFUSED), not forgotten.
+pub fn reversal_retry_after(attempts: i32) -> chrono::Duration {
+    let doublings = attempts.clamp(0, 7) as u32;
+    chrono::Duration::seconds((5i64 << doublings).min(600))
+}
+
 /// What one resolver round did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resolved {
@@ -1451,8 +1571,11 @@ pub enum LateReplyVerdict {
     Duplicate,
     /// No outcome recorded yet; the resolver settles it by query.
     LeftToResolver,
-    /// The journal recorded another outcome than the core reports: a person (and, for money
-    /// the core moved that the journal says failed, a reversal) must settle it.
+    /// The core posted what the journal records as FAILED: a reversal is requested (or was,
+    /// by an earlier copy of this reply) and the resolver drives it to completion.
+    ReversalRequested { reversal_id: Uuid, new: bool },
+    /// The journal recorded another outcome than the core reports and no reversal can mend
+    /// it (the core says it rejected what the journal records as SUCCEEDED): a person must.
     Conflict {
         recorded: TxnState,
         core_says: TxnState,
@@ -1467,6 +1590,8 @@ fn rejection_code(rejection: Rejection) -> ResultCode {
         Rejection::UnknownAccount => ResultCode::AccountUnknown,
         Rejection::Frozen => ResultCode::AccountFrozen,
         Rejection::NameMismatch => ResultCode::InvalidField,
+        // The core had already told kunpay it never received the posting.
+        Rejection::TooLate => ResultCode::CoreUnavailable,
     }
 }
 

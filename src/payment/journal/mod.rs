@@ -23,6 +23,7 @@ use crate::db::schema::{
 use super::state::TxnState;
 
 mod fixed;
+pub mod reversal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
