@@ -1188,4 +1188,100 @@ mod tests {
             assert!(CoreRequest::decode(&e).is_err(), "amount {amount} accepted");
         }
     }
+
+    #[test]
+    fn reversals_round_trip_and_are_matched_by_their_own_id() {
+        let keys = keys();
+        let p = posting();
+        let reversal = Reversal {
+            reversal_id: Uuid::now_v7(),
+            txn_id: p.txn_id,
+            kind: PostingKind::Credit,
+            account_no: p.account_no.clone(),
+            amount_fen: p.amount_fen,
+        };
+        let correlation = reversal.reversal_id.simple().to_string();
+        let request = CoreRequest::Reverse(reversal.clone());
+        let e = Envelope::seal(
+            &keys,
+            request.message_type(),
+            &correlation,
+            5,
+            request.encode(),
+        );
+        assert_eq!(
+            CoreRequest::decode(&reopen(&keys, &e).unwrap()).unwrap(),
+            request
+        );
+        // Under the posting's id instead of its own: refused.
+        let e = Envelope::seal(
+            &keys,
+            MessageType::ReverseRequest,
+            &p.txn_id.simple().to_string(),
+            5,
+            request.encode(),
+        );
+        assert!(
+            CoreRequest::decode(&e)
+                .unwrap_err()
+                .to_string()
+                .contains("reversal_id differs from the correlation id")
+        );
+        for outcome in [
+            ReversalOutcome::Reversed {
+                core_ref: "REV1".into(),
+            },
+            ReversalOutcome::NothingPosted,
+            ReversalOutcome::Refused(ReversalRefusal::InsufficientFunds),
+            ReversalOutcome::Refused(ReversalRefusal::DoesNotMatch),
+        ] {
+            let reply = CoreReply::Reverse {
+                reversal_id: reversal.reversal_id,
+                txn_id: reversal.txn_id,
+                outcome,
+            };
+            let e = Envelope::seal(&keys, reply.message_type(), &correlation, 5, reply.encode());
+            assert_eq!(
+                CoreReply::decode(&reopen(&keys, &e).unwrap()).unwrap(),
+                reply
+            );
+        }
+        let (rid, tid) = (reversal.reversal_id, reversal.txn_id);
+        for (body, expected) in [
+            (
+                format!(r#"{{"reversal_id":"{rid}","txn_id":"{tid}","status":"REVERSED"}}"#),
+                "REVERSED needs core_ref",
+            ),
+            (
+                format!(
+                    r#"{{"reversal_id":"{rid}","txn_id":"{tid}","status":"REFUSED","reason":"BORED"}}"#
+                ),
+                "unknown refusal reason \"BORED\"",
+            ),
+        ] {
+            let e = Envelope::seal(
+                &keys,
+                MessageType::ReverseReply,
+                &correlation,
+                5,
+                body.into_bytes(),
+            );
+            let err = CoreReply::decode(&e).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err} should mention {expected}");
+        }
+        // TOO_LATE travels as a posting rejection.
+        let late = CoreReply::Post {
+            txn_id: p.txn_id,
+            outcome: PostingOutcome::Rejected(Rejection::TooLate),
+        };
+        let e = Envelope::seal(
+            &keys,
+            late.message_type(),
+            &p.txn_id.simple().to_string(),
+            5,
+            late.encode(),
+        );
+        assert!(String::from_utf8_lossy(&e.body).contains("\"TOO_LATE\""));
+        assert_eq!(CoreReply::decode(&e).unwrap(), late);
+    }
 }
