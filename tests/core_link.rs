@@ -1034,3 +1034,93 @@ fn a_delayed_link_makes_a_debit_unknown_and_it_is_settled_once() {
     );
     coresim.stop();
 }
+
+/// Reads one sample from the daemon's /metrics.
+fn metric(node: &MqNode, line: &str) -> Option<u64> {
+    let (_, text) = http_get(&node.dir.ops_url("/metrics")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(line))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// A core slow to post (8 s) and a daemon that asks rather than redelivers: the resolver's
+/// query finds nothing and the debit is recorded FAILED; then the posting is applied. Against a
+/// core without the query fence the late reply requests a reversal, which goes through the
+/// broker and returns the money exactly once; against a core with the fence the posting is
+/// refused as TOO_LATE and nothing needs reversing. The journal stays FAILED for both.
+#[test]
+fn a_posting_applied_after_the_core_said_not_found_is_reversed_through_the_broker() {
+    use kunpay::core::sim::Faults;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let queues = Queues::new();
+    let (core, coresim) = coresim_in_process(&runtime, &queues);
+    core.set_faults(Faults {
+        queries_do_not_fence: true,
+        ..Faults::default()
+    });
+    let before = core.balance(ZHANG_ACCOUNT).unwrap();
+    let node = MqNode::start(
+        &queues,
+        &broker_parts().3,
+        "reply_timeout = \"500ms\"\nredeliver_within = \"0s\"",
+    );
+    let agreement = node.sign_agreement();
+    coresim.set_faults(ServiceFaults {
+        post_delay: Duration::from_secs(8),
+        ..ServiceFaults::default()
+    });
+
+    let slow = node.debit(&node.inst.next_id("D"), &agreement, "100");
+    assert_eq!(slow.code(), "0001", "processing: {:?}", slow.fields);
+    assert!(
+        wait_until(Duration::from_secs(40), || node.count(
+            "SELECT count(*) AS n FROM core_reversal WHERE state = 'REVERSED'"
+        ) == 1),
+        "reversed through the broker\n{}",
+        node.daemon.stderr()
+    );
+    assert_eq!(core.balance(ZHANG_ACCOUNT).unwrap(), before, "debited once, returned once");
+    assert_eq!(
+        node.count("SELECT count(*) AS n FROM txn WHERE kind = 'DEBIT' AND state = 'FAILED'"),
+        1
+    );
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        &node,
+        "kunpay_core_reversals{state=\"REVERSED\"}"
+    ) == Some(1)));
+
+    // The same race against a core that keeps its NOT_FOUND answer.
+    core.set_faults(Faults::default());
+    let late_before = metric(&node, "kunpay_core_replies_total{result=\"late\"}").unwrap();
+    let fenced = node.debit(&node.inst.next_id("D"), &agreement, "100");
+    assert_eq!(fenced.code(), "0001", "{:?}", fenced.fields);
+    assert!(
+        wait_until(Duration::from_secs(40), || metric(
+            &node,
+            "kunpay_core_replies_total{result=\"late\"}"
+        ) == Some(late_before + 1)),
+        "the posting's late reply arrives\n{}",
+        node.daemon.stderr()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        node.count("SELECT count(*) AS n FROM txn WHERE kind = 'DEBIT' AND state = 'FAILED'"),
+        2
+    );
+    assert_eq!(node.count("SELECT count(*) AS n FROM core_reversal"), 1, "nothing to reverse");
+    assert_eq!(core.balance(ZHANG_ACCOUNT).unwrap(), before);
+    assert_eq!(node.count("SELECT count(*) AS n FROM core_pending"), 0);
+    coresim.stop();
+    assert_eq!(queues.depth(&queues.dead), 0);
+}
