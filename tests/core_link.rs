@@ -1090,7 +1090,11 @@ fn a_posting_applied_after_the_core_said_not_found_is_reversed_through_the_broke
         "reversed through the broker\n{}",
         node.daemon.stderr()
     );
-    assert_eq!(core.balance(ZHANG_ACCOUNT).unwrap(), before, "debited once, returned once");
+    assert_eq!(
+        core.balance(ZHANG_ACCOUNT).unwrap(),
+        before,
+        "debited once, returned once"
+    );
     assert_eq!(
         node.count("SELECT count(*) AS n FROM txn WHERE kind = 'DEBIT' AND state = 'FAILED'"),
         1
@@ -1118,9 +1122,126 @@ fn a_posting_applied_after_the_core_said_not_found_is_reversed_through_the_broke
         node.count("SELECT count(*) AS n FROM txn WHERE kind = 'DEBIT' AND state = 'FAILED'"),
         2
     );
-    assert_eq!(node.count("SELECT count(*) AS n FROM core_reversal"), 1, "nothing to reverse");
+    assert_eq!(
+        node.count("SELECT count(*) AS n FROM core_reversal"),
+        1,
+        "nothing to reverse"
+    );
     assert_eq!(core.balance(ZHANG_ACCOUNT).unwrap(), before);
     assert_eq!(node.count("SELECT count(*) AS n FROM core_pending"), 0);
     coresim.stop();
     assert_eq!(queues.depth(&queues.dead), 0);
+}
+
+/// kunpay-coresim's database ledger keeps the same contract as the in-memory one: a NOT_FOUND
+/// answer fences the id (also when the query races the posting: never "not found" and then
+/// posted), a reversal undoes a posting once and is refused when it does not match or the
+/// customer spent the credit.
+#[test]
+fn the_database_ledger_fences_not_found_ids_and_reverses_once() {
+    use kunpay::core::sim_store::PgLedger;
+    use kunpay::core::{PostingOutcome, Rejection, Reversal, ReversalOutcome, ReversalRefusal};
+    let db = TestDb::new();
+    let pool = kunpay::db::connect(&kunpay::db::ConnectSettings {
+        url: kunpay::config::Secret::new(db.url().to_string()),
+        password: None,
+        pool_max_size: 8,
+        pool_min_idle: 1,
+        connect_timeout: Duration::from_secs(5),
+        statement_timeout: Duration::from_secs(30),
+        application_name: "test ledger".into(),
+    })
+    .unwrap();
+    let ledger = Arc::new(PgLedger::open(pool, &kunpay::core::sim::demo_accounts()).unwrap());
+    let before = ledger.balance(ZHANG_ACCOUNT).unwrap().unwrap();
+    let reversal_of = |p: &Posting| Reversal {
+        reversal_id: Uuid::now_v7(),
+        txn_id: p.txn_id,
+        kind: p.kind,
+        account_no: p.account_no.clone(),
+        amount_fen: p.amount_fen,
+    };
+
+    let fenced = debit(100);
+    assert_eq!(ledger.query_posting(fenced.txn_id).unwrap(), None);
+    assert_eq!(
+        ledger.post(&fenced).unwrap(),
+        PostingOutcome::Rejected(Rejection::TooLate)
+    );
+    assert_eq!(ledger.query_posting(fenced.txn_id).unwrap(), None);
+
+    let posted = debit(2_000);
+    assert!(matches!(
+        ledger.post(&posted).unwrap(),
+        PostingOutcome::Posted { .. }
+    ));
+    let mut wrong = reversal_of(&posted);
+    wrong.amount_fen = 1_999;
+    assert_eq!(
+        ledger.reverse(&wrong).unwrap(),
+        ReversalOutcome::Refused(ReversalRefusal::DoesNotMatch)
+    );
+    let reversal = reversal_of(&posted);
+    let first = ledger.reverse(&reversal).unwrap();
+    assert!(matches!(first, ReversalOutcome::Reversed { .. }));
+    assert_eq!(ledger.reverse(&reversal).unwrap(), first, "idempotent");
+    assert_eq!(ledger.balance(ZHANG_ACCOUNT).unwrap().unwrap(), before);
+    let never = debit(300);
+    assert_eq!(
+        ledger.reverse(&reversal_of(&never)).unwrap(),
+        ReversalOutcome::NothingPosted
+    );
+    assert_eq!(
+        ledger.post(&never).unwrap(),
+        PostingOutcome::Rejected(Rejection::TooLate)
+    );
+
+    const WANG: &str = "6217001234567890149";
+    let credit = Posting {
+        txn_id: Uuid::now_v7(),
+        kind: PostingKind::Credit,
+        account_no: WANG.into(),
+        amount_fen: 500,
+    };
+    ledger.post(&credit).unwrap();
+    ledger
+        .post(&Posting {
+            txn_id: Uuid::now_v7(),
+            kind: PostingKind::Debit,
+            account_no: WANG.into(),
+            amount_fen: 450,
+        })
+        .unwrap();
+    assert_eq!(
+        ledger.reverse(&reversal_of(&credit)).unwrap(),
+        ReversalOutcome::Refused(ReversalRefusal::InsufficientFunds)
+    );
+
+    // A query racing its posting: whichever commits first wins, the other is asked again.
+    let retrying = |f: &dyn Fn() -> Result<Option<PostingOutcome>, kunpay::core::CoreError>| loop {
+        match f() {
+            Ok(answer) => break answer,
+            Err(kunpay::core::CoreError::Unavailable(_)) => continue,
+            Err(other) => panic!("{other}"),
+        }
+    };
+    let mut fenced_count = 0;
+    for _ in 0..40 {
+        let p = debit(1);
+        let (l1, l2, p1) = (ledger.clone(), ledger.clone(), p.clone());
+        let post = std::thread::spawn(move || retrying(&|| l1.post(&p1).map(Some)));
+        let query = std::thread::spawn(move || retrying(&|| l2.query_posting(p.txn_id)));
+        let (posted, queried) = (post.join().unwrap().unwrap(), query.join().unwrap());
+        match (&posted, &queried) {
+            (PostingOutcome::Rejected(Rejection::TooLate), None) => fenced_count += 1,
+            (PostingOutcome::Posted { .. }, Some(q)) => assert_eq!(q, &posted),
+            other => panic!("posting and query disagree: {other:?}"),
+        }
+    }
+    let moved = before - 2_000 + 2_000 - ledger.balance(ZHANG_ACCOUNT).unwrap().unwrap();
+    assert_eq!(
+        moved,
+        40 - fenced_count,
+        "each posted one moved 1 fen, fenced ones none"
+    );
 }

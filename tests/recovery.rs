@@ -129,7 +129,10 @@ fn failed_after_not_found(
     flows
         .resolve_unrecorded(conn, core, "T", Duration::seconds(60), 100, Utc::now())
         .unwrap();
-    assert_eq!(journal::txn_by_id(conn, txn_id).unwrap().unwrap().state, "FAILED");
+    assert_eq!(
+        journal::txn_by_id(conn, txn_id).unwrap().unwrap().state,
+        "FAILED"
+    );
     txn_id
 }
 
@@ -191,11 +194,18 @@ fn a_posting_applied_after_failure_is_reversed_exactly_once() {
         unavailable: true,
         ..Faults::default()
     });
-    let driven = flows.drive_reversals(&mut conn, &core, "T", 10, now).unwrap();
+    let driven = flows
+        .drive_reversals(&mut conn, &core, "T", 10, now)
+        .unwrap();
     assert_eq!((driven.looked_at, driven.finished), (1, 0));
     let row = &journal::reversal::list(&mut conn, None, 10).unwrap()[0];
     assert_eq!((row.state.as_str(), row.attempts), ("PENDING", 1));
-    assert!(row.last_error.as_deref().unwrap().contains("simulated outage"));
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .contains("simulated outage")
+    );
     // (The database keeps microseconds.)
     assert!(row.next_at >= now + Duration::seconds(5) - Duration::milliseconds(1));
     assert_eq!(
@@ -210,7 +220,9 @@ fn a_posting_applied_after_failure_is_reversed_exactly_once() {
     // Back up: reversed once, money returned once.
     core.set_faults(Faults::default());
     let later = now + Duration::seconds(6);
-    let driven = flows.drive_reversals(&mut conn, &core, "T", 10, later).unwrap();
+    let driven = flows
+        .drive_reversals(&mut conn, &core, "T", 10, later)
+        .unwrap();
     assert_eq!((driven.looked_at, driven.finished), (1, 1));
     assert_eq!(core.balance(ACCOUNT).unwrap(), before);
     let row = &journal::reversal::list(&mut conn, None, 10).unwrap()[0];
@@ -240,7 +252,10 @@ fn a_posting_applied_after_failure_is_reversed_exactly_once() {
     assert_eq!(core.balance(ACCOUNT).unwrap(), before);
 
     let txn = journal::txn_by_id(&mut conn, txn_id).unwrap().unwrap();
-    assert_eq!(txn.state, "FAILED", "the institution was told FAILED; it stays so");
+    assert_eq!(
+        txn.state, "FAILED",
+        "the institution was told FAILED; it stays so"
+    );
     let history = journal::history(&mut conn, txn_id).unwrap();
     let reasons: Vec<&str> = history.iter().map(|(_, _, why)| why.as_str()).collect();
     assert!(
@@ -304,7 +319,13 @@ fn the_query_fence_prevents_reversals_and_a_refused_one_is_left_for_a_person() {
     assert_eq!(refused.len(), 1);
     assert_eq!(refused[0].refusal.as_deref(), Some("INSUFFICIENT_FUNDS"));
     let history = journal::history(&mut conn, credit).unwrap();
-    assert!(history.last().unwrap().2.contains("a person must settle it"));
+    assert!(
+        history
+            .last()
+            .unwrap()
+            .2
+            .contains("a person must settle it")
+    );
     assert_eq!(core.balance(WANG).unwrap(), 0);
 
     // SUCCEEDED in the journal, rejected by the core: nothing to reverse, a conflict.
@@ -337,5 +358,8 @@ fn the_query_fence_prevents_reversals_and_a_refused_one_is_left_for_a_person() {
             core_says: TxnState::Failed
         }
     );
-    assert_eq!(journal::reversal::list(&mut conn, None, 10).unwrap().len(), 1);
+    assert_eq!(
+        journal::reversal::list(&mut conn, None, 10).unwrap().len(),
+        1
+    );
 }

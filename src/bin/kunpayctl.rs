@@ -404,11 +404,14 @@ fn reversal(command: ReversalCommand) -> anyhow::Result<u8> {
         state,
         limit,
     } = command;
-    let (mut conn, _) =
-        match connect_database(&database.config, database.database_url.clone(), "reversal list")? {
-            Ok(connected) => connected,
-            Err(code) => return Ok(code),
-        };
+    let (mut conn, _) = match connect_database(
+        &database.config,
+        database.database_url.clone(),
+        "reversal list",
+    )? {
+        Ok(connected) => connected,
+        Err(code) => return Ok(code),
+    };
     let time = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
     let state = state.map(|s| s.to_ascii_uppercase());
     let rows = kunpay::payment::journal::reversal::list(&mut conn, state.as_deref(), limit)?;

@@ -443,9 +443,7 @@ impl CoreLink for CoreSimulator {
                     .expect("simulated balance overflow");
             }
             PostingKind::Credit if account.balance_fen < posting.amount_fen => {
-                return Ok(ReversalOutcome::Refused(
-                    ReversalRefusal::InsufficientFunds,
-                ));
+                return Ok(ReversalOutcome::Refused(ReversalRefusal::InsufficientFunds));
             }
             PostingKind::Credit => account.balance_fen -= posting.amount_fen,
         }

@@ -93,17 +93,25 @@ fn kind_name(kind: PostingKind) -> &'static str {
 }
 
 fn recorded_of(row: &PostingRow) -> Result<Recorded, CoreError> {
-    match (row.status.as_str(), row.core_ref.clone(), row.reason.as_deref()) {
+    match (
+        row.status.as_str(),
+        row.core_ref.clone(),
+        row.reason.as_deref(),
+    ) {
         ("FENCED", _, _) => Ok(Recorded::Fenced),
-        ("POSTED", Some(core_ref), _) => Ok(Recorded::Answered(PostingOutcome::Posted { core_ref })),
-        ("REJECTED", _, Some(reason)) => Ok(Recorded::Answered(PostingOutcome::Rejected(match reason {
-            "INSUFFICIENT_FUNDS" => Rejection::InsufficientFunds,
-            "UNKNOWN_ACCOUNT" => Rejection::UnknownAccount,
-            "FROZEN" => Rejection::Frozen,
-            "NAME_MISMATCH" => Rejection::NameMismatch,
-            "TOO_LATE" => Rejection::TooLate,
-            other => return Err(unavailable(format!("unknown rejection {other}"))),
-        }))),
+        ("POSTED", Some(core_ref), _) => {
+            Ok(Recorded::Answered(PostingOutcome::Posted { core_ref }))
+        }
+        ("REJECTED", _, Some(reason)) => {
+            Ok(Recorded::Answered(PostingOutcome::Rejected(match reason {
+                "INSUFFICIENT_FUNDS" => Rejection::InsufficientFunds,
+                "UNKNOWN_ACCOUNT" => Rejection::UnknownAccount,
+                "FROZEN" => Rejection::Frozen,
+                "NAME_MISMATCH" => Rejection::NameMismatch,
+                "TOO_LATE" => Rejection::TooLate,
+                other => return Err(unavailable(format!("unknown rejection {other}"))),
+            })))
+        }
         (status, _, _) => Err(unavailable(format!("corrupt posting status {status}"))),
     }
 }
@@ -163,7 +171,11 @@ impl PgLedger {
         .map(|a| a.balance_fen))
     }
 
-    fn find_row(conn: &mut PgConnection, txn_id: Uuid, lock: bool) -> QueryResult<Option<PostingRow>> {
+    fn find_row(
+        conn: &mut PgConnection,
+        txn_id: Uuid,
+        lock: bool,
+    ) -> QueryResult<Option<PostingRow>> {
         diesel::sql_query(if lock {
             "SELECT status, core_ref, reason, kind, account_no, amount_fen, reversal_ref \
              FROM coresim_posting WHERE txn_id = $1 FOR UPDATE"

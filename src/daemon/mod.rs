@@ -486,17 +486,16 @@ async fn watch_outbox(
             .inc_by(timeouts.saturating_sub(exported_timeouts));
         exported_timeouts = timeouts;
         let pool = pool.clone();
-        let counted = tokio::task::spawn_blocking(
-            move || -> anyhow::Result<(i64, Vec<(String, i64)>)> {
+        let counted =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(i64, Vec<(String, i64)>)> {
                 let mut conn = db::checkout(&pool, Duration::from_secs(2))?;
                 crate::payment::journal::prune_settled_pending(&mut conn)?;
                 Ok((
                     crate::payment::journal::pending_count(&mut conn)?,
                     crate::payment::journal::reversal::counts(&mut conn)?,
                 ))
-            },
-        )
-        .await;
+            })
+            .await;
         state
             .metrics
             .core_link_connected

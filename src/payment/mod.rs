@@ -1339,7 +1339,10 @@ impl Flows {
         };
         for row in &due {
             let txn = journal::txn_by_id(conn, row.txn_id)?.ok_or_else(|| {
-                JournalError::Corrupt(format!("reversal {} without its transaction", row.reversal_id))
+                JournalError::Corrupt(format!(
+                    "reversal {} without its transaction",
+                    row.reversal_id
+                ))
             })?;
             let posting = self.posting_of(&txn)?;
             let reversal = Reversal {
