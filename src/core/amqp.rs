@@ -21,6 +21,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
+use super::transport::{Confirm, Transport};
+pub use super::transport::{Disposition, Handler, PublishError, RawMessage};
 use super::wire::Envelope;
 
 /// `amqp://USER@host/vhost` with `password` put in, percent-encoded. Err when the URL names no
@@ -85,65 +87,6 @@ impl std::fmt::Debug for AmqpSettings {
             .field("prefetch", &self.prefetch)
             .finish()
     }
-}
-
-/// A received message as the broker gave it; nothing is verified yet.
-#[derive(Clone)]
-pub struct RawMessage {
-    pub message_type: Option<String>,
-    pub message_id: Option<String>,
-    pub correlation_id: Option<String>,
-    pub reply_to: Option<String>,
-    pub sent_at_ms: Option<u64>,
-    pub key_id: Option<String>,
-    pub mac: Option<String>,
-    pub body: Vec<u8>,
-    pub redelivered: bool,
-}
-
-impl RawMessage {
-    /// Checks the MAC and rebuilds the envelope.
-    pub fn open(&self, keys: &super::wire::MacKeys) -> Result<Envelope, super::wire::WireError> {
-        Envelope::open(
-            keys,
-            self.message_type.as_deref(),
-            self.message_id.as_deref(),
-            self.correlation_id.as_deref(),
-            self.sent_at_ms,
-            self.key_id.as_deref(),
-            self.mac.as_deref(),
-            &self.body,
-        )
-    }
-}
-
-/// What to do with a received message once its handler ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    Ack,
-    /// Rejected without requeue: the broker moves it to the dead-letter queue for a person.
-    DeadLetter,
-    /// Given back to the queue for another attempt (the handler could not finish it).
-    Requeue,
-}
-
-/// Runs once per delivery, in order; the delivery is settled with what it returns. A handler
-/// that answers (the core simulator) publishes its reply before returning, so a delivery is
-/// acknowledged only once its reply is with the broker.
-pub type Handler = Arc<
-    dyn Fn(RawMessage) -> std::pin::Pin<Box<dyn std::future::Future<Output = Disposition> + Send>>
-        + Send
-        + Sync,
->;
-
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum PublishError {
-    /// The message certainly did not reach a queue.
-    #[error("not sent: {0}")]
-    NotSent(String),
-    /// It may or may not have reached the queue (the connection failed before the confirm).
-    #[error("not confirmed: {0}")]
-    Unconfirmed(String),
 }
 
 struct LinkState {
@@ -341,6 +284,34 @@ impl AmqpLink {
                     .spawn(async move { connection.close(200, "stopping".into()).await }),
             );
         }
+    }
+}
+
+impl Transport for AmqpLink {
+    fn send<'a>(
+        &'a self,
+        queue: &'a str,
+        envelope: &'a Envelope,
+        reply_to: Option<&'a str>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Confirm, PublishError>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            let confirm = AmqpLink::send(self, queue, envelope, reply_to).await?;
+            Ok(Box::pin(confirm) as Confirm)
+        })
+    }
+
+    fn is_connected(&self) -> bool {
+        AmqpLink::is_connected(self)
+    }
+
+    fn wait_connected(&self, within: Duration) -> bool {
+        AmqpLink::wait_connected(self, within)
+    }
+
+    fn stop(&self) {
+        AmqpLink::stop(self)
     }
 }
 

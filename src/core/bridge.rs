@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::amqp::{AmqpLink, AmqpSettings, Disposition, PublishError, RawMessage};
+use super::amqp::{AmqpLink, AmqpSettings};
+use super::transport::{Connect, Disposition, PublishError, RawMessage, Transport};
 use super::wire::{CoreReply, CoreRequest, Envelope, MacKeys, MessageType, now_ms};
 use super::{
     BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingOutcome, Reversal,
@@ -134,22 +135,41 @@ struct Shared {
 }
 
 pub struct MqCore {
-    link: AmqpLink,
+    link: Arc<dyn Transport>,
+    /// Where the waits for replies run (the caller is a worker thread outside it).
+    runtime: tokio::runtime::Handle,
     settings: BridgeSettings,
     shared: Arc<Shared>,
 }
 
 impl MqCore {
-    /// Connects (in the background) and starts consuming the reply queue. Posting replies that
-    /// nobody waits for come out of the returned receiver.
+    /// Connects to the AMQP broker (in the background) and starts consuming the reply queue.
+    /// Posting replies that nobody waits for come out of the returned receiver.
     pub fn start(
         runtime: tokio::runtime::Handle,
         amqp: AmqpSettings,
         settings: BridgeSettings,
         keys: Arc<MacKeys>,
     ) -> (MqCore, Receiver<LateReply>) {
-        assert!(settings.max_in_flight > 0 && settings.late_queue > 0);
         assert_eq!(amqp.consume_queue, settings.reply_queue);
+        let amqp_runtime = runtime.clone();
+        MqCore::start_with(
+            runtime,
+            Box::new(move |handler| Arc::new(AmqpLink::start(amqp_runtime, amqp, handler))),
+            settings,
+            keys,
+        )
+    }
+
+    /// The same over any transport: `connect` starts it with the bridge's reply handler, and it
+    /// must consume `settings.reply_queue`.
+    pub fn start_with(
+        runtime: tokio::runtime::Handle,
+        connect: Connect,
+        settings: BridgeSettings,
+        keys: Arc<MacKeys>,
+    ) -> (MqCore, Receiver<LateReply>) {
+        assert!(settings.max_in_flight > 0 && settings.late_queue > 0);
         let (late, late_replies) = sync_channel(settings.late_queue);
         let shared = Arc::new(Shared {
             keys,
@@ -159,14 +179,15 @@ impl MqCore {
             backlog: AtomicU64::new(0),
         });
         let handler_shared = shared.clone();
-        let handler: super::amqp::Handler = Arc::new(move |message: RawMessage| {
+        let handler: super::transport::Handler = Arc::new(move |message: RawMessage| {
             let disposition = on_reply(&handler_shared, message);
             Box::pin(async move { disposition })
         });
-        let link = AmqpLink::start(runtime, amqp, handler);
+        let link = connect(handler);
         (
             MqCore {
                 link,
+                runtime,
                 settings,
                 shared,
             },
@@ -248,7 +269,11 @@ impl MqCore {
             self.settings.reply_timeout,
         );
         let link = &self.link;
-        let awaited: Result<CoreReply, PublishError> = link.block_on(async {
+        assert!(
+            tokio::runtime::Handle::try_current().is_err(),
+            "core calls come from worker threads, never from the runtime"
+        );
+        let awaited: Result<CoreReply, PublishError> = self.runtime.block_on(async {
             let confirm = link
                 .send(request_queue, &envelope, Some(reply_queue))
                 .await?;
@@ -487,5 +512,228 @@ impl CoreLink for MqCore {
             }
             other => Err(unexpected(other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::coresim::{CoreSimService, ServiceFaults};
+    use crate::core::sim::CoreSimulator;
+    use crate::core::transport::memory::MemoryBroker;
+    use crate::core::{PostingKind, ReversalOutcome};
+    use zeroize::Zeroizing;
+
+    const ACCOUNT: &str = "6222021234567890123";
+
+    struct Rig {
+        _runtime: tokio::runtime::Runtime,
+        broker: Arc<MemoryBroker>,
+        core: Arc<CoreSimulator>,
+        coresim: CoreSimService,
+        bridge: MqCore,
+        late: Receiver<LateReply>,
+    }
+
+    fn keys() -> Arc<MacKeys> {
+        Arc::new(MacKeys::single("k", Zeroizing::new(vec![9u8; 32])).unwrap())
+    }
+
+    fn rig(faults: ServiceFaults, reply_timeout: Duration) -> Rig {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let broker = MemoryBroker::new(runtime.handle().clone());
+        let core = Arc::new(CoreSimulator::with_demo_accounts());
+        let coresim =
+            CoreSimService::start_with(broker.connect("request"), keys(), core.clone(), faults);
+        let (bridge, late) = MqCore::start_with(
+            runtime.handle().clone(),
+            broker.connect("reply"),
+            BridgeSettings {
+                request_queue: "request".into(),
+                reply_queue: "reply".into(),
+                reply_timeout,
+                max_in_flight: 64,
+                late_queue: 16,
+                max_queued: 100,
+            },
+            keys(),
+        );
+        Rig {
+            _runtime: runtime,
+            broker,
+            core,
+            coresim,
+            bridge,
+            late,
+        }
+    }
+
+    fn debit(amount_fen: i64) -> Posting {
+        Posting {
+            txn_id: Uuid::now_v7(),
+            kind: PostingKind::Debit,
+            account_no: ACCOUNT.into(),
+            amount_fen,
+        }
+    }
+
+    #[test]
+    fn every_request_type_round_trips_over_any_transport() {
+        let rig = rig(ServiceFaults::default(), Duration::from_secs(5));
+        let before = rig.core.balance(ACCOUNT).unwrap();
+        let posting = debit(250);
+        let posted = rig.bridge.post(&posting).unwrap();
+        assert!(matches!(posted, PostingOutcome::Posted { .. }));
+        assert_eq!(
+            rig.bridge.query_posting(posting.txn_id).unwrap(),
+            Some(posted)
+        );
+        let reversal = Reversal {
+            reversal_id: Uuid::now_v7(),
+            txn_id: posting.txn_id,
+            kind: posting.kind,
+            account_no: posting.account_no.clone(),
+            amount_fen: posting.amount_fen,
+        };
+        assert!(matches!(
+            rig.bridge.reverse(&reversal).unwrap(),
+            ReversalOutcome::Reversed { .. }
+        ));
+        assert_eq!(rig.core.balance(ACCOUNT).unwrap(), before);
+        let bind = BindRequest {
+            agreement_no: "A1".into(),
+            account_no: ACCOUNT.into(),
+            account_name: "张三".into(),
+            id_no: "110101199003077774".into(),
+            phone: "13812345678".into(),
+        };
+        assert!(matches!(
+            rig.bridge.request_binding(&bind).unwrap(),
+            BindOutcome::CodeSent { .. }
+        ));
+        let code = crate::core::sim::verification_code("A1");
+        assert_eq!(
+            rig.bridge.check_code("A1", &code).unwrap(),
+            CodeCheck::Valid
+        );
+        assert_eq!(
+            rig.bridge.counters().replies_matched.load(Ordering::SeqCst),
+            5
+        );
+        assert_eq!(rig.bridge.in_flight(), 0);
+        assert_eq!(rig.coresim.handled(), 5);
+    }
+
+    /// Replies held back so later ones overtake them are still matched to their own request.
+    #[test]
+    fn out_of_order_replies_reach_the_request_they_answer() {
+        let Rig {
+            _runtime,
+            core,
+            bridge,
+            late: _late,
+            ..
+        } = rig(
+            ServiceFaults {
+                reorder_every: 2,
+                hold_back: Duration::from_millis(300),
+                ..ServiceFaults::default()
+            },
+            Duration::from_secs(5),
+        );
+        let (bridge, core) = (Arc::new(bridge), core);
+        let before = core.balance(ACCOUNT).unwrap();
+        let threads: Vec<_> = (1..=8)
+            .map(|i| {
+                let (bridge, core) = (bridge.clone(), core.clone());
+                std::thread::spawn(move || {
+                    let posting = debit(i);
+                    let outcome = bridge.post(&posting).unwrap();
+                    let PostingOutcome::Posted { core_ref } = outcome else {
+                        panic!("{outcome:?}");
+                    };
+                    // The simulator's reference for this very posting, from its own ledger.
+                    assert_eq!(
+                        core.query_posting(posting.txn_id).unwrap(),
+                        Some(PostingOutcome::Posted { core_ref })
+                    );
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(core.balance(ACCOUNT).unwrap(), before - 36);
+        assert_eq!(bridge.counters().replies_matched.load(Ordering::SeqCst), 8);
+        assert_eq!(bridge.counters().replies_late.load(Ordering::SeqCst), 0);
+    }
+
+    /// A reply after the timeout is late (handed to reconciliation, never to a new caller); a
+    /// reply with a bad MAC is dead-lettered; one for nobody is dropped.
+    #[test]
+    fn late_forged_and_unmatched_replies_are_never_applied() {
+        let rig = rig(
+            ServiceFaults {
+                latency: Duration::from_millis(400),
+                ..ServiceFaults::default()
+            },
+            Duration::from_millis(100),
+        );
+        let posting = debit(10);
+        assert_eq!(rig.bridge.post(&posting), Err(CoreError::Timeout));
+        let late = rig.late.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(late.txn_id, posting.txn_id);
+        assert!(matches!(late.outcome, PostingOutcome::Posted { .. }));
+
+        let reply = CoreReply::Post {
+            txn_id: Uuid::now_v7(),
+            outcome: PostingOutcome::Posted {
+                core_ref: "FORGED".into(),
+            },
+        };
+        let other_keys = MacKeys::single("k", Zeroizing::new(vec![1u8; 32])).unwrap();
+        let correlation = match &reply {
+            CoreReply::Post { txn_id, .. } => txn_id.simple().to_string(),
+            _ => unreachable!(),
+        };
+        let forged = Envelope::seal(
+            &other_keys,
+            reply.message_type(),
+            &correlation,
+            now_ms(),
+            reply.encode(),
+        );
+        rig.broker
+            .inject("reply", RawMessage::from_envelope(&forged, None));
+        let unmatched = CoreReply::CheckCode(CodeCheck::Valid);
+        let sealed = Envelope::seal(
+            &keys(),
+            unmatched.message_type(),
+            "nobody",
+            now_ms(),
+            unmatched.encode(),
+        );
+        rig.broker
+            .inject("reply", RawMessage::from_envelope(&sealed, None));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rig.bridge.counters().refused(Refusal::UnknownCorrelation) == 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(rig.bridge.counters().refused(Refusal::BadMac), 1);
+        assert_eq!(
+            rig.bridge.counters().refused(Refusal::UnknownCorrelation),
+            1
+        );
+        assert_eq!(rig.broker.dead_lettered.load(Ordering::SeqCst), 1);
+        assert!(
+            rig.late.try_recv().is_err(),
+            "nothing forged reached reconciliation"
+        );
     }
 }

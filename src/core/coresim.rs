@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use super::amqp::{AmqpLink, AmqpSettings, Disposition, Handler, RawMessage};
+use super::amqp::{AmqpLink, AmqpSettings};
+use super::transport::{self, Connect, Disposition, Handler, RawMessage, Transport};
 use super::wire::{CoreReply, CoreRequest, Envelope, MacKeys, now_ms};
 use super::{CoreError, CoreLink, PostingOutcome, Rejection};
 
@@ -43,12 +44,13 @@ pub struct ServiceFaults {
 
 pub struct CoreSimService {
     core: Ledger,
-    link: Arc<AmqpLink>,
+    link: Arc<dyn Transport>,
     faults: Arc<Mutex<ServiceFaults>>,
     handled: Arc<AtomicU64>,
 }
 
 impl CoreSimService {
+    /// Serves the request queue named in `amqp` on the AMQP broker.
     pub fn start(
         runtime: tokio::runtime::Handle,
         amqp: AmqpSettings,
@@ -56,9 +58,24 @@ impl CoreSimService {
         core: Ledger,
         faults: ServiceFaults,
     ) -> CoreSimService {
+        CoreSimService::start_with(
+            Box::new(move |handler| Arc::new(AmqpLink::start(runtime, amqp, handler))),
+            keys,
+            core,
+            faults,
+        )
+    }
+
+    /// The same over any transport; `connect` starts it consuming the request queue.
+    pub fn start_with(
+        connect: Connect,
+        keys: Arc<MacKeys>,
+        core: Ledger,
+        faults: ServiceFaults,
+    ) -> CoreSimService {
         let faults = Arc::new(Mutex::new(faults));
         let handled = Arc::new(AtomicU64::new(0));
-        let link_cell: Arc<OnceLock<Arc<AmqpLink>>> = Arc::new(OnceLock::new());
+        let link_cell: Arc<OnceLock<Arc<dyn Transport>>> = Arc::new(OnceLock::new());
         let handler: Handler = {
             let (core, faults, handled, link_cell, keys) = (
                 core.clone(),
@@ -77,13 +94,14 @@ impl CoreSimService {
                 );
                 Box::pin(async move {
                     let Some(link) = link_cell.get().cloned() else {
-                        return Disposition::DeadLetter;
+                        // Not started yet: give it back rather than lose it.
+                        return Disposition::Requeue;
                     };
                     handle(core, link, &keys, &faults, &handled, message).await
                 })
             })
         };
-        let link = Arc::new(AmqpLink::start(runtime, amqp, handler));
+        let link = connect(handler);
         let _ = link_cell.set(link.clone());
         CoreSimService {
             core,
@@ -150,7 +168,7 @@ fn execute(
 
 async fn handle(
     core: Ledger,
-    link: Arc<AmqpLink>,
+    link: Arc<dyn Transport>,
     keys: &MacKeys,
     faults: &Mutex<ServiceFaults>,
     handled: &AtomicU64,
@@ -221,7 +239,7 @@ async fn handle(
         let hold_back = faults.hold_back;
         tokio::spawn(async move {
             tokio::time::sleep(hold_back).await;
-            if let Err(why) = link.publish(&reply_to, &sealed, None).await {
+            if let Err(why) = transport::publish(&*link, &reply_to, &sealed, None).await {
                 tracing::warn!("coresim: held-back reply not sent: {why}");
             }
         });
@@ -233,7 +251,7 @@ async fn handle(
         1
     };
     for _ in 0..copies {
-        if let Err(why) = link.publish(&reply_to, &sealed, None).await {
+        if let Err(why) = transport::publish(&*link, &reply_to, &sealed, None).await {
             // Not acknowledged: the broker redelivers the request and the ledger answers it
             // again from what it recorded (postings are idempotent by transaction id).
             tracing::warn!("coresim: reply not sent, the request goes back to the queue: {why}");

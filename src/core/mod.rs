@@ -13,6 +13,7 @@ pub mod bridge;
 pub mod coresim;
 pub mod sim;
 pub mod sim_store;
+pub mod transport;
 pub mod wire;
 
 use thiserror::Error;
