@@ -1245,3 +1245,64 @@ fn the_database_ledger_fences_not_found_ids_and_reverses_once() {
         "each posted one moved 1 fen, fenced ones none"
     );
 }
+
+/// kunpay-coresim holds every second reply back so later ones overtake it; concurrent debits
+/// through the daemon each settle with their own posting's reference (the journal's core_ref
+/// is the one the core recorded for that transaction id), none twice, none late.
+#[test]
+fn out_of_order_replies_settle_each_debit_with_its_own_posting() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let queues = Queues::new();
+    let (core, coresim) = coresim_in_process(&runtime, &queues);
+    let before = core.balance(ZHANG_ACCOUNT).unwrap();
+    let node = MqNode::start(&queues, &broker_parts().3, "reply_timeout = \"10s\"");
+    let agreement = node.sign_agreement();
+    coresim.set_faults(ServiceFaults {
+        reorder_every: 2,
+        hold_back: Duration::from_millis(400),
+        ..ServiceFaults::default()
+    });
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..=8)
+            .map(|i| {
+                let (node, agreement) = (&node, &agreement);
+                scope.spawn(move || {
+                    node.debit(&node.inst.next_id("D"), agreement, &(100 * i).to_string())
+                })
+            })
+            .collect();
+        for handle in handles {
+            let answer = handle.join().unwrap();
+            assert_eq!(answer.code(), "0000", "{:?}", answer.fields);
+        }
+    });
+    #[derive(QueryableByName)]
+    struct Settled {
+        #[diesel(sql_type = diesel::sql_types::Uuid)]
+        txn_id: Uuid,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        core_ref: String,
+    }
+    let mut conn = PgConnection::establish(node.db.url()).unwrap();
+    let settled: Vec<Settled> = diesel::sql_query(
+        "SELECT txn_id, core_ref FROM txn WHERE kind = 'DEBIT' AND state = 'SUCCEEDED'",
+    )
+    .load(&mut conn)
+    .unwrap();
+    assert_eq!(settled.len(), 8);
+    for s in &settled {
+        assert_eq!(
+            core.query_posting(s.txn_id).unwrap(),
+            Some(kunpay::core::PostingOutcome::Posted {
+                core_ref: s.core_ref.clone()
+            }),
+            "the journal holds the core's reference for this very posting"
+        );
+    }
+    assert_eq!(core.balance(ZHANG_ACCOUNT).unwrap(), before - 3_600);
+    assert_eq!(
+        metric(&node, "kunpay_core_replies_total{result=\"late\"}").unwrap_or(0),
+        0
+    );
+    coresim.stop();
+}
