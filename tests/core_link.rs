@@ -620,10 +620,11 @@ fn the_daemon_pays_through_the_broker_and_kunpay_coresim() {
     let mac_file = scratch.path().join("core-mac.key");
     write_secret(&mac_file, MAC_HEX);
     let coresim_config = scratch.path().join("coresim.toml");
+    let control_port = free_port();
     std::fs::write(
         &coresim_config,
         format!(
-            "[amqp]\nurl = \"{}\"\nrequest_queue = \"{}\"\ndead_letter_queue = \"{}\"\n\n[mac]\nkey_id = \"test-2026\"\nkey_file = \"{}\"\n",
+            "[amqp]\nurl = \"{}\"\nrequest_queue = \"{}\"\ndead_letter_queue = \"{}\"\n\n[mac]\nkey_id = \"test-2026\"\nkey_file = \"{}\"\n\n[control]\nlisten = \"127.0.0.1:{control_port}\"\n",
             amqp_url(),
             queues.request,
             queues.dead,
@@ -679,8 +680,63 @@ fn the_daemon_pays_through_the_broker_and_kunpay_coresim() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(matched, Some(7));
+
+    // The control endpoint changes the faults while it runs.
+    let control = format!("http://127.0.0.1:{control_port}");
+    let (status, health) = http_get(&format!("{control}/health")).unwrap();
+    assert_eq!(status, 200);
+    assert!(health.contains("\"handled\":7"), "{health}");
+    assert_eq!(
+        http_put(
+            &format!("{control}/faults"),
+            r#"{"reject_every": 1, "reject_reason": "frozen"}"#
+        )
+        .0,
+        200
+    );
+    let refused = node.debit(&node.inst.next_id("D"), &agreement, "100");
+    assert_eq!(
+        refused.code(),
+        "3012",
+        "frozen by the fault: {:?}",
+        refused.fields
+    );
+    let (status, faults) = http_get(&format!("{control}/faults")).unwrap();
+    assert_eq!(status, 200);
+    assert!(faults.contains("\"reject_every\":1"), "{faults}");
+    for (body, says) in [
+        (r#"{"latency": "soon"}"#, "latency"),
+        (r#"{"query_fence": false}"#, "query_fence is fixed at start"),
+        (r#"{"drop_evry": 2}"#, "unknown field `drop_evry`"),
+    ] {
+        let (status, text) = http_put(&format!("{control}/faults"), body);
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains(says), "{body}: {text}");
+    }
+    // A refused change left the faults as they were.
+    let (_, unchanged) = http_get(&format!("{control}/faults")).unwrap();
+    assert_eq!(unchanged, faults);
+    assert_eq!(http_put(&format!("{control}/faults"), "{}").0, 200);
+    let paid = node.debit(&node.inst.next_id("D"), &agreement, "100");
+    assert_eq!(paid.code(), "0000", "{:?}", paid.fields);
     drop(coresim);
     assert_eq!(queues.depth(&queues.dead), 0);
+}
+
+/// PUT a JSON body; returns (status, body) whatever the status.
+fn http_put(url: &str, body: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let mut response = agent
+        .put(url)
+        .header("content-type", "application/json")
+        .send(body)
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.body_mut().read_to_string().unwrap())
 }
 
 /// The daemon's broker connection goes through a TCP proxy the test cuts: debits are queued in

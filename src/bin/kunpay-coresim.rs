@@ -2,21 +2,16 @@
 //! and benchmark environments (never production). Exit codes: 0 stopped by SIGTERM/SIGINT,
 //! 2 configuration error, 101 crashed on purpose (fault injection).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
 use clap::Parser;
-use serde::Deserialize;
-use zeroize::Zeroizing;
 
-use kunpay::core::Rejection;
-use kunpay::core::amqp::AmqpSettings;
-use kunpay::core::coresim::{CoreSimService, ServiceFaults};
+use kunpay::core::coresim::CoreSimService;
+use kunpay::core::coresim_config::{self, CoresimConfig};
 use kunpay::core::sim::CoreSimulator;
-use kunpay::core::wire::MacKeys;
 
 #[derive(Parser)]
 #[command(
@@ -50,189 +45,15 @@ struct Cli {
     /// Override [faults] crash_at: exit abruptly on the Nth request.
     #[arg(long, value_name = "N")]
     crash_at: Option<u64>,
+    /// Override [control] listen: the control endpoint's loopback host:port.
+    #[arg(long, value_name = "ADDR")]
+    control: Option<std::net::SocketAddr>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    amqp: AmqpSection,
-    mac: MacSection,
-    /// The ledger's own database; without it the ledger lives in memory and a crash loses it.
-    database: Option<DatabaseSection>,
-    #[serde(default)]
-    ledger: LedgerSection,
-    #[serde(default)]
-    faults: FaultsSection,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AmqpSection {
-    url: String,
-    password_file: Option<PathBuf>,
-    #[serde(default = "default_request_queue")]
-    request_queue: String,
-    #[serde(default = "default_dead_letter_queue")]
-    dead_letter_queue: String,
-    #[serde(default = "default_prefetch")]
-    prefetch: u16,
-    /// Requests handled at once (each waits for its reply's confirm); at most `prefetch`.
-    #[serde(default = "default_concurrency")]
-    concurrency: usize,
-}
-
-fn default_request_queue() -> String {
-    "kunpay.core.request".into()
-}
-fn default_dead_letter_queue() -> String {
-    "kunpay.core.dead".into()
-}
-fn default_prefetch() -> u16 {
-    64
-}
-fn default_concurrency() -> usize {
-    32
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DatabaseSection {
-    /// libpq URL without a password.
-    url: String,
-    password_file: Option<PathBuf>,
-    #[serde(default = "default_pool")]
-    pool_max_size: u32,
-}
-
-fn default_pool() -> u32 {
-    4
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MacSection {
-    key_id: String,
-    key_file: PathBuf,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct LedgerSection {
-    #[serde(default)]
-    generated_accounts: u32,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FaultsSection {
-    latency: Option<String>,
-    #[serde(default)]
-    drop_every: u64,
-    #[serde(default)]
-    duplicate_every: u64,
-    #[serde(default)]
-    reorder_every: u64,
-    hold_back: Option<String>,
-    #[serde(default)]
-    reject_every: u64,
-    /// insufficient_funds, unknown_account, frozen or name_mismatch.
-    reject_reason: Option<String>,
-    #[serde(default)]
-    crash_at: u64,
-    /// Postings wait this long before they are applied, e.g. "2s".
-    post_delay: Option<String>,
-    /// false: a query for an unknown id does not fence it (a core breaking the contract;
-    /// kunpay's reversals then undo the late posting).
-    #[serde(default = "yes")]
-    query_fence: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// A secret file: must not be readable by group or others.
-fn read_secret(path: &Path, what: &str) -> anyhow::Result<Zeroizing<String>> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("{what} {}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        bail!(
-            "{what} {} is readable by group or others; chmod 600 it",
-            path.display()
-        );
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("{what} {}", path.display()))?;
-    Ok(Zeroizing::new(text.trim().to_string()))
-}
-
-fn duration(text: Option<&str>, key: &str, default: Duration) -> anyhow::Result<Duration> {
-    match text {
-        None => Ok(default),
-        Some(t) => humantime::parse_duration(t).with_context(|| {
-            format!("[faults] {key} = \"{t}\" is not a duration such as \"20ms\"")
-        }),
-    }
-}
-
-struct Loaded {
-    amqp: AmqpSettings,
-    keys: MacKeys,
-    accounts: u32,
-    faults: ServiceFaults,
-    query_fence: bool,
-    database: Option<kunpay::db::ConnectSettings>,
-}
-
-fn load(cli: &Cli) -> anyhow::Result<Loaded> {
-    let text = std::fs::read_to_string(&cli.config)
-        .with_context(|| format!("reading {}", cli.config.display()))?;
-    let file: FileConfig =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", cli.config.display()))?;
-    let mut uri = file.amqp.url.clone();
-    if !(uri.starts_with("amqp://") || uri.starts_with("amqps://")) {
-        bail!("[amqp] url must start with amqp:// or amqps://");
-    }
-    if let Some(path) = &file.amqp.password_file {
-        let password = read_secret(path, "[amqp] password_file")?;
-        uri = kunpay::core::amqp::uri_with_password(&uri, &password)
-            .map_err(|e| anyhow::anyhow!("[amqp] url: {e}"))?;
-    }
-    let key_hex = read_secret(&file.mac.key_file, "[mac] key_file")?;
-    let key = Zeroizing::new(hex::decode(key_hex.as_bytes()).map_err(|_| {
-        anyhow::anyhow!("[mac] key_file must hold the shared key as hex (openssl rand -hex 32)")
-    })?);
-    let keys = MacKeys::single(&file.mac.key_id, key).map_err(|e| anyhow::anyhow!("[mac] {e}"))?;
-    if file.amqp.prefetch == 0 {
-        bail!("[amqp] prefetch must be at least 1");
-    }
-    if file.amqp.concurrency == 0 || file.amqp.concurrency > usize::from(file.amqp.prefetch) {
-        bail!(
-            "[amqp] concurrency must be 1 to prefetch ({})",
-            file.amqp.prefetch
-        );
-    }
-    let f = &file.faults;
-    let mut faults = ServiceFaults {
-        latency: duration(f.latency.as_deref(), "latency", Duration::ZERO)?,
-        drop_every: f.drop_every,
-        duplicate_every: f.duplicate_every,
-        reorder_every: f.reorder_every,
-        hold_back: duration(f.hold_back.as_deref(), "hold_back", Duration::from_secs(1))?,
-        reject_every: f.reject_every,
-        reject_reason: match f.reject_reason.as_deref() {
-            None => None,
-            Some("insufficient_funds") => Some(Rejection::InsufficientFunds),
-            Some("unknown_account") => Some(Rejection::UnknownAccount),
-            Some("frozen") => Some(Rejection::Frozen),
-            Some("name_mismatch") => Some(Rejection::NameMismatch),
-            Some(other) => bail!(
-                "[faults] reject_reason = \"{other}\"; use insufficient_funds, unknown_account, frozen or name_mismatch"
-            ),
-        },
-        crash_at: f.crash_at,
-        post_delay: duration(f.post_delay.as_deref(), "post_delay", Duration::ZERO)?,
-    };
+/// The configuration file with the command line's overrides applied.
+fn load(cli: &Cli) -> anyhow::Result<CoresimConfig> {
+    let mut config = coresim_config::load(&cli.config)?;
+    let faults = &mut config.faults;
     if let Some(v) = cli.latency {
         faults.latency = v;
     }
@@ -247,47 +68,14 @@ fn load(cli: &Cli) -> anyhow::Result<Loaded> {
             *slot = v;
         }
     }
-    let settings = AmqpSettings {
-        uri,
-        queues: vec![file.amqp.request_queue.clone()],
-        dead_letter_queue: file.amqp.dead_letter_queue,
-        consume_queue: file.amqp.request_queue,
-        prefetch: file.amqp.prefetch,
-        concurrency: file.amqp.concurrency,
-        confirm_timeout: Duration::from_secs(5),
-        connection_name: "kunpay-coresim".into(),
-        app_id: "kunpay-coresim".into(),
-    };
-    let database = match &file.database {
-        None => None,
-        Some(db) => {
-            if !(db.url.starts_with("postgres://") || db.url.starts_with("postgresql://")) {
-                bail!("[database] url must start with postgres:// or postgresql://");
-            }
-            Some(kunpay::db::ConnectSettings {
-                url: kunpay::config::Secret::new(db.url.clone()),
-                password: match &db.password_file {
-                    None => None,
-                    Some(path) => Some(kunpay::config::Secret::new(
-                        read_secret(path, "[database] password_file")?.to_string(),
-                    )),
-                },
-                pool_max_size: db.pool_max_size.clamp(1, 64),
-                pool_min_idle: 1,
-                connect_timeout: Duration::from_secs(5),
-                statement_timeout: Duration::from_secs(30),
-                application_name: "kunpay-coresim".into(),
-            })
-        }
-    };
-    Ok(Loaded {
-        amqp: settings,
-        keys,
-        accounts: file.ledger.generated_accounts,
-        query_fence: file.faults.query_fence,
-        faults,
-        database,
-    })
+    if let Some(control) = cli.control {
+        anyhow::ensure!(
+            control.ip().is_loopback(),
+            "--control {control}: the control endpoint listens on loopback only"
+        );
+        config.control = Some(control);
+    }
+    Ok(config)
 }
 
 fn main() -> ExitCode {
@@ -340,13 +128,29 @@ fn main() -> ExitCode {
             }
         }
     };
-    let service = CoreSimService::start(
+    let service = Arc::new(CoreSimService::start(
         runtime.handle().clone(),
         loaded.amqp,
         Arc::new(loaded.keys),
         ledger,
         loaded.faults,
-    );
+    ));
+    if let Some(address) = loaded.control {
+        let listener = match runtime.block_on(tokio::net::TcpListener::bind(address)) {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("kunpay-coresim: [control] listen = \"{address}\": {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let (service, fence) = (service.clone(), loaded.query_fence);
+        runtime.spawn(async move {
+            if let Err(e) = kunpay::core::coresim_control::serve(listener, service, fence).await {
+                tracing::error!("coresim: control endpoint stopped: {e}");
+            }
+        });
+        tracing::info!(%address, "kunpay-coresim: control endpoint listening");
+    }
     tracing::info!("kunpay-coresim: started");
     runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};

@@ -115,6 +115,14 @@ impl CoreSimService {
         &self.core
     }
 
+    pub fn faults(&self) -> ServiceFaults {
+        self.faults.lock().expect("faults lock").clone()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.link.is_connected()
+    }
+
     pub fn set_faults(&self, faults: ServiceFaults) {
         *self.faults.lock().expect("faults lock") = faults;
     }

@@ -11,6 +11,8 @@
 pub mod amqp;
 pub mod bridge;
 pub mod coresim;
+pub mod coresim_config;
+pub mod coresim_control;
 pub mod sim;
 pub mod sim_store;
 pub mod transport;
