@@ -60,6 +60,7 @@ for arch in "${arches[@]}"; do
   done
   cp -r systemd "$stage/"
   cp "$config" "$stage/packaging/kunpay.toml"
+  cp packaging/coresim.toml "$stage/packaging/coresim.toml"
   cp README.md "$stage/"
   mkdir -p "$stage/coresim"
   cp packaging/coresim-README.md "$stage/coresim/README.md"

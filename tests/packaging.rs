@@ -1059,9 +1059,9 @@ fn systemd_analyze_verify_reports_a_broken_unit() {
 
 #[test]
 fn coresim_subpackage_is_built_when_its_binary_exists() {
-    // kunpay-coresim does not exist yet (a later issue adds it). The spec's conditional
-    // subpackage is exercised with kunpayctl standing in for its binary, so it is known to
-    // build, lint and carry the right files the day the binary arrives.
+    // The spec's conditional subpackage, built from whatever binary is named kunpay-coresim
+    // (kunpayctl stands in, so this test does not need a release build of the simulator):
+    // it builds, lints and carries the right files with the right owners.
     let bins = tempfile::tempdir().unwrap();
     for bin in ["kunpayd", "kunpayctl"] {
         fs::copy(X86_64.binary(bin), bins.path().join(bin)).unwrap();
@@ -1096,6 +1096,11 @@ fn coresim_subpackage_is_built_when_its_binary_exists() {
         )
     );
     assert!(files.contains_key("/usr/share/doc/kunpay-coresim/README.md"));
+    assert_eq!(
+        files["/etc/kunpay-coresim/coresim.toml"],
+        (0o640, "root".into(), "kunpay-coresim".into(), true),
+        "the sample configuration, kept on upgrade"
+    );
     let scripts = ok(Command::new("rpm").args(["-qp", "--scripts"]).arg(&coresim));
     assert!(
         scripts.contains("useradd -r -g kunpay-coresim"),
