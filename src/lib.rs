@@ -14,4 +14,5 @@ pub mod logging;
 pub mod notify;
 pub mod ops;
 pub mod payment;
+pub mod risk;
 pub mod server;

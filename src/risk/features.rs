@@ -1,0 +1,474 @@
+//! Velocity features: counts, sums, distinct cards and near-limit counts per subject (card, id
+//! number, phone, device, IP, merchant, institution) over sliding windows, kept in process.
+//!
+//! Owns: the event store, sharded by subject key. A decision reads the features of its subjects
+//! and records its own event in one step under the locks of those subjects' shards (taken in
+//! shard order, so no deadlock), so concurrent requests on one subject each see every earlier
+//! one: N concurrent requests leave exactly N events, and the k-th sees k-1 before it.
+//! Must never: grow without bound (subjects per shard and events per subject are capped, the
+//! oldest dropped first and counted), or count an event outside its window.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What a velocity feature is kept per.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dimension {
+    Card,
+    IdNo,
+    Phone,
+    Device,
+    Ip,
+    Merchant,
+    Institution,
+}
+
+impl Dimension {
+    pub const ALL: [Dimension; 7] = [
+        Dimension::Card,
+        Dimension::IdNo,
+        Dimension::Phone,
+        Dimension::Device,
+        Dimension::Ip,
+        Dimension::Merchant,
+        Dimension::Institution,
+    ];
+
+    /// The prefix of this dimension's variables in rules (`card_count_1h`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Dimension::Card => "card",
+            Dimension::IdNo => "id",
+            Dimension::Phone => "phone",
+            Dimension::Device => "device",
+            Dimension::Ip => "ip",
+            Dimension::Merchant => "merchant",
+            Dimension::Institution => "inst",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Dimension> {
+        Dimension::ALL.into_iter().find(|d| d.name() == name)
+    }
+}
+
+/// What is measured over a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Measure {
+    /// Earlier transactions.
+    Count,
+    /// Their amounts, in fen.
+    Sum,
+    /// Distinct cards among them (many cards on one device, IP, phone...).
+    Cards,
+    /// Those at or above 90% of the institution's single-transaction limit.
+    NearLimit,
+}
+
+impl Measure {
+    pub const ALL: [Measure; 4] = [
+        Measure::Count,
+        Measure::Sum,
+        Measure::Cards,
+        Measure::NearLimit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Measure::Count => "count",
+            Measure::Sum => "sum",
+            Measure::Cards => "cards",
+            Measure::NearLimit => "near_limit",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Measure> {
+        Measure::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// One feature a rule set reads: `{dimension}_{measure}_{window}`, e.g. `device_cards_24h`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FeatureSpec {
+    pub dimension: Dimension,
+    pub measure: Measure,
+    pub window_ms: i64,
+    /// The variable's name as written in rules.
+    pub name: String,
+}
+
+impl FeatureSpec {
+    /// Parses a rule variable; `None` when it is not a velocity feature name. A window is a
+    /// number and a unit (s, m, h, d), at most 30 days.
+    pub fn parse(variable: &str) -> Option<FeatureSpec> {
+        let (rest, window) = variable.rsplit_once('_')?;
+        let window_ms = parse_window(window)?;
+        let (dimension, measure) = Dimension::ALL.into_iter().find_map(|d| {
+            let measure = rest.strip_prefix(d.name())?.strip_prefix('_')?;
+            Some((d, Measure::parse(measure)?))
+        })?;
+        Some(FeatureSpec {
+            dimension,
+            measure,
+            window_ms,
+            name: variable.to_string(),
+        })
+    }
+}
+
+const MAX_WINDOW_MS: i64 = 30 * 24 * 3600 * 1000;
+
+fn parse_window(text: &str) -> Option<i64> {
+    let unit_at = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(unit_at);
+    let number: i64 = number.parse().ok().filter(|n| *n > 0)?;
+    let unit_ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    number
+        .checked_mul(unit_ms)
+        .filter(|ms| *ms <= MAX_WINDOW_MS)
+}
+
+/// One earlier transaction as the store remembers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    pub at_ms: i64,
+    pub amount_fen: i64,
+    /// The card's subject key, for distinct counts.
+    pub card: u64,
+    pub near_limit: bool,
+}
+
+/// The subjects of one transaction: a key per dimension it has (a debit without a device has
+/// no device subject).
+pub type Subjects = Vec<(Dimension, u64)>;
+
+/// Bounds, explicit (TigerBeetle style).
+#[derive(Debug, Clone, Copy)]
+pub struct StoreLimits {
+    /// Events older than this are forgotten: the longest window any rule may use.
+    pub horizon_ms: i64,
+    pub subjects_per_shard: usize,
+    pub events_per_subject: usize,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            horizon_ms: 7 * 24 * 3600 * 1000,
+            subjects_per_shard: 65_536,
+            events_per_subject: 4_096,
+        }
+    }
+}
+
+const SHARDS: usize = 64;
+
+#[derive(Default)]
+struct Shard {
+    subjects: HashMap<(Dimension, u64), VecDeque<Event>>,
+}
+
+pub struct VelocityStore {
+    shards: Vec<Mutex<Shard>>,
+    limits: StoreLimits,
+    /// Events dropped by a bound before their time (a subject busier than the bound allows).
+    pub dropped: AtomicU64,
+}
+
+fn shard_of(subject: &(Dimension, u64)) -> usize {
+    // The key is already a hash; mix the dimension in so one value in two dimensions spreads.
+    ((subject.1 ^ (subject.0 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) % SHARDS as u64) as usize
+}
+
+impl VelocityStore {
+    pub fn new(limits: StoreLimits) -> VelocityStore {
+        assert!(
+            limits.horizon_ms > 0 && limits.subjects_per_shard > 0 && limits.events_per_subject > 0
+        );
+        VelocityStore {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            limits,
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    pub fn limits(&self) -> StoreLimits {
+        self.limits
+    }
+
+    /// The values of `features` for `subjects` as of `event.at_ms` (earlier events only), then
+    /// records `event` for every subject when `record` is true: one atomic step per subject set.
+    pub fn observe(
+        &self,
+        subjects: &Subjects,
+        features: &[FeatureSpec],
+        event: Event,
+        record: bool,
+    ) -> Vec<i64> {
+        let mut shard_ids: Vec<usize> = subjects.iter().map(shard_of).collect();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        let mut guards: Vec<std::sync::MutexGuard<'_, Shard>> = shard_ids
+            .iter()
+            .map(|&i| self.shards[i].lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        // guards[k] holds shard shard_ids[k].
+        let shard_for = |subject: &(Dimension, u64)| -> usize {
+            shard_ids
+                .binary_search(&shard_of(subject))
+                .expect("every subject's shard is locked")
+        };
+        let values = features
+            .iter()
+            .map(|spec| {
+                let Some(subject) = subjects.iter().find(|(d, _)| *d == spec.dimension) else {
+                    return 0;
+                };
+                let slot = shard_for(subject);
+                let events = guards[slot].subjects.get(subject);
+                measure(events, spec, event.at_ms)
+            })
+            .collect();
+        if record {
+            for subject in subjects {
+                let slot = shard_for(subject);
+                self.record(&mut guards[slot], *subject, event);
+            }
+        }
+        values
+    }
+
+    fn record(&self, shard: &mut Shard, subject: (Dimension, u64), event: Event) {
+        let horizon = event.at_ms - self.limits.horizon_ms;
+        if !shard.subjects.contains_key(&subject)
+            && shard.subjects.len() >= self.limits.subjects_per_shard
+        {
+            // Forget the subjects whose newest event is out of the horizon first; if none,
+            // the least recently active one.
+            shard
+                .subjects
+                .retain(|_, events| events.back().is_some_and(|e| e.at_ms > horizon));
+            if shard.subjects.len() >= self.limits.subjects_per_shard {
+                let oldest = shard
+                    .subjects
+                    .iter()
+                    .min_by_key(|(_, events)| events.back().map_or(i64::MIN, |e| e.at_ms))
+                    .map(|(key, _)| *key);
+                if let Some(key) = oldest
+                    && let Some(gone) = shard.subjects.remove(&key)
+                {
+                    self.dropped.fetch_add(gone.len() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        let events = shard.subjects.entry(subject).or_default();
+        while events.front().is_some_and(|e| e.at_ms <= horizon) {
+            events.pop_front();
+        }
+        if events.len() >= self.limits.events_per_subject {
+            events.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        // Events arrive in time order per subject except across a clock step or a rebuild;
+        // keep the deque sorted so windows are a suffix.
+        let at = events.partition_point(|e| e.at_ms <= event.at_ms);
+        events.insert(at, event);
+        debug_assert!(events.len() <= self.limits.events_per_subject);
+    }
+
+    /// Loads earlier events (a rebuild from the journal at start), oldest first.
+    pub fn preload(&self, subjects: &Subjects, event: Event) {
+        self.observe(subjects, &[], event, true);
+    }
+
+    /// Subjects held, for /metrics.
+    pub fn subjects(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).subjects.len())
+            .sum()
+    }
+}
+
+fn measure(events: Option<&VecDeque<Event>>, spec: &FeatureSpec, now_ms: i64) -> i64 {
+    let Some(events) = events else {
+        return 0;
+    };
+    let since = now_ms - spec.window_ms;
+    // Windows are (now - window, now]: an event exactly one window old is out.
+    let start = events.partition_point(|e| e.at_ms <= since);
+    let end = events.partition_point(|e| e.at_ms <= now_ms);
+    let in_window = events.range(start..end);
+    match spec.measure {
+        Measure::Count => (end - start) as i64,
+        Measure::Sum => in_window.map(|e| e.amount_fen).sum(),
+        Measure::Cards => in_window.map(|e| e.card).collect::<HashSet<_>>().len() as i64,
+        Measure::NearLimit => in_window.filter(|e| e.near_limit).count() as i64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn spec(name: &str) -> FeatureSpec {
+        FeatureSpec::parse(name).unwrap_or_else(|| panic!("{name} parses"))
+    }
+
+    fn event(at_ms: i64, amount_fen: i64, card: u64) -> Event {
+        Event {
+            at_ms,
+            amount_fen,
+            card,
+            near_limit: false,
+        }
+    }
+
+    #[test]
+    fn feature_names_parse_and_typos_do_not() {
+        let f = spec("device_cards_24h");
+        assert_eq!(
+            (f.dimension, f.measure, f.window_ms),
+            (Dimension::Device, Measure::Cards, 86_400_000)
+        );
+        assert_eq!(spec("card_near_limit_10m").measure, Measure::NearLimit);
+        assert_eq!(spec("inst_sum_30s").window_ms, 30_000);
+        for bad in [
+            "card_count",
+            "card_cnt_1h",
+            "cards_count_1h",
+            "card_count_1y",
+            "card_count_0h",
+            "card_count_31d",
+            "card_count_h",
+        ] {
+            assert!(FeatureSpec::parse(bad).is_none(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn windows_count_only_what_is_inside_them() {
+        let store = VelocityStore::new(StoreLimits::default());
+        let card = vec![(Dimension::Card, 7)];
+        let features = [
+            spec("card_count_1m"),
+            spec("card_sum_1h"),
+            spec("card_count_24h"),
+        ];
+        let minute = 60_000;
+        for (at, amount) in [(0, 100), (30 * minute, 200), (60 * minute - 1, 300)] {
+            store.observe(&card, &[], event(at, amount, 7), true);
+        }
+        // At exactly one hour, the first event is one hour old: out of the 1 h window.
+        let seen = store.observe(&card, &features, event(60 * minute, 1, 7), false);
+        assert_eq!(seen, vec![1, 500, 3]);
+        let seen = store.observe(&card, &features, event(61 * minute, 1, 7), false);
+        assert_eq!(seen, vec![0, 500, 3]);
+        // Another card's events are not this one's.
+        let other = vec![(Dimension::Card, 8)];
+        assert_eq!(
+            store.observe(&other, &features, event(61 * minute, 1, 8), false),
+            vec![0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn distinct_cards_per_device() {
+        let store = VelocityStore::new(StoreLimits::default());
+        for (i, card) in [1u64, 2, 2, 3].into_iter().enumerate() {
+            let subjects = vec![(Dimension::Card, card), (Dimension::Device, 99)];
+            store.observe(&subjects, &[], event(i as i64, 10, card), true);
+        }
+        let subjects = vec![(Dimension::Card, 4), (Dimension::Device, 99)];
+        let seen = store.observe(
+            &subjects,
+            &[
+                spec("device_cards_1h"),
+                spec("device_count_1h"),
+                spec("card_count_1h"),
+            ],
+            event(10, 10, 4),
+            false,
+        );
+        assert_eq!(seen, vec![3, 4, 0]);
+    }
+
+    #[test]
+    fn concurrent_requests_on_one_card_each_see_every_earlier_one() {
+        // All at one instant, so "earlier" is decided by the store's order alone.
+        let store = Arc::new(VelocityStore::new(StoreLimits::default()));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    (0..250)
+                        .map(|_| {
+                            let subjects = vec![
+                                (Dimension::Card, 1),
+                                (Dimension::Device, 100 + t),
+                                (Dimension::Institution, 5),
+                            ];
+                            store.observe(
+                                &subjects,
+                                &[spec("card_count_24h")],
+                                event(1_000, 1, 1),
+                                true,
+                            )[0]
+                        })
+                        .collect::<Vec<i64>>()
+                })
+            })
+            .collect();
+        let mut seen: Vec<i64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        seen.sort_unstable();
+        // Every request saw a different number of earlier ones: 0, 1, ..., 1999.
+        assert_eq!(seen, (0..2_000).collect::<Vec<i64>>());
+        let after = store.observe(
+            &vec![(Dimension::Institution, 5)],
+            &[spec("inst_count_24h")],
+            event(5_000, 1, 1),
+            false,
+        );
+        assert_eq!(after, vec![2_000]);
+    }
+
+    #[test]
+    fn bounds_drop_the_oldest_and_count_it() {
+        let store = VelocityStore::new(StoreLimits {
+            horizon_ms: 1_000_000,
+            subjects_per_shard: 2,
+            events_per_subject: 3,
+        });
+        let card = vec![(Dimension::Card, 1)];
+        for at in 0..5 {
+            store.observe(&card, &[], event(at, 1, 1), true);
+        }
+        assert_eq!(
+            store.observe(&card, &[spec("card_count_1h")], event(10, 1, 1), false),
+            vec![3]
+        );
+        assert_eq!(store.dropped.load(Ordering::Relaxed), 2);
+        // Past the horizon, events are forgotten when the subject is next written.
+        store.observe(&card, &[], event(2_000_000, 1, 1), true);
+        assert_eq!(
+            store.observe(
+                &card,
+                &[spec("card_count_30d")],
+                event(2_000_001, 1, 1),
+                false
+            ),
+            vec![1]
+        );
+    }
+}
