@@ -60,6 +60,7 @@ rpm: rpm-deps aarch64 x86_64
 
 bench: test-deps
 	$(CARGO) bench --locked --bench crypto
+	$(CARGO) bench --locked --bench risk
 	$(CARGO) bench --locked --bench payments
 
 lint:

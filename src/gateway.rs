@@ -372,6 +372,8 @@ fn anonymous_institution() -> InstitutionConfig {
         rate_limit_burst: 1,
         breaker_failure_threshold: 1,
         breaker_open_for: Duration::from_secs(1),
+        risk_budget: None,
+        risk_fail_open: None,
     }
 }
 

@@ -191,6 +191,19 @@ pub struct ChannelConfig {
     pub bank_id: String,
 }
 
+/// Real-time risk control (docs/risk-rules.md).
+#[derive(Debug, Clone)]
+pub struct RiskConfig {
+    /// `strategy.toml`, `rules/*.toml`, `lists/*.toml`; watched and reloaded while running.
+    pub dir: PathBuf,
+    /// How long velocity events are kept: the longest window a rule may read.
+    pub velocity_horizon: Duration,
+    /// Default time budget per decision (an institution's `risk_budget` overrides it).
+    pub budget: Duration,
+    /// Default policy past the budget: true approves (fail-open), false declines.
+    pub fail_open: bool,
+}
+
 /// Result notifications to institutions' callback URLs.
 #[derive(Debug, Clone)]
 pub struct NotifyConfig {
@@ -292,6 +305,9 @@ pub struct InstitutionConfig {
     pub rate_limit_burst: u32,
     pub breaker_failure_threshold: u32,
     pub breaker_open_for: Duration,
+    /// Overrides of `risk.budget` / `risk.on_timeout` for this institution.
+    pub risk_budget: Option<Duration>,
+    pub risk_fail_open: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -309,6 +325,9 @@ pub struct Config {
     pub institutions: Vec<InstitutionConfig>,
     pub core: CoreConfig,
     pub notify: NotifyConfig,
+    /// `None` when the file has no `[risk]` section: every transaction is approved and the
+    /// history says no rules are configured.
+    pub risk: Option<RiskConfig>,
 }
 
 /// How strict loading is about keys that only the embedded development setup may omit.
@@ -672,6 +691,26 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
         );
     }
 
+    let risk = r.section_exists("risk").then(|| RiskConfig {
+        dir: r
+            .opt_path("risk.dir")
+            .unwrap_or_else(|| PathBuf::from("/etc/kunpay/risk")),
+        velocity_horizon: r.duration_or(
+            "risk.velocity_horizon",
+            Duration::from_secs(7 * 24 * 3600),
+            (
+                Duration::from_secs(3600),
+                Duration::from_secs(30 * 24 * 3600),
+            ),
+        ),
+        budget: r.duration_or(
+            "risk.budget",
+            Duration::from_millis(5),
+            (Duration::from_micros(100), Duration::from_secs(1)),
+        ),
+        fail_open: read_on_timeout(r, "risk.on_timeout", true),
+    });
+
     Config {
         source: path.to_path_buf(),
         node,
@@ -685,6 +724,23 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
         institutions,
         core,
         notify,
+        risk,
+    }
+}
+
+/// `open` (approve past the budget) or `closed` (decline).
+fn read_on_timeout(r: &mut Reader, key: &str, default_open: bool) -> bool {
+    match r.opt_str(key).as_deref() {
+        None => default_open,
+        Some("open") => true,
+        Some("closed") => false,
+        Some(other) => {
+            r.reject(
+                key,
+                format!("\"{other}\"; use \"open\" (approve) or \"closed\" (decline)"),
+            );
+            default_open
+        }
     }
 }
 
@@ -909,6 +965,16 @@ fn read_institutions(r: &mut Reader) -> Vec<InstitutionConfig> {
                 Duration::from_secs(30),
                 (Duration::from_millis(100), Duration::from_secs(3600)),
             ),
+            risk_budget: r.opt_str(&p("risk_budget")).map(|_| {
+                r.duration_or(
+                    &p("risk_budget"),
+                    Duration::from_millis(5),
+                    (Duration::from_micros(100), Duration::from_secs(1)),
+                )
+            }),
+            risk_fail_open: r
+                .opt_str(&p("risk_on_timeout"))
+                .map(|_| read_on_timeout(r, &p("risk_on_timeout"), true)),
             id,
         };
         if institution.single_limit_fen > institution.daily_limit_fen {

@@ -97,6 +97,7 @@ struct Prepared {
     connect: ConnectSettings,
     dev_url: Option<Secret>,
     dev_cluster: Option<db::cluster::PrivateCluster>,
+    risk: Option<crate::risk::Loaded>,
 }
 
 fn start(options: Options) -> Result<u8, Fatal> {
@@ -219,12 +220,18 @@ fn start(options: Options) -> Result<u8, Fatal> {
         tracing::info!("started unprivileged; no privilege drop needed");
     }
 
+    // Risk rules load before anything is served: a broken file stops the start with its line.
+    let risk = match &config.risk {
+        Some(risk) => Some(load_risk(risk)?),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kunpayd")
         .build()
         .context("starting the async runtime")?;
     let prepared = Prepared {
+        risk,
         config,
         mode,
         log,
@@ -250,6 +257,7 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         connect,
         dev_url,
         mut dev_cluster,
+        risk,
     } = prepared;
 
     let migrate = config.database.migrate_on_start;
@@ -288,6 +296,10 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         state.metrics.clone(),
     )?;
     let heartbeat = tokio::spawn(heartbeat(state.clone()));
+    let risk = match (&config.risk, risk) {
+        (Some(settings), Some(loaded)) => Some(start_risk(settings, loaded, &state)?),
+        _ => None,
+    };
     let channel_served = match channel {
         None => None,
         Some(channel) => Some(start_channel(
@@ -336,6 +348,10 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
             _ = sigint.recv() => break "SIGINT",
             _ = sighup.recv() => {
                 reload(&mut config, mode, dev_url.as_ref(), &log, &state);
+                if let Some((_, poke)) = &risk {
+                    // A full channel already holds a reload request.
+                    let _ = poke.try_send(());
+                }
             }
         }
     };
@@ -631,6 +647,82 @@ fn reconcile_late_replies(
             ),
         }
     }
+}
+
+/// Loads and checks the risk directory (before privileges are dropped the files are read as
+/// root; the watcher reads them again as the service user).
+fn load_risk(config: &crate::config::RiskConfig) -> Result<crate::risk::Loaded, Fatal> {
+    let loaded = crate::risk::load_dir(&config.dir).map_err(|e| {
+        Fatal::Config(format!(
+            "risk.dir {}: {e} (fix the file; the daemon does not start on a broken rule set)",
+            config.dir.display()
+        ))
+    })?;
+    if loaded.rules.longest_window_ms() > config.velocity_horizon.as_millis() as i64 {
+        return Err(Fatal::Config(format!(
+            "risk.dir {}: a rule reads a {} s window, longer than risk.velocity_horizon",
+            config.dir.display(),
+            loaded.rules.longest_window_ms() / 1000
+        )));
+    }
+    tracing::info!(
+        version = %loaded.version,
+        rules = loaded.rules.rules.len(),
+        list_entries = loaded.lists.entries(),
+        dir = %config.dir.display(),
+        "risk rules loaded"
+    );
+    Ok(loaded)
+}
+
+/// Starts deciding with `loaded`, watches the directory and exports the version and reloads.
+fn start_risk(
+    config: &crate::config::RiskConfig,
+    loaded: crate::risk::Loaded,
+    state: &Arc<NodeState>,
+) -> anyhow::Result<(
+    Arc<crate::risk::RiskEngine>,
+    std::sync::mpsc::SyncSender<()>,
+)> {
+    let limits = crate::risk::features::StoreLimits {
+        horizon_ms: config.velocity_horizon.as_millis() as i64,
+        ..Default::default()
+    };
+    let engine = Arc::new(crate::risk::RiskEngine::new(loaded, limits));
+    let reloader = crate::risk::reload::Reloader::new(&config.dir, engine.clone());
+    let poke = reloader
+        .start_watching()
+        .map_err(|e| anyhow::anyhow!("watching risk.dir {}: {e}", config.dir.display()))?;
+    let (metrics, engine_for_metrics) = (state.metrics.clone(), engine.clone());
+    tokio::spawn(async move {
+        let mut shown: Option<String> = None;
+        loop {
+            let version = engine_for_metrics.version();
+            if shown.as_deref() != Some(version.as_str()) {
+                if let Some(old) = shown.take() {
+                    metrics
+                        .risk_ruleset
+                        .get_or_create(&crate::ops::metrics::VersionLabels { version: old })
+                        .set(0);
+                }
+                metrics
+                    .risk_ruleset
+                    .get_or_create(&crate::ops::metrics::VersionLabels {
+                        version: version.clone(),
+                    })
+                    .set(1);
+                shown = Some(version);
+            }
+            let status = reloader.status();
+            metrics.risk_reloads.set(status.reloads as i64);
+            metrics.risk_reload_failures.set(status.failures as i64);
+            metrics
+                .risk_velocity_subjects
+                .set(engine_for_metrics.store().subjects() as i64);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    Ok((engine, poke))
 }
 
 fn start_channel(

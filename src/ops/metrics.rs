@@ -39,6 +39,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: &'static str,
 }
@@ -74,6 +79,13 @@ pub struct Metrics {
     pub core_timeouts: Counter,
     /// Reversals of postings the core applied after their transaction failed, by state.
     pub core_reversals: Family<StateLabels, Gauge>,
+    /// 1 for the active risk rule set's version, 0 for earlier ones.
+    pub risk_ruleset: Family<VersionLabels, Gauge>,
+    /// Risk directory reloads since start, and those refused (the running set stayed).
+    pub risk_reloads: Gauge,
+    pub risk_reload_failures: Gauge,
+    /// Subjects (cards, devices, ...) with velocity events in memory.
+    pub risk_velocity_subjects: Gauge,
 }
 
 impl Metrics {
@@ -107,6 +119,10 @@ impl Metrics {
             core_replies: Family::default(),
             core_timeouts: Counter::default(),
             core_reversals: Family::default(),
+            risk_ruleset: Family::default(),
+            risk_reloads: Gauge::default(),
+            risk_reload_failures: Gauge::default(),
+            risk_velocity_subjects: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -183,6 +199,26 @@ impl Metrics {
             "core_timeouts",
             "Core requests without a reply in time",
             metrics.core_timeouts.clone(),
+        );
+        registry.register(
+            "risk_ruleset",
+            "The active risk rule set (1) by version: the strategy's label and a digest of the files",
+            metrics.risk_ruleset.clone(),
+        );
+        registry.register(
+            "risk_reloads",
+            "Risk directory reloads applied since start",
+            metrics.risk_reloads.clone(),
+        );
+        registry.register(
+            "risk_reload_failures",
+            "Risk directory reloads refused since start (the running set stayed; the log names the file and line)",
+            metrics.risk_reload_failures.clone(),
+        );
+        registry.register(
+            "risk_velocity_subjects",
+            "Subjects (cards, devices, IPs...) with velocity events in memory",
+            metrics.risk_velocity_subjects.clone(),
         );
         registry.register(
             "core_reversals",
