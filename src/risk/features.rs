@@ -8,7 +8,7 @@
 //! Must never: grow without bound (subjects per shard and events per subject are capped, the
 //! oldest dropped first and counted), or count an event outside its window.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -170,9 +170,70 @@ impl Default for StoreLimits {
 
 const SHARDS: usize = 64;
 
+/// An event with the running totals of its subject up to and including it, so a window's
+/// count, sum and near-limit count are two binary searches and a subtraction.
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    event: Event,
+    total_sum: i64,
+    total_near: i64,
+}
+
+/// One subject's events, oldest first, and the totals of those already forgotten.
+#[derive(Default)]
+struct Timeline {
+    events: VecDeque<Stored>,
+    forgotten_sum: i64,
+    forgotten_near: i64,
+}
+
+impl Timeline {
+    fn newest_ms(&self) -> Option<i64> {
+        self.events.back().map(|s| s.event.at_ms)
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some(gone) = self.events.pop_front() {
+            self.forgotten_sum = gone.total_sum;
+            self.forgotten_near = gone.total_near;
+        }
+    }
+
+    /// Totals before index `i`.
+    fn totals_before(&self, i: usize) -> (i64, i64) {
+        match i.checked_sub(1).and_then(|p| self.events.get(p)) {
+            Some(s) => (s.total_sum, s.total_near),
+            None => (self.forgotten_sum, self.forgotten_near),
+        }
+    }
+
+    fn insert(&mut self, event: Event) {
+        // Events arrive in time order per subject except across a clock step or a rebuild;
+        // keep them sorted so a window is a contiguous range.
+        let at = self
+            .events
+            .partition_point(|s| s.event.at_ms <= event.at_ms);
+        self.events.insert(
+            at,
+            Stored {
+                event,
+                total_sum: 0,
+                total_near: 0,
+            },
+        );
+        let (mut sum, mut near) = self.totals_before(at);
+        for stored in self.events.range_mut(at..) {
+            sum += stored.event.amount_fen;
+            near += i64::from(stored.event.near_limit);
+            stored.total_sum = sum;
+            stored.total_near = near;
+        }
+    }
+}
+
 #[derive(Default)]
 struct Shard {
-    subjects: HashMap<(Dimension, u64), VecDeque<Event>>,
+    subjects: HashMap<(Dimension, u64), Timeline>,
 }
 
 pub struct VelocityStore {
@@ -254,33 +315,35 @@ impl VelocityStore {
             // the least recently active one.
             shard
                 .subjects
-                .retain(|_, events| events.back().is_some_and(|e| e.at_ms > horizon));
+                .retain(|_, timeline| timeline.newest_ms().is_some_and(|at| at > horizon));
             if shard.subjects.len() >= self.limits.subjects_per_shard {
                 let oldest = shard
                     .subjects
                     .iter()
-                    .min_by_key(|(_, events)| events.back().map_or(i64::MIN, |e| e.at_ms))
+                    .min_by_key(|(_, timeline)| timeline.newest_ms().unwrap_or(i64::MIN))
                     .map(|(key, _)| *key);
                 if let Some(key) = oldest
                     && let Some(gone) = shard.subjects.remove(&key)
                 {
-                    self.dropped.fetch_add(gone.len() as u64, Ordering::Relaxed);
+                    self.dropped
+                        .fetch_add(gone.events.len() as u64, Ordering::Relaxed);
                 }
             }
         }
-        let events = shard.subjects.entry(subject).or_default();
-        while events.front().is_some_and(|e| e.at_ms <= horizon) {
-            events.pop_front();
+        let timeline = shard.subjects.entry(subject).or_default();
+        while timeline
+            .events
+            .front()
+            .is_some_and(|s| s.event.at_ms <= horizon)
+        {
+            timeline.forget_oldest();
         }
-        if events.len() >= self.limits.events_per_subject {
-            events.pop_front();
+        if timeline.events.len() >= self.limits.events_per_subject {
+            timeline.forget_oldest();
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        // Events arrive in time order per subject except across a clock step or a rebuild;
-        // keep the deque sorted so windows are a suffix.
-        let at = events.partition_point(|e| e.at_ms <= event.at_ms);
-        events.insert(at, event);
-        debug_assert!(events.len() <= self.limits.events_per_subject);
+        timeline.insert(event);
+        debug_assert!(timeline.events.len() <= self.limits.events_per_subject);
     }
 
     /// Loads earlier events (a rebuild from the journal at start), oldest first.
@@ -297,20 +360,30 @@ impl VelocityStore {
     }
 }
 
-fn measure(events: Option<&VecDeque<Event>>, spec: &FeatureSpec, now_ms: i64) -> i64 {
-    let Some(events) = events else {
+fn measure(timeline: Option<&Timeline>, spec: &FeatureSpec, now_ms: i64) -> i64 {
+    let Some(timeline) = timeline else {
         return 0;
     };
+    let events = &timeline.events;
     let since = now_ms - spec.window_ms;
     // Windows are (now - window, now]: an event exactly one window old is out.
-    let start = events.partition_point(|e| e.at_ms <= since);
-    let end = events.partition_point(|e| e.at_ms <= now_ms);
-    let in_window = events.range(start..end);
+    let start = events.partition_point(|s| s.event.at_ms <= since);
+    let end = events.partition_point(|s| s.event.at_ms <= now_ms);
+    if start >= end {
+        return 0;
+    }
+    let (sum_before, near_before) = timeline.totals_before(start);
+    let last = &events[end - 1];
     match spec.measure {
         Measure::Count => (end - start) as i64,
-        Measure::Sum => in_window.map(|e| e.amount_fen).sum(),
-        Measure::Cards => in_window.map(|e| e.card).collect::<HashSet<_>>().len() as i64,
-        Measure::NearLimit => in_window.filter(|e| e.near_limit).count() as i64,
+        Measure::Sum => last.total_sum - sum_before,
+        Measure::NearLimit => last.total_near - near_before,
+        Measure::Cards => {
+            let mut cards: Vec<u64> = events.range(start..end).map(|s| s.event.card).collect();
+            cards.sort_unstable();
+            cards.dedup();
+            cards.len() as i64
+        }
     }
 }
 

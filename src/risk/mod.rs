@@ -125,7 +125,7 @@ pub fn load_sources(sources: &[(String, String)]) -> Result<Loaded, LoadError> {
         Some((name, text)) => rules::parse_strategy(name, text)?,
         None => Strategy::default(),
     };
-    let env = cel::Env::stdlib();
+    let env = Arc::new(cel::Env::stdlib());
     let mut compiled = Vec::new();
     let mut lists = Lists::default();
     let mut digest_input = Vec::new();
@@ -146,7 +146,7 @@ pub fn load_sources(sources: &[(String, String)]) -> Result<Loaded, LoadError> {
         None => digest,
     };
     Ok(Loaded {
-        rules: RuleSet::new(compiled, strategy),
+        rules: RuleSet::new(env, compiled, strategy),
         lists,
         version,
         files: sources.len(),
@@ -291,7 +291,7 @@ impl RiskEngine {
             })
             .collect();
         let feature_values = self.store.observe(&subjects, &feature_specs, event, true);
-        let mut context = cel::Context::default();
+        let mut context = cel::Context::with_env(set.env.clone());
         let mut seen = Vec::with_capacity(set.variables.len());
         let mut feature_at = 0;
         for variable in &set.variables {

@@ -164,6 +164,9 @@ impl Variable {
 
 /// A compiled, checked rule set.
 pub struct RuleSet {
+    /// The environment the rules were compiled in; each decision's context shares it (building
+    /// the standard library's function table per decision was most of a decision's cost).
+    pub env: Arc<cel::Env>,
     pub rules: Vec<Rule>,
     pub strategy: Strategy,
     /// Every variable some rule reads, computed once per decision.
@@ -262,7 +265,7 @@ pub fn parse_strategy(file: &str, text: &str) -> Result<Strategy, LoadError> {
 /// Compiles the rules of one file and appends them to `rules`.
 pub fn add_rule_file(
     rules: &mut Vec<Rule>,
-    env: &cel::Env,
+    env: &Arc<cel::Env>,
     strategy: &Strategy,
     file: &str,
     text: &str,
@@ -367,7 +370,7 @@ pub fn add_rule_file(
         }
         // A trial run with neutral values catches type errors (a string compared with a
         // number, a condition that is not true or false) before the set goes live.
-        let mut context = cel::Context::default();
+        let mut context = cel::Context::with_env(env.clone());
         for variable in &variables {
             context.add_variable_from_value(variable.name(), variable.neutral());
         }
@@ -407,7 +410,7 @@ pub fn add_rule_file(
 }
 
 impl RuleSet {
-    pub fn new(rules: Vec<Rule>, strategy: Strategy) -> RuleSet {
+    pub fn new(env: Arc<cel::Env>, rules: Vec<Rule>, strategy: Strategy) -> RuleSet {
         let mut variables = BTreeSet::new();
         for rule in &rules {
             for name in rule.program.references().variables() {
@@ -415,6 +418,7 @@ impl RuleSet {
             }
         }
         RuleSet {
+            env,
             rules,
             strategy,
             variables: variables.into_iter().collect(),
