@@ -61,6 +61,7 @@ for arch in "${arches[@]}"; do
   cp -r systemd "$stage/"
   cp "$config" "$stage/packaging/kunpay.toml"
   cp packaging/coresim.toml "$stage/packaging/coresim.toml"
+  cp -r packaging/risk "$stage/packaging/risk"
   cp README.md "$stage/"
   mkdir -p "$stage/coresim"
   cp packaging/coresim-README.md "$stage/coresim/README.md"

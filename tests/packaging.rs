@@ -616,6 +616,22 @@ fn check_payload(arch: &Arch) {
         ("/etc/kunpay/credentials", 0o700, "root", "root", false),
         ("/etc/kunpay/tls", 0o750, "root", "kunpay", false),
         ("/etc/kunpay/institutions", 0o750, "root", "kunpay", false),
+        ("/etc/kunpay/risk", 0o750, "root", "kunpay", false),
+        ("/etc/kunpay/risk/strategy.toml", 0o640, "root", "kunpay", true),
+        (
+            "/etc/kunpay/risk/rules/10-expert.toml",
+            0o640,
+            "root",
+            "kunpay",
+            true,
+        ),
+        (
+            "/etc/kunpay/risk/lists/00-lists.toml",
+            0o640,
+            "root",
+            "kunpay",
+            true,
+        ),
         ("/var/lib/kunpay", 0o750, "kunpay", "kunpay", false),
         ("/var/log/kunpay", 0o750, "kunpay", "kunpay", false),
         (
