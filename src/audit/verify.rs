@@ -225,13 +225,32 @@ impl Walk<'_> {
                 self.header(&header, number, at(0, None));
                 len
             }
-            Err(error) => {
-                self.fail(at(0, None), format!("segment header: {error}"));
-                match super::record::resync(bytes, 1) {
-                    Some(resume) => resume,
-                    None => return,
+            Err(error) => match super::record::resync(bytes, 1) {
+                Some(resume) => {
+                    self.fail(at(0, None), format!("segment header: {error}"));
+                    resume
                 }
-            }
+                // A crash while the writer was creating the last segment.
+                None if is_last => {
+                    self.warn(
+                        at(0, Some(self.expected_seq)),
+                        format!(
+                            "torn tail: the segment holds no complete header ({error}); a                              crash interrupted its creation, the records before it are not                              affected"
+                        ),
+                    );
+                    self.report.torn_tail = Some(TornTail {
+                        segment: name.to_owned(),
+                        offset: 0,
+                        length: bytes.len() as u64,
+                        reason: error.to_string(),
+                    });
+                    return;
+                }
+                None => {
+                    self.fail(at(0, None), format!("segment header: {error}"));
+                    return;
+                }
+            },
         };
         for step in Frames::new(bytes, start) {
             match step {

@@ -420,6 +420,8 @@ impl Writer {
             failed: None,
             notes: Vec::new(),
         };
+        let unsealed = (!writer.pending.is_empty())
+            .then(|| format!("{}..={}", writer.pending_first, writer.next_seq - 1));
         for payload in markers {
             notes.push(String::from_utf8_lossy(&payload).replace('\n', "; "));
             let record = NewRecord {
@@ -432,14 +434,13 @@ impl Writer {
             };
             writer.append_to_batch(record)?;
         }
-        if !writer.pending.is_empty() {
+        if let Some(range) = unsealed {
             notes.push(format!(
-                "records {}..={} were not sealed by a checkpoint: sealed now",
-                writer.pending_first,
-                writer.next_seq - 1
+                "records {range} were not sealed by a checkpoint (the node stopped without \
+                 closing the log): sealed now"
             ));
-            writer.write_checkpoint()?;
         }
+        writer.write_checkpoint()?;
         writer.notes = notes;
         Ok(writer)
     }
