@@ -128,7 +128,8 @@ pub fn prove(dir: &Path, seq: u64) -> Result<InclusionProof, String> {
         None => format!("record {seq} is not in {}", dir.display()),
         Some(_) => format!(
             "record {seq} is not covered by a checkpoint yet; a running node seals it within its \
-             checkpoint interval (or run kunpayctl's checkpoint command), then prove again"
+             checkpoint interval (a stopped one at its next start): copy the log again and \
+             prove again"
         ),
     })
 }

@@ -222,7 +222,7 @@ impl Walk<'_> {
         };
         let start = match SegmentHeader::decode(bytes) {
             Ok((header, len)) => {
-                self.header(&header, number, at(0, None));
+                self.header(&header, name, number, at(0, None));
                 len
             }
             Err(error) => match super::record::resync(bytes, 1) {
@@ -308,7 +308,7 @@ impl Walk<'_> {
         }
     }
 
-    fn header(&mut self, header: &SegmentHeader, number: u64, at: Location) {
+    fn header(&mut self, header: &SegmentHeader, name: &str, number: u64, at: Location) {
         match &self.node_id {
             None => self.node_id = Some(header.node_id.clone()),
             Some(node) if *node != header.node_id => {
@@ -319,6 +319,21 @@ impl Walk<'_> {
                 self.fail(at.clone(), what);
             }
             Some(_) => {}
+        }
+        let named_day = name
+            .strip_prefix("audit-")
+            .and_then(|rest| rest.get(..8))
+            .unwrap_or_default()
+            .to_owned();
+        let created_day = segment::utc_day(header.created_ms)
+            .format("%Y%m%d")
+            .to_string();
+        if named_day != created_day {
+            let what = format!(
+                "the file name says day {named_day}, the header says the segment was started \
+                 on {created_day} (renamed file?)"
+            );
+            self.fail(at.clone(), what);
         }
         if header.segment_number != number {
             let what = format!(

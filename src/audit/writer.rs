@@ -590,7 +590,9 @@ impl Writer {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.pending.len() as u64 >= self.settings.checkpoint_every_records {
-            self.write_checkpoint()?;
+            // The record is in the batch already: a checkpoint failure stops the log, and the
+            // answer step then fails every record of the batch, this one included.
+            self.automatic_checkpoint();
         }
         Ok(seq)
     }
@@ -603,7 +605,7 @@ impl Writer {
             return Ok(());
         }
         // Seal this segment, make everything in it durable, then start the next one.
-        self.write_checkpoint()?;
+        self.automatic_checkpoint();
         self.flush();
         if let Some(reason) = &self.failed {
             return Err(AuditError::Unusable {
