@@ -1354,3 +1354,53 @@ fn a_writer_killed_with_sigkill_under_load_leaves_a_log_that_verifies_with_every
         }
     }
 }
+
+#[test]
+fn a_hole_in_the_last_unsynced_batch_is_quarantined_with_the_complete_records_after_it() {
+    // What a crash leaves when the disk wrote a later page of the last batch but not an earlier
+    // one: a damaged frame followed by a complete one, at the end of the last segment.
+    let fixture = Fixture::new(10, 64 * 1024, 100);
+    let prev = last_hash(&fixture.log);
+    let (path, before) = partial_record(&fixture.log, 11, prev, 120);
+    let mut frame = Vec::new();
+    Record {
+        seq: 12,
+        time_ms: 2,
+        direction: Direction::Out,
+        peer_signature: PeerSignature::None,
+        txn_id: None,
+        prev_hash: [0u8; 32],
+        peer: "TENPAY".into(),
+        message_type: "DEBIT_ANSWER".into(),
+        payload: b"complete".to_vec(),
+    }
+    .encode_frame(&mut frame)
+    .unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&frame)
+        .unwrap();
+    // Before the restart the verifier is strict: damage followed by a valid frame.
+    assert!(!fixture.verify().holds());
+
+    let log = AuditLog::open(
+        &fixture.log,
+        settings(64 * 1024, 100),
+        fixture.key.audit_key(),
+    )
+    .unwrap();
+    assert_eq!(log.append(out_record(12)).unwrap(), 12);
+    log.close().unwrap();
+    let report = fixture.verify();
+    assert!(report.holds(), "{report}");
+    assert_eq!(report.recoveries[0].offset, before);
+    assert_eq!(report.warnings.len(), 1, "{report}");
+    assert!(
+        report.warnings[0]
+            .what
+            .contains("complete record frames (1 records, 12..12)"),
+        "{report}"
+    );
+}

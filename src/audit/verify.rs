@@ -628,6 +628,14 @@ impl Walk<'_> {
                                 quarantine.file
                             ),
                         );
+                    } else if let Some(what) = complete_records_in(&bytes) {
+                        let what = format!(
+                            "quarantine file {} holds {what}: records written in the last \
+                             batch before a crash but not all of it reached the disk; they \
+                             were never acknowledged, and they are not part of the chain",
+                            quarantine.file
+                        );
+                        self.warn(at, what);
                     }
                 }
             }
@@ -641,6 +649,21 @@ impl Walk<'_> {
             }
         }
     }
+}
+
+/// Complete record frames inside quarantined bytes (which a crash can leave when the disk
+/// wrote later pages of the last batch but not earlier ones), described; None if there are none.
+fn complete_records_in(bytes: &[u8]) -> Option<String> {
+    let seqs: Vec<u64> = Frames::new(bytes, 0)
+        .filter_map(|step| match step {
+            Step::Frame {
+                frame: Frame::Record { record, .. },
+                ..
+            } => Some(record.seq),
+            _ => None,
+        })
+        .collect();
+    (!seqs.is_empty()).then(|| format!("complete record frames ({})", describe_seqs(&seqs)))
 }
 
 fn describe_seqs(seqs: &[u64]) -> String {
