@@ -61,6 +61,7 @@ rpm: rpm-deps aarch64 x86_64
 bench: test-deps
 	$(CARGO) bench --locked --bench crypto
 	$(CARGO) bench --locked --bench payments
+	$(CARGO) bench --locked --bench audit
 
 lint:
 	$(CARGO) fmt --all -- --check
