@@ -1404,3 +1404,65 @@ fn a_hole_in_the_last_unsynced_batch_is_quarantined_with_the_complete_records_af
         "{report}"
     );
 }
+
+#[test]
+fn a_log_cut_back_with_its_last_checkpoints_is_caught_by_a_kept_checkpoint() {
+    let fixture = Fixture::new(20, 64 * 1024, 5);
+    let export = fixture.root.join("kept");
+    let status = audit_cli()
+        .args([
+            "export-openssl",
+            fixture.log.to_str().unwrap(),
+            export.to_str().unwrap(),
+        ])
+        .arg("--pubkeys")
+        .arg(&fixture.pubkeys)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let kept = export.join("CP-4.bin");
+    let verify_kept = |dir: &Path| {
+        audit_cli()
+            .args(["verify", dir.to_str().unwrap(), "--pubkeys"])
+            .arg(&fixture.pubkeys)
+            .arg("--expect-checkpoint")
+            .arg(&kept)
+            .output()
+            .unwrap()
+    };
+    let output = verify_kept(&fixture.log);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("kept checkpoints found in the log: 1"),
+        "{stdout}"
+    );
+
+    // Cut back to the end of the third checkpoint: on its own the shorter log verifies...
+    let copy = fixture.copy();
+    let file = &segments(copy.path())[0];
+    let (offset, len, _) = frames(&file.path)
+        .into_iter()
+        .filter(|(_, _, f)| matches!(f, Frame::Checkpoint(_)))
+        .nth(2)
+        .unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file.path)
+        .unwrap()
+        .set_len((offset + len) as u64)
+        .unwrap();
+    assert!(
+        verify(copy.path(), &keys_of(&fixture.pubkeys))
+            .unwrap()
+            .holds()
+    );
+    // ...but not against the checkpoint the auditor kept.
+    let output = verify_kept(copy.path());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("no longer contains the checkpoint of records 16..=20"),
+        "{stdout}"
+    );
+}

@@ -64,7 +64,7 @@ pub use self::checkpoint::Checkpoint;
 pub use self::error::AuditError;
 pub use self::pubkeys::Pubkeys;
 pub use self::record::{Direction, FORMAT_VERSION, PeerSignature};
-pub use self::verify::{Report, verify};
+pub use self::verify::{Report, verify, verify_with_anchors};
 pub use self::writer::{AuditKey, AuditLog, AuditSettings, CheckpointInfo, NewRecord};
 
 /// Segment and quarantine files: the service writes, its group (auditors' tooling) reads.

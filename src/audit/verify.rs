@@ -92,6 +92,8 @@ pub struct Report {
     /// Inbound records kunpay refused at its edge (their signature is not required to hold).
     pub inbound_refused: u64,
     pub recoveries: Vec<Quarantine>,
+    /// Kept checkpoints (`--expect-checkpoint`) found in the log.
+    pub anchors_found: u64,
     pub torn_tail: Option<TornTail>,
     pub warnings: Vec<Finding>,
     pub failures: Vec<Finding>,
@@ -130,10 +132,23 @@ struct Walk<'k> {
     range: Vec<(u64, Hash)>,
     checkpointed_to: u64,
     jobs: Vec<SignatureJob>,
+    /// Checkpoints the auditor kept from an earlier export, and whether the log still has them.
+    anchors: Vec<(Vec<u8>, bool)>,
 }
 
 /// Verifies the log in `dir` against the keys in `keys`.
 pub fn verify(dir: &Path, keys: &Pubkeys) -> Result<Report, VerifyError> {
+    verify_with_anchors(dir, keys, &[])
+}
+
+/// Like [`verify`], and also requires the log to still contain each of `anchors`: the signed
+/// bytes of checkpoints kept from an earlier export (`CP-n.bin`). A log cut back together with
+/// its last checkpoints verifies on its own; it no longer contains the checkpoints kept.
+pub fn verify_with_anchors(
+    dir: &Path,
+    keys: &Pubkeys,
+    anchors: &[Vec<u8>],
+) -> Result<Report, VerifyError> {
     let error = |reason: String| VerifyError {
         dir: dir.to_owned(),
         reason,
@@ -153,6 +168,7 @@ pub fn verify(dir: &Path, keys: &Pubkeys) -> Result<Report, VerifyError> {
         range: Vec::new(),
         checkpointed_to: 0,
         jobs: Vec::new(),
+        anchors: anchors.iter().map(|a| (a.clone(), false)).collect(),
     };
     if segments.is_empty() {
         walk.fail(
@@ -526,6 +542,11 @@ impl Walk<'_> {
                 );
             }
         }
+        for (anchor, found) in &mut self.anchors {
+            if anchor.as_slice() == signed {
+                *found = true;
+            }
+        }
         self.report.checkpoints += 1;
         *self
             .report
@@ -585,6 +606,24 @@ impl Walk<'_> {
     }
 
     fn finish(&mut self, dir: &Path, quarantined: &[String]) {
+        for (anchor, found) in std::mem::take(&mut self.anchors) {
+            if found {
+                self.report.anchors_found += 1;
+                continue;
+            }
+            let what = match Checkpoint::parse(&anchor) {
+                Ok(kept) => format!(
+                    "the log no longer contains the checkpoint of records {}..={} (key {}, \
+                     signed at {}) kept from an earlier export: it was cut back or rewritten",
+                    kept.first_seq,
+                    kept.last_seq,
+                    kept.key_id,
+                    format_ms(kept.time_ms)
+                ),
+                Err(reason) => format!("a kept checkpoint is not a checkpoint: {reason}"),
+            };
+            self.fail(Location::default(), what);
+        }
         if let (Some(first), Some(last)) = (self.range.first(), self.range.last()) {
             let (first, last) = (first.0, last.0);
             self.warn(
@@ -753,6 +792,13 @@ impl fmt::Display for Report {
             by_institution.join(", "),
             self.inbound_refused
         )?;
+        if self.anchors_found > 0 {
+            writeln!(
+                f,
+                "kept checkpoints found in the log: {}",
+                self.anchors_found
+            )?;
+        }
         for recovery in &self.recoveries {
             writeln!(
                 f,

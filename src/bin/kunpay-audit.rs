@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kunpay::audit::export::{export_openssl, openssl_command};
 use kunpay::audit::proof::{InclusionProof, check_proof, prove};
-use kunpay::audit::{Pubkeys, verify};
+use kunpay::audit::{Pubkeys, verify_with_anchors};
 
 const EXIT_OK: u8 = 0;
 const EXIT_FAILURE: u8 = 1;
@@ -36,6 +36,10 @@ enum Command {
         /// The auditor's public-key file (TOML; see docs/audit.md).
         #[arg(long, value_name = "FILE")]
         pubkeys: PathBuf,
+        /// A checkpoint kept from an earlier export (CP-n.bin) that the log must still
+        /// contain; detects a log cut back together with its last checkpoints. Repeatable.
+        #[arg(long, value_name = "CP.bin")]
+        expect_checkpoint: Vec<PathBuf>,
     },
     /// Write an inclusion proof (JSON) for one record, checkable without the log.
     Prove {
@@ -65,7 +69,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Verify { dir, pubkeys } => run_verify(&dir, &pubkeys),
+        Command::Verify {
+            dir,
+            pubkeys,
+            expect_checkpoint,
+        } => run_verify(&dir, &pubkeys, &expect_checkpoint),
         Command::Prove { dir, seq, out } => run_prove(&dir, seq, out.as_deref()),
         Command::CheckProof { proof, pubkeys } => run_check_proof(&proof, &pubkeys),
         Command::ExportOpenssl { dir, out, pubkeys } => run_export(&dir, &out, &pubkeys),
@@ -83,9 +91,13 @@ fn load_keys(path: &Path) -> anyhow::Result<Pubkeys> {
     Ok(Pubkeys::load(path)?)
 }
 
-fn run_verify(dir: &Path, pubkeys: &Path) -> anyhow::Result<u8> {
+fn run_verify(dir: &Path, pubkeys: &Path, kept: &[PathBuf]) -> anyhow::Result<u8> {
     let keys = load_keys(pubkeys)?;
-    let report = verify(dir, &keys)?;
+    let anchors = kept
+        .iter()
+        .map(|path| std::fs::read(path).with_context(|| format!("reading {}", path.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let report = verify_with_anchors(dir, &keys, &anchors)?;
     println!("{report}");
     Ok(if report.holds() {
         EXIT_OK
