@@ -62,6 +62,7 @@ bench: test-deps
 	$(CARGO) bench --locked --bench crypto
 	$(CARGO) bench --locked --bench risk
 	$(CARGO) bench --locked --bench payments
+	$(CARGO) bench --locked --bench audit
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -3,6 +3,7 @@
 //! docs/ARCHITECTURE.md is the map; each module's header says what it owns and what it must
 //! never do. Data flows one way: channel -> verify -> risk -> journal -> core -> respond/notify.
 
+pub mod audit;
 pub mod channel;
 pub mod config;
 pub mod core;
