@@ -37,7 +37,7 @@ for arch in "${arches[@]}"; do
     *) say "unknown architecture $arch"; exit 2 ;;
   esac
   bindir=${KUNPAY_RPM_BINDIR:-target/$triple/release}
-  for bin in kunpayd kunpayctl; do
+  for bin in kunpayd kunpayctl kunpay-audit; do
     [ -x "$bindir/$bin" ] || { say "$bindir/$bin missing: run make $arch first"; exit 1; }
   done
   # Never package a binary whose version differs from the package's.
@@ -47,7 +47,7 @@ for arch in "${arches[@]}"; do
   stage=$work/stage-$arch/kunpay-$version
   rm -rf "$work/stage-$arch"
   mkdir -p "$stage/bin" "$stage/packaging" "$stage/docs" "$work/SOURCES" "$out/debug"
-  bins=(kunpayd kunpayctl)
+  bins=(kunpayd kunpayctl kunpay-audit)
   coresim=()
   if [ -x "$bindir/kunpay-coresim" ]; then bins+=(kunpay-coresim); coresim=(--with coresim); fi
   for bin in "${bins[@]}"; do

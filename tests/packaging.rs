@@ -582,6 +582,7 @@ fn check_payload(arch: &Arch) {
     let expect: &[(&str, u32, &str, &str, bool)] = &[
         ("/usr/bin/kunpayd", 0o755, "root", "root", false),
         ("/usr/bin/kunpayctl", 0o755, "root", "root", false),
+        ("/usr/bin/kunpay-audit", 0o755, "root", "root", false),
         (
             "/usr/lib/systemd/system/kunpayd.service",
             0o644,
@@ -1079,7 +1080,7 @@ fn coresim_subpackage_is_built_when_its_binary_exists() {
     // (kunpayctl stands in, so this test does not need a release build of the simulator):
     // it builds, lints and carries the right files with the right owners.
     let bins = tempfile::tempdir().unwrap();
-    for bin in ["kunpayd", "kunpayctl"] {
+    for bin in ["kunpayd", "kunpayctl", "kunpay-audit"] {
         fs::copy(X86_64.binary(bin), bins.path().join(bin)).unwrap();
     }
     fs::copy(
