@@ -618,7 +618,13 @@ fn check_payload(arch: &Arch) {
         ("/etc/kunpay/tls", 0o750, "root", "kunpay", false),
         ("/etc/kunpay/institutions", 0o750, "root", "kunpay", false),
         ("/etc/kunpay/risk", 0o750, "root", "kunpay", false),
-        ("/etc/kunpay/risk/strategy.toml", 0o640, "root", "kunpay", true),
+        (
+            "/etc/kunpay/risk/strategy.toml",
+            0o640,
+            "root",
+            "kunpay",
+            true,
+        ),
         (
             "/etc/kunpay/risk/rules/10-expert.toml",
             0o640,
