@@ -3,9 +3,10 @@
 //! writes it into BENCHMARKS.md between the `bench:crypto` markers.
 
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+mod report;
 
 use kunpay::crypto::sm3::digest;
 use kunpay::crypto::sm4::cbc_encrypt;
@@ -19,9 +20,6 @@ const SIGNED_MESSAGE_LEN: usize = 256;
 const MIB: usize = 1024 * 1024;
 const KIB: usize = 1024;
 const MEGABYTE: f64 = 1e6;
-
-const BEGIN_MARKER: &str = "<!-- bench:crypto:begin -->";
-const END_MARKER: &str = "<!-- bench:crypto:end -->";
 
 struct Row {
     name: &'static str,
@@ -232,29 +230,6 @@ fn render(rows: &[Row]) -> String {
     text
 }
 
-fn write_benchmarks_file(section: &str) -> std::io::Result<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
-    let existing = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            "# Benchmarks\n\nMeasured figures; each section is rewritten by its benchmark.\n"
-                .to_owned()
-        }
-        Err(error) => return Err(error),
-    };
-    let block = format!("{BEGIN_MARKER}\n{section}{END_MARKER}");
-    let updated = match (existing.find(BEGIN_MARKER), existing.find(END_MARKER)) {
-        (Some(begin), Some(end)) if begin < end => format!(
-            "{}{block}{}",
-            &existing[..begin],
-            &existing[end + END_MARKER.len()..]
-        ),
-        _ => format!("{}\n{block}\n", existing.trim_end()),
-    };
-    std::fs::write(&path, updated)?;
-    Ok(path)
-}
-
 /// MB/s of `operation` over `buffer`, ours and OpenSSL's.
 fn measure_throughput(
     label: &str,
@@ -359,7 +334,7 @@ fn main() {
 
     let section = render(&rows);
     println!("{section}");
-    match write_benchmarks_file(&section) {
+    match report::write_section("crypto", &section) {
         Ok(path) => eprintln!("wrote {}", path.display()),
         Err(error) => eprintln!("could not update BENCHMARKS.md: {error}"),
     }

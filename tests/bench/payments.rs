@@ -9,6 +9,7 @@
 #[allow(dead_code)]
 #[path = "../common/institution.rs"]
 mod institution;
+mod report;
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
@@ -380,12 +381,12 @@ fn main() {
     if only != "broker" {
         let section = run(CoreSetup::InProcess, debits, connections);
         println!("{section}");
-        write_section("payments", &section);
+        report::write_section("payments", &section).expect("writing BENCHMARKS.md");
     }
     if only != "in-process" {
         let section = run(CoreSetup::Broker, debits, connections);
         println!("{section}");
-        write_section("payments-broker", &section);
+        report::write_section("payments-broker", &section).expect("writing BENCHMARKS.md");
     }
 }
 
@@ -771,14 +772,7 @@ rate_limit_burst = 1000000
     let failures = failures.load(Ordering::Relaxed);
     let p50 = percentile(&latencies, 0.50);
     let p99 = percentile(&latencies, 0.99);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let cpu = report::cpu_model();
     let ceiling_rows = match ceiling {
         Some((durable, unsafe_async)) => format!(
             "| database ceiling: the same statements from pgbench, synchronous commit | {durable:.0} debits/s | | {:.2}x | |\n\
@@ -860,22 +854,4 @@ rate_limit_burst = 1000000
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     );
     section
-}
-
-fn write_section(name: &str, section: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
-    let begin = format!("<!-- bench:{name}:begin -->");
-    let end = format!("<!-- bench:{name}:end -->");
-    let mut text =
-        std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".to_string());
-    let block = format!("{begin}\n{section}{end}");
-    match (text.find(&begin), text.find(&end)) {
-        (Some(a), Some(b)) if b > a => text.replace_range(a..b + end.len(), &block),
-        _ => {
-            text.push('\n');
-            text.push_str(&block);
-            text.push('\n');
-        }
-    }
-    std::fs::write(&path, text).unwrap();
 }

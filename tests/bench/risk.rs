@@ -3,11 +3,13 @@
 //! One thread; every decision timed on its own; exact quantiles from the sorted sample.
 //! Writes its table into BENCHMARKS.md between the `bench:risk` markers.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use kunpay::risk::features::StoreLimits;
+
+mod report;
 use kunpay::risk::{OnTimeout, RiskEngine, RiskInput, load_dir, load_sources};
 
 const GENERATED_RULES: usize = 200;
@@ -15,8 +17,6 @@ const WARM_EVENTS: usize = 200_000;
 const DECISIONS: usize = 100_000;
 const CARDS: usize = 20_000;
 const DEVICES: usize = 2_000;
-const BEGIN_MARKER: &str = "<!-- bench:risk:begin -->";
-const END_MARKER: &str = "<!-- bench:risk:end -->";
 
 /// 200 rules in the shapes analysts write: velocity thresholds on several dimensions and
 /// windows, amount bands by hour, list checks, and combinations.
@@ -119,14 +119,7 @@ fn main() {
     let q = |p: f64| {
         sample[((sample.len() as f64 * p) as usize).min(sample.len() - 1)].as_secs_f64() * 1e6
     };
-    let machine = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let machine = report::cpu_model();
     let section = format!(
         "## Risk decisions (in process)\n\n\
          Method: `cargo bench --bench risk`, one thread, {rules} rules ({shipped_rules} shipped + {GENERATED_RULES} generated, a fifth of them shadow) reading {features} variables; \
@@ -141,24 +134,8 @@ fn main() {
         200.0 / q(0.99),
     );
     print!("{section}");
-    match write_benchmarks_file(&section) {
+    match report::write_section("risk", &section) {
         Ok(path) => eprintln!("written to {}", path.display()),
         Err(e) => eprintln!("BENCHMARKS.md not updated: {e}"),
     }
-}
-
-fn write_benchmarks_file(section: &str) -> std::io::Result<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
-    let existing = std::fs::read_to_string(&path)?;
-    let block = format!("{BEGIN_MARKER}\n{section}{END_MARKER}");
-    let updated = match (existing.find(BEGIN_MARKER), existing.find(END_MARKER)) {
-        (Some(begin), Some(end)) if begin < end => format!(
-            "{}{block}{}",
-            &existing[..begin],
-            &existing[end + END_MARKER.len()..]
-        ),
-        _ => format!("{}\n\n{block}\n", existing.trim_end()),
-    };
-    std::fs::write(&path, updated)?;
-    Ok(path)
 }
