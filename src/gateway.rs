@@ -550,6 +550,23 @@ fn resolver(institution: &Institution, shared: &Shared, started: chrono::DateTim
                 tracing::warn!(institution = %institution.config.id, error = %e, "resolving unrecorded transactions failed")
             }
         }
+        match shared.flows.send_approved(
+            &mut conn,
+            institution.breaker.as_ref(),
+            &institution.config,
+            RESOLVE_BATCH,
+            Utc::now(),
+        ) {
+            Ok(0) => {}
+            Ok(sent) => tracing::info!(
+                institution = %institution.config.id,
+                sent,
+                "sent transactions approved after review to the core"
+            ),
+            Err(e) => {
+                tracing::warn!(institution = %institution.config.id, error = %e, "sending approved transactions failed")
+            }
+        }
         match shared.flows.drive_reversals(
             &mut conn,
             institution.breaker.as_ref(),

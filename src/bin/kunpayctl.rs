@@ -83,6 +83,11 @@ enum Command {
         #[command(subcommand)]
         command: ReversalCommand,
     },
+    /// Risk control: the active rule set, review cases, per-rule statistics.
+    Risk {
+        #[command(subcommand)]
+        command: RiskCommand,
+    },
     /// Ask the running daemon how it is (through its ops listener).
     Status {
         #[arg(long, value_name = "PATH", default_value = kunpay::config::DEFAULT_CONFIG_PATH)]
@@ -112,6 +117,73 @@ struct DatabaseArgs {
     /// Database URL instead of database.url (password from database.password_* still applies).
     #[arg(long, value_name = "URL")]
     database_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum RiskCommand {
+    /// The rule set the running daemon decides with, its reloads, and the velocity store.
+    Status {
+        #[arg(long, value_name = "PATH", default_value = kunpay::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Ops listener base URL, instead of reading ops.listen from the configuration.
+        #[arg(long, value_name = "URL")]
+        ops: Option<String>,
+    },
+    /// Review cases: list, show, approve, decline.
+    Case {
+        #[command(subcommand)]
+        command: CaseCommand,
+    },
+    /// Per-rule statistics for one day (China time): hits, declines, reviews, verdicts.
+    Stats {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The day, YYYY-MM-DD (default: today).
+        #[arg(long, value_name = "DAY")]
+        day: Option<chrono::NaiveDate>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaseCommand {
+    /// Cases, oldest first (`--state open` is the reviewers' queue).
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[arg(long, value_parser = ["open", "approved", "declined"])]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+    },
+    /// One case: the transaction, the rules that fired, every value the decision saw.
+    Show {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The transaction id (32 hex digits, as listed).
+        txn: String,
+    },
+    /// Approve: the daemon sends the transaction to the core within seconds.
+    Approve {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        txn: String,
+        /// Why (kept with the case and in the transaction's history).
+        #[arg(long)]
+        note: String,
+        /// Who decides (default: the operating-system user running kunpayctl).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Decline: the transaction fails with 3015 and the institution is notified.
+    Decline {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        txn: String,
+        #[arg(long)]
+        note: String,
+        #[arg(long)]
+        by: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -199,6 +271,7 @@ fn main() -> ExitCode {
         Command::Status { config, ops } => status(&config, ops),
         Command::Notify { command } => notify(command),
         Command::Reversal { command } => reversal(command),
+        Command::Risk { command } => risk(command),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -339,43 +412,59 @@ fn migrate(config_path: &Path, database_url: Option<String>) -> anyhow::Result<u
     Ok(0)
 }
 
-fn status(config_path: &Path, ops: Option<String>) -> anyhow::Result<u8> {
-    let base = match ops {
-        Some(url) => url.trim_end_matches('/').to_string(),
+/// The ops listener's base URL: `--ops`, or `ops.listen` from the configuration.
+fn ops_base(config_path: &Path, ops: Option<String>) -> Result<String, u8> {
+    match ops {
+        Some(url) => Ok(url.trim_end_matches('/').to_string()),
         None => {
             let config = match Config::load(config_path, Mode::Development) {
                 Ok(config) => config,
                 Err(errors) => {
                     eprintln!("{errors}");
-                    return Ok(EXIT_USAGE);
+                    return Err(EXIT_USAGE);
                 }
             };
             let mut addr = config.ops.listen;
             if addr.ip().is_unspecified() {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
-            format!("http://{addr}")
+            Ok(format!("http://{addr}"))
         }
-    };
+    }
+}
+
+/// GET `url` from the ops listener: the body, or the exit code after saying why not.
+fn ops_get(url: &str) -> anyhow::Result<Result<String, u8>> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))
         .build()
         .into();
-    let url = format!("{base}/status");
-    let mut response = match agent.get(&url).call() {
+    let mut response = match agent.get(url).call() {
         Ok(response) => response,
         Err(e) => {
             eprintln!(
                 "kunpayctl: cannot reach the ops listener at {url}: {e}; is kunpayd running?"
             );
-            return Ok(EXIT_UNREACHABLE);
+            return Ok(Err(EXIT_UNREACHABLE));
         }
     };
-    let body = response
+    Ok(Ok(response
         .body_mut()
         .read_to_string()
-        .context("reading the status answer")?;
+        .with_context(|| format!("reading {url}"))?))
+}
+
+fn status(config_path: &Path, ops: Option<String>) -> anyhow::Result<u8> {
+    let base = match ops_base(config_path, ops) {
+        Ok(base) => base,
+        Err(code) => return Ok(code),
+    };
+    let url = format!("{base}/status");
+    let body = match ops_get(&url)? {
+        Ok(body) => body,
+        Err(code) => return Ok(code),
+    };
     let report: kunpay::ops::NodeReport = serde_json::from_str(&body)
         .with_context(|| format!("{url} did not answer with a kunpay status"))?;
     println!("node       {}", report.node);
@@ -535,4 +624,297 @@ fn notify(command: NotifyCommand) -> anyhow::Result<u8> {
             }
         }
     }
+}
+
+fn parse_txn_id(text: &str) -> anyhow::Result<uuid::Uuid> {
+    uuid::Uuid::parse_str(text.trim()).with_context(|| {
+        format!("\"{text}\" is not a transaction id (32 hex digits, as `risk case list` shows)")
+    })
+}
+
+fn operator_name(by: Option<String>) -> String {
+    by.unwrap_or_else(|| {
+        nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()))
+    })
+}
+
+fn risk(command: RiskCommand) -> anyhow::Result<u8> {
+    use kunpay::payment::journal::risk as journal;
+    let time = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S UTC").to_string();
+    let (database, purpose) = match &command {
+        RiskCommand::Status { config, ops } => return risk_status(config, ops.clone()),
+        RiskCommand::Stats { database, .. } => (database, "risk stats"),
+        RiskCommand::Case { command } => match command {
+            CaseCommand::List { database, .. } => (database, "risk case list"),
+            CaseCommand::Show { database, .. } => (database, "risk case show"),
+            CaseCommand::Approve { database, .. } => (database, "risk case approve"),
+            CaseCommand::Decline { database, .. } => (database, "risk case decline"),
+        },
+    };
+    let (mut conn, _) =
+        match connect_database(&database.config, database.database_url.clone(), purpose)? {
+            Ok(connected) => connected,
+            Err(code) => return Ok(code),
+        };
+    let config_path = database.config.clone();
+    match command {
+        RiskCommand::Status { .. } => unreachable!("answered above"),
+        RiskCommand::Stats { day, .. } => risk_stats(&mut conn, day),
+        RiskCommand::Case { command } => match command {
+            CaseCommand::List { state, limit, .. } => {
+                let state = state.map(|s| s.to_ascii_uppercase());
+                let cases = journal::cases(&mut conn, state.as_deref(), limit)?;
+                println!(
+                    "{:<32}  {:<12}  {:<8}  {:<6}  {:>12}  {:<23}  {:<9}  RULES",
+                    "TRANSACTION", "INSTITUTION", "STATE", "KIND", "AMOUNT_FEN", "OPENED", "TXN"
+                );
+                for c in &cases {
+                    println!(
+                        "{:<32}  {:<12}  {:<8}  {:<6}  {:>12}  {:<23}  {:<9}  {}",
+                        c.txn_id.simple(),
+                        c.inst_id,
+                        c.state,
+                        c.kind,
+                        c.amount_fen,
+                        time(c.opened_at),
+                        c.txn_state,
+                        c.fired
+                    );
+                }
+                println!("{} case(s)", cases.len());
+                Ok(0)
+            }
+            CaseCommand::Show { txn, .. } => {
+                let txn_id = parse_txn_id(&txn)?;
+                let Some(c) = journal::case(&mut conn, txn_id)? else {
+                    eprintln!(
+                        "kunpayctl: no review case for transaction {}",
+                        txn_id.simple()
+                    );
+                    return Ok(EXIT_FAILURE);
+                };
+                println!("transaction   {}", c.txn_id.simple());
+                println!("institution   {}", c.inst_id);
+                println!("serial        {}", c.req_serial);
+                println!("kind          {}", c.kind);
+                println!("amount_fen    {}", c.amount_fen);
+                println!("account       {}", c.account_masked);
+                println!("txn state     {}", c.txn_state);
+                println!("case          {}", c.state);
+                println!("opened        {}", time(c.opened_at));
+                if let Some(at) = c.resolved_at {
+                    println!(
+                        "resolved      {} by {}: {}",
+                        time(at),
+                        c.resolved_by.as_deref().unwrap_or("?"),
+                        c.note.as_deref().unwrap_or("")
+                    );
+                }
+                if let Some(at) = c.sent_at {
+                    println!("sent to core  {}", time(at));
+                }
+                println!("rule set      {}", c.ruleset);
+                println!("score         {}", c.score);
+                println!("fired         {}", c.fired);
+                println!("values seen:");
+                for pair in c.seen.split(';').filter(|p| !p.is_empty()) {
+                    println!("  {pair}");
+                }
+                Ok(0)
+            }
+            CaseCommand::Approve { txn, note, by, .. } => {
+                let txn_id = parse_txn_id(&txn)?;
+                let name = operator_name(by);
+                let verdict = journal::approve(
+                    &mut conn,
+                    txn_id,
+                    &journal::Reviewer {
+                        name: &name,
+                        note: &note,
+                    },
+                    chrono::Utc::now(),
+                )?;
+                report_verdict(txn_id, verdict, "approved; the daemon sends it to the core")
+            }
+            CaseCommand::Decline { txn, note, by, .. } => {
+                let txn_id = parse_txn_id(&txn)?;
+                let name = operator_name(by);
+                let inst_id = journal::case(&mut conn, txn_id)?.map(|c| c.inst_id);
+                // Announce the failure when the institution has a callback (or when the
+                // configuration cannot tell: a notification nobody delivers is only listed).
+                let notify = match (Config::load(&config_path, Mode::Development), inst_id) {
+                    (Ok(config), Some(inst_id)) => config
+                        .institutions
+                        .iter()
+                        .find(|i| i.id == inst_id)
+                        .is_none_or(|i| i.callback_url.is_some()),
+                    _ => true,
+                };
+                let verdict = journal::decline(
+                    &mut conn,
+                    txn_id,
+                    &journal::Reviewer {
+                        name: &name,
+                        note: &note,
+                    },
+                    kunpay::channel::codes::ResultCode::RiskDeclined.code(),
+                    notify,
+                    chrono::Utc::now(),
+                )?;
+                report_verdict(
+                    txn_id,
+                    verdict,
+                    "declined; the transaction FAILED with 3015",
+                )
+            }
+        },
+    }
+}
+
+fn report_verdict(
+    txn_id: uuid::Uuid,
+    verdict: kunpay::payment::journal::risk::Verdict,
+    done: &str,
+) -> anyhow::Result<u8> {
+    use kunpay::payment::journal::risk::Verdict;
+    match verdict {
+        Verdict::Applied => {
+            println!("{}: {done}", txn_id.simple());
+            Ok(0)
+        }
+        Verdict::NoSuchCase => {
+            eprintln!(
+                "kunpayctl: no review case for transaction {}",
+                txn_id.simple()
+            );
+            Ok(EXIT_FAILURE)
+        }
+        Verdict::AlreadyResolved { state, by } => {
+            eprintln!(
+                "kunpayctl: the case of {} is already {state} (by {}); nothing changed",
+                txn_id.simple(),
+                by.as_deref().unwrap_or("?")
+            );
+            Ok(EXIT_FAILURE)
+        }
+    }
+}
+
+fn risk_status(config_path: &Path, ops: Option<String>) -> anyhow::Result<u8> {
+    let base = match ops_base(config_path, ops) {
+        Ok(base) => base,
+        Err(code) => return Ok(code),
+    };
+    let body = match ops_get(&format!("{base}/metrics"))? {
+        Ok(body) => body,
+        Err(code) => return Ok(code),
+    };
+    let value_of = |name: &str| {
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("?")
+            .to_string()
+    };
+    let active = body
+        .lines()
+        .filter(|l| l.starts_with("kunpay_risk_ruleset{") && l.ends_with(" 1"))
+        .filter_map(|l| l.split("version=\"").nth(1)?.split('"').next())
+        .next();
+    let Some(version) = active else {
+        eprintln!("kunpayctl: the daemon at {base} reports no risk rule set (no [risk] section?)");
+        return Ok(EXIT_FAILURE);
+    };
+    println!("rule set          {version}");
+    println!("reloads           {}", value_of("kunpay_risk_reloads"));
+    println!(
+        "reload failures   {}",
+        value_of("kunpay_risk_reload_failures")
+    );
+    println!(
+        "velocity subjects {}",
+        value_of("kunpay_risk_velocity_subjects")
+    );
+    Ok(0)
+}
+
+fn risk_stats(
+    conn: &mut diesel::PgConnection,
+    day: Option<chrono::NaiveDate>,
+) -> anyhow::Result<u8> {
+    use kunpay::payment::journal::risk as journal;
+    use std::collections::BTreeMap;
+    const MAX_FIRED_ROWS: i64 = 1_000_000;
+    let china = chrono::FixedOffset::east_opt(8 * 3600).expect("UTC+8");
+    let day = day.unwrap_or_else(|| chrono::Utc::now().with_timezone(&china).date_naive());
+    let from = day
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_local_timezone(china)
+        .single()
+        .expect("a fixed offset has one midnight")
+        .with_timezone(&chrono::Utc);
+    let to = from + chrono::Duration::days(1);
+    let outcomes = journal::outcomes_between(conn, from, to)?;
+    let total: i64 = outcomes.iter().map(|(_, n)| n).sum();
+    println!("risk decisions on {day} (China time): {total}");
+    for (outcome, n) in &outcomes {
+        println!("  {outcome:<8} {n}");
+    }
+    #[derive(Default)]
+    struct RuleDay {
+        hits: u64,
+        shadow_hits: u64,
+        declined: u64,
+        reviewed: u64,
+        approved_by_reviewer: u64,
+        declined_by_reviewer: u64,
+    }
+    let rows = journal::fired_between(conn, from, to, MAX_FIRED_ROWS)?;
+    let mut rules: BTreeMap<String, RuleDay> = BTreeMap::new();
+    for (fired, outcome, case_state) in &rows {
+        for hit in fired.split(',').filter(|h| !h.is_empty()) {
+            let id = hit.split(':').next().unwrap_or(hit).to_string();
+            let entry = rules.entry(id).or_default();
+            if hit.ends_with("(shadow)") {
+                entry.shadow_hits += 1;
+                continue;
+            }
+            entry.hits += 1;
+            match outcome.as_str() {
+                "DECLINE" => entry.declined += 1,
+                "REVIEW" => entry.reviewed += 1,
+                _ => {}
+            }
+            match case_state.as_deref() {
+                Some("APPROVED") => entry.approved_by_reviewer += 1,
+                Some("DECLINED") => entry.declined_by_reviewer += 1,
+                _ => {}
+            }
+        }
+    }
+    println!(
+        "{:<28}  {:>8}  {:>8}  {:>8}  {:>8}  {:>10}  {:>10}",
+        "RULE@VERSION", "HITS", "SHADOW", "DECLINED", "REVIEWED", "REV_APPRVD", "REV_DECLND"
+    );
+    for (rule, d) in &rules {
+        println!(
+            "{:<28}  {:>8}  {:>8}  {:>8}  {:>8}  {:>10}  {:>10}",
+            rule,
+            d.hits,
+            d.shadow_hits,
+            d.declined,
+            d.reviewed,
+            d.approved_by_reviewer,
+            d.declined_by_reviewer
+        );
+    }
+    if rows.len() as i64 == MAX_FIRED_ROWS {
+        println!("(the first {MAX_FIRED_ROWS} decisions with fired rules only)");
+    }
+    Ok(0)
 }

@@ -44,6 +44,7 @@ pub enum ResultCode {
     AccountFrozen,
     TransactionNotFound,
     AgreementAlreadyActive,
+    RiskDeclined,
 
     SystemBusy,
     CoreUnavailable,
@@ -81,6 +82,7 @@ impl ResultCode {
         ResultCode::AccountFrozen,
         ResultCode::TransactionNotFound,
         ResultCode::AgreementAlreadyActive,
+        ResultCode::RiskDeclined,
         ResultCode::SystemBusy,
         ResultCode::CoreUnavailable,
         ResultCode::InternalError,
@@ -119,6 +121,7 @@ impl ResultCode {
             AccountFrozen => "3012",
             TransactionNotFound => "3013",
             AgreementAlreadyActive => "3014",
+            RiskDeclined => "3015",
             SystemBusy => "9001",
             CoreUnavailable => "9002",
             InternalError => "9999",
@@ -171,6 +174,9 @@ impl ResultCode {
             TransactionNotFound => "no transaction with this serial exists for this institution",
             AgreementAlreadyActive => {
                 "an active agreement already exists for this account at this institution"
+            }
+            RiskDeclined => {
+                "declined by the bank's risk control; do not retry this payment unchanged"
             }
             SystemBusy => {
                 "kunpay is at its configured capacity for this institution; retry later with the same ReqSerial"

@@ -308,6 +308,7 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
             &connect,
             pool.clone(),
             &state,
+            risk.as_ref().map(|(engine, _)| engine.clone()),
         )?),
     };
 
@@ -731,6 +732,7 @@ fn start_channel(
     connect: &ConnectSettings,
     pool: db::Pool,
     state: &Arc<NodeState>,
+    risk: Option<Arc<crate::risk::RiskEngine>>,
 ) -> anyhow::Result<server::Served> {
     let channel_config = config
         .channel
@@ -752,6 +754,29 @@ fn start_channel(
     let flows = match &config.core.amqp {
         Some(amqp) => flows.with_redelivery(amqp.redeliver_within),
         None => flows,
+    };
+    let flows = match (risk, &config.risk) {
+        (Some(engine), Some(settings)) => {
+            let flows = flows.with_screening(crate::payment::screening::Screening::new(
+                engine,
+                settings.budget,
+                settings.fail_open,
+            ));
+            // Before the first request: a restart must not reset anybody's velocity.
+            let mut conn = db::checkout(&pool, Duration::from_secs(30))
+                .map_err(|e| anyhow::anyhow!("rebuilding risk velocity: {e}"))?;
+            let started = std::time::Instant::now();
+            let loaded = flows
+                .rebuild_velocity(&mut conn, chrono::Utc::now())
+                .map_err(|e| anyhow::anyhow!("rebuilding risk velocity from risk_decision: {e}"))?;
+            tracing::info!(
+                decisions = loaded,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "risk velocity rebuilt from the journal"
+            );
+            flows
+        }
+        _ => flows,
     };
     let core: Arc<dyn crate::core::CoreLink> = match &config.core.amqp {
         Some(amqp) => start_core_bridge(

@@ -27,6 +27,7 @@ diesel::table! {
         code_attempts -> Int4,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        holder_enc -> Nullable<Varchar>,
     }
 }
 
@@ -162,10 +163,45 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    risk_decision (txn_id) {
+        txn_id -> Uuid,
+        inst_id -> Varchar,
+        kind -> Varchar,
+        outcome -> Varchar,
+        ruleset -> Varchar,
+        score -> Int8,
+        fired -> Varchar,
+        seen -> Text,
+        errors -> Varchar,
+        budget_exceeded -> Bool,
+        elapsed_us -> Int8,
+        amount_fen -> Int8,
+        near_limit -> Bool,
+        subjects_enc -> Varchar,
+        decided_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    risk_case (txn_id) {
+        txn_id -> Uuid,
+        inst_id -> Varchar,
+        state -> Varchar,
+        opened_at -> Timestamptz,
+        resolved_at -> Nullable<Timestamptz>,
+        resolved_by -> Nullable<Varchar>,
+        note -> Nullable<Varchar>,
+        sent_at -> Nullable<Timestamptz>,
+    }
+}
+
 diesel::joinable!(notification_attempt -> notification (event_id));
 diesel::joinable!(txn_state_history -> txn (txn_id));
 diesel::joinable!(core_pending -> txn (txn_id));
 diesel::joinable!(core_reversal -> txn (txn_id));
+diesel::joinable!(risk_decision -> txn (txn_id));
+diesel::joinable!(risk_case -> txn (txn_id));
 diesel::allow_tables_to_appear_in_same_query!(
     agreement,
     txn,
@@ -173,5 +209,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     core_pending,
     notification,
     notification_attempt,
-    core_reversal
+    core_reversal,
+    risk_decision,
+    risk_case
 );

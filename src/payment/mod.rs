@@ -10,6 +10,7 @@
 
 pub mod journal;
 pub mod request;
+pub mod screening;
 pub mod state;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -59,6 +60,8 @@ pub struct Flows {
     /// (the core answers a repeat with its first outcome, or applies it now if it never got
     /// it: the outbox); an older one only by a query. Zero: query only.
     redeliver_within: chrono::Duration,
+    /// The risk stage; `None` when the configuration has no `[risk]` section.
+    screening: Option<screening::Screening>,
 }
 
 /// The answer for one request: signed bytes, and the code for metrics and logs.
@@ -72,7 +75,27 @@ pub struct Reply {
 /// history says so.
 const NO_RISK_RULES: journal::Opening<'static> = journal::Opening {
     risk_reason: "approved: no risk rules configured",
+    open_as: journal::OpenAs::SentToCore,
+    decision: None,
 };
+
+/// A refund returns money of a debit that passed risk; it is not decided again.
+const REFUND_NOT_SCREENED: journal::Opening<'static> = journal::Opening {
+    risk_reason: "approved: a refund returns part of a debit that passed risk control",
+    open_as: journal::OpenAs::SentToCore,
+    decision: None,
+};
+
+/// A debit or credit as it arrived, verified and parsed.
+struct Arriving<'a> {
+    inst: &'a InstitutionConfig,
+    msg_id: &'a str,
+    serial: &'a str,
+    amount_fen: i64,
+    context: &'a request::PaymentContext,
+    digests: &'a str,
+    now: DateTime<Utc>,
+}
 
 /// What answering a debit or credit from its first statement needs to know of the request.
 struct FirstRequest<'a> {
@@ -98,6 +121,48 @@ fn new_posting<'a>(
         daily_limit_fen: inst.daily_limit_fen,
         business_date: business_date(now),
         now,
+    }
+}
+
+/// What a posting's result means for its transaction: the state, the code, the history reason
+/// and the core's reference.
+fn posting_result(
+    outcome: &Result<PostingOutcome, CoreError>,
+) -> (TxnState, ResultCode, String, Option<&str>) {
+    match outcome {
+        Ok(PostingOutcome::Posted { core_ref }) => (
+            TxnState::Succeeded,
+            ResultCode::Success,
+            "core posted".to_string(),
+            Some(core_ref.as_str()),
+        ),
+        Ok(PostingOutcome::Rejected(rejection)) => {
+            let code = rejection_code(*rejection);
+            (
+                TxnState::Failed,
+                code,
+                format!("core rejected: {}", code.meaning()),
+                None,
+            )
+        }
+        Err(CoreError::Timeout) => (
+            TxnState::Unknown,
+            ResultCode::Processing,
+            "core did not answer in time; to be resolved by query".to_string(),
+            None,
+        ),
+        Err(CoreError::Queued(why)) => (
+            TxnState::Unknown,
+            ResultCode::Processing,
+            format!("queued for the core ({why}); delivered from the outbox when the link is back"),
+            None,
+        ),
+        Err(CoreError::Unavailable(why)) => (
+            TxnState::Failed,
+            ResultCode::CoreUnavailable,
+            format!("core unavailable, nothing posted: {why}"),
+            None,
+        ),
     }
 }
 
@@ -184,6 +249,7 @@ impl Flows {
                     .expect("16 bytes"),
             ),
             redeliver_within: chrono::Duration::zero(),
+            screening: None,
         }
     }
 
@@ -340,37 +406,45 @@ impl Flows {
             serial,
             agreement_no,
             amount_fen,
+            context,
         } = &request
         {
             return self.debit(
                 conn,
                 core,
-                inst,
-                msg_id,
-                serial,
+                &Arriving {
+                    inst,
+                    msg_id,
+                    serial,
+                    amount_fen: *amount_fen,
+                    context,
+                    digests,
+                    now,
+                },
                 agreement_no,
-                *amount_fen,
-                digests,
-                now,
             );
         }
         if let Request::Credit {
             serial,
             account_no,
             amount_fen,
+            context,
             ..
         } = &request
         {
             return self.credit(
                 conn,
                 core,
-                inst,
-                msg_id,
-                serial,
+                &Arriving {
+                    inst,
+                    msg_id,
+                    serial,
+                    amount_fen: *amount_fen,
+                    context,
+                    digests,
+                    now,
+                },
                 account_no,
-                *amount_fen,
-                digests,
-                now,
             );
         }
         let serial = request.serial().map(str::to_string);
@@ -622,6 +696,7 @@ impl Flows {
             Err(e) => return Ok(Unstored(core_unavailable(&e))),
         };
         let sealed = self.seal_account(&account_no)?;
+        let holder = self.seal_holder(&id_no, &phone)?;
         let masked = mask::card_number(&account_no);
         conn.transaction(|conn| {
             journal::insert_agreement(
@@ -632,6 +707,7 @@ impl Flows {
                     account_hash: &hash,
                     account_masked: &masked,
                     account_enc: &sealed,
+                    holder_enc: &holder,
                     core_customer: &core_customer,
                 },
                 now,
@@ -758,46 +834,65 @@ impl Flows {
         })
     }
 
-    /// A debit from first sight: message id, stored answer, limits and opening in one
-    /// statement, then the core and the outcome.
-    #[allow(clippy::too_many_arguments)]
+    /// A debit from first sight: the risk decision (when configured), then message id, stored
+    /// answer, limits and opening in one statement, then the core and the outcome.
     fn debit(
         &self,
         conn: &mut PgConnection,
         core: &dyn CoreLink,
-        inst: &InstitutionConfig,
-        msg_id: &str,
-        serial: &str,
+        arriving: &Arriving<'_>,
         agreement_no: &str,
-        amount_fen: i64,
-        digests: &str,
-        now: DateTime<Utc>,
     ) -> Result<Executed, FlowError> {
-        let new = new_posting(inst, serial, amount_fen, now);
+        let inst = arriving.inst;
+        let within_single_limit = arriving.amount_fen <= inst.single_limit_fen;
+        let screened = match &self.screening {
+            Some(screening) if within_single_limit => match self.screen_debit(
+                conn,
+                screening,
+                inst,
+                agreement_no,
+                arriving.amount_fen,
+                arriving.context,
+                arriving.now,
+            )? {
+                Ok(screened) => Some(screened),
+                Err(undecidable) => {
+                    return self.answer_undecidable(conn, arriving, MsgType::Debit, undecidable);
+                }
+            },
+            _ => None,
+        };
+        let new = new_posting(inst, arriving.serial, arriving.amount_fen, arriving.now);
+        let row = screened
+            .as_ref()
+            .map(|s| s.row("DEBIT", arriving.amount_fen));
+        let opening = match (&screened, &row) {
+            (Some(screened), Some(row)) => screened.opening(row),
+            _ => NO_RISK_RULES,
+        };
         let opened = journal::open_debit(
             conn,
             &new,
             &journal::Arrival {
-                msg_id,
+                msg_id: arriving.msg_id,
                 record: true,
             },
             agreement_no,
-            amount_fen <= inst.single_limit_fen,
-            &NO_RISK_RULES,
+            within_single_limit,
+            &opening,
         );
         let (sight, sealed) = match opened {
             Ok((sight, sealed)) => (Ok(sight), sealed),
             Err(e) => (Err(e), None),
         };
-        let first = FirstRequest {
-            inst,
-            msg_type: MsgType::Debit,
-            serial,
-            amount_fen,
-            digests,
-            now,
-        };
-        if let Some(answered) = self.answer_first_sight(conn, &first, sight)? {
+        if let Some(answered) =
+            self.answer_unopened(conn, arriving, MsgType::Debit, sight, screened.as_ref())?
+        {
+            return Ok(answered);
+        }
+        if let Some(answered) =
+            self.answer_screened(conn, arriving, MsgType::Debit, &new, &screened)?
+        {
             return Ok(answered);
         }
         let sealed = sealed.expect("an opened debit has its agreement's account");
@@ -805,45 +900,67 @@ impl Flows {
             txn_id: new.txn_id,
             kind: PostingKind::Debit,
             account_no: self.open_account(&sealed)?.to_string(),
-            amount_fen,
+            amount_fen: arriving.amount_fen,
         };
         self.finish_posting(
             conn,
             core,
             inst,
             MsgType::Debit,
-            serial,
-            digests,
+            arriving.serial,
+            arriving.digests,
             &posting,
-            now,
+            arriving.now,
         )
         .map(Executed::Answered)
     }
 
-    /// A credit from first sight, as [`Flows::debit`]: message id, stored answer, limits and
-    /// opening in one statement, then the core and the outcome.
-    #[allow(clippy::too_many_arguments)]
+    /// A credit from first sight, as [`Flows::debit`]: the risk decision, then message id,
+    /// stored answer, limits and opening in one statement, then the core and the outcome.
     fn credit(
         &self,
         conn: &mut PgConnection,
         core: &dyn CoreLink,
-        inst: &InstitutionConfig,
-        msg_id: &str,
-        serial: &str,
+        arriving: &Arriving<'_>,
         account_no: &str,
-        amount_fen: i64,
-        digests: &str,
-        now: DateTime<Utc>,
     ) -> Result<Executed, FlowError> {
-        let new = new_posting(inst, serial, amount_fen, now);
+        let inst = arriving.inst;
+        let within_single_limit = arriving.amount_fen <= inst.single_limit_fen;
+        let screened = match &self.screening {
+            Some(screening) if within_single_limit => Some(self.screen_credit(
+                screening,
+                inst,
+                account_no,
+                arriving.amount_fen,
+                arriving.context,
+                arriving.now,
+            )?),
+            _ => None,
+        };
+        let new = new_posting(inst, arriving.serial, arriving.amount_fen, arriving.now);
         let hash = account_hash(&inst.id, account_no);
         let masked = mask::card_number(account_no);
-        let sealed = self.seal_account(account_no)?;
+        let sealed = match self.seal_account(account_no) {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                if let Some(screened) = &screened {
+                    self.withdraw(screened);
+                }
+                return Err(e);
+            }
+        };
+        let row = screened
+            .as_ref()
+            .map(|s| s.row("CREDIT", arriving.amount_fen));
+        let opening = match (&screened, &row) {
+            (Some(screened), Some(row)) => screened.opening(row),
+            _ => NO_RISK_RULES,
+        };
         let sight = journal::open_credit(
             conn,
             &new,
             &journal::Arrival {
-                msg_id,
+                msg_id: arriving.msg_id,
                 record: true,
             },
             &journal::Payee {
@@ -851,37 +968,176 @@ impl Flows {
                 account_masked: &masked,
                 account_enc: &sealed,
             },
-            amount_fen <= inst.single_limit_fen,
-            &NO_RISK_RULES,
+            within_single_limit,
+            &opening,
         );
-        let first = FirstRequest {
-            inst,
-            msg_type: MsgType::Credit,
-            serial,
-            amount_fen,
-            digests,
-            now,
-        };
-        if let Some(answered) = self.answer_first_sight(conn, &first, sight)? {
+        if let Some(answered) =
+            self.answer_unopened(conn, arriving, MsgType::Credit, sight, screened.as_ref())?
+        {
+            return Ok(answered);
+        }
+        if let Some(answered) =
+            self.answer_screened(conn, arriving, MsgType::Credit, &new, &screened)?
+        {
             return Ok(answered);
         }
         let posting = Posting {
             txn_id: new.txn_id,
             kind: PostingKind::Credit,
             account_no: account_no.to_string(),
-            amount_fen,
+            amount_fen: arriving.amount_fen,
         };
         self.finish_posting(
             conn,
             core,
             inst,
             MsgType::Credit,
-            serial,
-            digests,
+            arriving.serial,
+            arriving.digests,
             &posting,
-            now,
+            arriving.now,
         )
         .map(Executed::Answered)
+    }
+
+    /// The answer when the opening statement did not open the transaction (`None`: it did).
+    /// A decision made for it is withdrawn from the velocity store: nothing was journaled.
+    fn answer_unopened(
+        &self,
+        conn: &mut PgConnection,
+        arriving: &Arriving<'_>,
+        msg_type: MsgType,
+        sight: Result<FirstSight, diesel::result::Error>,
+        screened: Option<&screening::Screened>,
+    ) -> Result<Option<Executed>, FlowError> {
+        let opened = matches!(sight, Ok(FirstSight::Opened));
+        if !opened && let Some(screened) = screened {
+            self.withdraw(screened);
+        }
+        let first = FirstRequest {
+            inst: arriving.inst,
+            msg_type,
+            serial: arriving.serial,
+            amount_fen: arriving.amount_fen,
+            digests: arriving.digests,
+            now: arriving.now,
+        };
+        self.answer_first_sight(conn, &first, sight)
+    }
+
+    /// A debit whose agreement cannot be debited, found before risk decided: its message id
+    /// is recorded (a replay is refused), a stored answer for its serial wins, otherwise the
+    /// agreement's refusal.
+    fn answer_undecidable(
+        &self,
+        conn: &mut PgConnection,
+        arriving: &Arriving<'_>,
+        msg_type: MsgType,
+        undecidable: screening::Undecidable,
+    ) -> Result<Executed, FlowError> {
+        let sight = match journal::remember_and_find(
+            conn,
+            &arriving.inst.id,
+            arriving.msg_id,
+            arriving.serial,
+            arriving.now,
+        )? {
+            journal::Remembered::Replay => FirstSight::Replay,
+            journal::Remembered::Fresh(Some(stored)) => FirstSight::Answered(stored),
+            journal::Remembered::Fresh(None) => match undecidable {
+                screening::Undecidable::NoAgreement => FirstSight::NoAgreement,
+                screening::Undecidable::NotActive(state) => FirstSight::AgreementNotActive(state),
+            },
+        };
+        let answered = self.answer_unopened(conn, arriving, msg_type, Ok(sight), None)?;
+        Ok(answered.expect("nothing was opened"))
+    }
+
+    /// The answer of an opened transaction that risk held or declined (`None`: approved, go
+    /// on to the core).
+    fn answer_screened(
+        &self,
+        conn: &mut PgConnection,
+        arriving: &Arriving<'_>,
+        msg_type: MsgType,
+        new: &journal::NewPosting<'_>,
+        screened: &Option<screening::Screened>,
+    ) -> Result<Option<Executed>, FlowError> {
+        let Some(screened) = screened else {
+            return Ok(None);
+        };
+        let inst = arriving.inst;
+        let fields = |state: TxnState| {
+            vec![
+                ("TxnId", new.txn_id.simple().to_string()),
+                ("TxnStatus", state.as_str().to_string()),
+                ("Amt", arriving.amount_fen.to_string()),
+            ]
+        };
+        match screened.open_as() {
+            journal::OpenAs::SentToCore => Ok(None),
+            journal::OpenAs::InReview => {
+                let answer = Answer {
+                    detail: Some(
+                        "held for review by the bank's risk control; the result follows as a notification"
+                            .into(),
+                    ),
+                    fields: fields(TxnState::InReview),
+                    txn_id: Some(new.txn_id),
+                    ..Answer::code(ResultCode::Processing)
+                };
+                let reply = self.store(
+                    conn,
+                    inst,
+                    msg_type,
+                    arriving.serial,
+                    arriving.digests,
+                    answer,
+                    arriving.now,
+                )?;
+                Ok(Some(Executed::Answered(reply)))
+            }
+            journal::OpenAs::Received => {
+                let code = ResultCode::RiskDeclined;
+                let reply = self.respond(
+                    inst,
+                    msg_type,
+                    Some(arriving.serial),
+                    code,
+                    None,
+                    &fields(TxnState::Failed),
+                    arriving.now,
+                )?;
+                let recorded = journal::record_outcome(
+                    conn,
+                    &journal::OutcomeRecord {
+                        txn_id: new.txn_id,
+                        from: TxnState::Received,
+                        to: TxnState::Failed,
+                        reason: screened.reason(),
+                        result_code: code.code(),
+                        core_ref: None,
+                        now: arriving.now,
+                        notify: inst.callback_url.is_some(),
+                    },
+                    Some(&journal::AnswerToStore {
+                        inst_id: &inst.id,
+                        req_serial: arriving.serial,
+                        msg_type: msg_type.name(),
+                        field_digests: arriving.digests,
+                        response: &reply.bytes,
+                    }),
+                )?;
+                if !recorded {
+                    return Err(JournalError::StateMoved {
+                        txn_id: new.txn_id,
+                        expected: TxnState::Received,
+                    }
+                    .into());
+                }
+                Ok(Some(Executed::Answered(reply)))
+            }
+        }
     }
 
     /// The answer to a debit or credit whose first statement did not open it (`None`: opened,
@@ -992,7 +1248,11 @@ impl Flows {
                     business_date: business_date(now),
                     created_at: now,
                 },
-                &NO_RISK_RULES,
+                if self.screening.is_some() {
+                    &REFUND_NOT_SCREENED
+                } else {
+                    &NO_RISK_RULES
+                },
             )?;
             // Reserve now, under the original's row lock: two refunds cannot both fit.
             journal::add_refunded(conn, original.txn_id, amount_fen)?;
@@ -1038,43 +1298,7 @@ impl Flows {
         let (txn_id, amount_fen) = (posting.txn_id, posting.amount_fen);
         let outcome = core.post(posting);
         let done = Utc::now().max(now);
-        let (to, code, reason, core_ref) = match &outcome {
-            Ok(PostingOutcome::Posted { core_ref }) => (
-                TxnState::Succeeded,
-                ResultCode::Success,
-                "core posted".to_string(),
-                Some(core_ref.as_str()),
-            ),
-            Ok(PostingOutcome::Rejected(rejection)) => {
-                let code = rejection_code(*rejection);
-                (
-                    TxnState::Failed,
-                    code,
-                    format!("core rejected: {}", code.meaning()),
-                    None,
-                )
-            }
-            Err(CoreError::Timeout) => (
-                TxnState::Unknown,
-                ResultCode::Processing,
-                "core did not answer in time; to be resolved by query".to_string(),
-                None,
-            ),
-            Err(CoreError::Queued(why)) => (
-                TxnState::Unknown,
-                ResultCode::Processing,
-                format!(
-                    "queued for the core ({why}); delivered from the outbox when the link is back"
-                ),
-                None,
-            ),
-            Err(CoreError::Unavailable(why)) => (
-                TxnState::Failed,
-                ResultCode::CoreUnavailable,
-                format!("core unavailable, nothing posted: {why}"),
-                None,
-            ),
-        };
+        let (to, code, reason, core_ref) = posting_result(&outcome);
         let answer = Answer {
             fields: vec![
                 ("TxnId", txn_id.simple().to_string()),
@@ -1234,6 +1458,49 @@ impl Flows {
             looked_at: rows.len(),
             settled,
         })
+    }
+
+    /// Sends up to `limit` transactions of one institution that a reviewer approved: each is
+    /// durably SENT_TO_CORE (with its outbox entry) before the core hears of it, then its
+    /// outcome is recorded and announced like any other. Returns how many were sent.
+    pub fn send_approved(
+        &self,
+        conn: &mut PgConnection,
+        core: &dyn CoreLink,
+        inst: &InstitutionConfig,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<usize, FlowError> {
+        let rows = journal::risk::approved_unsent(conn, &inst.id, limit)?;
+        for row in &rows {
+            journal::risk::start_sending(conn, row, now)?;
+            let posting = self.posting_of(row)?;
+            let outcome = core.post(&posting);
+            let done = Utc::now().max(now);
+            let (to, code, reason, core_ref) = posting_result(&outcome);
+            let recorded = journal::record_outcome(
+                conn,
+                &journal::OutcomeRecord {
+                    txn_id: row.txn_id,
+                    from: TxnState::SentToCore,
+                    to,
+                    reason: &reason,
+                    result_code: code.code(),
+                    core_ref,
+                    now: done,
+                    notify: inst.callback_url.is_some(),
+                },
+                None,
+            )?;
+            if !recorded {
+                return Err(JournalError::StateMoved {
+                    txn_id: row.txn_id,
+                    expected: TxnState::SentToCore,
+                }
+                .into());
+            }
+        }
+        Ok(rows.len())
     }
 
     /// A posting reply that came when nobody waited for it any more (after the worker's

@@ -81,8 +81,14 @@ impl MsgType {
             ),
             MsgType::AgreementConfirm => (&["ReqSerial", "AgrmtNo", "VrfyCd"], &[]),
             MsgType::AgreementTerminate => (&["ReqSerial", "AgrmtNo"], &["Rsn"]),
-            MsgType::Debit => (&["ReqSerial", "AgrmtNo", "Amt", "Ccy"], &["Memo"]),
-            MsgType::Credit => (&["ReqSerial", "AcctNo", "AcctNm", "Amt", "Ccy"], &["Memo"]),
+            MsgType::Debit => (
+                &["ReqSerial", "AgrmtNo", "Amt", "Ccy"],
+                &["Memo", "DevId", "PyerIp", "MrchntNo"],
+            ),
+            MsgType::Credit => (
+                &["ReqSerial", "AcctNo", "AcctNm", "Amt", "Ccy"],
+                &["Memo", "DevId", "PyerIp", "MrchntNo"],
+            ),
             MsgType::Refund => (&["ReqSerial", "OrigReqSerial", "Amt", "Ccy"], &["Memo"]),
             MsgType::Query => (&["QrySerial"], &[]),
             MsgType::QueryRange => (&["StartDtTm", "EndDtTm", "PageNo", "PageSize"], &[]),
@@ -136,12 +142,14 @@ pub enum Request {
         serial: String,
         agreement_no: String,
         amount_fen: i64,
+        context: PaymentContext,
     },
     Credit {
         serial: String,
         account_no: Zeroizing<String>,
         account_name: Zeroizing<String>,
         amount_fen: i64,
+        context: PaymentContext,
     },
     Refund {
         serial: String,
@@ -171,6 +179,47 @@ impl Request {
             Request::Query { .. } | Request::QueryRange { .. } => None,
         }
     }
+}
+
+/// What an institution may tell about the circumstances of a payment, for risk control
+/// (docs/protocol.md: `DevId`, `PyerIp`, `MrchntNo`, all optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PaymentContext {
+    /// The payer's device as the institution identifies it.
+    pub device: Option<String>,
+    /// The payer's IP address as the institution saw it.
+    pub ip: Option<std::net::IpAddr>,
+    /// The merchant the payment is for.
+    pub merchant: Option<String>,
+}
+
+fn payment_context(text: &dyn Fn(&str) -> String) -> Result<PaymentContext, FieldError> {
+    let identifier = |field: &str, max: usize| -> Result<Option<String>, FieldError> {
+        let value = text(field);
+        if value.is_empty() {
+            return Ok(None);
+        }
+        if value.len() > max || !value.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(FieldError::invalid(
+                field,
+                format!("must be 1 to {max} printable ASCII characters without spaces"),
+            ));
+        }
+        Ok(Some(value))
+    };
+    let ip = match text("PyerIp") {
+        value if value.is_empty() => None,
+        value => Some(
+            value
+                .parse()
+                .map_err(|_| FieldError::invalid("PyerIp", "must be an IPv4 or IPv6 address"))?,
+        ),
+    };
+    Ok(PaymentContext {
+        device: identifier("DevId", 64)?,
+        ip,
+        merchant: identifier("MrchntNo", 32)?,
+    })
 }
 
 fn canonical_fields(
@@ -297,6 +346,7 @@ pub fn parse(
             serial: serial(&text("ReqSerial"), "ReqSerial")?,
             agreement_no: serial(&text("AgrmtNo"), "AgrmtNo")?,
             amount_fen: amount(&text("Amt"), &text("Ccy"))?,
+            context: payment_context(&text)?,
         },
         MsgType::Credit => {
             let account_no = secret("AcctNo")?;
@@ -308,6 +358,7 @@ pub fn parse(
                 account_no,
                 account_name,
                 amount_fen: amount(&text("Amt"), &text("Ccy"))?,
+                context: payment_context(&text)?,
             }
         }
         MsgType::Refund => Request::Refund {

@@ -4,6 +4,8 @@
 //! UNKNOWN -> SUCCEEDED | FAILED            (resolved by asking the core, never by guessing)
 //! SUCCEEDED -> REVERSED                    (a posting undone after a later failure)
 //! RECEIVED | RISK_CHECKED -> FAILED        (declined before anything reached the core)
+//! RECEIVED -> IN_REVIEW -> RISK_CHECKED     (risk said REVIEW; a person approved)
+//! IN_REVIEW -> FAILED                      (a person declined; nothing reached the core)
 //!
 //! Owns: the transition table. Must never: allow leaving a final state except SUCCEEDED ->
 //! REVERSED, or skip SENT_TO_CORE on the way to an outcome the core decided.
@@ -14,6 +16,7 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TxnState {
     Received,
+    InReview,
     RiskChecked,
     SentToCore,
     Succeeded,
@@ -23,8 +26,9 @@ pub enum TxnState {
 }
 
 impl TxnState {
-    pub const ALL: [TxnState; 7] = [
+    pub const ALL: [TxnState; 8] = [
         TxnState::Received,
+        TxnState::InReview,
         TxnState::RiskChecked,
         TxnState::SentToCore,
         TxnState::Succeeded,
@@ -36,6 +40,7 @@ impl TxnState {
     pub fn as_str(self) -> &'static str {
         match self {
             TxnState::Received => "RECEIVED",
+            TxnState::InReview => "IN_REVIEW",
             TxnState::RiskChecked => "RISK_CHECKED",
             TxnState::SentToCore => "SENT_TO_CORE",
             TxnState::Succeeded => "SUCCEEDED",
@@ -51,6 +56,9 @@ impl TxnState {
             (self, next),
             (Received, RiskChecked)
                 | (Received, Failed)
+                | (Received, InReview)
+                | (InReview, RiskChecked)
+                | (InReview, Failed)
                 | (RiskChecked, SentToCore)
                 | (RiskChecked, Failed)
                 | (SentToCore, Succeeded)
@@ -112,6 +120,10 @@ mod tests {
         assert!(!TxnState::Received.can_become(TxnState::Unknown));
         assert!(TxnState::Unknown.can_become(TxnState::Succeeded));
         assert!(!TxnState::Unknown.can_become(TxnState::Reversed));
+        // A held transaction reaches the core only through RISK_CHECKED (a person's approval).
+        assert!(!TxnState::InReview.can_become(TxnState::SentToCore));
+        assert!(!TxnState::InReview.can_become(TxnState::Succeeded));
+        assert!(!TxnState::InReview.is_final());
     }
 
     #[test]

@@ -207,6 +207,29 @@ impl Timeline {
         }
     }
 
+    /// Removes one occurrence of `event`; false when it is not held (already forgotten).
+    fn remove(&mut self, event: Event) -> bool {
+        let from = self.events.partition_point(|s| s.event.at_ms < event.at_ms);
+        let Some(offset) = self
+            .events
+            .range(from..)
+            .take_while(|s| s.event.at_ms == event.at_ms)
+            .position(|s| s.event == event)
+        else {
+            return false;
+        };
+        let at = from + offset;
+        self.events.remove(at);
+        let (mut sum, mut near) = self.totals_before(at);
+        for stored in self.events.range_mut(at..) {
+            sum += stored.event.amount_fen;
+            near += i64::from(stored.event.near_limit);
+            stored.total_sum = sum;
+            stored.total_near = near;
+        }
+        true
+    }
+
     fn insert(&mut self, event: Event) {
         // Events arrive in time order per subject except across a clock step or a rebuild;
         // keep them sorted so a window is a contiguous range.
@@ -346,6 +369,23 @@ impl VelocityStore {
         debug_assert!(timeline.events.len() <= self.limits.events_per_subject);
     }
 
+    /// Removes one recorded `event` from every subject in `subjects` (the exact event: same
+    /// time, amount, card and near-limit flag). Returns how many subjects held it.
+    pub fn forget(&self, subjects: &Subjects, event: Event) -> usize {
+        let mut removed = 0;
+        for subject in subjects {
+            let mut shard = self.shards[shard_of(subject)]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(timeline) = shard.subjects.get_mut(subject)
+                && timeline.remove(event)
+            {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Loads earlier events (a rebuild from the journal at start), oldest first.
     pub fn preload(&self, subjects: &Subjects, event: Event) {
         self.observe(subjects, &[], event, true);
@@ -425,6 +465,33 @@ mod tests {
         ] {
             assert!(FeatureSpec::parse(bad).is_none(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn a_withdrawn_event_leaves_the_totals_as_if_it_never_came() {
+        let store = VelocityStore::new(StoreLimits::default());
+        let subjects = vec![(Dimension::Card, 7), (Dimension::Device, 9)];
+        let features = [
+            spec("card_count_1h"),
+            spec("card_sum_1h"),
+            spec("device_cards_1h"),
+        ];
+        store.observe(&subjects, &[], event(1_000, 100, 7), true);
+        store.observe(&subjects, &[], event(2_000, 250, 7), true);
+        store.observe(&subjects, &[], event(3_000, 40, 7), true);
+        assert_eq!(store.forget(&subjects, event(2_000, 250, 7)), 2);
+        assert_eq!(
+            store.forget(&subjects, event(2_000, 250, 7)),
+            0,
+            "removed once"
+        );
+        assert_eq!(
+            store.forget(&subjects, event(3_000, 41, 7)),
+            0,
+            "only the exact event"
+        );
+        let seen = store.observe(&subjects, &features, event(4_000, 1, 7), false);
+        assert_eq!(seen, vec![2, 140, 1]);
     }
 
     #[test]

@@ -230,6 +230,13 @@ impl RiskEngine {
         &self.store
     }
 
+    /// Takes back the velocity event of a decision whose transaction was not journaled (a
+    /// repeat found after deciding, a limit the opening refused): the store counts exactly the
+    /// decisions the journal holds, which is what a restart rebuilds.
+    pub fn withdraw(&self, decision: &Decision) {
+        self.store.forget(&decision.subjects, decision.event);
+    }
+
     /// The active set's version.
     pub fn version(&self) -> String {
         self.active.load().version.clone()
@@ -266,11 +273,31 @@ impl RiskEngine {
         budget: Duration,
         on_timeout: OnTimeout,
     ) -> Decision {
+        self.decide_with_keys(input, &[], budget, on_timeout)
+    }
+
+    /// [`RiskEngine::decide`] with subjects known only by their keys (a debit's card, id and
+    /// phone come from its agreement, kept as keys): `keyed` adds to the input's own subjects.
+    pub fn decide_with_keys(
+        &self,
+        input: &RiskInput<'_>,
+        keyed: &[(Dimension, u64)],
+        budget: Duration,
+        on_timeout: OnTimeout,
+    ) -> Decision {
         let started = Instant::now();
         // One set for the whole decision, however many reloads happen meanwhile.
         let loaded = self.active.load_full();
         let set = &loaded.rules;
-        let subjects = subjects_of(input);
+        let mut subjects = subjects_of(input);
+        for &(dimension, key) in keyed {
+            assert!(
+                subjects.iter().all(|(d, _)| *d != dimension),
+                "a subject is given once: {}",
+                dimension.name()
+            );
+            subjects.push((dimension, key));
+        }
         let card_key = subjects
             .iter()
             .find(|(d, _)| *d == Dimension::Card)

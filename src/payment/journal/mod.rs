@@ -24,6 +24,7 @@ use super::state::TxnState;
 
 mod fixed;
 pub mod reversal;
+pub mod risk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -233,6 +234,8 @@ pub struct NewAgreement<'a> {
     pub account_hash: &'a str,
     pub account_masked: &'a str,
     pub account_enc: &'a str,
+    /// The holder's id and phone numbers, sealed (risk control's subjects for debits).
+    pub holder_enc: &'a str,
     pub core_customer: &'a str,
 }
 
@@ -249,6 +252,7 @@ pub fn insert_agreement(
             agreement::account_hash.eq(new.account_hash),
             agreement::account_masked.eq(new.account_masked),
             agreement::account_enc.eq(new.account_enc),
+            agreement::holder_enc.eq(Some(new.holder_enc)),
             agreement::core_customer.eq(Some(new.core_customer)),
             agreement::created_at.eq(now),
             agreement::updated_at.eq(now),
@@ -474,8 +478,10 @@ pub fn page(
 
 /// The history rows that take a new transaction from nothing to SENT_TO_CORE, inserted with
 /// it, and its entry in `core_pending` (the core's answer is owed from now on). `opened` is the
-/// CTE that inserted the transaction (returning txn_id, inst_id, created_at); the ten binds are
-/// the time, then three steps of (from, to, reason) ([`Opening::push_history_binds`]).
+/// CTE that inserted the transaction (returning txn_id, inst_id, created_at). Its binds, pushed
+/// by [`Opening::push_history_binds`]: the time, three steps of (from, to, reason) with a flag
+/// for the second and third, the outbox flag, the risk decision (thirteen values and a flag)
+/// and the case flag.
 macro_rules! opening_history_cte {
     () => {
         "history AS ( \
@@ -483,19 +489,50 @@ macro_rules! opening_history_cte {
             SELECT opened.txn_id, step.from_state, step.to_state, step.reason, ? \
             FROM opened, (SELECT 1 AS seq, CAST(? AS VARCHAR(16)) AS from_state, \
                                  CAST(? AS VARCHAR(16)) AS to_state, CAST(? AS VARCHAR(200)) AS reason \
-                          UNION ALL SELECT 2, ?, ?, ? \
-                          UNION ALL SELECT 3, ?, ?, ?) AS step \
+                          UNION ALL SELECT 2, ?, ?, ? WHERE ? \
+                          UNION ALL SELECT 3, ?, ?, ? WHERE ?) AS step \
             ORDER BY step.seq \
         ), pending AS ( \
             INSERT INTO core_pending (txn_id, inst_id, since) \
-            SELECT txn_id, inst_id, created_at FROM opened \
+            SELECT txn_id, inst_id, created_at FROM opened WHERE ? \
+        ), decided AS ( \
+            INSERT INTO risk_decision (txn_id, inst_id, kind, outcome, ruleset, score, fired, seen, \
+                                       errors, budget_exceeded, elapsed_us, amount_fen, near_limit, \
+                                       subjects_enc, decided_at) \
+            SELECT txn_id, inst_id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM opened WHERE ? \
+        ), held AS ( \
+            INSERT INTO risk_case (txn_id, inst_id, state, opened_at) \
+            SELECT txn_id, inst_id, 'OPEN', created_at FROM opened WHERE ? \
         )"
     };
 }
 
-/// Why each step of the opening was taken; the risk stage supplies its own reason.
+/// The state a transaction is opened in, by the risk decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenAs {
+    /// Approved: RECEIVED -> RISK_CHECKED -> SENT_TO_CORE, with its outbox entry.
+    SentToCore,
+    /// Held for a person: RECEIVED -> IN_REVIEW, a case opened, the day's usage reserved.
+    InReview,
+    /// Declined: RECEIVED only; the caller records RECEIVED -> FAILED with the answer.
+    Received,
+}
+
+impl OpenAs {
+    pub fn state(self) -> TxnState {
+        match self {
+            OpenAs::SentToCore => TxnState::SentToCore,
+            OpenAs::InReview => TxnState::InReview,
+            OpenAs::Received => TxnState::Received,
+        }
+    }
+}
+
+/// Why each step of the opening was taken, where it ends, and the risk decision stored with it.
 pub struct Opening<'a> {
     pub risk_reason: &'a str,
+    pub open_as: OpenAs,
+    pub decision: Option<&'a risk::DecisionRow<'a>>,
 }
 
 impl<'a> Opening<'a> {
@@ -503,36 +540,64 @@ impl<'a> Opening<'a> {
     /// machine's.
     fn push_history_binds(&self, now: DateTime<Utc>, binds: &mut Vec<fixed::Bind<'a>>) {
         use fixed::Bind;
-        let steps: [(Option<TxnState>, TxnState, &'a str); 3] = [
-            (None, TxnState::Received, "request received"),
-            (
-                Some(TxnState::Received),
-                TxnState::RiskChecked,
-                self.risk_reason,
-            ),
-            (
-                Some(TxnState::RiskChecked),
-                TxnState::SentToCore,
-                "posting sent to core",
-            ),
-        ];
+        let second = match self.open_as {
+            OpenAs::SentToCore => Some(TxnState::RiskChecked),
+            OpenAs::InReview => Some(TxnState::InReview),
+            OpenAs::Received => None,
+        };
+        let third = (self.open_as == OpenAs::SentToCore).then_some(TxnState::SentToCore);
         binds.push(Bind::Time(now));
-        for (from, to, reason) in steps {
-            if let Some(from) = from {
+        binds.push(Bind::OptText(None));
+        binds.push(Bind::Text(TxnState::Received.as_str()));
+        binds.push(Bind::Text("request received"));
+        for (from, to, reason) in [
+            (TxnState::Received, second, self.risk_reason),
+            (TxnState::RiskChecked, third, "posting sent to core"),
+        ] {
+            if let Some(to) = to {
                 assert!(from.can_become(to), "{from} -> {to} is not a transition");
             }
-            binds.push(Bind::OptText(from.map(|s| s.as_str())));
-            binds.push(Bind::Text(to.as_str()));
+            binds.push(Bind::OptText(Some(from.as_str())));
+            binds.push(Bind::Text(to.map_or("", |t| t.as_str())));
             binds.push(Bind::Text(truncate_reason(reason)));
+            binds.push(Bind::Bool(to.is_some()));
         }
+        binds.push(Bind::Bool(self.open_as == OpenAs::SentToCore));
+        let empty = risk::DecisionRow::EMPTY;
+        let decision = self.decision.unwrap_or(&empty);
+        binds.extend([
+            Bind::Text(decision.kind),
+            Bind::Text(decision.outcome),
+            Bind::Text(decision.ruleset),
+            Bind::BigInt(decision.score),
+            Bind::Text(truncate_to(decision.fired, 2000)),
+            Bind::Text(decision.seen),
+            Bind::Text(truncate_to(decision.errors, 2000)),
+            Bind::Bool(decision.budget_exceeded),
+            Bind::BigInt(decision.elapsed_us),
+            Bind::BigInt(decision.amount_fen),
+            Bind::Bool(decision.near_limit),
+            Bind::Text(decision.subjects_enc),
+            Bind::Time(decision.decided_at.unwrap_or(now)),
+            Bind::Bool(self.decision.is_some()),
+            Bind::Bool(self.open_as == OpenAs::InReview),
+        ]);
+        assert!(
+            self.open_as == OpenAs::SentToCore || self.decision.is_some(),
+            "only a risk decision holds or declines a transaction"
+        );
+    }
+}
+
+fn truncate_to(text: &str, max_chars: usize) -> &str {
+    match text.char_indices().nth(max_chars) {
+        Some((end, _)) => &text[..end],
+        None => text,
     }
 }
 
 fn truncate_reason(reason: &str) -> &str {
-    match reason.char_indices().nth(200) {
-        Some((end, _)) => &reason[..end],
-        None => reason,
-    }
+    truncate_to(reason, 200)
 }
 
 /// What remembering a message id found.
@@ -802,7 +867,7 @@ impl fixed::FixedSql for OpenDebit {
             INSERT INTO txn (txn_id, inst_id, req_serial, kind, state, amount_fen, agreement_no, \
                              account_hash, account_masked, account_enc, business_date, \
                              created_at, updated_at) \
-            SELECT ?, ?, ?, 'DEBIT', 'SENT_TO_CORE', ?, agr.agreement_no, agr.account_hash, \
+            SELECT ?, ?, ?, 'DEBIT', ?, ?, agr.agreement_no, agr.account_hash, \
                    agr.account_masked, agr.account_enc, ?, ?, ? \
             FROM agr, quota \
             RETURNING txn_id, inst_id, created_at \
@@ -858,6 +923,7 @@ pub fn open_debit(
                 Bind::Uuid(new.txn_id),
                 Bind::Text(new.inst_id),
                 Bind::Text(new.req_serial),
+                Bind::Text(opening.open_as.state().as_str()),
                 Bind::BigInt(new.amount_fen),
                 Bind::Date(new.business_date),
                 Bind::Time(new.now),
@@ -900,7 +966,7 @@ impl fixed::FixedSql for OpenCredit {
             INSERT INTO txn (txn_id, inst_id, req_serial, kind, state, amount_fen, \
                              account_hash, account_masked, account_enc, business_date, \
                              created_at, updated_at) \
-            SELECT ?, ?, ?, 'CREDIT', 'SENT_TO_CORE', ?, ?, ?, ?, ?, ?, ? \
+            SELECT ?, ?, ?, 'CREDIT', ?, ?, ?, ?, ?, ?, ?, ? \
             FROM quota \
             RETURNING txn_id, inst_id, created_at \
         ), ",
@@ -944,6 +1010,7 @@ pub fn open_credit(
                 Bind::Uuid(new.txn_id),
                 Bind::Text(new.inst_id),
                 Bind::Text(new.req_serial),
+                Bind::Text(opening.open_as.state().as_str()),
                 Bind::BigInt(new.amount_fen),
                 Bind::Text(payee.account_hash),
                 Bind::Text(payee.account_masked),
@@ -966,7 +1033,7 @@ impl fixed::FixedSql for InsertOpened {
             INSERT INTO txn (txn_id, inst_id, req_serial, kind, state, amount_fen, agreement_no, \
                              orig_txn_id, account_hash, account_masked, account_enc, \
                              business_date, created_at, updated_at) \
-            VALUES (?, ?, ?, ?, 'SENT_TO_CORE', ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
             RETURNING txn_id, inst_id, created_at \
         ), ",
         opening_history_cte!(),
@@ -989,6 +1056,7 @@ pub fn insert_opened(
         Bind::Text(new.inst_id),
         Bind::Text(new.req_serial),
         Bind::Text(new.kind),
+        Bind::Text(opening.open_as.state().as_str()),
         Bind::BigInt(new.amount_fen),
         Bind::OptText(new.agreement_no),
         Bind::OptUuid(new.orig_txn_id),
@@ -999,6 +1067,7 @@ pub fn insert_opened(
         Bind::Time(new.created_at),
         Bind::Time(new.created_at),
     ];
+    assert_eq!(opening.open_as, OpenAs::SentToCore, "refunds are not held");
     opening.push_history_binds(new.created_at, &mut binds);
     let opened = fixed::Fixed::<InsertOpened>::new(binds).get_result::<i64>(conn)?;
     assert_eq!(opened, 1, "an INSERT ... VALUES inserts its row or fails");
