@@ -287,7 +287,8 @@ impl VelocityStore {
         self.limits
     }
 
-    /// The values of `features` for `subjects` as of `event.at_ms` (earlier events only), then
+    /// The values of `features` for `subjects` as of `event.at_ms` (every event recorded before
+    /// this call inside the window, including ones stamped a little later), then
     /// records `event` for every subject when `record` is true: one atomic step per subject set.
     pub fn observe(
         &self,
@@ -406,9 +407,12 @@ fn measure(timeline: Option<&Timeline>, spec: &FeatureSpec, now_ms: i64) -> i64 
     };
     let events = &timeline.events;
     let since = now_ms - spec.window_ms;
-    // Windows are (now - window, now]: an event exactly one window old is out.
+    // Windows are (now - window, now]: an event exactly one window old is out. Events stamped
+    // after `now` count too: they were decided before this one (concurrent requests take their
+    // time on arrival, not in the order their decisions run), and leaving them out would let
+    // two concurrent decisions each miss the other.
     let start = events.partition_point(|s| s.event.at_ms <= since);
-    let end = events.partition_point(|s| s.event.at_ms <= now_ms);
+    let end = events.len();
     if start >= end {
         return 0;
     }

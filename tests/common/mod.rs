@@ -455,6 +455,8 @@ pub fn open_sent_to_core(
         },
         &kunpay::payment::journal::Opening {
             risk_reason: "test",
+            open_as: kunpay::payment::journal::OpenAs::SentToCore,
+            decision: None,
         },
     )
     .unwrap();
