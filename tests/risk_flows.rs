@@ -436,3 +436,104 @@ fn velocity_is_exact_under_concurrent_debits_and_survives_a_restart() {
     assert!(counts[0].contains("card_count_1h=8"), "{}", counts[0]);
     assert!(counts[1].contains("card_count_1h=9"), "{}", counts[1]);
 }
+
+#[test]
+fn operators_lists_apply_within_seconds_and_every_change_is_logged() {
+    let node = Node::start();
+    let agreement = node.sign_agreement(ZHANG);
+    let answer = node.debit(&agreement, &node.inst.next_id("L"), "1000");
+    assert_eq!(answer.code(), "0000", "{:?}", answer.fields);
+
+    let (code, out, err) = node.ctl(&[
+        "risk",
+        "list",
+        "add",
+        "black",
+        "card",
+        ZHANG.0,
+        "--reason",
+        "reported stolen",
+        "--by",
+        "bob",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("622202*********0123"), "{out}");
+    let declined_within = |wanted: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let answer = node.debit(&agreement, &node.inst.next_id("L"), "1000");
+            if answer.code() == wanted {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    assert!(declined_within("3015"), "the blacklisted card is declined");
+    // Adding it again changes nothing and logs nothing.
+    let (code, out, _) = node.ctl(&[
+        "risk", "list", "add", "black", "card", ZHANG.0, "--reason", "again", "--by", "bob",
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("already"), "{out}");
+
+    let (code, out, err) = node.ctl(&["risk", "list", "show"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("622202*********0123") && out.contains("bob"),
+        "{out}"
+    );
+    assert!(!out.contains(ZHANG.0), "no card number in plaintext: {out}");
+
+    let (code, _, err) = node.ctl(&[
+        "risk",
+        "list",
+        "remove",
+        "black",
+        "card",
+        ZHANG.0,
+        "--reason",
+        "found by the customer",
+        "--by",
+        "carol",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        declined_within("0000"),
+        "the card is debited again once removed"
+    );
+    let (code, _, err) = node.ctl(&[
+        "risk", "list", "remove", "black", "card", ZHANG.0, "--reason", "twice",
+    ]);
+    assert_eq!(code, 1, "removing what is not listed is refused: {err}");
+
+    let (code, out, err) = node.ctl(&["risk", "list", "log"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("622202")).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].contains("carol") && lines[0].contains("REMOVE"),
+        "{out}"
+    );
+    assert!(
+        lines[1].contains("bob") && lines[1].contains("ADD"),
+        "{out}"
+    );
+    assert!(!out.contains(ZHANG.0), "{out}");
+
+    // A malformed entry is refused with what is wrong.
+    let (code, _, err) = node.ctl(&[
+        "risk",
+        "list",
+        "add",
+        "black",
+        "ip",
+        "10.0.0.300",
+        "--reason",
+        "typo",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("neither an address nor a CIDR range"), "{err}");
+}

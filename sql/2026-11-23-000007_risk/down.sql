@@ -1,3 +1,5 @@
+DROP TABLE risk_list_change;
+DROP TABLE risk_list_entry;
 DROP TABLE risk_case;
 DROP TABLE risk_decision;
 ALTER TABLE agreement DROP COLUMN holder_enc;

@@ -57,3 +57,36 @@ CREATE TABLE risk_case (
 );
 -- The daemon's scan for approved cases to send, and the reviewers' queue.
 CREATE INDEX risk_case_state_idx ON risk_case (inst_id, state, opened_at);
+
+-- Black and white lists kept by operators with `kunpayctl risk list add/remove` (the files under
+-- the risk directory are the analysts' lists; a decision consults both). Card, id and phone
+-- numbers are kept as their risk subject keys (SM3 digests), shown masked; devices, merchants and
+-- IP addresses or CIDR ranges as given.
+CREATE TABLE risk_list_entry (
+    colour          VARCHAR(8)    NOT NULL,
+    dimension       VARCHAR(16)   NOT NULL,
+    entry_key       VARCHAR(64)   NOT NULL,
+    shown           VARCHAR(64)   NOT NULL,
+    reason          VARCHAR(400)  NOT NULL,
+    added_by        VARCHAR(64)   NOT NULL,
+    added_at        TIMESTAMPTZ   NOT NULL,
+    CONSTRAINT risk_list_entry_pk PRIMARY KEY (colour, dimension, entry_key),
+    CONSTRAINT risk_list_entry_colour_ck CHECK (colour IN ('BLACK', 'WHITE')),
+    CONSTRAINT risk_list_entry_dimension_ck CHECK (dimension IN ('card', 'id', 'phone', 'device',
+                                                                 'ip', 'merchant'))
+);
+
+-- Every change to those lists, with who and when: the auditors' record, and the generation the
+-- daemon polls to know the lists changed.
+CREATE TABLE risk_list_change (
+    change_id       BIGSERIAL     PRIMARY KEY,
+    action          VARCHAR(8)    NOT NULL,
+    colour          VARCHAR(8)    NOT NULL,
+    dimension       VARCHAR(16)   NOT NULL,
+    entry_key       VARCHAR(64)   NOT NULL,
+    shown           VARCHAR(64)   NOT NULL,
+    reason          VARCHAR(400)  NOT NULL,
+    changed_by      VARCHAR(64)   NOT NULL,
+    changed_at      TIMESTAMPTZ   NOT NULL,
+    CONSTRAINT risk_list_change_action_ck CHECK (action IN ('ADD', 'REMOVE'))
+);

@@ -129,6 +129,11 @@ enum RiskCommand {
         #[arg(long, value_name = "URL")]
         ops: Option<String>,
     },
+    /// The black and white lists kept in the database (beside the risk directory's files).
+    List {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
     /// Review cases: list, show, approve, decline.
     Case {
         #[command(subcommand)]
@@ -141,6 +146,53 @@ enum RiskCommand {
         /// The day, YYYY-MM-DD (default: today).
         #[arg(long, value_name = "DAY")]
         day: Option<chrono::NaiveDate>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListCommand {
+    /// Put a value on a list; the running daemon uses it within seconds.
+    Add {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[arg(value_parser = ["black", "white"])]
+        list: String,
+        #[arg(value_parser = ["card", "id", "phone", "device", "ip", "merchant"])]
+        kind: String,
+        /// The card, id or phone number, device id, IP address or CIDR range, or merchant.
+        value: String,
+        /// Why (kept with the entry and in the change log).
+        #[arg(long)]
+        reason: String,
+        /// Who (default: the operating-system user running kunpayctl).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Take a value off a list.
+    Remove {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[arg(value_parser = ["black", "white"])]
+        list: String,
+        #[arg(value_parser = ["card", "id", "phone", "device", "ip", "merchant"])]
+        kind: String,
+        value: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// The entries (card, id and phone numbers masked), with who added them and why.
+    Show {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Every change to the lists, newest first: who, when, what and why.
+    Log {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        limit: i64,
     },
 }
 
@@ -648,6 +700,12 @@ fn risk(command: RiskCommand) -> anyhow::Result<u8> {
     let (database, purpose) = match &command {
         RiskCommand::Status { config, ops } => return risk_status(config, ops.clone()),
         RiskCommand::Stats { database, .. } => (database, "risk stats"),
+        RiskCommand::List { command } => match command {
+            ListCommand::Add { database, .. } => (database, "risk list add"),
+            ListCommand::Remove { database, .. } => (database, "risk list remove"),
+            ListCommand::Show { database } => (database, "risk list show"),
+            ListCommand::Log { database, .. } => (database, "risk list log"),
+        },
         RiskCommand::Case { command } => match command {
             CaseCommand::List { database, .. } => (database, "risk case list"),
             CaseCommand::Show { database, .. } => (database, "risk case show"),
@@ -664,6 +722,7 @@ fn risk(command: RiskCommand) -> anyhow::Result<u8> {
     match command {
         RiskCommand::Status { .. } => unreachable!("answered above"),
         RiskCommand::Stats { day, .. } => risk_stats(&mut conn, day),
+        RiskCommand::List { command } => risk_list(&mut conn, command),
         RiskCommand::Case { command } => match command {
             CaseCommand::List { state, limit, .. } => {
                 let state = state.map(|s| s.to_ascii_uppercase());
@@ -917,4 +976,123 @@ fn risk_stats(
         println!("(the first {MAX_FIRED_ROWS} decisions with fired rules only)");
     }
     Ok(0)
+}
+
+fn risk_list(conn: &mut diesel::PgConnection, command: ListCommand) -> anyhow::Result<u8> {
+    use kunpay::risk::features::Dimension;
+    use kunpay::risk::list_store;
+    let parse = |list: &str, kind: &str| {
+        (
+            list_store::parse_colour(list).expect("clap checked the list"),
+            Dimension::parse(kind).expect("clap checked the kind"),
+        )
+    };
+    match command {
+        ListCommand::Log { limit, .. } => {
+            let changes = list_store::changes(conn, limit)?;
+            println!(
+                "{:>8}  {:<23}  {:<16}  {:<6}  {:<6}  {:<8}  {:<24}  REASON",
+                "CHANGE", "AT", "BY", "ACTION", "LIST", "KIND", "VALUE"
+            );
+            for c in &changes {
+                println!(
+                    "{:>8}  {:<23}  {:<16}  {:<6}  {:<6}  {:<8}  {:<24}  {}",
+                    c.change_id,
+                    c.changed_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    c.changed_by,
+                    c.action,
+                    c.colour.to_ascii_lowercase(),
+                    c.dimension,
+                    c.shown,
+                    c.reason
+                );
+            }
+            println!("{} change(s)", changes.len());
+            Ok(0)
+        }
+        ListCommand::Show { .. } => {
+            let entries = list_store::entries(conn)?;
+            println!(
+                "{:<6}  {:<8}  {:<24}  {:<23}  {:<16}  REASON",
+                "LIST", "KIND", "VALUE", "ADDED", "BY"
+            );
+            for e in &entries {
+                println!(
+                    "{:<6}  {:<8}  {:<24}  {:<23}  {:<16}  {}",
+                    e.colour.to_ascii_lowercase(),
+                    e.dimension,
+                    e.shown,
+                    e.added_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    e.added_by,
+                    e.reason
+                );
+            }
+            println!(
+                "{} entr{}",
+                entries.len(),
+                if entries.len() == 1 { "y" } else { "ies" }
+            );
+            Ok(0)
+        }
+        ListCommand::Add {
+            list,
+            kind,
+            value,
+            reason,
+            by,
+            ..
+        } => {
+            let (colour, dimension) = parse(&list, &kind);
+            let (key, shown) = match list_store::stored_form(dimension, &value) {
+                Ok(form) => form,
+                Err(why) => {
+                    eprintln!("kunpayctl: {}", kunpay::logging::mask::mask_line(&why));
+                    return Ok(EXIT_USAGE);
+                }
+            };
+            let name = operator_name(by);
+            let change = list_store::Change {
+                by: &name,
+                reason: &reason,
+                at: chrono::Utc::now(),
+            };
+            if list_store::add(conn, colour, dimension, &key, &shown, &change)? {
+                println!("added {kind} {shown} to the {list} list");
+                Ok(0)
+            } else {
+                println!("{kind} {shown} is on the {list} list already; nothing changed");
+                Ok(0)
+            }
+        }
+        ListCommand::Remove {
+            list,
+            kind,
+            value,
+            reason,
+            by,
+            ..
+        } => {
+            let (colour, dimension) = parse(&list, &kind);
+            let (key, shown) = match list_store::stored_form(dimension, &value) {
+                Ok(form) => form,
+                Err(why) => {
+                    eprintln!("kunpayctl: {}", kunpay::logging::mask::mask_line(&why));
+                    return Ok(EXIT_USAGE);
+                }
+            };
+            let name = operator_name(by);
+            let change = list_store::Change {
+                by: &name,
+                reason: &reason,
+                at: chrono::Utc::now(),
+            };
+            if list_store::remove(conn, colour, dimension, &key, &change)? {
+                println!("removed {kind} {shown} from the {list} list");
+                Ok(0)
+            } else {
+                eprintln!("kunpayctl: {kind} {shown} is not on the {list} list");
+                Ok(EXIT_FAILURE)
+            }
+        }
+    }
 }

@@ -762,9 +762,19 @@ fn start_channel(
                 settings.budget,
                 settings.fail_open,
             ));
-            // Before the first request: a restart must not reset anybody's velocity.
+            // Before the first request: the operators' lists, and the velocity a restart must
+            // not reset.
             let mut conn = db::checkout(&pool, Duration::from_secs(30))
                 .map_err(|e| anyhow::anyhow!("rebuilding risk velocity: {e}"))?;
+            let engine = flows.screening().expect("just configured").engine.clone();
+            let (lists, generation) =
+                crate::risk::list_store::load(&mut conn).map_err(|e| anyhow::anyhow!(e))?;
+            state
+                .metrics
+                .risk_kept_list_entries
+                .set(lists.entries() as i64);
+            engine.replace_kept_lists(lists, generation);
+            spawn_list_poller(engine, pool.clone(), state.metrics.clone())?;
             let started = std::time::Instant::now();
             let loaded = flows
                 .rebuild_velocity(&mut conn, chrono::Utc::now())
@@ -817,6 +827,51 @@ fn start_channel(
         channel_config.max_connections,
         state.metrics.clone(),
     )
+}
+
+/// How often the operators' lists are checked for changes (`kunpayctl risk list`).
+const LIST_POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// Swaps in the operators' lists whenever their change log moves.
+fn spawn_list_poller(
+    engine: Arc<crate::risk::RiskEngine>,
+    pool: db::Pool,
+    metrics: Arc<crate::ops::metrics::Metrics>,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("risk-lists".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(LIST_POLL_EVERY);
+                let Ok(mut conn) = db::checkout(&pool, Duration::from_secs(5)) else {
+                    continue;
+                };
+                let (in_use, _) = engine.kept_lists();
+                match crate::risk::list_store::generation(&mut conn) {
+                    Ok(generation) if generation == in_use => continue,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the risk list change log failed");
+                        continue;
+                    }
+                }
+                match crate::risk::list_store::load(&mut conn) {
+                    Ok((lists, generation)) => {
+                        let entries = lists.entries();
+                        engine.replace_kept_lists(lists, generation);
+                        metrics.risk_kept_list_entries.set(entries as i64);
+                        tracing::info!(
+                            generation,
+                            entries,
+                            "risk lists changed by an operator reloaded"
+                        );
+                    }
+                    Err(e) => tracing::error!(error = %e, "the risk lists stay as they were"),
+                }
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("starting the risk list poller: {e}"))?;
+    Ok(())
 }
 
 /// Days of daily-limit usage kept after their business day (for counter staff's questions about

@@ -196,6 +196,32 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    risk_list_entry (colour, dimension, entry_key) {
+        colour -> Varchar,
+        dimension -> Varchar,
+        entry_key -> Varchar,
+        shown -> Varchar,
+        reason -> Varchar,
+        added_by -> Varchar,
+        added_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    risk_list_change (change_id) {
+        change_id -> Int8,
+        action -> Varchar,
+        colour -> Varchar,
+        dimension -> Varchar,
+        entry_key -> Varchar,
+        shown -> Varchar,
+        reason -> Varchar,
+        changed_by -> Varchar,
+        changed_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(notification_attempt -> notification (event_id));
 diesel::joinable!(txn_state_history -> txn (txn_id));
 diesel::joinable!(core_pending -> txn (txn_id));

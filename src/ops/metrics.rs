@@ -86,6 +86,8 @@ pub struct Metrics {
     pub risk_reload_failures: Gauge,
     /// Subjects (cards, devices, ...) with velocity events in memory.
     pub risk_velocity_subjects: Gauge,
+    /// Entries of the operators' lists (`kunpayctl risk list`) in use.
+    pub risk_kept_list_entries: Gauge,
 }
 
 impl Metrics {
@@ -123,6 +125,7 @@ impl Metrics {
             risk_reloads: Gauge::default(),
             risk_reload_failures: Gauge::default(),
             risk_velocity_subjects: Gauge::default(),
+            risk_kept_list_entries: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -219,6 +222,11 @@ impl Metrics {
             "risk_velocity_subjects",
             "Subjects (cards, devices, IPs...) with velocity events in memory",
             metrics.risk_velocity_subjects.clone(),
+        );
+        registry.register(
+            "risk_kept_list_entries",
+            "Entries of the black and white lists kept with kunpayctl risk list, as the daemon uses them",
+            metrics.risk_kept_list_entries.clone(),
         );
         registry.register(
             "core_reversals",

@@ -136,6 +136,19 @@ impl Lists {
         Ok(())
     }
 
+    /// Adds an entry known only by its subject key (the lists kept in the database).
+    pub fn add_key(&mut self, colour: Colour, dimension: Dimension, key: u64) {
+        assert!(
+            LISTED.contains(&dimension) && dimension != Dimension::Ip,
+            "{dimension:?} is not listed by key"
+        );
+        self.keys
+            .entry((colour, dimension))
+            .or_default()
+            .insert(key);
+        self.entries += 1;
+    }
+
     /// Whether the subject with `key` (and, for IPs, `ip`) is on the list of `colour`.
     pub fn contains(
         &self,

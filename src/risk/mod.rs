@@ -10,6 +10,7 @@
 //! numbers (subjects are SM3 digests), or block on I/O: deciding is pure computation.
 
 pub mod features;
+pub mod list_store;
 pub mod lists;
 pub mod reload;
 pub mod rules;
@@ -211,6 +212,8 @@ pub struct Decision {
 
 pub struct RiskEngine {
     active: ArcSwap<Loaded>,
+    /// The operators' lists from the database (`list_store`), consulted beside the files'.
+    kept_lists: ArcSwap<(Lists, i64)>,
     store: VelocityStore,
 }
 
@@ -222,6 +225,7 @@ impl RiskEngine {
         );
         RiskEngine {
             active: ArcSwap::from_pointee(loaded),
+            kept_lists: ArcSwap::from_pointee((Lists::default(), 0)),
             store: VelocityStore::new(limits),
         }
     }
@@ -235,6 +239,17 @@ impl RiskEngine {
     /// decisions the journal holds, which is what a restart rebuilds.
     pub fn withdraw(&self, decision: &Decision) {
         self.store.forget(&decision.subjects, decision.event);
+    }
+
+    /// Replaces the operators' lists with a complete set read at `generation`.
+    pub fn replace_kept_lists(&self, lists: Lists, generation: i64) {
+        self.kept_lists.store(Arc::new((lists, generation)));
+    }
+
+    /// The generation of the operators' lists in use, and how many entries they hold.
+    pub fn kept_lists(&self) -> (i64, usize) {
+        let kept = self.kept_lists.load();
+        (kept.1, kept.0.entries())
     }
 
     /// The active set's version.
@@ -288,6 +303,7 @@ impl RiskEngine {
         let started = Instant::now();
         // One set for the whole decision, however many reloads happen meanwhile.
         let loaded = self.active.load_full();
+        let kept = self.kept_lists.load_full();
         let set = &loaded.rules;
         let mut subjects = subjects_of(input);
         for &(dimension, key) in keyed {
@@ -328,6 +344,7 @@ impl RiskEngine {
                     let key = subjects.iter().find(|(d, _)| d == dimension).map(|s| s.1);
                     cel::Value::Bool(key.is_some_and(|key| {
                         loaded.lists.contains(*colour, *dimension, key, input.ip)
+                            || kept.0.contains(*colour, *dimension, key, input.ip)
                     }))
                 }
                 Variable::Feature(_) => {

@@ -392,13 +392,17 @@ pub fn start_sending(
     })
 }
 
+/// A stored decision's velocity event: time, transaction, amount, near-limit flag, sealed
+/// subjects.
+pub type RebuildRow = (DateTime<Utc>, Uuid, i64, bool, String);
+
 /// Decisions since `since` for the velocity rebuild: (time, txn id) after `after`, oldest first.
 pub fn decisions_for_rebuild(
     conn: &mut PgConnection,
     since: DateTime<Utc>,
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
-) -> Result<Vec<(DateTime<Utc>, Uuid, i64, bool, String)>, DieselError> {
+) -> Result<Vec<RebuildRow>, DieselError> {
     let mut query = risk_decision::table
         .filter(risk_decision::decided_at.gt(since))
         .order((risk_decision::decided_at.asc(), risk_decision::txn_id.asc()))
