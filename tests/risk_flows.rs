@@ -65,6 +65,14 @@ when = "amount_fen == 5555 && card_count_1h >= 3"
 action = "decline"
 
 [[rule]]
+id = "T-HOLDER"
+description = "the payer the institution names is not the agreement's holder"
+version = 1
+kinds = ["DEBIT"]
+when = "holder_mismatch"
+action = "decline"
+
+[[rule]]
 id = "T-SEEN"
 description = "reads the card's count, so every decision records what it saw"
 version = 1
@@ -286,6 +294,37 @@ fn declines_reviews_and_the_reviewers_verdicts_end_to_end() {
         )),
         1
     );
+
+    // The payer named in the debit is not the agreement's holder; the holder is fine.
+    let mismatch = node.inst.next_id("D");
+    let answer = node.inst.call(
+        MsgType::Debit,
+        &[
+            ("ReqSerial", &mismatch),
+            ("AgrmtNo", &agreement),
+            ("Amt", "1000"),
+            ("Ccy", "CNY"),
+            ("IdNo", LI.2),
+        ],
+    );
+    assert_eq!(answer.code(), "3015", "{:?}", answer.fields);
+    assert!(
+        node.text(&format!(
+            "SELECT fired AS t FROM risk_decision JOIN txn USING (txn_id) WHERE req_serial = '{mismatch}'"
+        ))[0]
+            .starts_with("T-HOLDER@1:DECLINE"),
+    );
+    let holder = node.inst.call(
+        MsgType::Debit,
+        &[
+            ("ReqSerial", &node.inst.next_id("D")),
+            ("AgrmtNo", &agreement),
+            ("Amt", "1000"),
+            ("Ccy", "CNY"),
+            ("IdNo", ZHANG.2),
+        ],
+    );
+    assert_eq!(holder.code(), "0000", "{:?}", holder.fields);
 
     // A blacklisted card, from the list file.
     let li_agreement = node.sign_agreement(LI);

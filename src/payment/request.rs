@@ -83,7 +83,7 @@ impl MsgType {
             MsgType::AgreementTerminate => (&["ReqSerial", "AgrmtNo"], &["Rsn"]),
             MsgType::Debit => (
                 &["ReqSerial", "AgrmtNo", "Amt", "Ccy"],
-                &["Memo", "DevId", "PyerIp", "MrchntNo"],
+                &["Memo", "DevId", "PyerIp", "MrchntNo", "IdNo"],
             ),
             MsgType::Credit => (
                 &["ReqSerial", "AcctNo", "AcctNm", "Amt", "Ccy"],
@@ -191,6 +191,9 @@ pub struct PaymentContext {
     pub ip: Option<std::net::IpAddr>,
     /// The merchant the payment is for.
     pub merchant: Option<String>,
+    /// Debits: the payer's id number as the institution knows it (`IdNo`, encrypted); risk
+    /// compares it with the agreement holder's.
+    pub payer_id_no: Option<Zeroizing<String>>,
 }
 
 fn payment_context(text: &dyn Fn(&str) -> String) -> Result<PaymentContext, FieldError> {
@@ -219,6 +222,7 @@ fn payment_context(text: &dyn Fn(&str) -> String) -> Result<PaymentContext, Fiel
         device: identifier("DevId", 64)?,
         ip,
         merchant: identifier("MrchntNo", 32)?,
+        payer_id_no: None,
     })
 }
 
@@ -346,7 +350,17 @@ pub fn parse(
             serial: serial(&text("ReqSerial"), "ReqSerial")?,
             agreement_no: serial(&text("AgrmtNo"), "AgrmtNo")?,
             amount_fen: amount(&text("Amt"), &text("Ccy"))?,
-            context: payment_context(&text)?,
+            context: PaymentContext {
+                payer_id_no: match body.text_of("IdNo") {
+                    None => None,
+                    Some(_) => {
+                        let id_no = secret("IdNo")?;
+                        check_id_number(&id_no)?;
+                        Some(id_no)
+                    }
+                },
+                ..payment_context(&text)?
+            },
         },
         MsgType::Credit => {
             let account_no = secret("AcctNo")?;

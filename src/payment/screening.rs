@@ -226,7 +226,7 @@ impl Flows {
         let mut keyed = vec![(Dimension::Card, holder.card)];
         keyed.extend(holder.id.map(|k| (Dimension::IdNo, k)));
         keyed.extend(holder.phone.map(|k| (Dimension::Phone, k)));
-        let input = risk_input(
+        let mut input = risk_input(
             "DEBIT",
             inst,
             amount_fen,
@@ -235,6 +235,11 @@ impl Flows {
             (now - holder.confirmed_at).num_seconds().max(0),
             now,
         );
+        // The payer the institution names is not the holder the bank verified at signing.
+        input.holder_mismatch = match (&context.payer_id_no, holder.id) {
+            (Some(payer), Some(holder_id)) => subject_key(Dimension::IdNo, payer) != holder_id,
+            _ => false,
+        };
         self.decided(screening, inst, &input, &keyed).map(Ok)
     }
 
