@@ -9,8 +9,17 @@
 //! Bulkheads: every institution has its own worker threads, bounded queue, database pool,
 //! rate limit and circuit breaker toward the core, so a slow or failing institution cannot
 //! starve another.
+//! Audit log (`[audit]`, docs/audit.md): every request is logged with its exact bytes and every
+//! answer before it leaves. On the worker thread: the request is handed to the log as soon as
+//! its signature verified (`verified`, before anything acts on it) or when it is refused
+//! (`not-verified`, before or at the signature check); the answer is appended and the worker
+//! waits for its fdatasync, which covers the request too (one writer, one order), then sends
+//! it. Refusals at the edge (async) are logged the same way through `spawn_blocking`. If the
+//! log fails, nothing is acted on any more and the answer is a signed 9999 with HTTP 500, the
+//! one answer that is not in the log.
 //! Must never: run a flow for a message whose signature was not verified, block the async
-//! runtime on the database or the core, or queue without bound (a full queue answers 9001).
+//! runtime on the database, the core or the audit log, send an answer before it is logged, or
+//! queue without bound (a full queue answers 9001).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -28,6 +37,7 @@ use axum::routing::post;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::audit::{AuditSink, Direction, NewRecord, PeerSignature, Ticket};
 use crate::channel::codes::ResultCode;
 use crate::channel::envelope::MessageKey;
 use crate::channel::message::{self, Element};
@@ -127,7 +137,14 @@ struct Job {
     header: Element,
     body: Element,
     received: DateTime<Utc>,
-    reply: tokio::sync::oneshot::Sender<Reply>,
+    reply: tokio::sync::oneshot::Sender<Answered>,
+}
+
+/// What goes back over HTTP: the signed answer with 200, or, when the log failed, a signed 9999
+/// with 500.
+struct Answered {
+    status: StatusCode,
+    bytes: Vec<u8>,
 }
 
 impl Job {
@@ -189,6 +206,8 @@ pub struct Shared {
     pub notify: crate::config::NotifyConfig,
     pub encrypt_key: PrivateKey,
     pub encrypt_key_serial: String,
+    /// The message log every request and answer goes to (a no-op without `[audit]`).
+    pub audit: AuditSink,
 }
 
 pub struct ChannelGateway {
@@ -277,6 +296,7 @@ impl ChannelGateway {
                             &shared.flows,
                             &institution.pool,
                             &shared.notify,
+                            &shared.audit,
                         )
                     })?;
             }
@@ -308,12 +328,13 @@ impl ChannelGateway {
             })
     }
 
-    /// Answers a request refused before any institution's worker saw it.
-    fn refuse(
+    /// Answers a request refused before any institution's worker saw it, after logging the
+    /// request (not verified) and the answer.
+    async fn refuse(
         &self,
         inst: Option<&InstitutionConfig>,
         msg_type: MsgType,
-        raw: &[u8],
+        raw: &Bytes,
         code: ResultCode,
         detail: String,
     ) -> Response {
@@ -328,6 +349,8 @@ impl ChannelGateway {
         if self.edge_rejections.try_send(rejection).is_err() {
             self.metrics.channel_rejections_unrecorded.inc();
         }
+        // The sender is known only when its institution is configured.
+        let peer = inst.map_or_else(|| UNKNOWN_PEER.to_string(), |i| i.id.clone());
         let fallback;
         let inst = match inst {
             Some(inst) => inst,
@@ -336,18 +359,87 @@ impl ChannelGateway {
                 &fallback
             }
         };
-        match self
-            .shared
-            .flows
-            .respond(inst, msg_type, None, code, Some(&detail), &[], Utc::now())
-        {
-            Ok(reply) => xml_response(reply.bytes),
+        let reply = match self.shared.flows.respond(
+            inst,
+            msg_type,
+            None,
+            code,
+            Some(&detail),
+            &[],
+            Utc::now(),
+        ) {
+            Ok(reply) => reply,
             Err(e) => {
                 tracing::error!(error = %e, "cannot sign a rejection");
-                StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+        };
+        let audit = &self.shared.audit;
+        if !audit.is_enabled() {
+            return xml_response(reply.bytes);
+        }
+        // The bytes as received (nothing for a body over the limit: it was not read whole).
+        let request = NewRecord {
+            direction: Direction::In,
+            peer: peer.clone(),
+            message_type: msg_type.name().to_string(),
+            txn_id: None,
+            peer_signature: PeerSignature::NotVerified,
+            bytes: if code == ResultCode::MessageTooLarge {
+                Vec::new()
+            } else {
+                raw.to_vec()
+            },
+        };
+        let answer = answer_record(peer, msg_type, &reply.bytes);
+        let sink = audit.clone();
+        // The appends wait for the disk: off the runtime. Bounded by the channel's connection
+        // limit (one request in flight per connection) and the log's queue bound.
+        let logged = tokio::task::spawn_blocking(move || {
+            let request = sink.submit(request);
+            sink.append(answer).and(request.wait())
+        })
+        .await;
+        match logged {
+            Ok(Ok(_)) => xml_response(reply.bytes),
+            _ => {
+                let failed = internal(&self.shared.flows, inst, msg_type);
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    xml_response(failed.bytes),
+                )
+                    .into_response()
             }
         }
     }
+}
+
+/// The peer of a request whose sender is not a configured institution.
+const UNKNOWN_PEER: &str = "unknown";
+
+/// An answer as logged: outbound, with the transaction it is about when it names one.
+fn answer_record(peer: String, msg_type: MsgType, bytes: &[u8]) -> NewRecord {
+    NewRecord {
+        direction: Direction::Out,
+        peer,
+        message_type: msg_type.response_name(),
+        txn_id: answered_txn_id(msg_type, bytes),
+        peer_signature: PeerSignature::None,
+        bytes: bytes.to_vec(),
+    }
+}
+
+/// The `<TxnId>` our own answer carries (debit, credit, refund, query); a range query lists
+/// many, so none.
+fn answered_txn_id(msg_type: MsgType, bytes: &[u8]) -> Option<Uuid> {
+    if msg_type == MsgType::QueryRange {
+        return None;
+    }
+    const OPEN: &[u8] = b"<TxnId>";
+    let start = bytes.windows(OPEN.len()).position(|w| w == OPEN)? + OPEN.len();
+    let rest = &bytes[start..];
+    let end = rest.iter().position(|&b| b == b'<')?;
+    Uuid::try_parse_ascii(&rest[..end]).ok()
 }
 
 /// For answering a sender we do not know: sign in the default DER form.
@@ -401,22 +493,26 @@ async fn handle(
     let body = match body {
         Ok(body) if body.len() <= state.max_body => body,
         Ok(body) => {
-            return gateway.refuse(
-                None,
-                msg_type,
-                &body,
-                ResultCode::MessageTooLarge,
-                format!("the limit is {} bytes", state.max_body),
-            );
+            return gateway
+                .refuse(
+                    None,
+                    msg_type,
+                    &body,
+                    ResultCode::MessageTooLarge,
+                    format!("the limit is {} bytes", state.max_body),
+                )
+                .await;
         }
         Err(_) => {
-            return gateway.refuse(
-                None,
-                msg_type,
-                &[],
-                ResultCode::MessageTooLarge,
-                format!("the limit is {} bytes", state.max_body),
-            );
+            return gateway
+                .refuse(
+                    None,
+                    msg_type,
+                    &Bytes::new(),
+                    ResultCode::MessageTooLarge,
+                    format!("the limit is {} bytes", state.max_body),
+                )
+                .await;
         }
     };
     let (signed_len, signature, header, body_element) = match message::parse(&body) {
@@ -427,36 +523,42 @@ async fn handle(
             message.body,
         ),
         Err(e) => {
-            return gateway.refuse(
-                None,
-                msg_type,
-                &body,
-                ResultCode::MalformedMessage,
-                e.to_string(),
-            );
+            return gateway
+                .refuse(
+                    None,
+                    msg_type,
+                    &body,
+                    ResultCode::MalformedMessage,
+                    e.to_string(),
+                )
+                .await;
         }
     };
     let sender = header.text_of("SndInstId").unwrap_or("").to_string();
     let Some(institution) = gateway.institutions.get(&sender) else {
-        return gateway.refuse(
-            None,
-            msg_type,
-            &body,
-            ResultCode::UnknownInstitution,
-            format!(
-                "SndInstId {:?} is not configured",
-                sender.chars().take(32).collect::<String>()
-            ),
-        );
+        return gateway
+            .refuse(
+                None,
+                msg_type,
+                &body,
+                ResultCode::UnknownInstitution,
+                format!(
+                    "SndInstId {:?} is not configured",
+                    sender.chars().take(32).collect::<String>()
+                ),
+            )
+            .await;
     };
     if institution.limiter.check().is_err() {
-        return gateway.refuse(
-            Some(&institution.config),
-            msg_type,
-            &body,
-            ResultCode::SystemBusy,
-            "rate limit reached".into(),
-        );
+        return gateway
+            .refuse(
+                Some(&institution.config),
+                msg_type,
+                &body,
+                ResultCode::SystemBusy,
+                "rate limit reached".into(),
+            )
+            .await;
     }
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let job = Job {
@@ -469,37 +571,28 @@ async fn handle(
         received: Utc::now(),
         reply: reply_tx,
     };
-    match institution.queue.try_send(job) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
-            return gateway.refuse(
-                Some(&institution.config),
-                msg_type,
-                &body,
-                ResultCode::SystemBusy,
-                "queue full".into(),
-            );
-        }
-        Err(TrySendError::Disconnected(_)) => {
-            return gateway.refuse(
-                Some(&institution.config),
-                msg_type,
-                &body,
-                ResultCode::InternalError,
-                "workers stopped".into(),
-            );
-        }
-    }
-    match reply_rx.await {
-        Ok(reply) => xml_response(reply.bytes),
-        Err(_) => gateway.refuse(
+    let refusal = match institution.queue.try_send(job) {
+        Ok(()) => match reply_rx.await {
+            Ok(Answered { status, bytes }) if status == StatusCode::OK => {
+                return xml_response(bytes);
+            }
+            Ok(Answered { status, bytes }) => {
+                return (status, xml_response(bytes)).into_response();
+            }
+            Err(_) => (ResultCode::InternalError, "the worker failed"),
+        },
+        Err(TrySendError::Full(_)) => (ResultCode::SystemBusy, "queue full"),
+        Err(TrySendError::Disconnected(_)) => (ResultCode::InternalError, "workers stopped"),
+    };
+    gateway
+        .refuse(
             Some(&institution.config),
             msg_type,
             &body,
-            ResultCode::InternalError,
-            "the worker failed".into(),
-        ),
-    }
+            refusal.0,
+            refusal.1.into(),
+        )
+        .await
 }
 
 /// How long a transaction may sit in SENT_TO_CORE before the resolver treats its worker as gone.
@@ -597,13 +690,90 @@ fn worker(institution: &Institution, shared: &Shared, jobs: &Mutex<Receiver<Job>
                 Err(_) => return,
             }
         };
-        let reply = process(institution, shared, &job);
-        let _ = job.reply.send(reply);
+        let answered = serve(institution, shared, &job);
+        let _ = job.reply.send(answered);
+    }
+}
+
+/// The request's record, handed to the log once the request is verified or refused.
+struct RequestLog<'a> {
+    audit: &'a AuditSink,
+    inst_id: &'a str,
+    job: &'a Job,
+    ticket: Option<Ticket>,
+}
+
+impl RequestLog<'_> {
+    fn record(&self, peer_signature: PeerSignature) -> NewRecord {
+        NewRecord {
+            direction: Direction::In,
+            peer: self.inst_id.to_string(),
+            message_type: self.job.msg_type.name().to_string(),
+            txn_id: None,
+            peer_signature,
+            bytes: self.job.raw.to_vec(),
+        }
+    }
+
+    /// The signature verified: log the request before anything acts on it. False when the
+    /// log has failed, so nothing may act on it.
+    fn verified(&mut self) -> bool {
+        if self.audit.is_enabled() {
+            self.ticket = Some(self.audit.submit(self.record(PeerSignature::Verified)));
+        }
+        !self.audit.is_failed()
+    }
+
+    /// Logs the answer (and the request, as refused, if it was not logged as verified) and
+    /// waits for the disk. Err: the answer must not be sent.
+    fn answer(mut self, reply: &Reply) -> Result<(), crate::audit::AuditFailure> {
+        if !self.audit.is_enabled() {
+            return Ok(());
+        }
+        let request = match self.ticket.take() {
+            Some(ticket) => ticket,
+            None => self.audit.submit(self.record(PeerSignature::NotVerified)),
+        };
+        self.audit
+            .append(answer_record(
+                self.inst_id.to_string(),
+                self.job.msg_type,
+                &reply.bytes,
+            ))
+            .and(request.wait())
+            .map(|_| ())
+    }
+}
+
+/// One request on a worker: verification, the flow, and the answer, logged before it leaves.
+fn serve(institution: &Institution, shared: &Shared, job: &Job) -> Answered {
+    let mut log = RequestLog {
+        audit: &shared.audit,
+        inst_id: &institution.config.id,
+        job,
+        ticket: None,
+    };
+    let reply = process(institution, shared, job, &mut log);
+    match log.answer(&reply) {
+        Ok(()) => Answered {
+            status: StatusCode::OK,
+            bytes: reply.bytes,
+        },
+        Err(_) => Answered {
+            // The sink said why, once; this answer is not in the log (it could not be).
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            bytes: internal(&shared.flows, &institution.config, job.msg_type).bytes,
+        },
     }
 }
 
 /// The verification steps and the flow, on an institution's worker thread.
-fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
+fn process(
+    institution: &Institution,
+    shared: &Shared,
+    job: &Job,
+    log: &mut RequestLog<'_>,
+) -> Reply {
     let inst = &institution.config;
     let flows = &shared.flows;
     let now = job.received;
@@ -653,6 +823,10 @@ fn process(institution: &Institution, shared: &Shared, job: &Job) -> Reply {
         return fail(&mut conn, ResultCode::BadSignature, e.to_string());
     }
     // From here on the message is authentic: its content may be trusted to mean what it says.
+    // It is logged before anything acts on it; with the log failed nothing may.
+    if !log.verified() {
+        return internal(flows, inst, job.msg_type);
+    }
     let sent = match request::time(&header("SndDtTm"), "SndDtTm") {
         Ok(sent) => sent.with_timezone(&Utc),
         Err(e) => return fail(&mut conn, e.code, e.detail),

@@ -52,11 +52,13 @@ pub mod checkpoint;
 mod error;
 pub mod export;
 pub mod merkle;
+pub mod operator;
 pub mod proof;
 pub mod pubkeys;
 pub mod record;
 pub mod recovery;
 pub mod segment;
+pub mod sink;
 pub mod verify;
 mod writer;
 
@@ -64,8 +66,12 @@ pub use self::checkpoint::Checkpoint;
 pub use self::error::AuditError;
 pub use self::pubkeys::Pubkeys;
 pub use self::record::{Direction, FORMAT_VERSION, PeerSignature};
+pub use self::sink::{AuditFailure, AuditSink, Ticket};
 pub use self::verify::{Report, verify, verify_with_anchors};
-pub use self::writer::{AuditKey, AuditLog, AuditSettings, CheckpointInfo, NewRecord};
+pub use self::writer::{
+    AuditKey, AuditLog, AuditSettings, AuditStats, CheckpointInfo, MAX_CHECKPOINT_EVERY_RECORDS,
+    MAX_QUEUE_BOUND, NewRecord, Pending,
+};
 
 /// Segment and quarantine files: the service writes, its group (auditors' tooling) reads.
 const FILE_MODE: u32 = 0o640;

@@ -200,7 +200,49 @@ pub struct AuditLog {
     sender: SyncSender<Command>,
     thread: Mutex<Option<JoinHandle<()>>>,
     durable_seq: Arc<AtomicU64>,
+    stats: Arc<Counters>,
     recovery: Vec<String>,
+}
+
+/// A record handed to the writer with [`AuditLog::submit`]. `wait` returns its sequence number
+/// once it is on disk. Dropping it without waiting is allowed (the writer still writes the
+/// record and counts its outcome in [`AuditStats`]); anything sent afterwards that depends on
+/// it must be covered by a later `append` or `wait`, which returns only after every record
+/// submitted before it is durable (one writer, one order).
+pub struct Pending {
+    answer: Receiver<Result<u64, AuditError>>,
+}
+
+impl Pending {
+    pub fn wait(self) -> Result<u64, AuditError> {
+        self.answer.recv().map_err(|_| AuditError::Closed)?
+    }
+}
+
+/// What the writer did so far, for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Records acknowledged durable (recovery records at open not counted).
+    pub appended: u64,
+    /// Records refused (a bad field, or the log unusable).
+    pub refused: u64,
+    /// Checkpoints written since open (the ones open writes included).
+    pub checkpoints: u64,
+    /// The last record sealed by a checkpoint (0: none yet).
+    pub last_checkpoint_seq: u64,
+    /// The highest sequence number on disk.
+    pub durable_seq: u64,
+    /// Why the log stopped, once it did (fail-stop after an I/O or signing error).
+    pub unusable: Option<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    appended: AtomicU64,
+    refused: AtomicU64,
+    checkpoints: AtomicU64,
+    last_checkpoint_seq: AtomicU64,
+    unusable: Mutex<Option<String>>,
 }
 
 impl AuditLog {
@@ -231,6 +273,7 @@ impl AuditLog {
         }
         let (sender, receiver) = sync_channel(writer.settings.queue_bound);
         let durable_seq = Arc::clone(&writer.durable_seq);
+        let stats = Arc::clone(&writer.stats);
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(receiver))
@@ -243,6 +286,7 @@ impl AuditLog {
             sender,
             thread: Mutex::new(Some(thread)),
             durable_seq,
+            stats,
             recovery: recovery_notes,
         })
     }
@@ -251,11 +295,35 @@ impl AuditLog {
     /// it before sending anything that depends on the message being logged. Blocks while the
     /// queue is full.
     pub fn append(&self, record: NewRecord) -> Result<u64, AuditError> {
+        self.submit(record)?.wait()
+    }
+
+    /// Hands one message to the writer without waiting for the disk (blocks only while the
+    /// queue is full). Records keep the order of their `submit` calls, so a later `append`
+    /// that returned Ok proves this one durable too; `Pending::wait` tells this one's fate.
+    pub fn submit(&self, record: NewRecord) -> Result<Pending, AuditError> {
         let (reply, answer) = sync_channel(1);
         self.sender
             .send(Command::Append { record, reply })
             .map_err(|_| AuditError::Closed)?;
-        answer.recv().map_err(|_| AuditError::Closed)?
+        Ok(Pending { answer })
+    }
+
+    /// Counters and state for metrics and health checks.
+    pub fn stats(&self) -> AuditStats {
+        let c = &self.stats;
+        AuditStats {
+            appended: c.appended.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            checkpoints: c.checkpoints.load(Ordering::Relaxed),
+            last_checkpoint_seq: c.last_checkpoint_seq.load(Ordering::Relaxed),
+            durable_seq: self.durable_seq(),
+            unusable: c
+                .unusable
+                .lock()
+                .map(|u| u.clone())
+                .unwrap_or_else(|p| p.into_inner().clone()),
+        }
     }
 
     /// Seals the records not yet covered by a checkpoint, now; None when there were none.
@@ -370,6 +438,7 @@ struct Writer {
     /// Frames written into this batch and not yet in the file.
     buffer: Vec<u8>,
     durable_seq: Arc<AtomicU64>,
+    stats: Arc<Counters>,
     failed: Option<String>,
     notes: Vec<String>,
 }
@@ -417,6 +486,7 @@ impl Writer {
             pending,
             buffer: Vec::new(),
             durable_seq: Arc::new(AtomicU64::new(next_seq - 1)),
+            stats: Arc::new(Counters::default()),
             failed: None,
             notes: Vec::new(),
         };
@@ -653,6 +723,10 @@ impl Writer {
             .sign(&signed, SignatureFormat::Der)
             .map_err(AuditError::Signing)?;
         CheckpointFrame { signed, signature }.encode_frame(&mut self.buffer)?;
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .last_checkpoint_seq
+            .store(checkpoint.last_seq, Ordering::Relaxed);
         self.pending.clear();
         self.pending_first = self.next_seq;
         self.pending_since = None;
@@ -695,6 +769,12 @@ impl Writer {
         let unusable = |reason: &Option<String>| AuditError::Unusable {
             reason: reason.clone().unwrap_or_default(),
         };
+        if let Some(reason) = &self.failed
+            && let Ok(mut shown) = self.stats.unusable.lock()
+            && shown.is_none()
+        {
+            *shown = Some(reason.clone());
+        }
         for answer in answers.drain(..) {
             // A caller that gave up waiting is gone; nothing to tell it.
             match answer {
@@ -704,6 +784,11 @@ impl Writer {
                         Ok(_) => Err(unusable(&self.failed)),
                         Err(error) => Err(error),
                     };
+                    let counter = match &result {
+                        Ok(_) => &self.stats.appended,
+                        Err(_) => &self.stats.refused,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     let _ = reply.send(result);
                 }
                 Answer::Checkpoint { result, reply } => {

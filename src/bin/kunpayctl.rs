@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use diesel::Connection as _;
 use kunpay::config::{Config, Mode};
 use kunpay::crypto::keyfile::{self, PassphraseSource};
 use kunpay::crypto::sm2::{DEFAULT_DISTID, PrivateKey, SignatureFormat, Signer, Verifier};
@@ -277,6 +278,10 @@ enum NotifyCommand {
         #[command(flatten)]
         database: DatabaseArgs,
         event_id: String,
+        /// Who (default: the operating-system user running kunpayctl); recorded with the
+        /// action for the audit log.
+        #[arg(long)]
+        by: Option<String>,
     },
 }
 
@@ -659,9 +664,31 @@ fn notify(command: NotifyCommand) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        NotifyCommand::Replay { event_id, .. } => {
+        NotifyCommand::Replay { event_id, by, .. } => {
             let event_id = parse_event_id(&event_id)?;
-            if store::replay(&mut conn, event_id, chrono::Utc::now())? {
+            let name = operator_name(by);
+            let now = chrono::Utc::now();
+            // The change and its operator-action row (for the audit log) commit together.
+            let replayed = conn.transaction::<_, anyhow::Error, _>(|conn| {
+                if !store::replay(conn, event_id, now)? {
+                    return Ok(false);
+                }
+                let n = store::get(conn, event_id)?.context("the replayed notification")?;
+                record_action(
+                    conn,
+                    &name,
+                    "NOTIFY_REPLAY",
+                    Some(n.txn_id),
+                    &[
+                        ("event", n.event_id.simple().to_string()),
+                        ("institution", n.inst_id.clone()),
+                        ("txn_state", n.txn_state.clone()),
+                    ],
+                    now,
+                )?;
+                Ok(true)
+            })?;
+            if replayed {
                 println!(
                     "notification {} queued; the institution's notifier sends it within notify.poll_every",
                     event_id.simple()
@@ -682,6 +709,46 @@ fn parse_txn_id(text: &str) -> anyhow::Result<uuid::Uuid> {
     uuid::Uuid::parse_str(text.trim()).with_context(|| {
         format!("\"{text}\" is not a transaction id (32 hex digits, as `risk case list` shows)")
     })
+}
+
+/// The operator-action row of a change, written in the change's own database transaction so
+/// the daemon logs it to the audit log exactly once (`kunpay::audit::operator`).
+fn record_action(
+    conn: &mut diesel::PgConnection,
+    operator: &str,
+    command: &str,
+    txn_id: Option<uuid::Uuid>,
+    detail: &[(&str, String)],
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<i64> {
+    Ok(kunpay::audit::operator::record(
+        conn,
+        &kunpay::audit::operator::OperatorAction {
+            operator,
+            command,
+            txn_id,
+            detail,
+        },
+        now,
+    )?)
+}
+
+/// What a list change logs: the entry as stored (card, id and phone numbers as their keyed
+/// digest and masked form, never in plaintext).
+fn list_detail(
+    list: &str,
+    kind: &str,
+    key: &str,
+    shown: &str,
+    reason: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("list", list.to_string()),
+        ("kind", kind.to_string()),
+        ("value", shown.to_string()),
+        ("key", key.to_string()),
+        ("reason", reason.to_string()),
+    ]
 }
 
 fn operator_name(by: Option<String>) -> String {
@@ -788,15 +855,29 @@ fn risk(command: RiskCommand) -> anyhow::Result<u8> {
             CaseCommand::Approve { txn, note, by, .. } => {
                 let txn_id = parse_txn_id(&txn)?;
                 let name = operator_name(by);
-                let verdict = journal::approve(
-                    &mut conn,
-                    txn_id,
-                    &journal::Reviewer {
-                        name: &name,
-                        note: &note,
-                    },
-                    chrono::Utc::now(),
-                )?;
+                let now = chrono::Utc::now();
+                let verdict = conn.transaction::<_, anyhow::Error, _>(|conn| {
+                    let verdict = journal::approve(
+                        conn,
+                        txn_id,
+                        &journal::Reviewer {
+                            name: &name,
+                            note: &note,
+                        },
+                        now,
+                    )?;
+                    if verdict == journal::Verdict::Applied {
+                        record_action(
+                            conn,
+                            &name,
+                            "RISK_CASE_APPROVE",
+                            Some(txn_id),
+                            &[("note", note.clone())],
+                            now,
+                        )?;
+                    }
+                    Ok(verdict)
+                })?;
                 report_verdict(txn_id, verdict, "approved; the daemon sends it to the core")
             }
             CaseCommand::Decline { txn, note, by, .. } => {
@@ -813,17 +894,39 @@ fn risk(command: RiskCommand) -> anyhow::Result<u8> {
                         .is_none_or(|i| i.callback_url.is_some()),
                     _ => true,
                 };
-                let verdict = journal::decline(
-                    &mut conn,
-                    txn_id,
-                    &journal::Reviewer {
-                        name: &name,
-                        note: &note,
-                    },
-                    kunpay::channel::codes::ResultCode::RiskDeclined.code(),
-                    notify,
-                    chrono::Utc::now(),
-                )?;
+                let now = chrono::Utc::now();
+                let verdict = conn.transaction::<_, anyhow::Error, _>(|conn| {
+                    let verdict = journal::decline(
+                        conn,
+                        txn_id,
+                        &journal::Reviewer {
+                            name: &name,
+                            note: &note,
+                        },
+                        kunpay::channel::codes::ResultCode::RiskDeclined.code(),
+                        notify,
+                        now,
+                    )?;
+                    if verdict == journal::Verdict::Applied {
+                        record_action(
+                            conn,
+                            &name,
+                            "RISK_CASE_DECLINE",
+                            Some(txn_id),
+                            &[
+                                ("note", note.clone()),
+                                (
+                                    "result_code",
+                                    kunpay::channel::codes::ResultCode::RiskDeclined
+                                        .code()
+                                        .to_string(),
+                                ),
+                            ],
+                            now,
+                        )?;
+                    }
+                    Ok(verdict)
+                })?;
                 report_verdict(
                     txn_id,
                     verdict,
@@ -1056,7 +1159,21 @@ fn risk_list(conn: &mut diesel::PgConnection, command: ListCommand) -> anyhow::R
                 reason: &reason,
                 at: chrono::Utc::now(),
             };
-            if list_store::add(conn, colour, dimension, &key, &shown, &change)? {
+            let added = conn.transaction::<_, anyhow::Error, _>(|conn| {
+                let added = list_store::add(conn, colour, dimension, &key, &shown, &change)?;
+                if added {
+                    record_action(
+                        conn,
+                        &name,
+                        "RISK_LIST_ADD",
+                        None,
+                        &list_detail(&list, &kind, &key, &shown, &reason),
+                        change.at,
+                    )?;
+                }
+                Ok(added)
+            })?;
+            if added {
                 println!("added {kind} {shown} to the {list} list");
                 Ok(0)
             } else {
@@ -1086,7 +1203,21 @@ fn risk_list(conn: &mut diesel::PgConnection, command: ListCommand) -> anyhow::R
                 reason: &reason,
                 at: chrono::Utc::now(),
             };
-            if list_store::remove(conn, colour, dimension, &key, &change)? {
+            let removed = conn.transaction::<_, anyhow::Error, _>(|conn| {
+                let removed = list_store::remove(conn, colour, dimension, &key, &change)?;
+                if removed {
+                    record_action(
+                        conn,
+                        &name,
+                        "RISK_LIST_REMOVE",
+                        None,
+                        &list_detail(&list, &kind, &key, &shown, &reason),
+                        change.at,
+                    )?;
+                }
+                Ok(removed)
+            })?;
+            if removed {
                 println!("removed {kind} {shown} from the {list} list");
                 Ok(0)
             } else {

@@ -204,6 +204,26 @@ pub struct RiskConfig {
     pub fail_open: bool,
 }
 
+/// The SM-signed message log (docs/audit.md): where it is written and how it is sealed.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The log directory (one per node; the daemon holds its lock).
+    pub dir: PathBuf,
+    /// The node's audit signing key (PKCS#8 PEM, SM2), read before the privilege drop.
+    pub sign_private: PathBuf,
+    pub sign_passphrase: Option<PassphraseSource>,
+    /// The id auditors know the key's public half by; written into every checkpoint.
+    pub key_id: String,
+    /// A checkpoint at least this often while records arrive...
+    pub checkpoint_every: Duration,
+    /// ...and after this many records, whichever comes first.
+    pub checkpoint_every_records: u64,
+    /// A segment is closed before it grows past this size (and at each UTC day).
+    pub max_segment_size: u64,
+    /// Records that may wait for the writer; more make their callers wait (back-pressure).
+    pub queue_bound: usize,
+}
+
 /// Result notifications to institutions' callback URLs.
 #[derive(Debug, Clone)]
 pub struct NotifyConfig {
@@ -328,6 +348,8 @@ pub struct Config {
     /// `None` when the file has no `[risk]` section: every transaction is approved and the
     /// history says no rules are configured.
     pub risk: Option<RiskConfig>,
+    /// `None` when the file has no `[audit]` section: no message log (tests, development).
+    pub audit: Option<AuditConfig>,
 }
 
 /// How strict loading is about keys that only the embedded development setup may omit.
@@ -431,6 +453,9 @@ impl Config {
         }
         if format!("{:?}", a.institutions) != format!("{:?}", b.institutions) {
             changed.push("institutions.*");
+        }
+        if format!("{:?}", a.audit) != format!("{:?}", b.audit) {
+            changed.push("audit.*");
         }
         if a.log.target != b.log.target
             || a.log.format != b.log.format
@@ -711,6 +736,8 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
         fail_open: read_on_timeout(r, "risk.on_timeout", true),
     });
 
+    let audit = read_audit(r);
+
     Config {
         source: path.to_path_buf(),
         node,
@@ -725,7 +752,62 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
         core,
         notify,
         risk,
+        audit,
     }
+}
+
+fn read_audit(r: &mut Reader) -> Option<AuditConfig> {
+    if !r.section_exists("audit") {
+        return None;
+    }
+    let key_id = r.str_or("audit.key_id", "");
+    if crate::audit::record::check_identifier("key id", &key_id, 64).is_err() {
+        r.reject(
+            "audit.key_id",
+            format!(
+                "\"{key_id}\" must be 1-64 characters of A-Z a-z 0-9 . _ - (the id auditors know \
+                 the audit public key by, e.g. \"node-a-2026\"); it is required with [audit]"
+            ),
+        );
+    }
+    let dir = r
+        .opt_path("audit.dir")
+        .unwrap_or_else(|| PathBuf::from("/var/lib/kunpay/audit"));
+    if !dir.is_absolute() {
+        r.reject("audit.dir", "must be an absolute path");
+    }
+    Some(AuditConfig {
+        dir,
+        sign_private: r
+            .opt_path("audit.sign_private")
+            .unwrap_or_else(|| PathBuf::from("/etc/kunpay/keys/audit-sign.pem")),
+        sign_passphrase: read_passphrase_source(
+            r,
+            "audit.sign_passphrase_file",
+            "audit.sign_passphrase_credential",
+        ),
+        key_id,
+        checkpoint_every: r.duration_or(
+            "audit.checkpoint_every",
+            Duration::from_secs(60),
+            (Duration::from_millis(100), Duration::from_secs(86_400)),
+        ),
+        checkpoint_every_records: r.int_or(
+            "audit.checkpoint_every_records",
+            10_000,
+            1..=crate::audit::MAX_CHECKPOINT_EVERY_RECORDS as i64,
+        ) as u64,
+        max_segment_size: r.size_or(
+            "audit.max_segment_size",
+            256 * 1024 * 1024,
+            (64 * 1024, 1024 * 1024 * 1024 * 1024),
+        ),
+        queue_bound: r.int_or(
+            "audit.queue_bound",
+            4096,
+            1..=crate::audit::MAX_QUEUE_BOUND as i64,
+        ) as usize,
+    })
 }
 
 /// `open` (approve past the budget) or `closed` (decline).

@@ -4,6 +4,11 @@
 //! waiting for a reply, the reply timeout, and the verdict on every received reply (bad MAC,
 //! unknown correlation id, wrong type, duplicate, late). A posting reply nobody waits for any
 //! more goes to the late-reply queue, where the payment flows reconcile it with the journal.
+//! Audit log: every request is handed to the log (outbound, properties and exact body) before
+//! it is published, every received message (inbound, as received, whatever its verdict: late,
+//! duplicate, bad MAC) before its verdict is acted on, so the answer to an institution that
+//! depends on a reply is appended after it. Neither waits for the disk here: the answer's
+//! append does (docs/audit.md).
 //! Must never: apply a reply itself (the journal's compare-and-set does that, once), match a
 //! reply whose MAC failed, wait without a deadline, or hold more requests than its bound.
 
@@ -22,6 +27,7 @@ use super::{
     BindOutcome, BindRequest, CodeCheck, CoreError, CoreLink, Posting, PostingOutcome, Reversal,
     ReversalOutcome,
 };
+use crate::audit::{AuditSink, Direction, NewRecord, PeerSignature};
 
 /// A posting reply that arrived when nobody waited for it: after the timeout, a duplicate, or
 /// after a restart. The flows compare it with the journal.
@@ -136,6 +142,7 @@ struct Shared {
 
 pub struct MqCore {
     link: Arc<dyn Transport>,
+    audit: AuditSink,
     /// Where the waits for replies run (the caller is a worker thread outside it).
     runtime: tokio::runtime::Handle,
     settings: BridgeSettings,
@@ -151,13 +158,25 @@ impl MqCore {
         settings: BridgeSettings,
         keys: Arc<MacKeys>,
     ) -> (MqCore, Receiver<LateReply>) {
+        MqCore::start_logged(runtime, amqp, settings, keys, AuditSink::disabled())
+    }
+
+    /// `start`, with every message published and received handed to `audit`.
+    pub fn start_logged(
+        runtime: tokio::runtime::Handle,
+        amqp: AmqpSettings,
+        settings: BridgeSettings,
+        keys: Arc<MacKeys>,
+        audit: AuditSink,
+    ) -> (MqCore, Receiver<LateReply>) {
         assert_eq!(amqp.consume_queue, settings.reply_queue);
         let amqp_runtime = runtime.clone();
-        MqCore::start_with(
+        MqCore::start_with_log(
             runtime,
             Box::new(move |handler| Arc::new(AmqpLink::start(amqp_runtime, amqp, handler))),
             settings,
             keys,
+            audit,
         )
     }
 
@@ -169,6 +188,17 @@ impl MqCore {
         settings: BridgeSettings,
         keys: Arc<MacKeys>,
     ) -> (MqCore, Receiver<LateReply>) {
+        MqCore::start_with_log(runtime, connect, settings, keys, AuditSink::disabled())
+    }
+
+    /// `start_with`, logging to `audit`.
+    pub fn start_with_log(
+        runtime: tokio::runtime::Handle,
+        connect: Connect,
+        settings: BridgeSettings,
+        keys: Arc<MacKeys>,
+        audit: AuditSink,
+    ) -> (MqCore, Receiver<LateReply>) {
         assert!(settings.max_in_flight > 0 && settings.late_queue > 0);
         let (late, late_replies) = sync_channel(settings.late_queue);
         let shared = Arc::new(Shared {
@@ -179,13 +209,25 @@ impl MqCore {
             backlog: AtomicU64::new(0),
         });
         let handler_shared = shared.clone();
+        let handler_audit = audit.clone();
         let handler: super::transport::Handler = Arc::new(move |message: RawMessage| {
-            let disposition = on_reply(&handler_shared, message);
-            Box::pin(async move { disposition })
+            let (shared, audit) = (handler_shared.clone(), handler_audit.clone());
+            Box::pin(async move {
+                if audit.is_enabled() {
+                    // Logged as received before the verdict hands the reply to its waiter, so
+                    // the answer that depends on it comes after it in the log. The log's queue
+                    // may be full: wait for it off the runtime (deliveries are handled one at
+                    // a time, so the order holds).
+                    let record = received_record(&message);
+                    let _ = tokio::task::spawn_blocking(move || drop(audit.submit(record))).await;
+                }
+                on_reply(&shared, message)
+            })
         });
         let link = connect(handler);
         (
             MqCore {
+                audit,
                 link,
                 runtime,
                 settings,
@@ -260,6 +302,13 @@ impl MqCore {
             now_ms(),
             request.encode(),
         );
+        // Into the log before it leaves; not waited for here: the institution's answer that
+        // depends on this call is appended after it and waits for both.
+        drop(self.audit.submit(published_record(
+            &envelope,
+            request_txn_id(request),
+            &self.settings.reply_queue,
+        )));
         // The reply and the broker's confirm are awaited together: the core can answer before
         // the broker has synced the request to disk, and a persisted request whose reply is
         // already here needs no confirm to be acted on.
@@ -339,6 +388,102 @@ impl MqCore {
         }
     }
 }
+
+/// The transaction a request is about (none for bindings and code checks).
+fn request_txn_id(request: &CoreRequest) -> Option<Uuid> {
+    match request {
+        CoreRequest::Post(posting) => Some(posting.txn_id),
+        CoreRequest::Query { txn_id } => Some(*txn_id),
+        CoreRequest::Reverse(reversal) => Some(reversal.txn_id),
+        _ => None,
+    }
+}
+
+/// A core-link message as the audit log keeps it (docs/audit.md): its properties, one
+/// `name: value` line each (control bytes and `%` percent-escaped, absent ones left out), an
+/// empty line, then the body exactly as published or received.
+pub fn audit_bytes(properties: &[(&str, Option<String>)], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + body.len());
+    for (name, value) in properties {
+        let Some(value) = value else { continue };
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        for byte in value.bytes() {
+            if byte < 0x20 || byte == 0x7f || byte == b'%' {
+                out.extend_from_slice(format!("%{byte:02X}").as_bytes());
+            } else {
+                out.push(byte);
+            }
+        }
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out.extend_from_slice(body);
+    out
+}
+
+/// The audit record of a request about to be published.
+fn published_record(envelope: &Envelope, txn_id: Option<Uuid>, reply_to: &str) -> NewRecord {
+    NewRecord {
+        direction: Direction::Out,
+        peer: CORE_PEER.into(),
+        message_type: envelope.message_type.name().into(),
+        txn_id,
+        peer_signature: PeerSignature::None,
+        bytes: audit_bytes(
+            &[
+                ("type", Some(envelope.message_type.name().into())),
+                ("message-id", Some(envelope.message_id.clone())),
+                ("correlation-id", Some(envelope.correlation_id.clone())),
+                ("reply-to", Some(reply_to.into())),
+                ("sent-at-ms", Some(envelope.sent_at_ms.to_string())),
+                ("key-id", Some(envelope.key_id.clone())),
+                ("mac", Some(envelope.mac_hex())),
+            ],
+            &envelope.body,
+        ),
+    }
+}
+
+/// The audit record of a received message, nothing verified: its type when it names one we
+/// know, its transaction from the body's `txn_id` when there is one.
+fn received_record(message: &RawMessage) -> NewRecord {
+    let message_type = message
+        .message_type
+        .as_deref()
+        .and_then(MessageType::parse)
+        .map_or("kunpay.unknown", MessageType::name);
+    #[derive(serde::Deserialize)]
+    struct TxnOnly {
+        txn_id: Option<Uuid>,
+    }
+    let txn_id = serde_json::from_slice::<TxnOnly>(&message.body)
+        .ok()
+        .and_then(|b| b.txn_id);
+    NewRecord {
+        direction: Direction::In,
+        peer: CORE_PEER.into(),
+        message_type: message_type.into(),
+        txn_id,
+        peer_signature: PeerSignature::None,
+        bytes: audit_bytes(
+            &[
+                ("type", message.message_type.clone()),
+                ("message-id", message.message_id.clone()),
+                ("correlation-id", message.correlation_id.clone()),
+                ("reply-to", message.reply_to.clone()),
+                ("sent-at-ms", message.sent_at_ms.map(|v| v.to_string())),
+                ("key-id", message.key_id.clone()),
+                ("mac", message.mac.clone()),
+                ("redelivered", Some(message.redelivered.to_string())),
+            ],
+            &message.body,
+        ),
+    }
+}
+
+/// The peer of core-link records in the audit log.
+pub const CORE_PEER: &str = "core";
 
 /// The verdict on one received message. Runs on the runtime: no blocking.
 fn on_reply(shared: &Shared, message: RawMessage) -> Disposition {

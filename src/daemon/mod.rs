@@ -98,6 +98,8 @@ struct Prepared {
     dev_url: Option<Secret>,
     dev_cluster: Option<db::cluster::PrivateCluster>,
     risk: Option<crate::risk::Loaded>,
+    /// The message log, opened (and recovered) as the service user; `None` without `[audit]`.
+    audit: Option<crate::audit::AuditLog>,
 }
 
 fn start(options: Options) -> Result<u8, Fatal> {
@@ -129,6 +131,12 @@ fn start(options: Options) -> Result<u8, Fatal> {
     let signer = crate::crypto::sm2::Signer::new(&sign_key, &config.keys.distinguishing_id)
         .context("keys.distinguishing_id cannot be used with keys.sign_private")?;
     drop(sign_key);
+    // The audit key is read while still privileged, like every key; the log itself is opened
+    // after the privilege drop so its files belong to the service user.
+    let audit_key = match &config.audit {
+        Some(audit) => Some(load_audit_key(audit)?),
+        None => None,
+    };
 
     let password = match &config.database.password {
         Some(source) => Some(read_secret(source, "database.password_file")?),
@@ -220,6 +228,12 @@ fn start(options: Options) -> Result<u8, Fatal> {
         tracing::info!("started unprivileged; no privilege drop needed");
     }
 
+    // The log is recovered (a torn tail quarantined, unsealed records sealed) before anything
+    // is served; its writer thread is the first thread, started only after the drop.
+    let audit = match (&config.audit, audit_key) {
+        (Some(settings), Some(key)) => Some(open_audit_log(settings, &config.node.id, key)?),
+        _ => None,
+    };
     // Risk rules load before anything is served: a broken file stops the start with its line.
     let risk = match &config.risk {
         Some(risk) => Some(load_risk(risk)?),
@@ -232,6 +246,7 @@ fn start(options: Options) -> Result<u8, Fatal> {
         .context("starting the async runtime")?;
     let prepared = Prepared {
         risk,
+        audit,
         config,
         mode,
         log,
@@ -258,6 +273,7 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         dev_url,
         mut dev_cluster,
         risk,
+        audit,
     } = prepared;
 
     let migrate = config.database.migrate_on_start;
@@ -296,6 +312,21 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         state.metrics.clone(),
     )?;
     let heartbeat = tokio::spawn(heartbeat(state.clone()));
+    let audit = match audit {
+        Some(log) => {
+            let sink = crate::audit::AuditSink::new(log, state.clone());
+            tokio::spawn(sink.clone().export_metrics());
+            let settings = config.audit.as_ref().expect("opened only when configured");
+            spawn_operator_relay(
+                sink.clone(),
+                settings.dir.clone(),
+                pool.clone(),
+                state.clone(),
+            )?;
+            sink
+        }
+        None => crate::audit::AuditSink::disabled(),
+    };
     let risk = match (&config.risk, risk) {
         (Some(settings), Some(loaded)) => Some(start_risk(settings, loaded, &state)?),
         _ => None,
@@ -309,6 +340,7 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
             pool.clone(),
             &state,
             risk.as_ref().map(|(engine, _)| engine.clone()),
+            audit.clone(),
         )?),
     };
 
@@ -373,6 +405,18 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
     };
     abandoned += ops_served.drain(deadline).await;
     heartbeat.abort();
+    if audit.is_enabled() {
+        // Every answer that left is durable already; this seals the last records with a
+        // checkpoint so the verifier finds nothing unsealed.
+        let closing = audit.clone();
+        match tokio::task::spawn_blocking(move || closing.close()).await {
+            Ok(Ok(())) => tracing::info!("audit log sealed and closed"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the audit log was not closed cleanly; the next start seals its last records")
+            }
+            Err(e) => tracing::error!(error = %e, "closing the audit log failed"),
+        }
+    }
 
     let stop_reason = if abandoned == 0 {
         format!("{reason}; drained cleanly")
@@ -424,12 +468,13 @@ fn start_core_bridge(
     node_id: &str,
     pool: db::Pool,
     state: &Arc<NodeState>,
+    audit: crate::audit::AuditSink,
 ) -> anyhow::Result<Arc<dyn crate::core::CoreLink>> {
     let CoreLinkSecrets {
         mac_keys: keys,
         uri,
     } = secrets;
-    let (bridge, late_replies) = crate::core::bridge::MqCore::start(
+    let (bridge, late_replies) = crate::core::bridge::MqCore::start_logged(
         tokio::runtime::Handle::current(),
         crate::core::amqp::AmqpSettings {
             uri,
@@ -452,6 +497,7 @@ fn start_core_bridge(
             max_queued: amqp.max_queued,
         },
         keys,
+        audit,
     );
     let bridge = Arc::new(bridge);
     tokio::spawn(watch_outbox(
@@ -650,6 +696,101 @@ fn reconcile_late_replies(
     }
 }
 
+/// Reads `audit.sign_private` and proves it signs with the distinguishing id the verifier and
+/// the OpenSSL commands of docs/audit.md assume.
+fn load_audit_key(audit: &crate::config::AuditConfig) -> anyhow::Result<crate::audit::AuditKey> {
+    let key = keyfile::load_private_key(
+        &audit.sign_private,
+        audit.sign_passphrase.as_ref(),
+        "audit.sign_passphrase_file",
+    )
+    .context("loading audit.sign_private")?;
+    let signer = crate::crypto::sm2::Signer::new(&key, crate::crypto::sm2::DEFAULT_DISTID)
+        .context("audit.sign_private cannot sign with the distinguishing id 1234567812345678")?;
+    Ok(crate::audit::AuditKey {
+        key_id: audit.key_id.clone(),
+        signer,
+    })
+}
+
+/// Opens the log in `audit.dir`: recovers its end and seals what a crash left unsealed.
+fn open_audit_log(
+    audit: &crate::config::AuditConfig,
+    node_id: &str,
+    key: crate::audit::AuditKey,
+) -> anyhow::Result<crate::audit::AuditLog> {
+    let log = crate::audit::AuditLog::open(
+        &audit.dir,
+        crate::audit::AuditSettings {
+            node_id: node_id.to_string(),
+            max_segment_bytes: audit.max_segment_size,
+            checkpoint_every_records: audit.checkpoint_every_records,
+            checkpoint_every: audit.checkpoint_every,
+            queue_bound: audit.queue_bound,
+        },
+        key,
+    )
+    .with_context(|| format!("audit.dir {}", audit.dir.display()))?;
+    for note in log.recovery_notes() {
+        tracing::warn!(dir = %audit.dir.display(), "audit log recovery: {note}");
+    }
+    tracing::info!(
+        dir = %audit.dir.display(),
+        key_id = %audit.key_id,
+        durable_seq = log.durable_seq(),
+        "audit log open"
+    );
+    Ok(log)
+}
+
+/// How often the relay looks for operator actions to log.
+const OPERATOR_RELAY_EVERY: Duration = Duration::from_secs(1);
+
+/// Appends the operator actions kunpayctl committed to the database to the audit log, in
+/// order, exactly once (`audit::operator`). Only the active node does: a standby's database is
+/// a copy it must not write.
+fn spawn_operator_relay(
+    sink: crate::audit::AuditSink,
+    dir: PathBuf,
+    pool: db::Pool,
+    state: Arc<NodeState>,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("audit-operator".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(OPERATOR_RELAY_EVERY);
+                if state.role() != crate::config::Role::Active || sink.is_failed() {
+                    continue;
+                }
+                let Ok(mut conn) = db::checkout(&pool, Duration::from_secs(5)) else {
+                    continue;
+                };
+                match crate::audit::operator::relay_round(
+                    &mut conn,
+                    &sink,
+                    &dir,
+                    &state.node_id,
+                ) {
+                    Ok(round) if round.logged + round.found > 0 => tracing::info!(
+                        logged = round.logged,
+                        found_logged = round.found,
+                        "operator actions written to the audit log"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(
+                        "operator actions not logged yet ({e:#}); they stay in operator_action and are retried"
+                    ),
+                }
+                if let Ok(pending) = crate::audit::operator::unlogged_count(&mut conn) {
+                    state.metrics.audit_operator_actions_pending.set(pending);
+                }
+            }
+        })
+        .context("starting the operator-action relay")?;
+    Ok(())
+}
+
 /// Loads and checks the risk directory (before privileges are dropped the files are read as
 /// root; the watcher reads them again as the service user).
 fn load_risk(config: &crate::config::RiskConfig) -> Result<crate::risk::Loaded, Fatal> {
@@ -733,6 +874,7 @@ fn start_channel(
     pool: db::Pool,
     state: &Arc<NodeState>,
     risk: Option<Arc<crate::risk::RiskEngine>>,
+    audit: crate::audit::AuditSink,
 ) -> anyhow::Result<server::Served> {
     let channel_config = config
         .channel
@@ -797,6 +939,7 @@ fn start_channel(
             &config.node.id,
             pool.clone(),
             state,
+            audit.clone(),
         )?,
         None => Arc::new(
             crate::core::sim::CoreSimulator::with_demo_accounts()
@@ -811,6 +954,7 @@ fn start_channel(
             notify: config.notify.clone(),
             encrypt_key: channel.encrypt_key,
             encrypt_key_serial: config.keys.encrypt_key_serial.clone(),
+            audit,
         },
         core,
         connect,
@@ -1053,6 +1197,11 @@ pub fn check_config(path: &Path) -> Result<Config, String> {
             }
         }
         Err(e) => issue("keys.sign_private", e.to_string()),
+    }
+    if let Some(audit) = &config.audit
+        && let Err(e) = load_audit_key(audit)
+    {
+        issue("audit.sign_private", format!("{e:#}"));
     }
     if let Some(source) = &config.database.password
         && let Err(e) = source.read()

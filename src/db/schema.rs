@@ -239,3 +239,18 @@ diesel::allow_tables_to_appear_in_same_query!(
     risk_decision,
     risk_case
 );
+
+diesel::table! {
+    operator_action (action_id) {
+        action_id -> Int8,
+        at -> Timestamptz,
+        operator -> Varchar,
+        command -> Varchar,
+        txn_id -> Nullable<Uuid>,
+        detail -> Varchar,
+        claimed_by -> Nullable<Varchar>,
+        claimed_at -> Nullable<Timestamptz>,
+        audit_node -> Nullable<Varchar>,
+        audit_seq -> Nullable<Int8>,
+    }
+}

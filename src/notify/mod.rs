@@ -6,8 +6,11 @@
 //! attempt; marking a notification DELIVERED (HTTP 2xx), DEAD (schedule exhausted) or SKIPPED
 //! (no callback URL). One notifier thread per institution, so a hanging endpoint delays only
 //! its own institution, each attempt bounded by `notify.timeout`.
-//! Must never: announce a state the journal does not hold, retry without bound, or run on the
-//! payment path (the query API stays the source of truth).
+//! Audit log: each attempt's signed bytes are appended (outbound, durable) before the POST, and
+//! the institution's answer (status and body) is appended as an inbound record after it; with
+//! the log failed no attempt is made (the notification stays due).
+//! Must never: announce a state the journal does not hold, retry without bound, run on the
+//! payment path (the query API stays the source of truth), or POST what is not in the log.
 
 pub mod store;
 
@@ -15,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
+use crate::audit::{AuditSink, Direction, NewRecord, PeerSignature};
 use crate::config::{InstitutionConfig, NotifyConfig};
 use crate::db::{self, Pool};
 use crate::payment::Flows;
@@ -31,8 +35,14 @@ pub enum Delivery {
     Failed(String),
 }
 
-/// Sends one signed notification.
-pub fn deliver(agent: &ureq::Agent, url: &str, body: &[u8]) -> Delivery {
+/// `MsgTp`-like name of an institution's answer to a notification in the audit log.
+pub const NOTIFY_ANSWER_TYPE: &str = "TXN_NOTIFY_ANSWER";
+/// Bytes of an institution's answer read (and logged) at most.
+pub const MAX_ANSWER_BODY: u64 = 64 * 1024;
+
+/// Sends one signed notification; with the institution's answer (status and body, the body
+/// cut at [`MAX_ANSWER_BODY`]) when there was one.
+pub fn deliver(agent: &ureq::Agent, url: &str, body: &[u8]) -> (Delivery, Option<(u16, Vec<u8>)>) {
     match agent
         .post(url)
         .header("Content-Type", "application/xml; charset=utf-8")
@@ -40,20 +50,30 @@ pub fn deliver(agent: &ureq::Agent, url: &str, body: &[u8]) -> Delivery {
     {
         Ok(mut response) => {
             let status = response.status().as_u16();
-            // Read (bounded) so the connection can be reused; the content is not used.
-            let _ = response
+            // Read (bounded) so the connection can be reused, and for the audit log.
+            let answer = response
                 .body_mut()
                 .with_config()
-                .limit(64 * 1024)
-                .read_to_vec();
-            if (200..300).contains(&status) {
+                .limit(MAX_ANSWER_BODY)
+                .read_to_vec()
+                .unwrap_or_default();
+            let delivery = if (200..300).contains(&status) {
                 Delivery::Acknowledged(status)
             } else {
                 Delivery::Refused(status)
-            }
+            };
+            (delivery, Some((status, answer)))
         }
-        Err(e) => Delivery::Failed(e.to_string()),
+        Err(e) => (Delivery::Failed(e.to_string()), None),
     }
+}
+
+/// An institution's HTTP answer as the audit log keeps it: `HTTP <status>`, an empty line,
+/// then the body bytes as received.
+pub fn answer_bytes(status: u16, body: &[u8]) -> Vec<u8> {
+    let mut bytes = format!("HTTP {status}\n\n").into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
 }
 
 /// An HTTP client for callbacks: OpenSSL (native-tls) with the system's trusted roots.
@@ -80,7 +100,12 @@ pub fn round(
     pool: &Pool,
     agent: &ureq::Agent,
     settings: &NotifyConfig,
+    audit: &AuditSink,
 ) -> Result<usize, anyhow::Error> {
+    if audit.is_failed() {
+        // Nothing may be sent that is not logged; the node is not ready and waits for a restart.
+        return Ok(0);
+    }
     let checkout = || db::checkout(pool, Duration::from_secs(5));
     let now = Utc::now();
     let due = store::due(&mut *checkout()?, &inst.id, now, settings.batch as i64)?;
@@ -101,9 +126,35 @@ pub fn round(
             continue;
         };
         let body = flows.notification(inst, &row, notification.event_id, now)?;
+        let record = |direction, message_type: &str, bytes| NewRecord {
+            direction,
+            peer: inst.id.clone(),
+            message_type: message_type.to_string(),
+            txn_id: Some(row.txn_id),
+            peer_signature: PeerSignature::None,
+            bytes,
+        };
+        // Durable before it leaves; if it cannot be logged it is not sent (still due).
+        audit
+            .append(record(
+                Direction::Out,
+                crate::payment::NOTIFY_MSG_TP,
+                body.clone(),
+            ))
+            .map_err(|e| anyhow::anyhow!("notification {} not sent: {e}", notification.event_id))?;
         let started = Instant::now();
-        let delivery = deliver(agent, url, &body);
+        let (delivery, answer) = deliver(agent, url, &body);
         let took = started.elapsed();
+        if let Some((status, answer)) = answer
+            && let Err(e) = audit.append(record(
+                Direction::In,
+                NOTIFY_ANSWER_TYPE,
+                answer_bytes(status, &answer),
+            ))
+        {
+            // The attempt happened: it is recorded below all the same.
+            tracing::error!(institution = %inst.id, event_id = %notification.event_id, "the answer to a notification was not logged: {e}");
+        }
         let conn = &mut *checkout()?;
         let attempt = notification.attempts + 1;
         let finished = Utc::now();
@@ -161,10 +212,16 @@ pub fn round(
 }
 
 /// The notifier of one institution: runs until the process ends.
-pub fn run(inst: &InstitutionConfig, flows: &Flows, pool: &Pool, settings: &NotifyConfig) {
+pub fn run(
+    inst: &InstitutionConfig,
+    flows: &Flows,
+    pool: &Pool,
+    settings: &NotifyConfig,
+    audit: &AuditSink,
+) {
     let agent = agent(settings.timeout);
     loop {
-        let handled = match round(inst, flows, pool, &agent, settings) {
+        let handled = match round(inst, flows, pool, &agent, settings, audit) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(institution = %inst.id, "notification round failed: {e:#}");

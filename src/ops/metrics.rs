@@ -88,6 +88,20 @@ pub struct Metrics {
     pub risk_velocity_subjects: Gauge,
     /// Entries of the operators' lists (`kunpayctl risk list`) in use.
     pub risk_kept_list_entries: Gauge,
+    /// Audit log records acknowledged durable (`[audit]`; docs/audit.md).
+    pub audit_records_appended: Counter,
+    /// Records the audit log refused (a bad field, or the log stopped after an I/O error).
+    pub audit_append_failures: Counter,
+    /// Time from handing a record to the writer to its fdatasync, for the appends something
+    /// waits on (answers, notifications, operator actions).
+    pub audit_append_duration: Histogram,
+    pub audit_checkpoints: Counter,
+    /// The last record sealed by a signed checkpoint.
+    pub audit_last_checkpoint_seq: Gauge,
+    /// 1 while the audit log accepts records; 0 after it failed (readiness is 503 then).
+    pub audit_log_usable: Gauge,
+    /// Operator actions (kunpayctl) not yet in the audit log.
+    pub audit_operator_actions_pending: Gauge,
 }
 
 impl Metrics {
@@ -126,6 +140,14 @@ impl Metrics {
             risk_reload_failures: Gauge::default(),
             risk_velocity_subjects: Gauge::default(),
             risk_kept_list_entries: Gauge::default(),
+            audit_records_appended: Counter::default(),
+            audit_append_failures: Counter::default(),
+            // 50 us .. 3.3 s: an fdatasync is ~0.1-10 ms on a healthy disk.
+            audit_append_duration: Histogram::new(exponential_buckets(0.00005, 2.0, 17)),
+            audit_checkpoints: Counter::default(),
+            audit_last_checkpoint_seq: Gauge::default(),
+            audit_log_usable: Gauge::default(),
+            audit_operator_actions_pending: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -232,6 +254,41 @@ impl Metrics {
             "core_reversals",
             "Reversals of postings the core applied after their transaction failed, by state (REFUSED needs a person)",
             metrics.core_reversals.clone(),
+        );
+        registry.register(
+            "audit_records_appended",
+            "Audit log records acknowledged durable",
+            metrics.audit_records_appended.clone(),
+        );
+        registry.register(
+            "audit_append_failures",
+            "Audit log records refused (the log stops after an I/O error; see the error log line)",
+            metrics.audit_append_failures.clone(),
+        );
+        registry.register(
+            "audit_append_duration_seconds",
+            "Time from handing a record to the audit writer until it is fdatasync'ed, for appends an answer waits on",
+            metrics.audit_append_duration.clone(),
+        );
+        registry.register(
+            "audit_checkpoints",
+            "Signed audit checkpoints written",
+            metrics.audit_checkpoints.clone(),
+        );
+        registry.register(
+            "audit_last_checkpoint_seq",
+            "Sequence number of the last audit record sealed by a signed checkpoint",
+            metrics.audit_last_checkpoint_seq.clone(),
+        );
+        registry.register(
+            "audit_log_usable",
+            "1 while the audit log accepts records, 0 after it failed (readiness answers 503)",
+            metrics.audit_log_usable.clone(),
+        );
+        registry.register(
+            "audit_operator_actions_pending",
+            "Operator actions (kunpayctl) committed in the database and not yet in the audit log",
+            metrics.audit_operator_actions_pending.clone(),
         );
         registry.register(
             "start_time_seconds",

@@ -33,6 +33,9 @@ pub struct NodeState {
     draining: AtomicBool,
     /// The core link's outbox is over `core.amqp.max_queued`: F5 must stop sending.
     outbox_full: AtomicBool,
+    /// The audit log stopped (an append failed): nothing can be answered as logged, so F5 must
+    /// stop sending until the node is restarted with a working log directory.
+    audit_failed: AtomicBool,
     heartbeat_unix_ms: AtomicU64,
     health_timeout_ms: AtomicU64,
     liveness_ttl_ms: AtomicU64,
@@ -74,6 +77,7 @@ impl NodeState {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             outbox_full: AtomicBool::new(false),
+            audit_failed: AtomicBool::new(false),
             heartbeat_unix_ms: AtomicU64::new(now_unix_ms()),
             health_timeout_ms: AtomicU64::new(health_timeout.as_millis() as u64),
             liveness_ttl_ms: AtomicU64::new(liveness_ttl.as_millis() as u64),
@@ -154,6 +158,20 @@ impl NodeState {
 
     pub fn is_outbox_full(&self) -> bool {
         self.outbox_full.load(Ordering::SeqCst)
+    }
+
+    /// Set once, when the audit log fails; only a restart clears it.
+    pub fn set_audit_failed(&self) {
+        self.audit_failed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_audit_failed(&self) -> bool {
+        self.audit_failed.load(Ordering::SeqCst)
+    }
+
+    /// Whether something besides draining keeps business traffic away (outbox, audit log).
+    fn refuses_traffic(&self) -> bool {
+        self.is_outbox_full() || self.is_audit_failed()
     }
 
     pub fn beat(&self) {
@@ -241,6 +259,8 @@ impl NodeReport {
             role: state.role().to_string(),
             state: if state.is_draining() {
                 "draining"
+            } else if state.is_audit_failed() {
+                "audit log failed"
             } else if state.is_outbox_full() {
                 "core outbox full"
             } else if state.is_ready() {
@@ -277,7 +297,7 @@ async fn primary(State(state): State<Arc<NodeState>>) -> Response {
     let serving = state.role() == Role::Active
         && state.is_ready()
         && !state.is_draining()
-        && !state.is_outbox_full();
+        && !state.refuses_traffic();
     let database_up = if serving {
         Some(state.database_up().await)
     } else {
@@ -313,7 +333,7 @@ async fn liveness(State(state): State<Arc<NodeState>>) -> Response {
 }
 
 async fn readiness(State(state): State<Arc<NodeState>>) -> Response {
-    let ready = state.is_ready() && !state.is_draining() && !state.is_outbox_full();
+    let ready = state.is_ready() && !state.is_draining() && !state.refuses_traffic();
     let database_up = if ready {
         Some(state.database_up().await)
     } else {
