@@ -65,6 +65,13 @@ impl AuditNode {
         keyfile::write_public_key(&keys.join("audit-sign.pub.pem"), &audit_key.public_key())
             .unwrap();
         let audit_dir = dir.path().join("audit");
+        std::fs::create_dir(&audit_dir).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            // The daemon drops to `nobody` (common::DaemonDir) and writes the log as that user,
+            // as kunpayd writes /var/lib/kunpay/audit as `kunpay`.
+            let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+            nix::unistd::chown(&audit_dir, Some(nobody.uid), Some(nobody.gid)).unwrap();
+        }
         let audit = format!(
             "[audit]\ndir = \"{}\"\nsign_private = \"{}\"\nkey_id = \"{AUDIT_KEY_ID}\"\n{audit_extra}\n",
             audit_dir.display(),
@@ -485,7 +492,11 @@ fn a_realistic_session_is_logged_completely_and_verifies() {
     assert_eq!(node.metric("kunpay_audit_log_usable"), 1.0);
     assert_eq!(node.metric("kunpay_audit_append_failures_total"), 0.0);
     assert!(node.metric("kunpay_audit_checkpoints_total") >= 1.0);
-    assert!(node.metric("kunpay_audit_append_duration_seconds_count") >= 20.0);
+    // Waited for: 6 answers, 2 refusals, 4 notifications, their 4 answers, 1 operator action.
+    assert_eq!(
+        node.metric("kunpay_audit_append_duration_seconds_count"),
+        17.0
+    );
     node.stop();
 
     // The auditors' verifier, as they run it.
@@ -683,6 +694,11 @@ fn a_daemon_killed_under_load_leaves_a_log_that_verifies_and_holds_every_answer(
     // warnings), and every answer a client received is in it with its request.
     let (code, report) = node.verify();
     assert_eq!(code, 0, "{report}");
+    // Shown with the test's output: whether the kill left a torn tail this time.
+    eprintln!(
+        "{} answers received; the log after SIGKILL:\n{report}",
+        received.len()
+    );
     let records = read_log(&node.audit_dir);
     received.extend(setup);
     for exchange in &received {
@@ -790,7 +806,9 @@ fn a_log_that_cannot_be_written_stops_answers_and_readiness() {
     let (_, status) = http_get(&node.dir.ops_url("/status")).unwrap();
     assert!(status.contains("audit log failed"), "{status}");
     assert_eq!(node.metric("kunpay_audit_log_usable"), 0.0);
-    assert!(node.metric("kunpay_audit_append_failures_total") >= 1.0);
+    wait_for("the failure counted", Duration::from_secs(5), || {
+        node.metric("kunpay_audit_append_failures_total") >= 1.0
+    });
     let stderr = node.daemon.stderr();
     assert!(
         stderr.contains("audit log failed") && stderr.contains("restart kunpayd"),
@@ -944,4 +962,290 @@ fn an_operator_action_interrupted_between_append_and_mark_is_not_logged_twice() 
     let text = String::from_utf8(actions[1].payload.clone()).unwrap();
     assert!(text.contains("reason: second\n"), "{text}");
     assert!(!text.contains("in-doubt"), "{text}");
+}
+
+// ------------------------------------------------------------------------------------------
+// The core link over RabbitMQ
+
+fn amqp_url() -> String {
+    std::env::var("KUNPAY_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+const MAC_HEX: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+fn mac_keys() -> Arc<kunpay::core::wire::MacKeys> {
+    Arc::new(
+        kunpay::core::wire::MacKeys::single(
+            "test-2026",
+            zeroize::Zeroizing::new(hex::decode(MAC_HEX).unwrap()),
+        )
+        .unwrap(),
+    )
+}
+
+/// Queue names of one test, deleted when it ends.
+struct Queues {
+    request: String,
+    reply: String,
+    dead: String,
+    forger: String,
+}
+
+impl Queues {
+    fn new() -> Queues {
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        Queues {
+            request: format!("test.{tag}.request"),
+            reply: format!("test.{tag}.reply"),
+            dead: format!("test.{tag}.dead"),
+            forger: format!("test.{tag}.forger"),
+        }
+    }
+
+    fn settings(
+        &self,
+        consume: &str,
+        queues: Vec<String>,
+        app: &str,
+    ) -> kunpay::core::amqp::AmqpSettings {
+        kunpay::core::amqp::AmqpSettings {
+            uri: amqp_url(),
+            queues,
+            dead_letter_queue: self.dead.clone(),
+            consume_queue: consume.to_string(),
+            prefetch: 32,
+            concurrency: 8,
+            confirm_timeout: Duration::from_secs(5),
+            connection_name: format!("audit test {app}"),
+            app_id: app.into(),
+        }
+    }
+}
+
+impl Drop for Queues {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Runtime::new() else {
+            return;
+        };
+        runtime.block_on(async {
+            let Ok(conn) =
+                lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                    .await
+            else {
+                return;
+            };
+            let Ok(channel) = conn.create_channel().await else {
+                return;
+            };
+            for q in [&self.request, &self.reply, &self.dead, &self.forger] {
+                let _ = channel
+                    .queue_delete(
+                        q.as_str().into(),
+                        lapin::options::QueueDeleteOptions::default(),
+                    )
+                    .await;
+            }
+        });
+    }
+}
+
+fn write_secret(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn core_messages_on_the_mq_bridge_are_logged_whatever_their_verdict() {
+    use kunpay::core::wire::{CoreReply, Envelope, MessageType, now_ms};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let queues = Queues::new();
+    // The core answers every request twice (a duplicate reply is late by definition).
+    let coresim = kunpay::core::coresim::CoreSimService::start(
+        runtime.handle().clone(),
+        queues.settings(&queues.request, vec![queues.request.clone()], "coresim"),
+        mac_keys(),
+        Arc::new(kunpay::core::sim::CoreSimulator::with_demo_accounts()),
+        kunpay::core::coresim::ServiceFaults {
+            duplicate_every: 1,
+            ..Default::default()
+        },
+    );
+    assert!(coresim.wait_connected(Duration::from_secs(20)));
+    let scratch = tempfile::tempdir().unwrap();
+    let mac_file = scratch.path().join("core-mac.key");
+    write_secret(&mac_file, MAC_HEX);
+    let url = amqp_url();
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (userinfo, host) = rest.split_once('@').unwrap();
+    let (user, password) = userinfo.split_once(':').unwrap();
+    let password_file = scratch.path().join("amqp-password");
+    write_secret(&password_file, password);
+    let mut node = AuditNode::start(
+        "",
+        "checkpoint_every = \"300ms\"\n",
+        &format!(
+            "[core]\nlink = \"amqp\"\n\n[core.amqp]\nurl = \"{scheme}://{user}@{host}\"\n\
+             password_file = \"{}\"\nrequest_queue = \"{}\"\nreply_queue = \"{}\"\n\
+             dead_letter_queue = \"{}\"\nmac_key_id = \"test-2026\"\nmac_key_file = \"{}\"\n\
+             reply_timeout = \"10s\"\n",
+            password_file.display(),
+            queues.request,
+            queues.reply,
+            queues.dead,
+            mac_file.display(),
+        ),
+        |_| {},
+    );
+    let metric_line = |line: &str| -> f64 {
+        let (_, text) = http_get(&node.dir.ops_url("/metrics")).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    wait_for("the core link", Duration::from_secs(30), || {
+        metric_line("kunpay_core_link_connected ") == 1.0
+    });
+    let inst = node.tenpay.clone();
+    let mut exchanges = sign_agreement(&inst, ZHANG);
+    let agreement = exchanges[1].agreement.clone().unwrap();
+    let mut debits = Vec::new();
+    for _ in 0..3 {
+        let request = inst.message(
+            MsgType::Debit,
+            &[
+                ("ReqSerial", &inst.next_id("D")),
+                ("AgrmtNo", &agreement),
+                ("Amt", "100"),
+                ("Ccy", "CNY"),
+            ],
+        );
+        let answer = inst.send(MsgType::Debit, &request);
+        assert_eq!(answer.code(), "0000", "{:?}", answer.fields);
+        debits.push(Exchange::new(MsgType::Debit, request, answer.raw));
+    }
+    // A forger's posting reply: right key id, wrong key. Refused (bad MAC), dead-lettered, and
+    // logged as received all the same.
+    let victim = uuid::Uuid::now_v7();
+    let forger_keys =
+        kunpay::core::wire::MacKeys::single("test-2026", zeroize::Zeroizing::new(vec![0x42; 32]))
+            .unwrap();
+    let forged = Envelope::seal(
+        &forger_keys,
+        MessageType::PostReply,
+        &victim.simple().to_string(),
+        now_ms(),
+        CoreReply::Post {
+            txn_id: victim,
+            outcome: kunpay::core::PostingOutcome::Posted {
+                core_ref: "FORGED".into(),
+            },
+        }
+        .encode(),
+    );
+    let idle: kunpay::core::amqp::Handler = Arc::new(|_| {
+        let settle: std::pin::Pin<
+            Box<dyn std::future::Future<Output = kunpay::core::amqp::Disposition> + Send>,
+        > = Box::pin(async { kunpay::core::amqp::Disposition::Requeue });
+        settle
+    });
+    let forger = kunpay::core::amqp::AmqpLink::start(
+        runtime.handle().clone(),
+        queues.settings(&queues.forger, vec![queues.forger.clone()], "forger"),
+        idle,
+    );
+    assert!(forger.wait_connected(Duration::from_secs(20)));
+    forger
+        .publish_blocking(&queues.reply, &forged, None)
+        .unwrap();
+    forger.stop();
+    wait_for("the verdicts", Duration::from_secs(30), || {
+        metric_line("kunpay_core_replies_total{result=\"bad_mac\"} ") == 1.0
+            && metric_line("kunpay_core_replies_total{result=\"late\"} ") >= 3.0
+    });
+    node.stop();
+    drop(coresim);
+
+    let (code, report) = node.verify();
+    assert_eq!(code, 0, "{report}");
+    let records = read_log(&node.audit_dir);
+    exchanges.extend(debits.drain(..).inspect(|debit| {
+        let (request_seq, answer_seq) = assert_exchange(
+            &records,
+            "TENPAY",
+            MsgType::Debit,
+            &debit.request,
+            &debit.answer,
+            true,
+        );
+        let txn = txn_of(&debit.answer).unwrap();
+        let core: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.peer == "core" && r.txn_id == Some(txn))
+            .collect();
+        // The posting published, its reply and the duplicate.
+        assert_eq!(core.len(), 3, "{core:?}");
+        assert_eq!(core[0].direction, Direction::Out);
+        assert_eq!(core[0].message_type, MessageType::PostRequest.name());
+        for reply in &core[1..] {
+            assert_eq!(reply.direction, Direction::In);
+            assert_eq!(reply.message_type, MessageType::PostReply.name());
+        }
+        let text = String::from_utf8_lossy(&core[0].payload).into_owned();
+        assert!(
+            text.starts_with("type: kunpay.post.request\nmessage-id: "),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("\ncorrelation-id: {}\n", txn.simple())),
+            "{text}"
+        );
+        assert!(text.contains("\nmac: ") && text.contains("\n\n{"), "{text}");
+        assert!(
+            request_seq < core[0].seq && core[0].seq < core[1].seq && core[1].seq < answer_seq,
+            "request, core request, core reply, answer: in this order"
+        );
+    }));
+    for exchange in &exchanges {
+        assert_exchange(
+            &records,
+            "TENPAY",
+            exchange.msg_type,
+            &exchange.request,
+            &exchange.answer,
+            true,
+        );
+    }
+    // The binding and the code check of the agreement crossed the link too.
+    for name in [
+        MessageType::BindRequest,
+        MessageType::BindReply,
+        MessageType::CodeRequest,
+        MessageType::CodeReply,
+    ] {
+        assert!(
+            records.iter().any(|r| r.message_type == name.name()),
+            "{} logged",
+            name.name()
+        );
+    }
+    let forged_record: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.txn_id == Some(victim))
+        .collect();
+    assert_eq!(forged_record.len(), 1, "the forged reply, once");
+    assert_eq!(forged_record[0].direction, Direction::In);
+    assert!(forged_record[0].payload.ends_with(&forged.body));
+    let text = String::from_utf8_lossy(&forged_record[0].payload).into_owned();
+    assert!(
+        text.contains(&format!("\nmac: {}\n", forged.mac_hex())),
+        "{text}"
+    );
+    assert!(text.contains("\nredelivered: false\n"), "{text}");
 }
