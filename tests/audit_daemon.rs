@@ -469,15 +469,30 @@ fn a_realistic_session_is_logged_completely_and_verifies() {
         .arg(node.dir.config_path())
         .args(["--by", "auditor-ann"]));
     assert_eq!(code, 0, "{stdout}{stderr}");
+    // Two more: a card put on the black list and taken off again; adding it twice changes
+    // nothing and is no action.
+    for args in [
+        &["add", "black", "card", LI.0, "--reason", "stolen"][..],
+        &["add", "black", "card", LI.0, "--reason", "again"][..],
+        &["remove", "black", "card", LI.0, "--reason", "found"][..],
+    ] {
+        let (code, stdout, stderr) = run(kunpayctl()
+            .args(["risk", "list"])
+            .args(args)
+            .arg("--config")
+            .arg(node.dir.config_path())
+            .args(["--by", "auditor-ann"]));
+        assert_eq!(code, 0, "{stdout}{stderr}");
+    }
     wait_for(
-        "the replayed notification and the logged operator action",
+        "the replayed notification and the logged operator actions",
         Duration::from_secs(30),
         || {
             callback.received().len() == 4
                 && count(
                     &mut conn,
                     "SELECT count(*) AS n FROM operator_action WHERE audit_seq IS NOT NULL",
-                ) == 1
+                ) == 3
         },
     );
     wait_for(
@@ -492,10 +507,10 @@ fn a_realistic_session_is_logged_completely_and_verifies() {
     assert_eq!(node.metric("kunpay_audit_log_usable"), 1.0);
     assert_eq!(node.metric("kunpay_audit_append_failures_total"), 0.0);
     assert!(node.metric("kunpay_audit_checkpoints_total") >= 1.0);
-    // Waited for: 6 answers, 2 refusals, 4 notifications, their 4 answers, 1 operator action.
+    // Waited for: 6 answers, 2 refusals, 4 notifications, their 4 answers, 3 operator actions.
     assert_eq!(
         node.metric("kunpay_audit_append_duration_seconds_count"),
-        17.0
+        19.0
     );
     node.stop();
 
@@ -578,12 +593,25 @@ fn a_realistic_session_is_logged_completely_and_verifies() {
         "the debit's notification: first attempt and the replay"
     );
 
-    // The operator action: once, as the row says, before the replayed attempt it caused.
+    // The operator actions: each once, in order, as the rows say.
     let actions: Vec<&Record> = records
         .iter()
         .filter(|r| r.direction == Direction::Internal && r.peer.starts_with("operator:"))
         .collect();
-    assert_eq!(actions.len(), 1, "one operator action, logged once");
+    assert_eq!(
+        actions
+            .iter()
+            .map(|r| r.message_type.as_str())
+            .collect::<Vec<_>>(),
+        ["NOTIFY_REPLAY", "RISK_LIST_ADD", "RISK_LIST_REMOVE"],
+        "each operator action logged once, in order"
+    );
+    for listed in &actions[1..] {
+        let text = String::from_utf8(listed.payload.clone()).unwrap();
+        assert!(text.contains("value: 622202*********0131\n"), "{text}");
+        assert!(!text.contains(LI.0), "no card number in clear: {text}");
+        assert_eq!(listed.txn_id, None);
+    }
     let action = actions[0];
     assert_eq!(action.peer, "operator:auditor-ann");
     assert_eq!(action.message_type, "NOTIFY_REPLAY");
@@ -595,9 +623,17 @@ fn a_realistic_session_is_logged_completely_and_verifies() {
         "{text}"
     );
     let rows = kunpay::audit::operator::all(&mut node.conn(), 10).unwrap();
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].audit_seq, Some(action.seq as i64));
-    assert_eq!(rows[0].audit_node.as_deref(), Some("test-node"));
+    assert_eq!(
+        rows.iter().map(|r| r.audit_seq).collect::<Vec<_>>(),
+        actions
+            .iter()
+            .map(|r| Some(r.seq as i64))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r.audit_node.as_deref() == Some("test-node"))
+    );
 }
 
 #[test]
