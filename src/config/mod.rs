@@ -1157,6 +1157,45 @@ mod tests {
     }
 
     #[test]
+    fn the_audit_section_has_defaults_needs_a_key_id_and_checks_its_ranges() {
+        let base = "[database]\nurl = \"postgres://kunpay@db:5432/kunpay\"\n";
+        assert!(parse(base).unwrap().audit.is_none(), "no [audit]: no log");
+        let config = parse(&format!("{base}[audit]\nkey_id = \"node-a-audit-1\"\n")).unwrap();
+        let audit = config.audit.unwrap();
+        assert_eq!(audit.dir, PathBuf::from("/var/lib/kunpay/audit"));
+        assert_eq!(
+            audit.sign_private,
+            PathBuf::from("/etc/kunpay/keys/audit-sign.pem")
+        );
+        assert_eq!(audit.checkpoint_every, Duration::from_secs(60));
+        assert_eq!(audit.checkpoint_every_records, 10_000);
+        assert_eq!(audit.max_segment_size, 256 * 1024 * 1024);
+        assert_eq!(audit.queue_bound, 4096);
+
+        let errors = parse(&format!(
+            "{base}[audit]\ndir = \"relative/audit\"\ncheckpoint_every = \"1ms\"\n\
+             checkpoint_every_records = 0\nmax_segment_size = \"1KiB\"\nqueue_bound = 100000\n\
+             sign_passphrase_file = \"/a\"\nsign_passphrase_credential = \"b\"\nkeyid = \"x\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "audit.key_id: \"\" must be 1-64 characters",
+            ":4: audit.dir: must be an absolute path",
+            ":5: audit.checkpoint_every:",
+            ":6: audit.checkpoint_every_records: 0 is out of range",
+            ":7: audit.max_segment_size:",
+            ":8: audit.queue_bound: 100000 is out of range",
+            "audit.sign_passphrase_credential: set either",
+            ":11: audit.keyid: unknown key",
+        ] {
+            assert!(errors.contains(key), "{key} not in:\n{errors}");
+        }
+        let bad_id = parse(&format!("{base}[audit]\nkey_id = \"a/b\"\n")).unwrap_err();
+        assert!(bad_id.to_string().contains("audit.key_id"), "{bad_id}");
+    }
+
+    #[test]
     fn secrets_are_not_debug_printed() {
         let secret = Secret::new("postgres://u@h/d".into());
         assert_eq!(format!("{secret:?}"), "Secret(***)");
