@@ -3,8 +3,11 @@
 //! this machine sending pre-signed requests over keep-alive TLS connections.
 //!
 //! `make bench` runs it (`cargo bench --bench payments`); results go to BENCHMARKS.md between
-//! the `bench:payments` markers. Environment: KUNPAY_BENCH_DEBITS (default 20000),
-//! KUNPAY_BENCH_CONNECTIONS (default 32), KUNPAY_TEST_DATABASE_URL.
+//! the `bench:payments` markers (and `payments-broker`, `payments-audit`). Environment:
+//! KUNPAY_BENCH_DEBITS (default 20000), KUNPAY_BENCH_CONNECTIONS (default 32),
+//! KUNPAY_BENCH_ONLY (`in-process`: the in-process figure and the audit-log comparison;
+//! `broker`; `audit`: the comparison alone), KUNPAY_BENCH_AUDIT_ROUNDS (default 2),
+//! KUNPAY_TEST_DATABASE_URL.
 
 #[allow(dead_code)]
 #[path = "../common/institution.rs"]
@@ -139,12 +142,25 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Server-side time from the daemon's histogram: (p50, p99) upper bucket bounds in seconds.
 fn server_percentiles(metrics_before: &str, metrics_after: &str) -> (f64, f64) {
+    histogram_percentiles(
+        metrics_before,
+        metrics_after,
+        "kunpay_http_request_duration_seconds_bucket{",
+        "listener=\"channel\"",
+    )
+}
+
+/// (p50, p99) of the histogram whose bucket lines start with `prefix` and contain `label`,
+/// over what was observed between the two scrapes.
+fn histogram_percentiles(
+    metrics_before: &str,
+    metrics_after: &str,
+    prefix: &str,
+    label: &str,
+) -> (f64, f64) {
     let buckets = |text: &str| -> Vec<(f64, f64)> {
         text.lines()
-            .filter(|l| {
-                l.starts_with("kunpay_http_request_duration_seconds_bucket{")
-                    && l.contains("listener=\"channel\"")
-            })
+            .filter(|l| l.starts_with(prefix) && l.contains(label))
             .filter_map(|l| {
                 let le = l.split("le=\"").nth(1)?.split('"').next()?;
                 let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
@@ -376,18 +392,142 @@ enum CoreSetup {
 fn main() {
     let debits = env_number("KUNPAY_BENCH_DEBITS", 20_000);
     let connections = env_number("KUNPAY_BENCH_CONNECTIONS", 32);
-    // KUNPAY_BENCH_ONLY=in-process or broker runs one of the two.
+    // KUNPAY_BENCH_ONLY=in-process, broker or audit runs a part.
     let only = std::env::var("KUNPAY_BENCH_ONLY").unwrap_or_default();
-    if only != "broker" {
-        let section = run(CoreSetup::InProcess, debits, connections);
+    if only.is_empty() || only == "in-process" {
+        let section = run(CoreSetup::InProcess, debits, connections, false).section;
         println!("{section}");
         report::write_section("payments", &section).expect("writing BENCHMARKS.md");
     }
-    if only != "in-process" {
-        let section = run(CoreSetup::Broker, debits, connections);
+    if only.is_empty() || only == "in-process" || only == "audit" {
+        let rounds = env_number("KUNPAY_BENCH_AUDIT_ROUNDS", 2);
+        let section = audit_overhead(debits, connections, rounds);
+        println!("{section}");
+        report::write_section("payments-audit", &section).expect("writing BENCHMARKS.md");
+    }
+    if only.is_empty() || only == "broker" {
+        let section = run(CoreSetup::Broker, debits, connections, false).section;
         println!("{section}");
         report::write_section("payments-broker", &section).expect("writing BENCHMARKS.md");
     }
+}
+
+/// What one run measured.
+struct Measured {
+    section: String,
+    tps: f64,
+    p50: Duration,
+    p99: Duration,
+    failures: usize,
+    /// With `[audit]`: what the log holds after the run.
+    audit: Option<AuditFigures>,
+}
+
+struct AuditFigures {
+    /// Records appended during the timed debits (request and answer of each).
+    records: f64,
+    /// Bytes of the log directory after the run, per debit of the whole run (setup included).
+    bytes_per_debit: f64,
+    /// Time until fdatasync of the answers' appends (server histogram, interpolated).
+    append_p50: f64,
+    append_p99: f64,
+    /// `kunpay-audit verify` over the run's log: wall time, and its verdict.
+    verify_seconds: f64,
+    verify_records: u64,
+}
+
+/// The 1/5/15-minute load averages, to say how busy the machine was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// Debit throughput without and with `[audit]`, alternating (off, on, then on, off, ...) so
+/// that the machine's drift hits both alike; the overhead is 1 - mean(on) / mean(off).
+fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
+    let load_before = load_average();
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    for round in 0..rounds.max(1) {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for audit in order {
+            let measured = run(CoreSetup::InProcess, debits, connections, audit);
+            eprintln!(
+                "round {round}, audit {}: {:.0} TPS",
+                if audit { "on" } else { "off" },
+                measured.tps
+            );
+            assert_eq!(measured.failures, 0, "every debit answered 0000");
+            if audit {
+                on.push(measured);
+            } else {
+                off.push(measured);
+            }
+        }
+    }
+    let load_after = load_average();
+    let mean = |runs: &[Measured], f: &dyn Fn(&Measured) -> f64| {
+        runs.iter().map(f).sum::<f64>() / runs.len() as f64
+    };
+    let tps_off = mean(&off, &|m| m.tps);
+    let tps_on = mean(&on, &|m| m.tps);
+    let overhead = 1.0 - tps_on / tps_off;
+    let list = |runs: &[Measured]| {
+        runs.iter()
+            .map(|m| format!("{:.0}", m.tps))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let ms = |d: f64| format!("{:.1} ms", d * 1000.0);
+    let figures: Vec<&AuditFigures> = on.iter().filter_map(|m| m.audit.as_ref()).collect();
+    let fig = |f: &dyn Fn(&AuditFigures) -> f64| {
+        figures.iter().map(|a| f(a)).sum::<f64>() / figures.len() as f64
+    };
+    let verify_rate = fig(&|a| a.verify_records as f64 / a.verify_seconds) * 60.0;
+    format!(
+        "## Debit throughput with the audit log (issue 6)\n\n\
+         | measure | without `[audit]` | with `[audit]` | ratio | bar |\n|---|---:|---:|---:|---|\n\
+         | debit throughput, mean of {rounds} runs each | {tps_off:.0} TPS | {tps_on:.0} TPS | {:.3} | overhead at most 5%: {:.1}%, {} |\n\
+         | the runs, in order of their pairs | {} | {} | | |\n\
+         | client-observed latency p50 / p99 (mean) | {} / {} | {} / {} | | |\n\
+         | audit records per debit (request and answer) | | {:.2} | | |\n\
+         | audit log bytes per debit | | {:.0} B | | |\n\
+         | append until fdatasync, p50 / p99 (server histogram) | | {} / {} | | |\n\
+         | `kunpay-audit verify` on the run's log | | {:.1} M records/min | | 1 M/min |\n\n\
+         Method: `KUNPAY_BENCH_ONLY=audit cargo bench --bench payments` runs the in-process debit \
+         benchmark above (same daemon, TLS, {connections} connections, {debits} pre-signed debits per \
+         run, a new database and daemon per run) {rounds} times without and {rounds} times with \
+         `[audit]` (defaults: checkpoint every 60 s or 10000 records, 256 MiB segments; the log \
+         in the run's temporary directory on the same disk as PostgreSQL, every answer waiting \
+         for its group-committed fdatasync), alternating the order in each round (off, on, then \
+         on, off) so that the machine's drift falls on both sides. Overhead = 1 - mean(with) / \
+         mean(without). After each run with the log, `kunpay-audit verify` checks the whole log \
+         (every chain link, checkpoint and institution signature) and must exit 0. The machine \
+         is shared (2 cores; other developers build and test on it): load average {load_before} \
+         (1, 5, 15 min) before, {load_after} after; compare the ratio, not the absolute figures. \
+         Date: {}.\n",
+        tps_on / tps_off,
+        overhead * 100.0,
+        if overhead <= 0.05 { "met" } else { "NOT met" },
+        list(&off),
+        list(&on),
+        ms(mean(&off, &|m| m.p50.as_secs_f64())),
+        ms(mean(&off, &|m| m.p99.as_secs_f64())),
+        ms(mean(&on, &|m| m.p50.as_secs_f64())),
+        ms(mean(&on, &|m| m.p99.as_secs_f64())),
+        fig(&|a| a.records) / debits as f64,
+        fig(&|a| a.bytes_per_debit),
+        ms(fig(&|a| a.append_p50)),
+        ms(fig(&|a| a.append_p99)),
+        verify_rate / 1e6,
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+    )
 }
 
 /// A `kunpay-coresim` process and its queues, removed when dropped.
@@ -487,7 +627,27 @@ fn start_coresim(dir: &Path) -> (Coresim, String) {
     (Coresim { child, queues }, core)
 }
 
-fn run(setup: CoreSetup, debits: usize, connections: usize) -> String {
+/// The value of an unlabelled metric line (0 when absent).
+fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn run(setup: CoreSetup, debits: usize, connections: usize, audit: bool) -> Measured {
     let admin_url = std::env::var("KUNPAY_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let database = format!("kunpay_bench_{}", std::process::id());
@@ -541,6 +701,30 @@ fn run(setup: CoreSetup, debits: usize, connections: usize) -> String {
     let port = free_port();
     let ops_port = free_port();
     let (bench, section) = TestInstitution::create(dir.path(), "BENCH", &keys, "unused");
+    // The audit log, when measured: its own key, a directory on the same disk as the database.
+    let audit_dir = dir.path().join("audit");
+    let audit_section = if audit {
+        let key = kunpay::crypto::sm2::PrivateKey::generate().unwrap();
+        kunpay::crypto::keyfile::write_private_key(&keys.join("audit-sign.pem"), &key, None)
+            .unwrap();
+        kunpay::crypto::keyfile::write_public_key(
+            &keys.join("audit-sign.pub.pem"),
+            &key.public_key(),
+        )
+        .unwrap();
+        std::fs::create_dir(&audit_dir).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+            nix::unistd::chown(&audit_dir, Some(nobody.uid), Some(nobody.gid)).unwrap();
+        }
+        format!(
+            "[audit]\ndir = \"{}\"\nsign_private = \"{}\"\nkey_id = \"bench-audit-1\"\n",
+            audit_dir.display(),
+            keys.join("audit-sign.pem").display()
+        )
+    } else {
+        String::new()
+    };
     let user = if nix::unistd::geteuid().is_root() {
         "nobody".to_string()
     } else {
@@ -580,6 +764,7 @@ tls_key = "{dir}/tls.key"
 [log]
 target = "stderr"
 level = "warn"
+{audit_section}
 {section}single_limit_fen = 100000000
 daily_limit_fen = 100000000000
 send_time_window = "1h"
@@ -604,7 +789,7 @@ rate_limit_burst = 1000000
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let _node = Node {
+    let node = Node {
         child,
         database,
         admin_url: admin_url.clone(),
@@ -759,7 +944,7 @@ rate_limit_burst = 1000000
         signed.len(),
         signed.len() as f64 / elapsed.as_secs_f64()
     );
-    let ceiling = if setup == CoreSetup::InProcess {
+    let ceiling = if setup == CoreSetup::InProcess && !audit {
         eprintln!("measuring what PostgreSQL alone does with the same statements (pgbench)");
         database_ceiling(&db_url)
     } else {
@@ -853,5 +1038,58 @@ rate_limit_burst = 1000000
             .unwrap_or_default(),
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     );
-    section
+    let audit = audit.then(|| {
+        let records = metric_value(&after, "kunpay_audit_records_appended_total")
+            - metric_value(&before, "kunpay_audit_records_appended_total");
+        let (append_p50, append_p99) = histogram_percentiles(
+            &before,
+            &after,
+            "kunpay_audit_append_duration_seconds_bucket{",
+            "le=",
+        );
+        // SIGTERM: the daemon seals the log; then the auditors' verifier reads all of it.
+        drop(node);
+        let bytes_per_debit =
+            dir_bytes(&audit_dir) as f64 / (signed.len() + 2 * CUSTOMERS as usize) as f64;
+        let started = Instant::now();
+        let pubkeys = dir.path().join("pubkeys.toml");
+        std::fs::write(
+            &pubkeys,
+            "[audit_keys]\nbench-audit-1 = { pem_file = \"keys/audit-sign.pub.pem\" }\n\n\
+             [institutions.BENCH]\npem_file = \"BENCH-sign.pub.pem\"\n",
+        )
+        .unwrap();
+        let verified = Command::new(env!("CARGO_BIN_EXE_kunpay-audit"))
+            .arg("verify")
+            .arg(&audit_dir)
+            .arg("--pubkeys")
+            .arg(&pubkeys)
+            .output()
+            .unwrap();
+        let verify_seconds = started.elapsed().as_secs_f64();
+        let report = String::from_utf8_lossy(&verified.stdout);
+        assert!(verified.status.success(), "the bench's log verifies:\n{report}");
+        let verify_records = report
+            .lines()
+            .find_map(|l| l.strip_prefix("records: "))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("the verifier counts the records");
+        AuditFigures {
+            records,
+            bytes_per_debit,
+            append_p50,
+            append_p99,
+            verify_seconds,
+            verify_records,
+        }
+    });
+    Measured {
+        section,
+        tps,
+        p50,
+        p99,
+        failures,
+        audit,
+    }
 }
