@@ -12,11 +12,11 @@
 //! Audit log (`[audit]`, docs/audit.md): every request is logged with its exact bytes and every
 //! answer before it leaves. On the worker thread: the request is handed to the log as soon as
 //! its signature verified (`verified`, before anything acts on it) or when it is refused
-//! (`not-verified`, before or at the signature check); the answer is appended and the worker
-//! waits for its fdatasync, which covers the request too (one writer, one order), then sends
-//! it. Refusals at the edge (async) are logged the same way through `spawn_blocking`. If the
-//! log fails, nothing is acted on any more and the answer is a signed 9999 with HTTP 500, the
-//! one answer that is not in the log.
+//! (`not-verified`, before or at the signature check), then the answer; the handler awaits the
+//! answer's fdatasync, which covers the request too (one writer, one order), and only then
+//! sends it, while the worker already serves its next request. Refusals at the edge are logged
+//! the same way through `spawn_blocking`. If the log fails, nothing is acted on any more and
+//! the answer is a signed 9999 with HTTP 500, the one answer that is not in the log.
 //! Must never: run a flow for a message whose signature was not verified, block the async
 //! runtime on the database, the core or the audit log, send an answer before it is logged, or
 //! queue without bound (a full queue answers 9001).
@@ -37,7 +37,7 @@ use axum::routing::post;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::audit::{AuditSink, Direction, NewRecord, PeerSignature, Ticket};
+use crate::audit::{AuditSink, Direction, Durable, NewRecord, PeerSignature};
 use crate::channel::codes::ResultCode;
 use crate::channel::envelope::MessageKey;
 use crate::channel::message::{self, Element};
@@ -140,11 +140,10 @@ struct Job {
     reply: tokio::sync::oneshot::Sender<Answered>,
 }
 
-/// What goes back over HTTP: the signed answer with 200, or, when the log failed, a signed 9999
-/// with 500.
+/// A worker's signed answer, with its audit records on their way to the disk.
 struct Answered {
-    status: StatusCode,
     bytes: Vec<u8>,
+    logged: Option<Logged>,
 }
 
 impl Job {
@@ -402,15 +401,19 @@ impl ChannelGateway {
         .await;
         match logged {
             Ok(Ok(_)) => xml_response(reply.bytes),
-            _ => {
-                let failed = internal(&self.shared.flows, inst, msg_type);
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    xml_response(failed.bytes),
-                )
-                    .into_response()
-            }
+            _ => self.unlogged(inst, msg_type),
         }
+    }
+
+    /// The answer when the log could not take a request's records: a signed 9999 with HTTP
+    /// 500, the one answer that is not in the log (the sink said why, once).
+    fn unlogged(&self, inst: &InstitutionConfig, msg_type: MsgType) -> Response {
+        let failed = internal(&self.shared.flows, inst, msg_type);
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            xml_response(failed.bytes),
+        )
+            .into_response()
     }
 }
 
@@ -573,11 +576,14 @@ async fn handle(
     };
     let refusal = match institution.queue.try_send(job) {
         Ok(()) => match reply_rx.await {
-            Ok(Answered { status, bytes }) if status == StatusCode::OK => {
+            Ok(Answered { bytes, logged }) => {
+                // Sent only once the log holds it (and the request before it).
+                if let Some(logged) = logged
+                    && logged.durable().await.is_err()
+                {
+                    return gateway.unlogged(&institution.config, msg_type);
+                }
                 return xml_response(bytes);
-            }
-            Ok(Answered { status, bytes }) => {
-                return (status, xml_response(bytes)).into_response();
             }
             Err(_) => (ResultCode::InternalError, "the worker failed"),
         },
@@ -700,7 +706,7 @@ struct RequestLog<'a> {
     audit: &'a AuditSink,
     inst_id: &'a str,
     job: &'a Job,
-    ticket: Option<Ticket>,
+    request: Option<Durable>,
 }
 
 impl RequestLog<'_> {
@@ -719,51 +725,64 @@ impl RequestLog<'_> {
     /// log has failed, so nothing may act on it.
     fn verified(&mut self) -> bool {
         if self.audit.is_enabled() {
-            self.ticket = Some(self.audit.submit(self.record(PeerSignature::Verified)));
+            self.request = Some(
+                self.audit
+                    .submit_durable(self.record(PeerSignature::Verified), false),
+            );
         }
         !self.audit.is_failed()
     }
 
-    /// Logs the answer (and the request, as refused, if it was not logged as verified) and
-    /// waits for the disk. Err: the answer must not be sent.
-    fn answer(mut self, reply: &Reply) -> Result<(), crate::audit::AuditFailure> {
+    /// Hands the answer to the log (and the request, as refused, if it was not logged as
+    /// verified); what the handler awaits before it sends the answer. None without a log.
+    fn answer(mut self, reply: &Reply) -> Option<Logged> {
         if !self.audit.is_enabled() {
-            return Ok(());
+            return None;
         }
-        let request = match self.ticket.take() {
-            Some(ticket) => ticket,
-            None => self.audit.submit(self.record(PeerSignature::NotVerified)),
+        let request = match self.request.take() {
+            Some(request) => request,
+            None => self
+                .audit
+                .submit_durable(self.record(PeerSignature::NotVerified), false),
         };
-        self.audit
-            .append(answer_record(
-                self.inst_id.to_string(),
-                self.job.msg_type,
-                &reply.bytes,
-            ))
-            .and(request.wait())
-            .map(|_| ())
+        let answer = self.audit.submit_durable(
+            answer_record(self.inst_id.to_string(), self.job.msg_type, &reply.bytes),
+            true,
+        );
+        Some(Logged { request, answer })
     }
 }
 
-/// One request on a worker: verification, the flow, and the answer, logged before it leaves.
+/// A request and its answer on their way to the disk.
+struct Logged {
+    request: Durable,
+    answer: Durable,
+}
+
+impl Logged {
+    /// Ok once both are durable (the answer's fdatasync covers the request: one order).
+    async fn durable(self) -> Result<(), crate::audit::AuditFailure> {
+        let answer = self.answer.wait().await;
+        let request = self.request.wait().await;
+        answer.and(request).map(|_| ())
+    }
+}
+
+/// One request on a worker: verification and the flow; the answer is handed to the log here,
+/// and `handle` waits for the disk before sending it. The worker does not wait: it takes its
+/// next request while the fdatasync runs (the worker pool, with its database connections, is
+/// what bounds an institution's throughput).
 fn serve(institution: &Institution, shared: &Shared, job: &Job) -> Answered {
     let mut log = RequestLog {
         audit: &shared.audit,
         inst_id: &institution.config.id,
         job,
-        ticket: None,
+        request: None,
     };
     let reply = process(institution, shared, job, &mut log);
-    match log.answer(&reply) {
-        Ok(()) => Answered {
-            status: StatusCode::OK,
-            bytes: reply.bytes,
-        },
-        Err(_) => Answered {
-            // The sink said why, once; this answer is not in the log (it could not be).
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            bytes: internal(&shared.flows, &institution.config, job.msg_type).bytes,
-        },
+    Answered {
+        logged: log.answer(&reply),
+        bytes: reply.bytes,
     }
 }
 

@@ -65,6 +65,32 @@ impl Ticket {
     }
 }
 
+/// A record on its way to the disk whose outcome is awaited without holding a thread (the
+/// writer completes it when the batch's fdatasync returned).
+pub struct Durable {
+    pending: Option<(
+        tokio::sync::oneshot::Receiver<Result<u64, AuditError>>,
+        Arc<Inner>,
+    )>,
+    refused: Option<AuditFailure>,
+}
+
+impl Durable {
+    /// The record's sequence number once it is on disk (0 at once without `[audit]`).
+    pub async fn wait(self) -> Result<u64, AuditFailure> {
+        if let Some(failure) = self.refused {
+            return Err(failure);
+        }
+        match self.pending {
+            None => Ok(0),
+            Some((answer, inner)) => match answer.await {
+                Ok(result) => result.map_err(|e| inner.fail(&e)),
+                Err(_) => Err(inner.fail(&AuditError::Closed)),
+            },
+        }
+    }
+}
+
 impl AuditSink {
     /// No log (`[audit]` absent: tests and development): every call succeeds at once.
     pub fn disabled() -> AuditSink {
@@ -108,6 +134,40 @@ impl AuditSink {
                 refused: None,
             },
             Err(error) => Ticket {
+                pending: None,
+                refused: Some(inner.fail(&error)),
+            },
+        }
+    }
+
+    /// Hands `record` to the writer (blocking only while its bounded queue is full) and
+    /// returns what an async task awaits until the record is durable: a worker thread logs an
+    /// answer this way and goes on to its next request while the disk works; the answer is
+    /// sent once the wait is over. `timed`: the wait counts in the append-latency histogram.
+    pub fn submit_durable(&self, record: NewRecord, timed: bool) -> Durable {
+        let Some(inner) = &self.inner else {
+            return Durable {
+                pending: None,
+                refused: None,
+            };
+        };
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let started = Instant::now();
+        let metrics = inner.state.metrics.clone();
+        let handed = inner.log.submit_then(record, move |result| {
+            if timed && result.is_ok() {
+                metrics
+                    .audit_append_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            let _ = done.send(result);
+        });
+        match handed {
+            Ok(()) => Durable {
+                pending: Some((answer, inner.clone())),
+                refused: None,
+            },
+            Err(error) => Durable {
                 pending: None,
                 refused: Some(inner.fail(&error)),
             },

@@ -163,10 +163,29 @@ pub struct CheckpointInfo {
     pub segment: String,
 }
 
+/// Who hears of an append's outcome: a caller blocked on a channel, or a callback the writer
+/// runs once the batch is durable (it must be quick: it runs on the writer thread).
+enum AppendReply {
+    Channel(SyncSender<Result<u64, AuditError>>),
+    Callback(Box<dyn FnOnce(Result<u64, AuditError>) + Send>),
+}
+
+impl AppendReply {
+    fn send(self, result: Result<u64, AuditError>) {
+        match self {
+            // A caller that gave up waiting is gone; nothing to tell it.
+            AppendReply::Channel(reply) => {
+                let _ = reply.send(result);
+            }
+            AppendReply::Callback(callback) => callback(result),
+        }
+    }
+}
+
 enum Command {
     Append {
         record: NewRecord,
-        reply: SyncSender<Result<u64, AuditError>>,
+        reply: AppendReply,
     },
     Checkpoint {
         reply: SyncSender<Result<Option<CheckpointInfo>, AuditError>>,
@@ -184,7 +203,7 @@ enum Command {
 enum Answer {
     Append {
         result: Result<u64, AuditError>,
-        reply: SyncSender<Result<u64, AuditError>>,
+        reply: AppendReply,
     },
     Checkpoint {
         result: Result<Option<CheckpointInfo>, AuditError>,
@@ -304,9 +323,29 @@ impl AuditLog {
     pub fn submit(&self, record: NewRecord) -> Result<Pending, AuditError> {
         let (reply, answer) = sync_channel(1);
         self.sender
-            .send(Command::Append { record, reply })
+            .send(Command::Append {
+                record,
+                reply: AppendReply::Channel(reply),
+            })
             .map_err(|_| AuditError::Closed)?;
         Ok(Pending { answer })
+    }
+
+    /// `submit`, with `on_durable` run by the writer thread once the record is on disk (or
+    /// refused) instead of a `Pending` to wait on: for callers that must not block while the
+    /// disk works (an async task completing a oneshot). `on_durable` must return quickly. When
+    /// the log is closed it is dropped without being run and Err(Closed) is returned.
+    pub fn submit_then(
+        &self,
+        record: NewRecord,
+        on_durable: impl FnOnce(Result<u64, AuditError>) + Send + 'static,
+    ) -> Result<(), AuditError> {
+        self.sender
+            .send(Command::Append {
+                record,
+                reply: AppendReply::Callback(Box::new(on_durable)),
+            })
+            .map_err(|_| AuditError::Closed)
     }
 
     /// Counters and state for metrics and health checks.
@@ -789,7 +828,7 @@ impl Writer {
                         Err(_) => &self.stats.refused,
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
-                    let _ = reply.send(result);
+                    reply.send(result);
                 }
                 Answer::Checkpoint { result, reply } => {
                     let result = match (result, &self.failed) {
