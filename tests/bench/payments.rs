@@ -7,7 +7,8 @@
 //! KUNPAY_BENCH_DEBITS (default 20000), KUNPAY_BENCH_CONNECTIONS (default 32),
 //! KUNPAY_BENCH_ONLY (`in-process`: the in-process figure and the audit-log comparison;
 //! `broker`; `audit`: the comparison alone), KUNPAY_BENCH_AUDIT_ROUNDS (default 2),
-//! KUNPAY_TEST_DATABASE_URL.
+//! KUNPAY_BENCH_AUDIT_DIR (where the compared runs keep their log; default: the run's temporary
+//! directory), KUNPAY_TEST_DATABASE_URL.
 
 #[allow(dead_code)]
 #[path = "../common/institution.rs"]
@@ -427,6 +428,9 @@ struct Measured {
     p50: Duration,
     p99: Duration,
     failures: usize,
+    /// kunpayd's CPU time per debit during the timed part, and its audit writer thread's.
+    cpu_ms_per_debit: f64,
+    writer_cpu_ms_per_debit: f64,
     /// With `[audit]`: what the log holds after the run.
     audit: Option<AuditFigures>,
 }
@@ -456,6 +460,17 @@ fn load_average() -> String {
 /// that the machine's drift hits both alike; the overhead is 1 - mean(on) / mean(off).
 fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
     let load_before = load_average();
+    let where_logged = match std::env::var("KUNPAY_BENCH_AUDIT_DIR") {
+        Ok(parent) => {
+            let fs = Command::new("stat")
+                .args(["-f", "-c", "%T", &parent])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default();
+            format!("in {parent} ({fs}, KUNPAY_BENCH_AUDIT_DIR)")
+        }
+        Err(_) => "in the run's temporary directory on the same disk as PostgreSQL".to_string(),
+    };
     let mut off = Vec::new();
     let mut on = Vec::new();
     for round in 0..rounds.max(1) {
@@ -509,6 +524,7 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
          | debit throughput, mean of {rounds} runs each | {tps_off:.0} TPS | {tps_on:.0} TPS | {:.3} | overhead at most 5%: {:.1}%, {} |\n\
          | the runs, in order of their pairs | {} | {} | | |\n\
          | client-observed latency p50 / p99 (mean) | {} / {} | {} / {} | | |\n\
+         | kunpayd CPU per debit (of which the audit writer thread) | {:.3} ms | {:.3} ms ({:.3} ms) | {:.3} | |\n\
          | audit records per debit (request and answer) | | {:.2} | | |\n\
          | audit log bytes per debit | | {:.0} B | | |\n\
          | append until fdatasync, p50 / p99 (server histogram) | | {} / {} | | |\n\
@@ -517,8 +533,7 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
          benchmark above (same daemon, TLS, {connections} connections, {debits} pre-signed debits per \
          run, a new database and daemon per run) {rounds} times without and {rounds} times with \
          `[audit]` (defaults: checkpoint every 60 s or 10000 records, 256 MiB segments; the log \
-         in the run's temporary directory on the same disk as PostgreSQL, every answer waiting \
-         for its group-committed fdatasync), alternating the order in each round (off, on, then \
+         {where_logged}, every answer waiting for its group-committed fdatasync), alternating the order in each round (off, on, then \
          on, off) so that the machine's drift falls on both sides. Overhead = 1 - mean(with) / \
          mean(without). After each run with the log, `kunpay-audit verify` checks the whole log \
          (every chain link, checkpoint and institution signature) and must exit 0. The machine \
@@ -534,6 +549,10 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
         ms(mean(&off, &|m| m.p99.as_secs_f64())),
         ms(mean(&on, &|m| m.p50.as_secs_f64())),
         ms(mean(&on, &|m| m.p99.as_secs_f64())),
+        mean(&off, &|m| m.cpu_ms_per_debit),
+        mean(&on, &|m| m.cpu_ms_per_debit),
+        mean(&on, &|m| m.writer_cpu_ms_per_debit),
+        mean(&on, &|m| m.cpu_ms_per_debit) / mean(&off, &|m| m.cpu_ms_per_debit),
         fig(&|a| a.records) / debits as f64,
         fig(&|a| a.bytes_per_debit),
         ms(fig(&|a| a.append_p50)),
@@ -649,6 +668,44 @@ fn metric_value(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU time (user + system) of process `pid`, or of its threads named `thread`, in seconds.
+fn cpu_seconds(pid: u32, thread: Option<&str>) -> f64 {
+    let ticks = |stat: &str| -> f64 {
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of stat(5); 11 and 12 after the name.
+        field(11) + field(12)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let total = match thread {
+        None => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| ticks(&s))
+            .unwrap_or(0.0),
+        Some(name) => std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks
+                    .filter_map(|t| t.ok())
+                    .filter(|t| {
+                        std::fs::read_to_string(t.path().join("comm"))
+                            .is_ok_and(|c| c.trim() == name)
+                    })
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+                    .map(|s| ticks(&s))
+                    .sum()
+            })
+            .unwrap_or(0.0),
+    };
+    total / per_second
+}
+
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
@@ -721,7 +778,16 @@ fn run(setup: CoreSetup, debits: usize, connections: usize, audit: Audit) -> Mea
     let ops_port = free_port();
     let (bench, section) = TestInstitution::create(dir.path(), "BENCH", &keys, "unused");
     // The audit log, when measured: its own key, a directory on the same disk as the database.
-    let audit_dir = dir.path().join("audit");
+    // KUNPAY_BENCH_AUDIT_DIR puts the log elsewhere (e.g. /dev/shm, to tell the disk's share
+    // of the overhead from the CPU's); removed after the run.
+    let audit_dir = match std::env::var_os("KUNPAY_BENCH_AUDIT_DIR") {
+        Some(parent) => Path::new(&parent).join(format!(
+            "kunpay-bench-audit-{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        )),
+        None => dir.path().join("audit"),
+    };
     let audit_section = if audit {
         let key = kunpay::crypto::sm2::PrivateKey::generate().unwrap();
         kunpay::crypto::keyfile::write_private_key(&keys.join("audit-sign.pem"), &key, None)
@@ -920,6 +986,11 @@ rate_limit_burst = 1000000
             .unwrap()
     };
     let before = scrape();
+    let pid = node.child.id();
+    let cpu_before = (
+        cpu_seconds(pid, None),
+        cpu_seconds(pid, Some("audit-writer")),
+    );
     let signed = Arc::new(signed);
     let next = Arc::new(AtomicUsize::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(debits)));
@@ -958,6 +1029,12 @@ rate_limit_burst = 1000000
     }
     let elapsed = started.elapsed();
     let after = scrape();
+    let cpu_after = (
+        cpu_seconds(pid, None),
+        cpu_seconds(pid, Some("audit-writer")),
+    );
+    let cpu_ms_per_debit = (cpu_after.0 - cpu_before.0) * 1000.0 / debits as f64;
+    let writer_cpu_ms_per_debit = (cpu_after.1 - cpu_before.1) * 1000.0 / debits as f64;
     eprintln!(
         "{} debits in {elapsed:?}: {:.0} TPS",
         signed.len(),
@@ -1097,6 +1174,9 @@ rate_limit_burst = 1000000
             .and_then(|r| r.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .expect("the verifier counts the records");
+        if std::env::var_os("KUNPAY_BENCH_AUDIT_DIR").is_some() {
+            let _ = std::fs::remove_dir_all(&audit_dir);
+        }
         AuditFigures {
             records,
             bytes_per_debit,
@@ -1112,6 +1192,8 @@ rate_limit_burst = 1000000
         p50,
         p99,
         failures,
+        cpu_ms_per_debit,
+        writer_cpu_ms_per_debit,
         audit,
     }
 }
