@@ -6,7 +6,7 @@
 //! the `bench:payments` markers (and `payments-broker`, `payments-audit`). Environment:
 //! KUNPAY_BENCH_DEBITS (default 20000), KUNPAY_BENCH_CONNECTIONS (default 32),
 //! KUNPAY_BENCH_ONLY (`in-process`: the in-process figure and the audit-log comparison;
-//! `broker`; `audit`: the comparison alone), KUNPAY_BENCH_AUDIT_ROUNDS (default 2),
+//! `broker`; `audit`: the comparison alone), KUNPAY_BENCH_AUDIT_ROUNDS (default 1), KUNPAY_BENCH_AUDIT_BLOCK (default 2000),
 //! KUNPAY_BENCH_AUDIT_DIR (where the compared runs keep their log; default: the run's temporary
 //! directory), KUNPAY_TEST_DATABASE_URL.
 
@@ -401,7 +401,7 @@ fn main() {
         report::write_section("payments", &section).expect("writing BENCHMARKS.md");
     }
     if only.is_empty() || only == "in-process" || only == "audit" {
-        let rounds = env_number("KUNPAY_BENCH_AUDIT_ROUNDS", 2);
+        let rounds = env_number("KUNPAY_BENCH_AUDIT_ROUNDS", 1);
         let section = audit_overhead(debits, connections, rounds);
         println!("{section}");
         report::write_section("payments-audit", &section).expect("writing BENCHMARKS.md");
@@ -456,9 +456,13 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
-/// Debit throughput without and with `[audit]`, alternating (off, on, then on, off, ...) so
-/// that the machine's drift hits both alike; the overhead is 1 - mean(on) / mean(off).
+/// Debit throughput without and with `[audit]`: in each round two daemons (one without, one
+/// with the log, each with its own database) are prepared side by side, then their debits are
+/// sent in alternating blocks (off, on, then on, off, ...), so that the machine's drift (other
+/// users of the shared machine) falls on both alike; the overhead is 1 - TPS(on) / TPS(off)
+/// over all blocks.
 fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
+    let block = env_number("KUNPAY_BENCH_AUDIT_BLOCK", 2000).clamp(100, debits.max(100));
     let load_before = load_average();
     let where_logged = match std::env::var("KUNPAY_BENCH_AUDIT_DIR") {
         Ok(parent) => {
@@ -473,32 +477,68 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
     };
     let mut off = Vec::new();
     let mut on = Vec::new();
+    let mut block_ratios = Vec::new();
     for round in 0..rounds.max(1) {
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for audit in order {
-            let measured = run(
-                CoreSetup::InProcess,
-                debits,
-                connections,
-                Audit::Compared(audit),
-            );
+        let sides = [
+            prepare(CoreSetup::InProcess, debits, Audit::Compared(false)),
+            prepare(CoreSetup::InProcess, debits, Audit::Compared(true)),
+        ];
+        let before = [sides[0].scrape(), sides[1].scrape()];
+        let cpu_before = [sides[0].cpu(), sides[1].cpu()];
+        let mut elapsed = [Duration::ZERO; 2];
+        let mut latencies: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+        let mut failures = [0usize; 2];
+        for (index, start) in (0..debits).step_by(block).enumerate() {
+            let range = start..(start + block).min(debits);
+            let order = if index % 2 == 0 { [0, 1] } else { [1, 0] };
+            let mut tps = [0.0; 2];
+            for side in order {
+                let (took, seen, failed) = sides[side].load(range.clone(), connections);
+                tps[side] = range.len() as f64 / took.as_secs_f64();
+                elapsed[side] += took;
+                latencies[side].extend(seen);
+                failures[side] += failed;
+            }
+            block_ratios.push(tps[1] / tps[0]);
             eprintln!(
-                "round {round}, audit {}: {:.0} TPS",
-                if audit { "on" } else { "off" },
-                measured.tps
+                "round {round}, block {index}: {:.0} TPS without, {:.0} TPS with the log",
+                tps[0], tps[1]
+            );
+        }
+        let after = [sides[0].scrape(), sides[1].scrape()];
+        let cpu_after = [sides[0].cpu(), sides[1].cpu()];
+        let [side_off, side_on] = sides;
+        for (side, prepared) in [(0, side_off), (1, side_on)] {
+            let measured = finish(
+                prepared,
+                connections,
+                Timed {
+                    elapsed: elapsed[side],
+                    latencies: std::mem::take(&mut latencies[side]),
+                    failures: failures[side],
+                    before: before[side].clone(),
+                    after: after[side].clone(),
+                    cpu: (
+                        cpu_after[side].0 - cpu_before[side].0,
+                        cpu_after[side].1 - cpu_before[side].1,
+                    ),
+                },
             );
             assert_eq!(measured.failures, 0, "every debit answered 0000");
-            if audit {
+            eprintln!(
+                "round {round}, audit {}: {:.0} TPS",
+                if side == 1 { "on" } else { "off" },
+                measured.tps
+            );
+            if side == 1 {
                 on.push(measured);
             } else {
                 off.push(measured);
             }
         }
     }
+    block_ratios.sort_by(f64::total_cmp);
+    let median_ratio = block_ratios[block_ratios.len() / 2];
     let load_after = load_average();
     let mean = |runs: &[Measured], f: &dyn Fn(&Measured) -> f64| {
         runs.iter().map(f).sum::<f64>() / runs.len() as f64
@@ -521,22 +561,26 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
     format!(
         "## Debit throughput with the audit log (issue 6)\n\n\
          | measure | without `[audit]` | with `[audit]` | ratio | bar |\n|---|---:|---:|---:|---|\n\
-         | debit throughput, mean of {rounds} runs each | {tps_off:.0} TPS | {tps_on:.0} TPS | {:.3} | overhead at most 5%: {:.1}%, {} |\n\
-         | the runs, in order of their pairs | {} | {} | | |\n\
+         | debit throughput over all blocks ({rounds} round(s) of {debits} debits each side) | {tps_off:.0} TPS | {tps_on:.0} TPS | {:.3} | overhead at most 5%: {:.1}%, {} |\n\
+         | the rounds | {} | {} | | |\n\
+         | median of the {} per-block ratios (blocks of {block} debits, each pair back to back) | | | {median_ratio:.3} | |\n\
          | client-observed latency p50 / p99 (mean) | {} / {} | {} / {} | | |\n\
          | kunpayd CPU per debit (of which the audit writer thread) | {:.3} ms | {:.3} ms ({:.3} ms) | {:.3} | |\n\
          | audit records per debit (request and answer) | | {:.2} | | |\n\
          | audit log bytes per debit | | {:.0} B | | |\n\
          | append until fdatasync, p50 / p99 (server histogram) | | {} / {} | | |\n\
          | `kunpay-audit verify` on the run's log | | {:.1} M records/min | | 1 M/min |\n\n\
-         Method: `KUNPAY_BENCH_ONLY=audit cargo bench --bench payments` runs the in-process debit \
-         benchmark above (same daemon, TLS, {connections} connections, {debits} pre-signed debits per \
-         run, a new database and daemon per run) {rounds} times without and {rounds} times with \
+         Method: `KUNPAY_BENCH_ONLY=audit cargo bench --bench payments` prepares, per round, two \
+         release daemons exactly as the in-process debit benchmark above does (TLS, in-process \
+         core, {debits} pre-signed debits each, a database each), one without and one with \
          `[audit]` (defaults: checkpoint every 60 s or 10000 records, 256 MiB segments; the log \
-         {where_logged}, every answer waiting for its group-committed fdatasync), alternating the order in each round (off, on, then \
-         on, off) so that the machine's drift falls on both sides. Overhead = 1 - mean(with) / \
-         mean(without). After each run with the log, `kunpay-audit verify` checks the whole log \
-         (every chain link, checkpoint and institution signature) and must exit 0. The machine \
+         {where_logged}; every answer sent only after its group-committed fdatasync), then sends \
+         their debits in alternating blocks of {block} from {connections} keep-alive TLS \
+         connections (off then on, then on then off, ...), so that the shared machine's drift \
+         falls on both sides alike. Throughput = debits / summed block time; overhead = 1 - \
+         TPS(with) / TPS(without). CPU from /proc over the same span. After each round, \
+         `kunpay-audit verify` checks the whole log of the daemon with `[audit]` (every chain \
+         link, checkpoint and institution signature) and must exit 0. The machine \
          is shared (2 cores; other developers build and test on it): load average {load_before} \
          (1, 5, 15 min) before, {load_after} after; compare the ratio, not the absolute figures. \
          Date: {}.\n",
@@ -545,6 +589,7 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
         if overhead <= 0.05 { "met" } else { "NOT met" },
         list(&off),
         list(&on),
+        block_ratios.len(),
         ms(mean(&off, &|m| m.p50.as_secs_f64())),
         ms(mean(&off, &|m| m.p99.as_secs_f64())),
         ms(mean(&on, &|m| m.p50.as_secs_f64())),
@@ -719,14 +764,144 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// One run; `audit`: with `[audit]` (and then the ceiling is not measured: the comparison
 /// wants throughput only).
+/// A daemon ready to be measured: started, agreements signed, debits pre-signed.
+struct Prepared {
+    setup: CoreSetup,
+    audit: bool,
+    ceiling_wanted: bool,
+    // Dropped first (SIGTERM, database dropped), then the simulator, then the directory.
+    node: Node,
+    _coresim: Option<Coresim>,
+    dir: tempfile::TempDir,
+    audit_dir: std::path::PathBuf,
+    port: u16,
+    ops_port: u16,
+    ca: std::path::PathBuf,
+    db_url: String,
+    signed: Arc<Vec<Vec<u8>>>,
+}
+
+/// What the timed part of a run saw.
+struct Timed {
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    failures: usize,
+    /// /metrics before the first and after the last debit.
+    before: String,
+    after: String,
+    /// kunpayd's CPU seconds (whole process, audit writer thread) over the same span.
+    cpu: (f64, f64),
+}
+
+impl Prepared {
+    fn scrape(&self) -> String {
+        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+        agent
+            .get(&format!("http://127.0.0.1:{}/metrics", self.ops_port))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    }
+
+    fn cpu(&self) -> (f64, f64) {
+        let pid = self.node.child.id();
+        (
+            cpu_seconds(pid, None),
+            cpu_seconds(pid, Some("audit-writer")),
+        )
+    }
+
+    /// Sends the pre-signed debits `range` from `connections` keep-alive connections; returns
+    /// the wall time, each debit's latency and how many were not answered 0000.
+    fn load(
+        &self,
+        range: std::ops::Range<usize>,
+        connections: usize,
+    ) -> (Duration, Vec<Duration>, usize) {
+        let next = Arc::new(AtomicUsize::new(range.start));
+        let end = range.end;
+        let latencies = Arc::new(Mutex::new(Vec::with_capacity(range.len())));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let port = self.port;
+        let started = Instant::now();
+        let workers: Vec<_> = (0..connections)
+            .map(|_| {
+                let (signed, next, latencies, failures, ca) = (
+                    self.signed.clone(),
+                    next.clone(),
+                    latencies.clone(),
+                    failures.clone(),
+                    self.ca.clone(),
+                );
+                std::thread::spawn(move || {
+                    let mut client = Client::connect(port, &ca);
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= end {
+                            break;
+                        }
+                        let sent = Instant::now();
+                        let answer = client.post(MsgType::Debit.path(), &signed[i]);
+                        mine.push(sent.elapsed());
+                        if result_code(&answer) != "0000" {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    latencies.lock().unwrap().extend(mine);
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        let elapsed = started.elapsed();
+        let latencies = latencies.lock().unwrap().clone();
+        (elapsed, latencies, failures.load(Ordering::Relaxed))
+    }
+}
+
+/// One run: the daemon, all its debits at once, the figures.
 fn run(setup: CoreSetup, debits: usize, connections: usize, audit: Audit) -> Measured {
+    let prepared = prepare(setup, debits, audit);
+    let before = prepared.scrape();
+    let cpu_before = prepared.cpu();
+    let (elapsed, latencies, failures) = prepared.load(0..prepared.signed.len(), connections);
+    let after = prepared.scrape();
+    let cpu_after = prepared.cpu();
+    eprintln!(
+        "{} debits in {elapsed:?}: {:.0} TPS",
+        latencies.len(),
+        latencies.len() as f64 / elapsed.as_secs_f64()
+    );
+    finish(
+        prepared,
+        connections,
+        Timed {
+            elapsed,
+            latencies,
+            failures,
+            before,
+            after,
+            cpu: (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1),
+        },
+    )
+}
+
+fn prepare(setup: CoreSetup, debits: usize, audit: Audit) -> Prepared {
     let (audit, ceiling_wanted) = match audit {
         Audit::Off => (false, true),
         Audit::Compared(on) => (on, false),
     };
     let admin_url = std::env::var("KUNPAY_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let database = format!("kunpay_bench_{}", std::process::id());
+    let database = format!(
+        "kunpay_bench_{}_{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    );
     {
         let mut admin =
             PgConnection::establish(&admin_url).expect("the shared PostgreSQL (make test-deps)");
@@ -816,7 +991,7 @@ fn run(setup: CoreSetup, debits: usize, connections: usize, audit: Audit) -> Mea
         std::env::var("USER").unwrap_or_default()
     };
     // Dropped after the daemon (declared before it): the queues go once nobody uses them.
-    let (_coresim, core_section) = match setup {
+    let (coresim, core_section) = match setup {
         CoreSetup::InProcess => (
             None,
             format!("[core]\nsimulator_generated_accounts = {CUSTOMERS}\n"),
@@ -974,83 +1149,57 @@ rate_limit_burst = 1000000
         .collect();
     eprintln!("signed {} debits in {:?}", signed.len(), signing.elapsed());
 
-    let metrics_url = format!("http://127.0.0.1:{ops_port}/metrics");
-    let scrape = || {
-        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
-        agent
-            .get(&metrics_url)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    };
-    let before = scrape();
-    let pid = node.child.id();
-    let cpu_before = (
-        cpu_seconds(pid, None),
-        cpu_seconds(pid, Some("audit-writer")),
-    );
-    let signed = Arc::new(signed);
-    let next = Arc::new(AtomicUsize::new(0));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(debits)));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..connections)
-        .map(|_| {
-            let (signed, next, latencies, failures, ca) = (
-                signed.clone(),
-                next.clone(),
-                latencies.clone(),
-                failures.clone(),
-                ca.clone(),
-            );
-            std::thread::spawn(move || {
-                let mut client = Client::connect(port, &ca);
-                let mut mine = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= signed.len() {
-                        break;
-                    }
-                    let sent = Instant::now();
-                    let answer = client.post(MsgType::Debit.path(), &signed[i]);
-                    mine.push(sent.elapsed());
-                    if result_code(&answer) != "0000" {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                latencies.lock().unwrap().extend(mine);
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.join().unwrap();
+    Prepared {
+        setup,
+        audit,
+        ceiling_wanted,
+        node,
+        _coresim: coresim,
+        dir,
+        audit_dir,
+        port,
+        ops_port,
+        ca,
+        db_url,
+        signed: Arc::new(signed),
     }
-    let elapsed = started.elapsed();
-    let after = scrape();
-    let cpu_after = (
-        cpu_seconds(pid, None),
-        cpu_seconds(pid, Some("audit-writer")),
-    );
-    let cpu_ms_per_debit = (cpu_after.0 - cpu_before.0) * 1000.0 / debits as f64;
-    let writer_cpu_ms_per_debit = (cpu_after.1 - cpu_before.1) * 1000.0 / debits as f64;
-    eprintln!(
-        "{} debits in {elapsed:?}: {:.0} TPS",
-        signed.len(),
-        signed.len() as f64 / elapsed.as_secs_f64()
-    );
+}
+
+/// The figures and the BENCHMARKS.md section of a run; stops the daemon.
+fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
+    let Prepared {
+        setup,
+        audit,
+        ceiling_wanted,
+        node,
+        _coresim,
+        dir,
+        audit_dir,
+        db_url,
+        signed,
+        ..
+    } = prepared;
+    let Timed {
+        elapsed,
+        latencies,
+        failures,
+        before,
+        after,
+        cpu,
+    } = timed;
+    let debits = latencies.len();
+    let cpu_ms_per_debit = cpu.0 * 1000.0 / debits as f64;
+    let writer_cpu_ms_per_debit = cpu.1 * 1000.0 / debits as f64;
     let ceiling = if setup == CoreSetup::InProcess && ceiling_wanted {
         eprintln!("measuring what PostgreSQL alone does with the same statements (pgbench)");
         database_ceiling(&db_url)
     } else {
         None
     };
-    let mut latencies = latencies.lock().unwrap().clone();
+    let mut latencies = latencies;
     latencies.sort();
     let tps = latencies.len() as f64 / elapsed.as_secs_f64();
     let (server_p50, server_p99) = server_percentiles(&before, &after);
-    let failures = failures.load(Ordering::Relaxed);
     let p50 = percentile(&latencies, 0.50);
     let p99 = percentile(&latencies, 0.99);
     let cpu = report::cpu_model();
