@@ -179,3 +179,40 @@ fn the_shipped_example_configuration_is_valid_and_complete() {
         );
     }
 }
+
+#[test]
+fn the_audit_key_is_checked_like_the_signing_key() {
+    let dir = DaemonDir::new();
+    let key = dir.path().join("keys/audit-sign.pem");
+    kunpay::crypto::keyfile::write_private_key(
+        &key,
+        &kunpay::crypto::sm2::PrivateKey::generate().unwrap(),
+        None,
+    )
+    .unwrap();
+    dir.write_config(
+        "postgres://kunpay@127.0.0.1:5432/kunpay",
+        "active",
+        &format!(
+            "[audit]\ndir = \"{}\"\nsign_private = \"{}\"\nkey_id = \"node-a-audit-1\"\n",
+            dir.path().join("audit").display(),
+            key.display()
+        ),
+    );
+    let check = || {
+        run(kunpayd()
+            .arg("--config")
+            .arg(dir.config_path())
+            .arg("--check-config"))
+    };
+    let (code, _, stderr) = check();
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (code, _, stderr) = check();
+    assert_eq!(code, 2);
+    assert!(stderr.contains("audit.sign_private"), "{stderr}");
+    assert!(
+        stderr.contains("chmod"),
+        "the message says how to fix it: {stderr}"
+    );
+}

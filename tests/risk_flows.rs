@@ -405,6 +405,25 @@ fn declines_reviews_and_the_reviewers_verdicts_end_to_end() {
         "the declined review gave its usage back"
     );
     assert_eq!(history(&node, &held_2), ["RECEIVED", "IN_REVIEW", "FAILED"]);
+    // Each verdict that changed something is an operator action for the audit log, committed
+    // with it (the refused second verdict is none); without [audit] the rows wait, unlogged.
+    for (command, txn) in [
+        ("RISK_CASE_APPROVE", &held_id),
+        ("RISK_CASE_DECLINE", &held_2_id),
+    ] {
+        assert_eq!(
+            node.count(&format!(
+                "SELECT count(*) AS n FROM operator_action WHERE command = '{command}' \
+                 AND txn_id = '{txn}' AND audit_seq IS NULL"
+            )),
+            1,
+            "{command}"
+        );
+    }
+    assert_eq!(
+        node.count("SELECT count(*) AS n FROM operator_action WHERE command LIKE 'RISK_CASE_%'"),
+        2
+    );
 
     // The day's statistics per rule, with the reviewers' verdicts.
     let (code, out, err) = node.ctl(&["risk", "stats"]);
