@@ -203,7 +203,12 @@ fn claim(
 }
 
 /// Marks a row as logged as record `seq` of `node_id`'s log.
-pub fn mark(conn: &mut PgConnection, action_id: i64, node_id: &str, seq: u64) -> QueryResult<()> {
+pub fn mark(
+    conn: &mut PgConnection,
+    action_id: i64,
+    node_id: &str,
+    seq: u64,
+) -> Result<(), anyhow::Error> {
     let seq = i64::try_from(seq).expect("sequence numbers stay below 2^63");
     let marked = diesel::update(
         operator_action::table
@@ -215,11 +220,14 @@ pub fn mark(conn: &mut PgConnection, action_id: i64, node_id: &str, seq: u64) ->
         operator_action::audit_seq.eq(Some(seq)),
     ))
     .execute(conn)?;
-    // Only the claiming node marks; a second mark would mean two relays ran on one database.
-    assert_eq!(
-        marked, 1,
-        "operator action {action_id} was marked by someone else while this node logged it"
-    );
+    // Only the claiming node marks; a mark by another means two relays on one database.
+    if marked != 1 {
+        anyhow::bail!(
+            "operator action {action_id} was marked by another node while {node_id} logged it \
+             (record {seq}): two nodes relay operator actions from one database; only the \
+             active node may"
+        );
+    }
     Ok(())
 }
 

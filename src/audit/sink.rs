@@ -68,12 +68,12 @@ impl Ticket {
 /// A record on its way to the disk whose outcome is awaited without holding a thread (the
 /// writer completes it when the batch's fdatasync returned).
 pub struct Durable {
-    pending: Option<(
-        tokio::sync::oneshot::Receiver<Result<u64, AuditError>>,
-        Arc<Inner>,
-    )>,
+    pending: Option<(DurableAnswer, Arc<Inner>)>,
     refused: Option<AuditFailure>,
 }
+
+/// What the writer thread sends once a record is on disk (or refused).
+type DurableAnswer = tokio::sync::oneshot::Receiver<Result<u64, AuditError>>;
 
 impl Durable {
     /// The record's sequence number once it is on disk (0 at once without `[audit]`).
