@@ -310,17 +310,34 @@ impl VelocityStore {
                 .binary_search(&shard_of(subject))
                 .expect("every subject's shard is locked")
         };
-        let values = features
+        let mut values: Vec<i64> = features
             .iter()
             .map(|spec| {
                 let Some(subject) = subjects.iter().find(|(d, _)| *d == spec.dimension) else {
                     return 0;
                 };
+                if spec.measure == Measure::Cards {
+                    return 0; // below, all windows of a subject in one pass
+                }
                 let slot = shard_for(subject);
                 let events = guards[slot].subjects.get(subject);
                 measure(events, spec, event.at_ms)
             })
             .collect();
+        for subject in subjects {
+            let windows: Vec<(usize, i64)> = features
+                .iter()
+                .enumerate()
+                .filter(|(_, spec)| spec.measure == Measure::Cards && spec.dimension == subject.0)
+                .map(|(at, spec)| (at, spec.window_ms))
+                .collect();
+            if windows.is_empty() {
+                continue;
+            }
+            if let Some(timeline) = guards[shard_for(subject)].subjects.get(subject) {
+                distinct_cards(timeline, event.at_ms, windows, &mut values);
+            }
+        }
         if record {
             for subject in subjects {
                 let slot = shard_for(subject);
@@ -422,12 +439,91 @@ fn measure(timeline: Option<&Timeline>, spec: &FeatureSpec, now_ms: i64) -> i64 
         Measure::Count => (end - start) as i64,
         Measure::Sum => last.total_sum - sum_before,
         Measure::NearLimit => last.total_near - near_before,
-        Measure::Cards => {
-            let mut cards: Vec<u64> = events.range(start..end).map(|s| s.event.card).collect();
-            cards.sort_unstable();
-            cards.dedup();
-            cards.len() as i64
+        Measure::Cards => unreachable!("distinct cards are counted by distinct_cards"),
+    }
+}
+
+/// Distinct cards of `timeline` in each window (`(index into values, window_ms)`), written to
+/// `values`: one pass from the newest event back to the longest window's edge, through a
+/// reusable open-addressing set (the keys are SM3 digests already; sorting and allocating per
+/// feature was a third of a decision).
+fn distinct_cards(
+    timeline: &Timeline,
+    now_ms: i64,
+    mut windows: Vec<(usize, i64)>,
+    values: &mut [i64],
+) {
+    thread_local! {
+        static SEEN: std::cell::RefCell<CardSet> = std::cell::RefCell::new(CardSet::default());
+    }
+    windows.sort_unstable_by_key(|w| w.1);
+    let events = &timeline.events;
+    let longest_since = now_ms - windows.last().expect("at least one window").1;
+    let oldest = events.partition_point(|s| s.event.at_ms <= longest_since);
+    SEEN.with(|seen| {
+        let mut seen = seen.borrow_mut();
+        seen.reset(events.len() - oldest);
+        let mut pending = windows.iter().peekable();
+        for stored in events.range(oldest..).rev() {
+            // Windows are (now - window, now]: this event is outside every window whose edge
+            // it is at or before, so those are complete.
+            while let Some((at, window)) = pending.peek() {
+                if stored.event.at_ms <= now_ms - window {
+                    values[*at] = seen.len() as i64;
+                    pending.next();
+                } else {
+                    break;
+                }
+            }
+            seen.insert(stored.event.card);
         }
+        for (at, _) in pending {
+            values[*at] = seen.len() as i64;
+        }
+    });
+}
+
+/// A set of card keys for one count: linear probing in a table at most half full, reused
+/// between decisions of a thread. Key 0 (an event without a card) is not a card.
+#[derive(Default)]
+struct CardSet {
+    slots: Vec<u64>,
+    len: usize,
+}
+
+impl CardSet {
+    fn reset(&mut self, at_most: usize) {
+        let size = (at_most * 2).next_power_of_two().max(16);
+        if self.slots.len() < size || self.slots.len() > size * 8 {
+            self.slots = vec![0; size];
+        } else {
+            self.slots.fill(0);
+        }
+        self.len = 0;
+    }
+
+    fn insert(&mut self, card: u64) {
+        if card == 0 {
+            return;
+        }
+        let mask = self.slots.len() - 1;
+        let mut at = (card as usize) & mask;
+        loop {
+            match self.slots[at] {
+                0 => {
+                    self.slots[at] = card;
+                    self.len += 1;
+                    debug_assert!(self.len * 2 <= self.slots.len(), "sized for every event");
+                    return;
+                }
+                same if same == card => return,
+                _ => at = (at + 1) & mask,
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
     }
 }
 
@@ -468,6 +564,53 @@ mod tests {
             "card_count_h",
         ] {
             assert!(FeatureSpec::parse(bad).is_none(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn distinct_cards_in_every_window_match_a_plain_count() {
+        let store = VelocityStore::new(StoreLimits::default());
+        let device = vec![(Dimension::Device, 1)];
+        let features = [
+            spec("device_cards_10s"),
+            spec("device_cards_1m"),
+            spec("device_cards_10m"),
+            spec("device_count_1m"),
+            spec("device_cards_1h"),
+        ];
+        let mut history: Vec<(i64, u64)> = Vec::new();
+        let mut x: u64 = 0x9E37_79B9;
+        for n in 0..2_000i64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Every 1.5 s on average, one of 40 cards, some events without a card (key 0).
+            let at = n * 1_500 + (x >> 60) as i64;
+            let card = (x >> 33) % 41;
+            let seen = store.observe(&device, &features, event(at, 1, card), true);
+            let plain = |window: i64| {
+                let mut cards: Vec<u64> = history
+                    .iter()
+                    .filter(|(t, c)| *t > at - window && *c != 0)
+                    .map(|(_, c)| *c)
+                    .collect();
+                cards.sort_unstable();
+                cards.dedup();
+                cards.len() as i64
+            };
+            let count = history.iter().filter(|(t, _)| *t > at - 60_000).count() as i64;
+            assert_eq!(
+                seen,
+                vec![
+                    plain(10_000),
+                    plain(60_000),
+                    plain(600_000),
+                    count,
+                    plain(3_600_000)
+                ],
+                "event {n}"
+            );
+            history.push((at, card));
         }
     }
 

@@ -376,15 +376,33 @@ enum CoreSetup {
 fn main() {
     let debits = env_number("KUNPAY_BENCH_DEBITS", 20_000);
     let connections = env_number("KUNPAY_BENCH_CONNECTIONS", 32);
-    // KUNPAY_BENCH_ONLY=in-process or broker runs one of the two.
+    // KUNPAY_BENCH_ONLY=in-process, risk (in-process without and then with risk control) or
+    // broker runs only those.
     let only = std::env::var("KUNPAY_BENCH_ONLY").unwrap_or_default();
-    if only != "broker" {
-        let section = run(CoreSetup::InProcess, debits, connections);
+    let mut tps_without_risk = None;
+    if only.is_empty() || only == "in-process" || only == "risk" {
+        let (section, tps) = run(CoreSetup::InProcess, debits, connections, false);
         println!("{section}");
         report::write_section("payments", &section).expect("writing BENCHMARKS.md");
+        tps_without_risk = Some(tps);
     }
-    if only != "in-process" {
-        let section = run(CoreSetup::Broker, debits, connections);
+    if let Some(without) = tps_without_risk
+        && (only.is_empty() || only == "risk")
+    {
+        let (section, with) = run(CoreSetup::InProcess, debits, connections, true);
+        let ratio = with / without;
+        let section = format!(
+            "{section}
+| risk on / risk off (the run above, {without:.0} TPS) | {:.1}% | | | within 10%: {} |
+",
+            ratio * 100.0,
+            if ratio >= 0.9 { "met" } else { "NOT met" }
+        );
+        println!("{section}");
+        report::write_section("payments-risk", &section).expect("writing BENCHMARKS.md");
+    }
+    if only.is_empty() || only == "broker" {
+        let (section, _) = run(CoreSetup::Broker, debits, connections, false);
         println!("{section}");
         report::write_section("payments-broker", &section).expect("writing BENCHMARKS.md");
     }
@@ -487,7 +505,35 @@ fn start_coresim(dir: &Path) -> (Coresim, String) {
     (Coresim { child, queues }, core)
 }
 
-fn run(setup: CoreSetup, debits: usize, connections: usize) -> String {
+/// The shipped expert library with every rule made a shadow rule: each debit is decided with
+/// the full library and its velocity features, and still reaches the core (the bench's repeated
+/// cards would otherwise be held for review), so the run compares like with like.
+fn shadow_library(to: &Path) -> String {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/risk");
+    for sub in ["", "rules", "lists"] {
+        std::fs::create_dir_all(to.join(sub)).unwrap();
+        for entry in std::fs::read_dir(from.join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            if !path.is_file() {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = if sub == "rules" {
+                assert!(
+                    !text.contains("\nshadow"),
+                    "the library has no shadow rules"
+                );
+                text.replace("[[rule]]\n", "[[rule]]\nshadow = true\n")
+            } else {
+                text
+            };
+            std::fs::write(to.join(sub).join(path.file_name().unwrap()), text).unwrap();
+        }
+    }
+    format!("[risk]\ndir = \"{}\"\n", to.display())
+}
+
+fn run(setup: CoreSetup, debits: usize, connections: usize, risk: bool) -> (String, f64) {
     let admin_url = std::env::var("KUNPAY_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let database = format!("kunpay_bench_{}", std::process::id());
@@ -588,7 +634,12 @@ db_pool_size = 16
 queue_depth = 4096
 rate_limit_per_second = 1000000
 rate_limit_burst = 1000000
-"#,
+{risk_section}"#,
+        risk_section = if risk {
+            shadow_library(&dir.path().join("risk"))
+        } else {
+            String::new()
+        },
         keys = keys.display(),
         dir = dir.path().display(),
     );
@@ -759,7 +810,7 @@ rate_limit_burst = 1000000
         signed.len(),
         signed.len() as f64 / elapsed.as_secs_f64()
     );
-    let ceiling = if setup == CoreSetup::InProcess {
+    let ceiling = if setup == CoreSetup::InProcess && !risk {
         eprintln!("measuring what PostgreSQL alone does with the same statements (pgbench)");
         database_ceiling(&db_url)
     } else {
@@ -780,10 +831,21 @@ rate_limit_burst = 1000000
             durable / 500.0,
             unsafe_async / 500.0,
         ),
-        None if setup == CoreSetup::Broker => String::new(),
+        None if setup == CoreSetup::Broker || risk => String::new(),
         None => "| database ceiling | pgbench not found | | | |\n".to_string(),
     };
     let (title, bar_tps, bar_p99_ms, core_method) = match setup {
+        CoreSetup::InProcess if risk => (
+            "Debit end to end with risk control on (issue 5)",
+            2000.0,
+            20,
+            format!(
+                "and the in-process core simulator with {CUSTOMERS} generated customers; `[risk]` on with \
+                 the shipped expert library (packaging/risk) with every rule made a shadow rule, so each debit is \
+                 decided in full (velocity features recorded and read, decision stored with its opening) and \
+                 still reaches the core"
+            ),
+        ),
         CoreSetup::InProcess => (
             "Debit end to end (issue 3)",
             2000.0,
@@ -853,5 +915,5 @@ rate_limit_burst = 1000000
             .unwrap_or_default(),
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     );
-    section
+    (section, tps)
 }
