@@ -5,8 +5,12 @@
 //! and records its own event in one step under the locks of those subjects' shards (taken in
 //! shard order, so no deadlock), so concurrent requests on one subject each see every earlier
 //! one: N concurrent requests leave exactly N events, and the k-th sees k-1 before it.
-//! Must never: grow without bound (subjects per shard and events per subject are capped, the
-//! oldest dropped first and counted), or count an event outside its window.
+//! A subject busier than `events_per_subject` within the horizon (an institution, a large
+//! merchant) keeps its newest events one by one and folds older ones into per-minute totals:
+//! counts, sums and near-limit counts stay whole (a window then counts the whole minute at its
+//! far edge, erring towards more), distinct cards are counted over the individual events only.
+//! Must never: grow without bound (subjects per shard, events per subject and minutes per
+//! subject are capped), or leave an event of a window uncounted.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -179,17 +183,68 @@ struct Stored {
     total_near: i64,
 }
 
-/// One subject's events, oldest first, and the totals of those already forgotten.
+/// The totals of one minute of a busy subject's older events.
+#[derive(Debug, Clone, Copy)]
+struct Minute {
+    start_ms: i64,
+    count: i64,
+    sum: i64,
+    near: i64,
+}
+
+const MINUTE_MS: i64 = 60_000;
+
+/// One subject's events, oldest first, and the totals of those already forgotten; older events
+/// of a busy subject folded into `minutes` (all older than every event in `events`).
 #[derive(Default)]
 struct Timeline {
     events: VecDeque<Stored>,
     forgotten_sum: i64,
     forgotten_near: i64,
+    minutes: VecDeque<Minute>,
 }
 
 impl Timeline {
     fn newest_ms(&self) -> Option<i64> {
         self.events.back().map(|s| s.event.at_ms)
+    }
+
+    /// Moves the oldest individual event into its minute's totals.
+    fn fold_oldest(&mut self) {
+        let Some(oldest) = self.events.front().map(|s| s.event) else {
+            return;
+        };
+        self.forget_oldest();
+        let start_ms = oldest.at_ms - oldest.at_ms.rem_euclid(MINUTE_MS);
+        match self.minutes.back_mut() {
+            Some(minute) if minute.start_ms == start_ms => {
+                minute.count += 1;
+                minute.sum += oldest.amount_fen;
+                minute.near += i64::from(oldest.near_limit);
+            }
+            last => {
+                debug_assert!(
+                    last.is_none_or(|m| m.start_ms < start_ms),
+                    "minutes in order"
+                );
+                self.minutes.push_back(Minute {
+                    start_ms,
+                    count: 1,
+                    sum: oldest.amount_fen,
+                    near: i64::from(oldest.near_limit),
+                });
+            }
+        }
+    }
+
+    /// The folded minutes touching the window after `since`: (count, sum, near).
+    fn folded_since(&self, since: i64) -> (i64, i64, i64) {
+        let first = self
+            .minutes
+            .partition_point(|m| m.start_ms + MINUTE_MS <= since);
+        self.minutes.range(first..).fold((0, 0, 0), |(c, s, n), m| {
+            (c + m.count, s + m.sum, n + m.near)
+        })
     }
 
     fn forget_oldest(&mut self) {
@@ -262,7 +317,7 @@ struct Shard {
 pub struct VelocityStore {
     shards: Vec<Mutex<Shard>>,
     limits: StoreLimits,
-    /// Events dropped by a bound before their time (a subject busier than the bound allows).
+    /// Events folded into per-minute totals (a subject busier than `events_per_subject`).
     pub dropped: AtomicU64,
 }
 
@@ -379,8 +434,15 @@ impl VelocityStore {
         {
             timeline.forget_oldest();
         }
+        while timeline
+            .minutes
+            .front()
+            .is_some_and(|m| m.start_ms + MINUTE_MS <= horizon)
+        {
+            timeline.minutes.pop_front();
+        }
         if timeline.events.len() >= self.limits.events_per_subject {
-            timeline.forget_oldest();
+            timeline.fold_oldest();
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         timeline.insert(event);
@@ -430,15 +492,21 @@ fn measure(timeline: Option<&Timeline>, spec: &FeatureSpec, now_ms: i64) -> i64 
     // two concurrent decisions each miss the other.
     let start = events.partition_point(|s| s.event.at_ms <= since);
     let end = events.len();
+    let (folded_count, folded_sum, folded_near) = timeline.folded_since(since);
     if start >= end {
-        return 0;
+        return match spec.measure {
+            Measure::Count => folded_count,
+            Measure::Sum => folded_sum,
+            Measure::NearLimit => folded_near,
+            Measure::Cards => 0,
+        };
     }
     let (sum_before, near_before) = timeline.totals_before(start);
     let last = &events[end - 1];
     match spec.measure {
-        Measure::Count => (end - start) as i64,
-        Measure::Sum => last.total_sum - sum_before,
-        Measure::NearLimit => last.total_near - near_before,
+        Measure::Count => (end - start) as i64 + folded_count,
+        Measure::Sum => last.total_sum - sum_before + folded_sum,
+        Measure::NearLimit => last.total_near - near_before + folded_near,
         Measure::Cards => unreachable!("distinct cards are counted by distinct_cards"),
     }
 }
@@ -731,7 +799,7 @@ mod tests {
     }
 
     #[test]
-    fn bounds_drop_the_oldest_and_count_it() {
+    fn a_busy_subject_folds_its_oldest_events_into_minutes_and_still_counts_them() {
         let store = VelocityStore::new(StoreLimits {
             horizon_ms: 1_000_000,
             subjects_per_shard: 2,
@@ -739,13 +807,49 @@ mod tests {
         });
         let card = vec![(Dimension::Card, 1)];
         for at in 0..5 {
-            store.observe(&card, &[], event(at, 1, 1), true);
+            store.observe(&card, &[], event(at, 10, 1), true);
         }
         assert_eq!(
-            store.observe(&card, &[spec("card_count_1h")], event(10, 1, 1), false),
-            vec![3]
+            store.observe(
+                &card,
+                &[
+                    spec("card_count_1h"),
+                    spec("card_sum_1h"),
+                    spec("card_cards_1h")
+                ],
+                event(10, 1, 1),
+                false
+            ),
+            vec![5, 50, 1]
         );
         assert_eq!(store.dropped.load(Ordering::Relaxed), 2);
+        // A window reaching into a folded minute counts that whole minute (towards more).
+        let inst = vec![(Dimension::Institution, 9)];
+        for n in 0..10 {
+            store.observe(&inst, &[], event(60_000 + n * 5_000, 1, 0), true);
+        }
+        // Events at 60, 65, ..., 105 s: the three newest kept alone, the seven before folded
+        // into the minute starting at 60 s. (80 s, 110 s] holds five events; the folded minute
+        // reaches into it, so it counts whole: 3 alone + 7 folded.
+        assert_eq!(
+            store.observe(
+                &inst,
+                &[spec("inst_count_30s")],
+                event(110_000, 1, 0),
+                false
+            ),
+            vec![10]
+        );
+        // A window that starts after the folded minute ends does not count it.
+        assert_eq!(
+            store.observe(&inst, &[spec("inst_count_1m")], event(179_000, 1, 0), false),
+            vec![7],
+            "(119 s, 179 s] touches the minute [60 s, 120 s)"
+        );
+        assert_eq!(
+            store.observe(&inst, &[spec("inst_count_1m")], event(180_000, 1, 0), false),
+            vec![0]
+        );
         // Past the horizon, events are forgotten when the subject is next written.
         store.observe(&card, &[], event(2_000_000, 1, 1), true);
         assert_eq!(
