@@ -160,6 +160,10 @@ pub fn migrate(conn: &mut PgConnection) -> Result<Vec<String>, DbError> {
     let result = pending_migrations(conn).and_then(|names| {
         conn.run_pending_migrations(MIGRATIONS)
             .map_err(|e| DbError::Migration(e.to_string()))?;
+        // Every replicated table carries the HA write guard, including tables a migration just
+        // added without knowing about it (src/ha/mod.rs).
+        crate::ha::install_guards(conn)
+            .map_err(|e| DbError::Migration(format!("installing the HA write guard: {e}")))?;
         Ok(names)
     });
     // Unlock even when the migration failed, or the next attempt would wait forever.
