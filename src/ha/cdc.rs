@@ -1069,6 +1069,74 @@ impl Applier {
     }
 }
 
+/// What the applier loop reports after each batch or failure (for metrics and logs).
+#[derive(Debug)]
+pub enum Event<'a> {
+    Applied(&'a BatchOutcome),
+    Failed(&'a CdcError),
+}
+
+/// Pause after the n-th consecutive failure: 0.5 s doubling up to 30 s.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(30))
+}
+
+/// The applier as a long-running loop: connects (and reconnects after any error, with
+/// [`backoff`]), applies batches back to back while there is work and every `poll_every` when
+/// caught up, until `stop` is set. Every outcome goes to `observe`. A refusal (wrong role,
+/// divergence, schema drift) is retried too, slowly: a person fixes the cause and the applier
+/// continues by itself.
+pub fn run(
+    source_url: &str,
+    target_url: &str,
+    settings: &CdcSettings,
+    poll_every: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+    mut observe: impl FnMut(Event<'_>),
+) {
+    use std::sync::atomic::Ordering;
+    let mut applier: Option<Applier> = None;
+    let mut failures = 0u32;
+    while !stop.load(Ordering::SeqCst) {
+        let result = match applier.as_mut() {
+            Some(a) => a.apply_batch(),
+            None => match Applier::connect(source_url, target_url, settings.clone()) {
+                Ok(a) => {
+                    tracing::info!(slot = %settings.slot, source = %a.source_id(), "CDC applier connected");
+                    applier = Some(a);
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(outcome) => {
+                failures = 0;
+                observe(Event::Applied(&outcome));
+                if outcome.caught_up {
+                    sleep_unless_stopped(poll_every, stop);
+                }
+            }
+            Err(e) => {
+                // Both connections are dropped: a half-read stream or an aborted transaction
+                // is never reused.
+                applier = None;
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %e, failures, "CDC applier failed; reconnecting after a pause");
+                observe(Event::Failed(&e));
+                sleep_unless_stopped(backoff(failures - 1), stop);
+            }
+        }
+    }
+}
+
+fn sleep_unless_stopped(pause: Duration, stop: &std::sync::atomic::AtomicBool) {
+    let until = Instant::now() + pause;
+    while Instant::now() < until && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
+    }
+}
+
 fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or("").trim().to_string()
 }
@@ -1141,6 +1209,15 @@ pub fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_ceiling() {
+        assert_eq!(backoff(0), Duration::from_millis(500));
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(6), Duration::from_secs(30));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(30));
+    }
 
     #[test]
     fn slot_names_follow_postgresql_rules() {
