@@ -1,4 +1,4 @@
--- Triggers go with the function (install_guards recreates them after an up migration).
-DROP FUNCTION kunpay_ha_guard() CASCADE;
+-- The guard's triggers go with its function (install_guards created both).
+DROP FUNCTION IF EXISTS kunpay_ha_guard() CASCADE;
 DROP TABLE ha_cdc_position;
 DROP TABLE ha_node_role;

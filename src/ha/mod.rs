@@ -214,11 +214,54 @@ pub fn unguarded_tables(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
         .collect())
 }
 
-/// Puts the guard on every replicated table that lacks it; returns the tables it guarded.
-/// Run after every migration (`db::migrate`), so a table a later migration adds is guarded
-/// without that migration having to remember. Statement-level triggers: one check per statement,
-/// not per row.
+/// The guard's trigger function. ACTIVE: a write passes unless the session declared another
+/// fencing epoch (kunpayd's connections declare the one they started under in `kunpay.epoch`,
+/// so a process from an earlier epoch must restart). STANDBY: only the CDC applier passes (`SET
+/// LOCAL kunpay.cdc_apply = 'on'` inside its transaction). FENCED, or no role row: nothing.
+/// PostgreSQL reads an unset setting as NULL with `current_setting(name, true)`; some openGauss
+/// distributions lack that form, so there the read sits in an exception block (a
+/// subtransaction per statement: dearer, measured in docs/operations.md).
+pub fn guard_function_sql(dialect: cdc::Dialect) -> String {
+    let read = |var: &str, setting: &str| match dialect {
+        cdc::Dialect::Postgres => {
+            format!("    {var} := COALESCE(current_setting('{setting}', true), '');\n")
+        }
+        cdc::Dialect::OpenGauss => format!(
+            "    BEGIN\n        {var} := current_setting('{setting}');\n    \
+             EXCEPTION WHEN undefined_object THEN\n        {var} := '';\n    END;\n"
+        ),
+    };
+    format!(
+        "CREATE OR REPLACE FUNCTION kunpay_ha_guard() RETURNS TRIGGER AS $$\n\
+         DECLARE\n    node_role VARCHAR(16);\n    node_epoch BIGINT;\n    claimed TEXT;\n    applying TEXT;\n\
+         BEGIN\n\
+         \x20   SELECT role, epoch INTO node_role, node_epoch FROM ha_node_role WHERE id = 1;\n\
+         {claimed}\
+         \x20   IF node_role = 'ACTIVE' THEN\n\
+         \x20       IF claimed <> '' AND claimed <> CAST(node_epoch AS TEXT) THEN\n\
+         \x20           RAISE EXCEPTION 'kunpay fenced: % on % refused: this session writes under fencing epoch %, \
+         the database is ACTIVE at epoch %; restart kunpayd so it reads the current epoch', \
+         TG_OP, TG_TABLE_NAME, claimed, node_epoch USING ERRCODE = '{FENCED_SQLSTATE}';\n\
+         \x20       END IF;\n        RETURN NULL;\n    END IF;\n\
+         \x20   IF node_role = 'STANDBY' THEN\n{applying}\
+         \x20       IF applying = 'on' THEN\n            RETURN NULL;\n        END IF;\n    END IF;\n\
+         \x20   RAISE EXCEPTION 'kunpay fenced: % on % refused: this database is % (fencing epoch %); \
+         only the ACTIVE node writes, and a STANDBY only through CDC', TG_OP, TG_TABLE_NAME, \
+         COALESCE(node_role, 'without a role row'), COALESCE(CAST(node_epoch AS TEXT), '-') \
+         USING ERRCODE = '{FENCED_SQLSTATE}';\n\
+         END;\n$$ LANGUAGE plpgsql",
+        claimed = read("claimed", "kunpay.epoch"),
+        applying = read("applying", "kunpay.cdc_apply"),
+    )
+}
+
+/// (Re)defines the guard function for this server and puts the guard on every replicated table
+/// that lacks it; returns the tables it guarded. Run after every migration (`db::migrate`), so
+/// a table a later migration adds is guarded without that migration having to remember.
+/// Statement-level triggers: one check per statement, not per row.
 pub fn install_guards(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    let dialect = cdc::Dialect::detect(conn)?;
+    conn.batch_execute(&guard_function_sql(dialect))?;
     let missing = unguarded_tables(conn)?;
     for table in &missing {
         // The name comes from the catalog and is quoted; nothing from outside reaches it.
@@ -375,6 +418,24 @@ mod tests {
         assert_eq!("FENCED".parse::<NodeRole>().unwrap(), NodeRole::Fenced);
         assert_eq!(NodeRole::Active.to_string(), "ACTIVE");
         assert!("leader".parse::<NodeRole>().is_err());
+    }
+
+    #[test]
+    fn the_guard_reads_settings_as_each_server_allows() {
+        let pg = guard_function_sql(cdc::Dialect::Postgres);
+        assert!(pg.contains("current_setting('kunpay.epoch', true)"), "{pg}");
+        assert!(!pg.contains("EXCEPTION WHEN"), "{pg}");
+        let og = guard_function_sql(cdc::Dialect::OpenGauss);
+        assert!(!og.contains(", true)"), "{og}");
+        assert_eq!(
+            og.matches("EXCEPTION WHEN undefined_object").count(),
+            2,
+            "{og}"
+        );
+        for body in [pg, og] {
+            assert!(body.contains("USING ERRCODE = '25006'"));
+            assert!(body.contains("IF applying = 'on' THEN"));
+        }
     }
 
     #[test]
