@@ -156,6 +156,25 @@ fn cdc_copies_kunpay_writes_and_operator_sql_in_commit_order_and_nothing_else() 
            VALUES (NULL, '/y', '9002', 'kept', 'def', now());",
     )
     .unwrap();
+    // A large (out-of-line, TOASTed) value, then an update of another column: the WAL says
+    // `unchanged-toast-datum` for it and the standby must keep its copy.
+    let big: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    journal::store_response(
+        &mut src,
+        "T",
+        "BIG",
+        "debit",
+        "{}",
+        &big,
+        "0000",
+        None,
+        chrono::Utc::now(),
+    )
+    .unwrap();
+    src.batch_execute("UPDATE channel_request SET result_code = '0001' WHERE req_serial = 'BIG'")
+        .unwrap();
     // Node-local: each node's own run record and role are never copied.
     kunpay::db::record_start(&mut src, "active-node", kunpay::config::Role::Active).unwrap();
 
@@ -171,7 +190,7 @@ fn cdc_copies_kunpay_writes_and_operator_sql_in_commit_order_and_nothing_else() 
     let digests = assert_same(&active, &standby);
     assert_eq!(rows(&digests, "txn"), 5);
     assert_eq!(rows(&digests, "notification"), 5);
-    assert_eq!(rows(&digests, "channel_request"), 5);
+    assert_eq!(rows(&digests, "channel_request"), 6);
     assert_eq!(rows(&digests, "agreement"), 2);
     assert_eq!(rows(&digests, "seen_message"), 2);
     assert_eq!(rows(&digests, "channel_rejection"), 1);
@@ -192,6 +211,14 @@ fn cdc_copies_kunpay_writes_and_operator_sql_in_commit_order_and_nothing_else() 
         2
     );
     assert_eq!(count(&mut dst, "SELECT count(*) AS n FROM node_run"), 0);
+    assert_eq!(
+        count(
+            &mut dst,
+            "SELECT count(*) AS n FROM channel_request WHERE req_serial = 'BIG' \
+             AND result_code = '0001' AND length(response) = 200000"
+        ),
+        1
+    );
     assert_eq!(ha::read_role(&mut dst).unwrap().role, NodeRole::Standby);
     assert_eq!(ha::read_role(&mut src).unwrap().role, NodeRole::Active);
 
