@@ -565,7 +565,14 @@ fn fencing(body: Option<kunpay::ha::cdc::Dialect>) {
     let e = ha::set_role(&mut conn, NodeRole::Active, 2, "stale")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("needs a higher epoch"), "{e}");
+    assert!(e.contains("epochs never go back"), "{e}");
+    let e = ha::set_role(&mut conn, NodeRole::Active, 3, "same epoch")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("promotion to ACTIVE needs a higher epoch"),
+        "{e}"
+    );
     ha::set_role(&mut conn, NodeRole::Active, 4, "promoted").unwrap();
     assert!(journal::remember_message(&mut conn, "T", "active-again", chrono::Utc::now()).unwrap());
 

@@ -67,7 +67,8 @@ impl ConnectSettings {
         redact_url(self.url.expose())
     }
 
-    fn full_url(&self) -> Secret {
+    /// The libpq URL with application name, connect timeout and password: a secret.
+    pub fn full_url(&self) -> Secret {
         let mut url = self.url.expose().to_string();
         let separator = if url.contains('?') { '&' } else { '?' };
         url.push(separator);
@@ -89,6 +90,8 @@ impl ConnectSettings {
 #[derive(Debug)]
 struct SessionSettings {
     statement_timeout: Duration,
+    /// The fencing epoch this process writes under (`kunpay.epoch`, checked by the HA guard).
+    epoch: Option<i64>,
 }
 
 impl r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for SessionSettings {
@@ -98,13 +101,23 @@ impl r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for SessionSet
             "SET statement_timeout = {}; SET TIME ZONE 'UTC'",
             self.statement_timeout.as_millis()
         ))
-        .map_err(diesel::r2d2::Error::QueryError)
+        .map_err(diesel::r2d2::Error::QueryError)?;
+        if let Some(epoch) = self.epoch {
+            crate::ha::claim_epoch(conn, epoch).map_err(diesel::r2d2::Error::QueryError)?;
+        }
+        Ok(())
     }
 }
 
 /// Opens a pool and proves it works with one round trip, so a wrong URL fails at start with one
 /// clear line instead of at the first request.
 pub fn connect(settings: &ConnectSettings) -> Result<Pool, DbError> {
+    connect_claiming(settings, None)
+}
+
+/// [`connect`], every connection declaring the fencing epoch this process writes under: once
+/// the database's epoch moves on (a cutover), the HA guard refuses this pool's writes.
+pub fn connect_claiming(settings: &ConnectSettings, epoch: Option<i64>) -> Result<Pool, DbError> {
     let manager = ConnectionManager::<PgConnection>::new(settings.full_url().expose());
     let pool = r2d2::Pool::builder()
         .max_size(settings.pool_max_size)
@@ -113,6 +126,7 @@ pub fn connect(settings: &ConnectSettings) -> Result<Pool, DbError> {
         .test_on_check_out(false)
         .connection_customizer(Box::new(SessionSettings {
             statement_timeout: settings.statement_timeout,
+            epoch,
         }))
         .build_unchecked(manager);
     // r2d2 hides the underlying error behind "timed out"; a direct connection attempt gives the

@@ -640,6 +640,27 @@ pub struct BatchOutcome {
     pub source_now: Option<DateTime<Utc>>,
 }
 
+impl BatchOutcome {
+    /// Source WAL the standby has not examined after this batch: 0 when it caught up.
+    pub fn lag_bytes(&self) -> u64 {
+        if self.caught_up {
+            0
+        } else {
+            self.source_flush.bytes_after(self.applied_lsn)
+        }
+    }
+
+    /// Source time the standby is behind after this batch: 0 when it caught up, else the
+    /// source's clock minus the commit time of the last transaction applied.
+    pub fn lag_seconds(&self) -> f64 {
+        match (self.caught_up, self.source_now, self.commit_time) {
+            (true, _, _) => 0.0,
+            (false, Some(now), Some(at)) => ((now - at).num_milliseconds().max(0) as f64) / 1000.0,
+            _ => 0.0,
+        }
+    }
+}
+
 /// Connected applier for one (source, slot) -> target.
 pub struct Applier {
     source: PgConnection,

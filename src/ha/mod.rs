@@ -125,10 +125,11 @@ pub fn read_role(conn: &mut PgConnection) -> anyhow::Result<RoleRecord> {
     })
 }
 
-/// Sets this database's role at `epoch`. The epoch never goes back, and a change of role needs
-/// a higher epoch than the current one (so two databases that took part in one cutover can be
-/// ordered); setting the same role at the same epoch is a no-op (a retried step). Returns the
-/// record as it was before.
+/// Sets this database's role at `epoch`. The epoch never goes back. Promotion to ACTIVE needs
+/// an epoch higher than the current one, so two databases that took part in one cutover are
+/// ordered and a stale promotion cannot win; fencing or demoting is allowed at the same epoch
+/// (it grants nothing). Setting the same role at the same epoch is a no-op (a retried step).
+/// Returns the record as it was before.
 pub fn set_role(
     conn: &mut PgConnection,
     role: NodeRole,
@@ -155,8 +156,14 @@ pub fn set_role(
             return Ok(before);
         }
         anyhow::ensure!(
-            epoch > before.epoch,
-            "refused: this database is {} at fencing epoch {}; a new role needs a higher epoch than that (asked {epoch})",
+            epoch >= before.epoch,
+            "refused: this database is {} at fencing epoch {}; epochs never go back (asked {epoch})",
+            before.role,
+            before.epoch
+        );
+        anyhow::ensure!(
+            role != NodeRole::Active || epoch > before.epoch,
+            "refused: this database is {} at fencing epoch {}; promotion to ACTIVE needs a higher epoch than that (asked {epoch})",
             before.role,
             before.epoch
         );
