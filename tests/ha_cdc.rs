@@ -674,3 +674,110 @@ fn guard_overhead() {
         );
     }
 }
+
+/// The daemon: a standby with `[ha]` runs the applier (changes arrive, /metrics has the lag,
+/// /standby says 200 within the bound, `kunpayctl ha status` agrees); the old active restarted
+/// with a stale configuration on its FENCED database says 503 on /primary and cannot write.
+#[test]
+fn a_standby_daemon_copies_and_a_fenced_daemon_with_a_stale_config_stays_out() {
+    let (active, standby) = pair();
+    let dir = DaemonDir::new();
+    dir.write_config(
+        &standby.url(),
+        "standby",
+        &format!(
+            "[ha]\nsource_url = \"{}\"\nbatch = 100\npoll_every = \"50ms\"\n",
+            active.url()
+        ),
+    );
+    let mut daemon = Daemon::spawn(&dir);
+    daemon.wait_ready();
+    // The copy starts (slot, position) while the active is quiet; business traffic after.
+    wait_until("the applier's first batch", Duration::from_secs(30), || {
+        // Whole lines: the HELP text of this metric starts with "1 while...".
+        http_get(&dir.ops_url("/metrics"))
+            .is_ok_and(|(_, m)| m.lines().any(|l| l == "kunpay_ha_cdc_up 1"))
+    });
+    let mut src = connect(&active);
+    for i in 0..5 {
+        journal_debit(&mut src, &format!("D{i}"), 1 + i);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&mut connect(&standby), "SELECT count(*) AS n FROM txn") < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the standby daemon did not copy; its log:\n{}",
+            daemon.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_until("/standby to say 200", Duration::from_secs(10), || {
+        status_of(&dir.ops_url("/standby")) == 200
+    });
+    assert_eq!(status_of(&dir.ops_url("/primary")), 503);
+    let (_, metrics) = http_get(&dir.ops_url("/metrics")).unwrap();
+    for line in [
+        "kunpay_ha_cdc_up 1",
+        "kunpay_ha_cdc_applied_transactions_total 10",
+        "kunpay_ha_fencing_epoch 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("kunpay_ha_cdc_lag_bytes "), "{metrics}");
+    assert!(metrics.contains("kunpay_ha_cdc_lag_seconds "), "{metrics}");
+
+    let (code, stdout, stderr) = run(kunpayctl()
+        .args(["ha", "status", "--config"])
+        .arg(dir.config_path()));
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("role          STANDBY (fencing epoch 1)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("10 transactions"), "{stdout}");
+    assert!(stdout.contains("within the lag bound"), "{stdout}");
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        daemon.wait_exit(Duration::from_secs(20)).unwrap().code(),
+        Some(0),
+        "{}",
+        daemon.stderr()
+    );
+
+    // The old active, fenced, restarted with its old configuration (node.role = active).
+    let (code, stdout, stderr) = run(kunpayctl()
+        .args([
+            "ha",
+            "set-role",
+            "fenced",
+            "--epoch",
+            "1",
+            "--reason",
+            "cutover test",
+            "--database-url",
+        ])
+        .arg(active.url()));
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let old = DaemonDir::new();
+    old.write_config(&active.url(), "active", "");
+    let mut daemon = Daemon::spawn(&old);
+    daemon.wait_ready();
+    assert_eq!(status_of(&old.ops_url("/primary")), 503);
+    assert!(
+        daemon
+            .stderr()
+            .contains("node.role is active but this node's database is FENCED"),
+        "{}",
+        daemon.stderr()
+    );
+    let e = journal::remember_message(&mut src, "T", "after-fence", chrono::Utc::now())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("this database is FENCED (fencing epoch 1)"),
+        "{e}"
+    );
+}

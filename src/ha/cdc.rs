@@ -793,71 +793,123 @@ impl Applier {
         let position = read_position(&mut self.target, &self.source_id, &slot, false)?;
         let current_db: OneText =
             diesel::sql_query("SELECT current_database() AS v").get_result(&mut self.source)?;
-        match self.slot_row()? {
-            Some(row) => {
-                if row.name.as_deref() != Some("test_decoding") {
-                    return Err(CdcError::Refused(format!(
-                        "slot {slot} on the source uses plugin {:?}, not test_decoding; drop it or name another ha.slot",
-                        row.name
-                    )));
-                }
-                if row.db.as_deref() != Some(current_db.v.as_str()) {
-                    return Err(CdcError::Refused(format!(
-                        "slot {slot} on the source belongs to database {:?}, not {}",
-                        row.db, current_db.v
-                    )));
-                }
-            }
-            None => {
-                if let Some(p) = &position
-                    && p.applied_lsn > 0
-                {
-                    // Changes after the position may have been lost with the slot.
-                    return Err(CdcError::Refused(format!(
-                        "slot {slot} is missing on the source, but this standby has applied its changes up to {}: \
-                         changes after that may be lost (a gap); re-seed the standby and remove its ha_cdc_position row",
-                        Lsn(p.applied_lsn as u64)
-                    )));
-                }
-                diesel::sql_query("SELECT CAST(lsn AS TEXT) AS v FROM pg_create_logical_replication_slot($1, 'test_decoding')")
-                    .bind::<Text, _>(&slot)
-                    .execute(&mut self.source)
-                    .map_err(|e| {
-                        CdcError::Refused(format!(
-                            "cannot create logical replication slot {slot} on the source ({e}); \
-                             the source needs wal_level = logical, a free max_replication_slots entry and a user with REPLICATION"
-                        ))
-                    })?;
-                tracing::info!(slot = %slot, "CDC: created the logical replication slot on the source");
-            }
-        }
-        if position.is_none() {
-            // A new copy must start equal to the source; what the slot then carries is applied
-            // on top. A change made while this check runs fails later as a divergence (an
-            // insert of a row already there), never silently.
-            let source = super::database_digest(&mut self.source)?;
-            let target = super::database_digest(&mut self.target)?;
-            let differences = super::digest_differences(&source, &target);
-            if !differences.is_empty() {
+        let existing = self.slot_row()?;
+        if let Some(row) = &existing {
+            if row.name.as_deref() != Some("test_decoding") {
                 return Err(CdcError::Refused(format!(
-                    "the standby does not start as a copy of the active ({}); seed it while the active \
-                     is quiet (docs/operations.md, CDC and fencing) and start again",
-                    differences.join("; ")
+                    "slot {slot} on the source uses plugin {:?}, not test_decoding; drop it or name another ha.slot",
+                    row.name
                 )));
             }
-            setup_session(&mut self.source, self.settings.statement_timeout)?;
-            setup_session(&mut self.target, self.settings.statement_timeout)?;
-            let inserted = diesel::sql_query(
-                "INSERT INTO ha_cdc_position (source_id, slot_name, applied_lsn, complete_lsn, \
-                 transactions, changes, created_at, updated_at) \
-                 SELECT $1, $2, 0, 0, 0, 0, now(), now() WHERE NOT EXISTS \
-                 (SELECT 1 FROM ha_cdc_position WHERE source_id = $1 AND slot_name = $2)",
-            )
-            .bind::<Text, _>(&self.source_id)
-            .bind::<Text, _>(&slot)
-            .execute(&mut self.target)?;
-            tracing::info!(slot = %slot, source = %self.source_id, inserted, "CDC: position created on the target");
+            if row.db.as_deref() != Some(current_db.v.as_str()) {
+                return Err(CdcError::Refused(format!(
+                    "slot {slot} on the source belongs to database {:?}, not {}",
+                    row.db, current_db.v
+                )));
+            }
         }
+        match (&position, &existing) {
+            (Some(_), Some(_)) => return Ok(()),
+            (Some(p), None) => {
+                // Changes after the position may have been lost with the slot.
+                return Err(CdcError::Refused(format!(
+                    "slot {slot} is missing on the source, but this standby has applied its changes up to {}: \
+                     changes after that may be lost (a gap); re-seed the standby and remove its ha_cdc_position row",
+                    Lsn(p.applied_lsn.max(0) as u64)
+                )));
+            }
+            (None, Some(_)) => {
+                // A slot no position refers to (an earlier start that stopped half-way): its
+                // starting point is older than the check below, so it is made again.
+                diesel::sql_query("SELECT pg_drop_replication_slot($1)")
+                    .bind::<Text, _>(&slot)
+                    .execute(&mut self.source)?;
+                tracing::info!(slot = %slot, "CDC: dropped a slot no position refers to; creating it again");
+            }
+            (None, None) => {}
+        }
+        self.start_copy(&slot)
+    }
+
+    /// The first start of a copy. The standby must equal the source at the slot's starting
+    /// point, and everything after that point is in the slot. Proved without a snapshot that the
+    /// SQL interface cannot export: the digests are compared in one source snapshot in which no
+    /// transaction was writing, and no transaction began writing (got an id) between that
+    /// snapshot and the slot's creation; otherwise the slot is dropped again and the start
+    /// refused (retried later). So a copy is started while the active is quiet.
+    fn start_copy(&mut self, slot: &str) -> Result<(), CdcError> {
+        #[derive(QueryableByName)]
+        struct Snapshot {
+            #[diesel(sql_type = Text)]
+            s: String,
+        }
+        let parse = |text: &str| -> Option<(u64, u64, bool)> {
+            let mut parts = text.split(':');
+            let xmin = parts.next()?.parse().ok()?;
+            let xmax = parts.next()?.parse().ok()?;
+            let in_progress = !parts.next().unwrap_or("").is_empty();
+            Some((xmin, xmax, in_progress))
+        };
+        let (before, source) = self.source.transaction::<_, CdcError, _>(|source| {
+            source.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
+            let snap: Snapshot =
+                diesel::sql_query("SELECT CAST(txid_current_snapshot() AS TEXT) AS s")
+                    .get_result(source)?;
+            Ok((snap.s, super::database_digest(source)?))
+        })?;
+        let target = super::database_digest(&mut self.target)?;
+        setup_session(&mut self.source, self.settings.statement_timeout)?;
+        setup_session(&mut self.target, self.settings.statement_timeout)?;
+        let differences = super::digest_differences(&source, &target);
+        if !differences.is_empty() {
+            return Err(CdcError::Refused(format!(
+                "the standby does not start as a copy of the active ({}); seed it while the active \
+                 is quiet (docs/operations.md, CDC and fencing) and start again",
+                differences.join("; ")
+            )));
+        }
+        diesel::sql_query(
+            "SELECT CAST(slot_name AS TEXT) AS v FROM pg_create_logical_replication_slot($1, 'test_decoding')",
+        )
+        .bind::<Text, _>(slot)
+        .execute(&mut self.source)
+        .map_err(|e| {
+            CdcError::Refused(format!(
+                "cannot create logical replication slot {slot} on the source ({e}); the source needs \
+                 wal_level = logical, a free max_replication_slots entry and a user with REPLICATION"
+            ))
+        })?;
+        let after: Snapshot =
+            diesel::sql_query("SELECT CAST(txid_current_snapshot() AS TEXT) AS s")
+                .get_result(&mut self.source)?;
+        let quiet = match (parse(&before), parse(&after.s)) {
+            (Some((xmin, xmax, busy)), Some((_, xmax_after, _))) => {
+                xmin == xmax && !busy && xmax_after == xmax
+            }
+            _ => false,
+        };
+        if !quiet {
+            diesel::sql_query("SELECT pg_drop_replication_slot($1)")
+                .bind::<Text, _>(slot)
+                .execute(&mut self.source)?;
+            return Err(CdcError::Refused(format!(
+                "the active database was writing while this standby's copy was being started \
+                 (transactions {before} then {}); nothing was started; it is tried again, and succeeds \
+                 once the active is quiet for a moment",
+                after.s
+            )));
+        }
+        let inserted = diesel::sql_query(
+            "INSERT INTO ha_cdc_position (source_id, slot_name, applied_lsn, complete_lsn, \
+             transactions, changes, created_at, updated_at) \
+             SELECT $1, $2, 0, 0, 0, 0, now(), now() WHERE NOT EXISTS \
+             (SELECT 1 FROM ha_cdc_position WHERE source_id = $1 AND slot_name = $2)",
+        )
+        .bind::<Text, _>(&self.source_id)
+        .bind::<Text, _>(slot)
+        .execute(&mut self.target)?;
+        tracing::info!(slot = %slot, source = %self.source_id, inserted, tables = source.len(),
+            "CDC: slot created on the source and the copy's position on the target (both sides equal)");
         Ok(())
     }
 
