@@ -447,8 +447,8 @@ impl Config {
         {
             changed.push("keys.encrypt_*");
         }
-        if format!("{:?}", a.ha) != format!("{:?}", b.ha) || a.node.role != b.node.role {
-            changed.push("node.role/ha.*");
+        if format!("{:?}", a.ha) != format!("{:?}", b.ha) {
+            changed.push("ha.*");
         }
         if format!("{:?}", a.channel) != format!("{:?}", b.channel) {
             changed.push("channel.*");

@@ -1034,8 +1034,17 @@ fn reload(
         tracing::error!(error = %e, "reload: log.level not applied");
     }
     if newer.node.role != config.node.role {
-        tracing::warn!(from = %config.node.role, to = %newer.node.role, "reload: node.role changed");
-        state.set_role(newer.node.role);
+        if config.ha.is_some() {
+            // With [ha] the database's role decides and the applier runs only on a standby:
+            // a reload must not make a fenced node say 200 on /primary.
+            tracing::warn!(from = %config.node.role, to = %newer.node.role,
+                "reload: with [ha], node.role takes effect only at a restart, and the database's role \
+                 (kunpayctl ha status / set-role) wins over it");
+            newer.node.role = config.node.role;
+        } else {
+            tracing::warn!(from = %config.node.role, to = %newer.node.role, "reload: node.role changed");
+            state.set_role(newer.node.role);
+        }
     }
     state.set_timeouts(newer.ops.health_timeout, newer.ops.liveness_ttl);
     for key in config.restart_required_changes(&newer) {
