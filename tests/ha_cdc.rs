@@ -231,6 +231,19 @@ fn cdc_copies_kunpay_writes_and_operator_sql_in_commit_order_and_nothing_else() 
     assert_eq!(positions[0].applied_lsn as u64, out.applied_lsn.0);
     assert!(positions[0].commit_time.is_some());
 
+    // Sequences are not copied: a promotion moves them past the copied ids, once.
+    let top = count(&mut src, "SELECT max(id) AS n FROM txn_state_history");
+    let moved = ha::advance_sequences(&mut dst).unwrap();
+    assert!(
+        moved.contains(&("txn_state_history.id".to_string(), top)),
+        "{moved:?}"
+    );
+    assert!(ha::advance_sequences(&mut dst).unwrap().is_empty());
+    assert_eq!(
+        count(&mut dst, "SELECT nextval('txn_state_history_id_seq') AS n"),
+        top + 1
+    );
+
     let status = cdc::status(&mut src, &mut dst, "kunpay_cdc").unwrap();
     assert!(
         status.lag_bytes < 1024 * 1024,

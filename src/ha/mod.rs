@@ -281,6 +281,62 @@ pub fn install_guards(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
     Ok(missing)
 }
 
+#[derive(QueryableByName)]
+struct SerialColumn {
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Text)]
+    column_name: String,
+    #[diesel(sql_type = Text)]
+    sequence: String,
+}
+
+#[derive(QueryableByName)]
+struct SequenceMove {
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    moved_to: Option<i64>,
+}
+
+/// Moves every replicated table's serial sequence past the largest id in its column. CDC copies
+/// rows, not sequences, so a standby's sequences stay where its own (unused) writes left them;
+/// a promotion must run this before the node takes writes, or its first inserts collide with
+/// copied ids. Never moves a sequence back. Returns (table.column, new value) for each move.
+pub fn advance_sequences(conn: &mut PgConnection) -> QueryResult<Vec<(String, i64)>> {
+    let serials: Vec<SerialColumn> = diesel::sql_query(
+        "SELECT c.relname AS table_name, a.attname AS column_name, \
+         pg_get_serial_sequence(quote_ident(c.relname), a.attname) AS sequence \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+         WHERE n.nspname = current_schema() AND c.relkind = 'r' \
+         AND pg_get_serial_sequence(quote_ident(c.relname), a.attname) IS NOT NULL \
+         ORDER BY c.relname, a.attnum",
+    )
+    .load(conn)?;
+    let mut moved = Vec::new();
+    for s in serials {
+        if NODE_LOCAL_TABLES.contains(&s.table_name.as_str()) {
+            continue;
+        }
+        // Catalog names only: the table and column quoted here, the sequence as PostgreSQL's
+        // pg_get_serial_sequence quoted it.
+        let row: SequenceMove = diesel::sql_query(format!(
+            "SELECT CASE WHEN m.top IS NOT NULL AND m.top > s.last_value OR (m.top IS NOT NULL AND NOT s.is_called AND m.top >= s.last_value) \
+             THEN setval(CAST($1 AS regclass), m.top, true) END AS moved_to \
+             FROM (SELECT MAX({col}) AS top FROM {table}) m, \
+             (SELECT last_value, is_called FROM {seq}) s",
+            col = quote_ident(&s.column_name),
+            table = quote_ident(&s.table_name),
+            seq = s.sequence,
+        ))
+        .bind::<Text, _>(&s.sequence)
+        .get_result(conn)?;
+        if let Some(value) = row.moved_to {
+            moved.push((format!("{}.{}", s.table_name, s.column_name), value));
+        }
+    }
+    Ok(moved)
+}
+
 /// `"name"` with inner quotes doubled: an identifier that can be put into SQL text.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
