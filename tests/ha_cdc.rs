@@ -843,3 +843,63 @@ fn cdc_round_trips_every_column_type_and_odd_identifiers() {
     assert_eq!(a, b, "the odd table differs on the standby");
     assert_same(&active, &standby);
 }
+
+/// The cutover's dry run: every check passes on a caught-up pair and names the new epoch; it
+/// changes nothing; it refuses (naming the check) when the standby is behind or not a standby.
+#[test]
+fn the_cutover_dry_run_checks_everything_and_changes_nothing() {
+    use kunpay::ha::cutover::{CutoverSettings, dry_run};
+    let (active, standby) = pair();
+    let settings = CutoverSettings {
+        slot: "kunpay_cdc".into(),
+        max_lag_bytes: 1024 * 1024,
+        max_lag_seconds: 10.0,
+    };
+    let (mut a, mut s) = (connect(&active), connect(&standby));
+    let plan = dry_run(&mut a, &mut s, &settings);
+    let refusal = plan.refusal().expect("no copy yet");
+    assert_eq!(refusal.name, "CDC lag");
+    assert!(refusal.detail.contains("no CDC position"), "{refusal:?}");
+
+    let mut cdc = applier(&active, &standby, 100);
+    for i in 0..3 {
+        journal_debit(&mut a, &format!("P{i}"), 5);
+    }
+    cdc.drain(10).unwrap();
+    let plan = dry_run(&mut a, &mut s, &settings);
+    assert!(plan.refusal().is_none(), "{:#?}", plan.checks);
+    assert_eq!(plan.checks.len(), 5);
+    assert_eq!(plan.new_epoch, 2, "above both epochs (0 and 1)");
+    assert_eq!(plan.steps.len(), 8);
+    assert!(
+        plan.steps[1].contains("FENCED at epoch 2"),
+        "{:?}",
+        plan.steps
+    );
+    assert_eq!(ha::read_role(&mut a).unwrap().role, NodeRole::Active);
+    assert_eq!(ha::read_role(&mut s).unwrap().role, NodeRole::Standby);
+
+    // Behind: the lag bound refuses.
+    for i in 3..40 {
+        journal_debit(&mut a, &format!("P{i}"), 5);
+    }
+    let strict = CutoverSettings {
+        max_lag_bytes: 1000,
+        ..settings.clone()
+    };
+    let refusal = dry_run(&mut a, &mut s, &strict).refusal().cloned().unwrap();
+    assert_eq!(refusal.name, "CDC lag");
+    assert!(refusal.detail.contains("bytes and"), "{refusal:?}");
+
+    // Not a standby any more: refused on the roles.
+    ha::set_role(&mut s, NodeRole::Fenced, 1, "test").unwrap();
+    let refusal = dry_run(&mut a, &mut s, &settings)
+        .refusal()
+        .cloned()
+        .unwrap();
+    assert_eq!(refusal.name, "roles");
+    assert!(
+        refusal.detail.contains("standby database is FENCED"),
+        "{refusal:?}"
+    );
+}

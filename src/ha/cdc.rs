@@ -615,12 +615,21 @@ struct MigrationVersion {
     v: String,
 }
 
-fn schema_versions(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+/// The migrations a database has applied, in order.
+pub fn schema_versions(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
     let rows: Vec<MigrationVersion> = diesel::sql_query(
         "SELECT CAST(version AS TEXT) AS v FROM __diesel_schema_migrations ORDER BY version",
     )
     .load(conn)?;
     Ok(rows.into_iter().map(|r| r.v).collect())
+}
+
+/// The server's `wal_level` (CDC from it needs `logical`).
+pub fn wal_level(conn: &mut PgConnection) -> QueryResult<String> {
+    let row: OneText =
+        diesel::sql_query("SELECT setting AS v FROM pg_settings WHERE name = 'wal_level'")
+            .get_result(conn)?;
+    Ok(row.v)
 }
 
 /// What one batch did.
@@ -722,14 +731,11 @@ impl Applier {
         setup_session(&mut target, settings.statement_timeout)?;
         let dialect = Dialect::detect(&mut source)?;
 
-        let wal_level: OneText =
-            diesel::sql_query("SELECT setting AS v FROM pg_settings WHERE name = 'wal_level'")
-                .get_result(&mut source)?;
-        if wal_level.v != "logical" {
+        let level = wal_level(&mut source)?;
+        if level != "logical" {
             return Err(CdcError::Refused(format!(
-                "the source database has wal_level = {}; CDC reads its changes by logical decoding, \
-                 which needs wal_level = logical (set it in postgresql.conf and restart the source server)",
-                wal_level.v
+                "the source database has wal_level = {level}; CDC reads its changes by logical decoding, \
+                 which needs wal_level = logical (set it in postgresql.conf and restart the source server)"
             )));
         }
         let target_role = super::read_role(&mut target)?;

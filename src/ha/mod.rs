@@ -16,6 +16,7 @@
 //! node-local table (each node's role, position and run records are its own).
 
 pub mod cdc;
+pub mod cutover;
 pub mod decode;
 
 use std::fmt;
