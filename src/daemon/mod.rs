@@ -216,9 +216,15 @@ fn start(options: Options) -> Result<u8, Fatal> {
     };
 
     // The CDC source's password is read while still privileged, like every other secret.
-    let cdc_source = match (&config.ha, config.node.role) {
-        (Some(ha), crate::config::Role::Standby) => {
-            let url = ha.source_url.clone().context("ha.source_url is not set")?;
+    // Built whenever [ha] names a source: the database's role, read later, decides whether the
+    // applier runs (a node configured active whose database a cutover made STANDBY copies from
+    // the new active).
+    let cdc_source = match config
+        .ha
+        .as_ref()
+        .and_then(|ha| ha.source_url.clone().map(|url| (ha, url)))
+    {
+        Some((ha, url)) => {
             let password = match &ha.source_password {
                 Some(source) => Some(read_secret(source, "ha.source_password_file")?),
                 None => None,
@@ -233,7 +239,7 @@ fn start(options: Options) -> Result<u8, Fatal> {
                 application_name: format!("kunpayd {} cdc", config.node.id),
             })
         }
-        _ => None,
+        None => None,
     };
 
     if nix::unistd::geteuid().is_root() {
@@ -346,8 +352,14 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         config.ops.liveness_ttl,
     );
     state.metrics.ha_fencing_epoch.set(db_role.epoch);
-    let cdc = match (&config.ha, cdc_source) {
-        (Some(ha), Some(source)) => Some(start_cdc(ha, &source, &connect, &state)?),
+    let cdc = match (&config.ha, cdc_source, db_role.role) {
+        (Some(ha), Some(source), crate::ha::NodeRole::Standby) => {
+            Some(start_cdc(ha, &source, &connect, &state)?)
+        }
+        (Some(_), Some(_), role) => {
+            tracing::info!(database_role = %role, "CDC applier not started: this node's database is not STANDBY");
+            None
+        }
         _ => None,
     };
     state.set_run_id(run_id);
