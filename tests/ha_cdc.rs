@@ -903,3 +903,34 @@ fn the_cutover_dry_run_checks_everything_and_changes_nothing() {
         "{refusal:?}"
     );
 }
+
+/// A first figure for the applier's rate (not the benchmark, which issue 8 asks of `make
+/// bench`): 20,000 journal-sized rows in 2,000 source transactions, applied in batches of 1,000
+/// rows. Run by hand: `cargo test --test ha_cdc cdc_apply_rate -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn cdc_apply_rate() {
+    let (active, standby) = pair();
+    let mut cdc = applier(&active, &standby, 1000);
+    let mut src = connect(&active);
+    src.batch_execute(
+        "DO $$ BEGIN FOR t IN 1..2000 LOOP \
+           INSERT INTO seen_message SELECT 'R', 'm-' || t || '-' || i, now() FROM generate_series(1, 10) i; \
+           COMMIT; END LOOP; END $$",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = cdc.drain(1000).unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.transactions, 2000);
+    assert_eq!(out.changes, 20_000);
+    println!(
+        "applied {} rows in {} transactions in {:.2} s: {:.0} rows/s, {:.0} transactions/s",
+        out.changes,
+        out.transactions,
+        took.as_secs_f64(),
+        out.changes as f64 / took.as_secs_f64(),
+        out.transactions as f64 / took.as_secs_f64()
+    );
+    assert_same(&active, &standby);
+}
