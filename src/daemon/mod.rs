@@ -311,7 +311,9 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
                 // connection declares that epoch, so the guard refuses this process's writes
                 // once a cutover has moved the database on.
                 let db_role = crate::ha::read_role(&mut conn)?;
-                (db_role.clone(), db::connect_claiming(&settings, Some(db_role.epoch))?)
+                // Every pool opened from here on (the institutions' too) claims it.
+                db::set_process_epoch(db_role.epoch);
+                (db_role.clone(), db::connect(&settings)?)
             };
             let mut conn = db::checkout(&pool, settings.connect_timeout)?;
             let run_id = db::record_start(&mut conn, &node_id, role)?;

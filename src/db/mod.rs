@@ -86,6 +86,23 @@ impl ConnectSettings {
     }
 }
 
+/// The fencing epoch this process writes under, once the daemon has read it from its database
+/// (-1: not yet). Every connection a pool opens afterwards declares it, whichever pool (main or
+/// an institution's): the HA guard then refuses the process's writes once a cutover has moved
+/// the database to a later epoch.
+static PROCESS_EPOCH: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
+
+/// Sets the epoch every connection opened from now on declares (see [`PROCESS_EPOCH`]).
+pub fn set_process_epoch(epoch: i64) {
+    assert!(epoch >= 0, "fencing epochs are never negative");
+    PROCESS_EPOCH.store(epoch, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn process_epoch() -> Option<i64> {
+    let epoch = PROCESS_EPOCH.load(std::sync::atomic::Ordering::SeqCst);
+    (epoch >= 0).then_some(epoch)
+}
+
 /// Applies per-connection settings when the pool opens a connection.
 #[derive(Debug)]
 struct SessionSettings {
@@ -102,7 +119,7 @@ impl r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for SessionSet
             self.statement_timeout.as_millis()
         ))
         .map_err(diesel::r2d2::Error::QueryError)?;
-        if let Some(epoch) = self.epoch {
+        if let Some(epoch) = self.epoch.or_else(process_epoch) {
             crate::ha::claim_epoch(conn, epoch).map_err(diesel::r2d2::Error::QueryError)?;
         }
         Ok(())
