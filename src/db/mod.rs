@@ -107,8 +107,6 @@ fn process_epoch() -> Option<i64> {
 #[derive(Debug)]
 struct SessionSettings {
     statement_timeout: Duration,
-    /// The fencing epoch this process writes under (`kunpay.epoch`, checked by the HA guard).
-    epoch: Option<i64>,
 }
 
 impl r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for SessionSettings {
@@ -119,7 +117,7 @@ impl r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for SessionSet
             self.statement_timeout.as_millis()
         ))
         .map_err(diesel::r2d2::Error::QueryError)?;
-        if let Some(epoch) = self.epoch.or_else(process_epoch) {
+        if let Some(epoch) = process_epoch() {
             crate::ha::claim_epoch(conn, epoch).map_err(diesel::r2d2::Error::QueryError)?;
         }
         Ok(())
@@ -128,13 +126,8 @@ impl r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for SessionSet
 
 /// Opens a pool and proves it works with one round trip, so a wrong URL fails at start with one
 /// clear line instead of at the first request.
+/// Once [`set_process_epoch`] ran, every connection declares that fencing epoch.
 pub fn connect(settings: &ConnectSettings) -> Result<Pool, DbError> {
-    connect_claiming(settings, None)
-}
-
-/// [`connect`], every connection declaring the fencing epoch this process writes under: once
-/// the database's epoch moves on (a cutover), the HA guard refuses this pool's writes.
-pub fn connect_claiming(settings: &ConnectSettings, epoch: Option<i64>) -> Result<Pool, DbError> {
     let manager = ConnectionManager::<PgConnection>::new(settings.full_url().expose());
     let pool = r2d2::Pool::builder()
         .max_size(settings.pool_max_size)
@@ -143,7 +136,6 @@ pub fn connect_claiming(settings: &ConnectSettings, epoch: Option<i64>) -> Resul
         .test_on_check_out(false)
         .connection_customizer(Box::new(SessionSettings {
             statement_timeout: settings.statement_timeout,
-            epoch,
         }))
         .build_unchecked(manager);
     // r2d2 hides the underlying error behind "timed out"; a direct connection attempt gives the
