@@ -367,6 +367,50 @@ fn value_of(column: &Column) -> Option<&str> {
     }
 }
 
+/// Where a bound parameter goes in an applier statement: NUL, which no identifier or type name
+/// from the catalog can contain.
+const PARAM: &str = "\0";
+
+/// An applier statement: SQL built from the target's catalog with [`PARAM`] for each value,
+/// and the values (text, or NULL). Unlike `sql_query` it lets diesel keep the statement
+/// prepared per connection (the cache key is the SQL text): the same (table, operation,
+/// columns) is parsed and planned once, not per row.
+struct Statement<'a> {
+    sql: String,
+    binds: Vec<Option<&'a str>>,
+}
+
+impl diesel::query_builder::QueryId for Statement<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl diesel::query_builder::QueryFragment<Pg> for Statement<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> QueryResult<()> {
+        let mut binds = self.binds.iter();
+        for (index, part) in self.sql.split(PARAM).enumerate() {
+            if index > 0 {
+                let value = binds.next().ok_or_else(|| {
+                    diesel::result::Error::QueryBuilderError("fewer values than parameters".into())
+                })?;
+                out.push_bind_param::<Nullable<Text>, _>(value)?;
+            }
+            out.push_sql(part);
+        }
+        if binds.next().is_some() {
+            return Err(diesel::result::Error::QueryBuilderError(
+                "more values than parameters".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<PgConnection> for Statement<'_> {}
+
 /// One change as a statement with bound parameters; returns the rows it touched, checked.
 fn apply_change(
     conn: &mut PgConnection,
@@ -380,7 +424,7 @@ fn apply_change(
             };
             let mut columns = Vec::with_capacity(new.len());
             let mut values = Vec::with_capacity(new.len());
-            for (i, c) in new.iter().enumerate() {
+            for c in new {
                 if c.value == Value::UnchangedToast {
                     return Err(CdcError::Refused(format!(
                         "INSERT into {name} carries an unchanged-toast marker for {}",
@@ -389,7 +433,7 @@ fn apply_change(
                 }
                 let cast = column_cast(table, name, c)?;
                 columns.push(quote_ident(&c.name));
-                values.push(format!("CAST(${} AS {cast})", i + 1));
+                values.push(format!("CAST({PARAM} AS {cast})"));
             }
             let sql = format!(
                 "INSERT INTO {}.{} ({}) VALUES ({})",
@@ -398,11 +442,11 @@ fn apply_change(
                 columns.join(", "),
                 values.join(", ")
             );
-            let mut query = diesel::sql_query(sql).into_boxed::<Pg>();
-            for c in new {
-                query = query.bind::<Nullable<Text>, _>(value_of(c));
-            }
-            expect_one(query.execute(conn)?, "INSERT into", name)?;
+            let statement = Statement {
+                sql,
+                binds: new.iter().map(value_of).collect(),
+            };
+            expect_one(statement.execute(conn)?, "INSERT into", name)?;
             Ok(true)
         }
         Change::Update {
@@ -424,9 +468,8 @@ fn apply_change(
                 let cast = column_cast(table, name, c)?;
                 binds.push(value_of(c));
                 sets.push(format!(
-                    "{} = CAST(${} AS {cast})",
-                    quote_ident(&c.name),
-                    binds.len()
+                    "{} = CAST({PARAM} AS {cast})",
+                    quote_ident(&c.name)
                 ));
             }
             let wheres = key_conditions(table, name, key_source, &mut binds)?;
@@ -440,11 +483,7 @@ fn apply_change(
                 sets.join(", "),
                 wheres.join(" AND ")
             );
-            let mut query = diesel::sql_query(sql).into_boxed::<Pg>();
-            for b in binds {
-                query = query.bind::<Nullable<Text>, _>(b);
-            }
-            expect_one(query.execute(conn)?, "UPDATE of", name)?;
+            expect_one(Statement { sql, binds }.execute(conn)?, "UPDATE of", name)?;
             Ok(true)
         }
         Change::Delete { table: name, key } => {
@@ -465,11 +504,7 @@ fn apply_change(
                 quote_ident(&name.name),
                 wheres.join(" AND ")
             );
-            let mut query = diesel::sql_query(sql).into_boxed::<Pg>();
-            for b in binds {
-                query = query.bind::<Nullable<Text>, _>(b);
-            }
-            expect_one(query.execute(conn)?, "DELETE from", name)?;
+            expect_one(Statement { sql, binds }.execute(conn)?, "DELETE from", name)?;
             Ok(true)
         }
         Change::Truncate {
@@ -532,9 +567,8 @@ fn key_conditions<'a>(
         let cast = column_cast(table, name, c)?;
         binds.push(Some(value));
         wheres.push(format!(
-            "{} = CAST(${} AS {cast})",
-            quote_ident(key_column),
-            binds.len()
+            "{} = CAST({PARAM} AS {cast})",
+            quote_ident(key_column)
         ));
     }
     Ok(wheres)
