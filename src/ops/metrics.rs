@@ -88,6 +88,18 @@ pub struct Metrics {
     pub risk_velocity_subjects: Gauge,
     /// Entries of the operators' lists (`kunpayctl risk list`) in use.
     pub risk_kept_list_entries: Gauge,
+    /// This database's fencing epoch (ha_node_role), read at start.
+    pub ha_fencing_epoch: Gauge,
+    /// 1 while the CDC applier's last batch succeeded (standby with [ha] only).
+    pub ha_cdc_up: Gauge,
+    /// Source WAL bytes the standby has not yet examined (0 when caught up).
+    pub ha_cdc_lag_bytes: Gauge,
+    /// Seconds of source time the standby is behind: now minus the commit time of the last
+    /// applied transaction, 0 when caught up.
+    pub ha_cdc_lag_seconds: Gauge<f64, AtomicU64>,
+    pub ha_cdc_applied_transactions: Counter,
+    pub ha_cdc_applied_changes: Counter,
+    pub ha_cdc_failures: Counter,
 }
 
 impl Metrics {
@@ -126,6 +138,13 @@ impl Metrics {
             risk_reload_failures: Gauge::default(),
             risk_velocity_subjects: Gauge::default(),
             risk_kept_list_entries: Gauge::default(),
+            ha_fencing_epoch: Gauge::default(),
+            ha_cdc_up: Gauge::default(),
+            ha_cdc_lag_bytes: Gauge::default(),
+            ha_cdc_lag_seconds: Gauge::default(),
+            ha_cdc_applied_transactions: Counter::default(),
+            ha_cdc_applied_changes: Counter::default(),
+            ha_cdc_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -232,6 +251,41 @@ impl Metrics {
             "core_reversals",
             "Reversals of postings the core applied after their transaction failed, by state (REFUSED needs a person)",
             metrics.core_reversals.clone(),
+        );
+        registry.register(
+            "ha_fencing_epoch",
+            "This database's fencing epoch (ha_node_role), read at start",
+            metrics.ha_fencing_epoch.clone(),
+        );
+        registry.register(
+            "ha_cdc_up",
+            "1 while the CDC applier's last batch succeeded (standby with [ha])",
+            metrics.ha_cdc_up.clone(),
+        );
+        registry.register(
+            "ha_cdc_lag_bytes",
+            "Source WAL bytes the standby has not examined yet (0 when caught up)",
+            metrics.ha_cdc_lag_bytes.clone(),
+        );
+        registry.register(
+            "ha_cdc_lag_seconds",
+            "Seconds the standby is behind: now minus the source commit time of the last applied transaction, 0 when caught up",
+            metrics.ha_cdc_lag_seconds.clone(),
+        );
+        registry.register(
+            "ha_cdc_applied_transactions",
+            "Source transactions the CDC applier committed into this standby",
+            metrics.ha_cdc_applied_transactions.clone(),
+        );
+        registry.register(
+            "ha_cdc_applied_changes",
+            "Row changes (insert, update, delete, truncate) the CDC applier applied",
+            metrics.ha_cdc_applied_changes.clone(),
+        );
+        registry.register(
+            "ha_cdc_failures",
+            "CDC applier failures (each followed by a reconnect after a pause; the log says why)",
+            metrics.ha_cdc_failures.clone(),
         );
         registry.register(
             "start_time_seconds",
