@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod daemon;
 pub mod db;
 pub mod gateway;
+pub mod ha;
 pub mod logging;
 pub mod notify;
 pub mod ops;

@@ -119,7 +119,12 @@ impl Node {
         let risk_dir = dir.path().join("risk");
         write_risk_dir(&risk_dir);
         let sections = format!("{section}single_limit_fen = 100000\ndaily_limit_fen = 200000\n");
-        let risk = format!("[risk]\ndir = \"{}\"\n", risk_dir.display());
+        // A generous budget: these tests check what is decided, and a debug build on a loaded
+        // machine can overrun the default 5 ms (and then fail open, approving).
+        let risk = format!(
+            "[risk]\ndir = \"{}\"\nbudget = \"1s\"\non_timeout = \"closed\"\n",
+            risk_dir.display()
+        );
         dir.write_channel_config(db.url(), port, &sections, &risk);
         let mut node = Node {
             db,

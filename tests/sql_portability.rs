@@ -151,3 +151,12 @@ fn the_journal_statements_in_rust_use_only_constructs_opengauss_runs() {
         .collect();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// The HA write guard's function is created from Rust (src/ha/mod.rs); its openGauss form must
+/// pass the same scan.
+#[test]
+fn the_ha_guard_in_rust_uses_only_constructs_opengauss_runs() {
+    let sql = kunpay::ha::guard_function_sql(kunpay::ha::cdc::Dialect::OpenGauss);
+    let problems = violations(&sql);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

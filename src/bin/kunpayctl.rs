@@ -89,6 +89,11 @@ enum Command {
         #[command(subcommand)]
         command: RiskCommand,
     },
+    /// Active/standby: this node's role and fencing epoch, CDC position and lag.
+    Ha {
+        #[command(subcommand)]
+        command: HaCommand,
+    },
     /// Ask the running daemon how it is (through its ops listener).
     Status {
         #[arg(long, value_name = "PATH", default_value = kunpay::config::DEFAULT_CONFIG_PATH)]
@@ -240,6 +245,33 @@ enum CaseCommand {
 }
 
 #[derive(Subcommand)]
+enum HaCommand {
+    /// Role, epoch, CDC slot, positions and lag (reads both databases; exit 1 when the lag is
+    /// over ha.max_lag / ha.max_lag_time or the source cannot be read).
+    Status {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The active node's database instead of ha.source_url (password from
+        /// ha.source_password_* still applies).
+        #[arg(long, value_name = "URL")]
+        source_url: Option<String>,
+    },
+    /// Set this node's database role at a fencing epoch (promotion needs a higher epoch;
+    /// epochs never go back). A planned cutover does this for you.
+    SetRole {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[arg(value_parser = ["active", "standby", "fenced"])]
+        role: String,
+        #[arg(long)]
+        epoch: i64,
+        /// Why, recorded with the role.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum ReversalCommand {
     /// Reversals, newest first (`--state refused` lists the ones a person must settle).
     List {
@@ -329,6 +361,7 @@ fn main() -> ExitCode {
         Command::Notify { command } => notify(command),
         Command::Reversal { command } => reversal(command),
         Command::Risk { command } => risk(command),
+        Command::Ha { command } => ha(command),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -537,6 +570,162 @@ fn status(config_path: &Path, ops: Option<String>) -> anyhow::Result<u8> {
     );
     let healthy = report.state == "running" && report.database == "up";
     Ok(if healthy { 0 } else { EXIT_FAILURE })
+}
+
+fn lsn(value: i64) -> String {
+    kunpay::ha::decode::Lsn(value.max(0) as u64).to_string()
+}
+
+fn ha(command: HaCommand) -> anyhow::Result<u8> {
+    use kunpay::ha::{self, cdc};
+    let time = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string();
+    match command {
+        HaCommand::SetRole {
+            database,
+            role,
+            epoch,
+            reason,
+        } => {
+            let (mut conn, target) = match connect_database(
+                &database.config,
+                database.database_url.clone(),
+                "ha set-role",
+            )? {
+                Ok(connected) => connected,
+                Err(code) => return Ok(code),
+            };
+            let role: ha::NodeRole = role.parse().map_err(anyhow::Error::msg)?;
+            match ha::set_role(&mut conn, role, epoch, &reason) {
+                Ok(before) => {
+                    println!(
+                        "{target}: {} at epoch {} (was {} at epoch {})",
+                        role, epoch, before.role, before.epoch
+                    );
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("kunpayctl: {target}: {e:#}");
+                    Ok(EXIT_FAILURE)
+                }
+            }
+        }
+        HaCommand::Status {
+            database,
+            source_url,
+        } => {
+            let config = Config::load(&database.config, Mode::Development).ok();
+            let (mut conn, target) = match connect_database(
+                &database.config,
+                database.database_url.clone(),
+                "ha status",
+            )? {
+                Ok(connected) => connected,
+                Err(code) => return Ok(code),
+            };
+            let role = ha::read_role(&mut conn)?;
+            println!("database      {target}");
+            println!("role          {} (fencing epoch {})", role.role, role.epoch);
+            println!("changed       {} ({})", time(role.changed_at), role.reason);
+            let unguarded = ha::unguarded_tables(&mut conn)?;
+            if !unguarded.is_empty() {
+                println!(
+                    "UNGUARDED     {} (run `kunpayctl db migrate`)",
+                    unguarded.join(", ")
+                );
+            }
+            let ha_config = config.as_ref().and_then(|c| c.ha.clone());
+            let slot = ha_config
+                .as_ref()
+                .map(|h| h.slot.clone())
+                .unwrap_or_else(|| "kunpay_cdc".into());
+            let positions = cdc::positions(&mut conn)?;
+            for p in &positions {
+                println!(
+                    "applied       slot {} from source {}: up to {} (xid {}), committed there {}, {} transactions, {} changes",
+                    p.slot_name,
+                    p.source_id,
+                    lsn(p.applied_lsn),
+                    p.applied_xid.map_or("-".into(), |x| x.to_string()),
+                    p.commit_time.map_or("-".into(), time),
+                    p.transactions,
+                    p.changes
+                );
+            }
+            let source_url = source_url.or_else(|| {
+                ha_config
+                    .as_ref()
+                    .and_then(|h| h.source_url.as_ref().map(|u| u.expose().to_string()))
+            });
+            let Some(source_url) = source_url else {
+                println!("source        not configured (ha.source_url); this node copies nothing");
+                return Ok(0);
+            };
+            let password = ha_config
+                .as_ref()
+                .and_then(|h| h.source_password.clone())
+                .map(|source| -> anyhow::Result<_> {
+                    let bytes = source.read()?;
+                    Ok(kunpay::config::Secret::new(
+                        String::from_utf8(bytes.to_vec()).context("password is not UTF-8")?,
+                    ))
+                })
+                .transpose()?;
+            let settings = kunpay::db::ConnectSettings {
+                url: kunpay::config::Secret::new(source_url),
+                password,
+                pool_max_size: 1,
+                pool_min_idle: 0,
+                connect_timeout: Duration::from_secs(10),
+                statement_timeout: Duration::from_secs(60),
+                application_name: "kunpayctl ha status".into(),
+            };
+            println!("source        {}", settings.display_target());
+            let mut source = match kunpay::db::connect_one(&settings) {
+                Ok(source) => source,
+                Err(e) => {
+                    eprintln!("kunpayctl: cannot read the source: {e}");
+                    return Ok(EXIT_FAILURE);
+                }
+            };
+            let status = cdc::status(&mut source, &mut conn, &slot)?;
+            println!(
+                "slot          {} (confirmed up to {})",
+                status.slot,
+                status
+                    .slot_confirmed
+                    .map_or("MISSING on the source".into(), |l| l.to_string())
+            );
+            println!(
+                "source WAL    {} at {}",
+                status.source_flush,
+                time(status.source_now)
+            );
+            println!(
+                "lag           {} bytes, {}",
+                status.lag_bytes,
+                status
+                    .lag_seconds
+                    .map_or("unknown seconds (nothing applied yet)".into(), |s| format!(
+                        "{s:.1} s"
+                    ))
+            );
+            let (max_bytes, max_time) = ha_config.as_ref().map_or((1024 * 1024, 10.0), |h| {
+                (h.max_lag_bytes, h.max_lag_time.as_secs_f64())
+            });
+            let within = status.slot_confirmed.is_some()
+                && status.lag_bytes <= max_bytes
+                && status.lag_seconds.is_some_and(|s| s <= max_time);
+            println!(
+                "verdict       {}",
+                if within {
+                    "within the lag bound".to_string()
+                } else {
+                    format!("OVER the lag bound ({max_bytes} bytes, {max_time} s) or not copying")
+                }
+            );
+            Ok(if within { 0 } else { EXIT_FAILURE })
+        }
+    }
 }
 
 fn parse_event_id(text: &str) -> anyhow::Result<uuid::Uuid> {

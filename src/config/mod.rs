@@ -330,6 +330,25 @@ pub struct InstitutionConfig {
     pub risk_fail_open: Option<bool>,
 }
 
+/// Active/standby with CDC (docs/operations.md, "CDC and fencing"). The node's role is
+/// `node.role` (configured) checked against its database's `ha_node_role` (authoritative).
+#[derive(Debug, Clone)]
+pub struct HaConfig {
+    /// The active node's database, which this node copies while it is the standby: a libpq URL
+    /// without the password, for a user with REPLICATION (logical decoding reads its WAL).
+    pub source_url: Option<Secret>,
+    pub source_password: Option<PassphraseSource>,
+    /// The logical replication slot on the source (created with test_decoding when missing).
+    pub slot: String,
+    /// Rows one read of the slot returns at most (a transaction is never split).
+    pub batch: u32,
+    /// How often a caught-up applier looks for new changes.
+    pub poll_every: Duration,
+    /// /standby answers 503 beyond these: the standby is too far behind to take over.
+    pub max_lag_bytes: u64,
+    pub max_lag_time: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: PathBuf,
@@ -350,6 +369,8 @@ pub struct Config {
     pub risk: Option<RiskConfig>,
     /// `None` when the file has no `[audit]` section: no message log (tests, development).
     pub audit: Option<AuditConfig>,
+    /// `None` when the file has no `[ha]` section: a single node, or a standby without CDC.
+    pub ha: Option<HaConfig>,
 }
 
 /// How strict loading is about keys that only the embedded development setup may omit.
@@ -447,6 +468,9 @@ impl Config {
             || a.keys.encrypt_key_serial != b.keys.encrypt_key_serial
         {
             changed.push("keys.encrypt_*");
+        }
+        if format!("{:?}", a.ha) != format!("{:?}", b.ha) {
+            changed.push("ha.*");
         }
         if format!("{:?}", a.channel) != format!("{:?}", b.channel) {
             changed.push("channel.*");
@@ -737,8 +761,10 @@ fn read_config(r: &mut Reader, path: &Path, mode: Mode) -> Config {
     });
 
     let audit = read_audit(r);
+    let ha = read_ha(r, node.role);
 
     Config {
+        ha,
         source: path.to_path_buf(),
         node,
         service,
@@ -807,6 +833,56 @@ fn read_audit(r: &mut Reader) -> Option<AuditConfig> {
             4096,
             1..=crate::audit::MAX_QUEUE_BOUND as i64,
         ) as usize,
+    })
+}
+
+fn read_ha(r: &mut Reader, role: Role) -> Option<HaConfig> {
+    if !r.section_exists("ha") {
+        return None;
+    }
+    let source_url = r.opt_str("ha.source_url");
+    match &source_url {
+        None if role == Role::Standby => r.reject(
+            "ha.source_url",
+            "is required on a standby: the active node's database URL, e.g. \
+             \"postgres://kunpay_cdc@node-a-db:5432/kunpay\" (a user with REPLICATION)",
+        ),
+        Some(url) if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) => {
+            r.reject("ha.source_url", "must start with postgres:// or postgresql://")
+        }
+        Some(url) if url_has_password(url) => r.reject(
+            "ha.source_url",
+            "contains a password; put it in ha.source_password_file or ha.source_password_credential instead",
+        ),
+        _ => {}
+    }
+    let slot = r.str_or("ha.slot", "kunpay_cdc");
+    if !crate::ha::cdc::valid_slot_name(&slot) {
+        r.reject(
+            "ha.slot",
+            format!("\"{slot}\" is not a slot name: 1-63 of a-z 0-9 _"),
+        );
+    }
+    Some(HaConfig {
+        source_url: source_url.map(Secret::new),
+        source_password: read_passphrase_source(
+            r,
+            "ha.source_password_file",
+            "ha.source_password_credential",
+        ),
+        slot,
+        batch: r.int_or("ha.batch", 1000, 1..=100_000) as u32,
+        poll_every: r.duration_or(
+            "ha.poll_every",
+            Duration::from_millis(200),
+            (Duration::from_millis(10), Duration::from_secs(60)),
+        ),
+        max_lag_bytes: r.size_or("ha.max_lag", 1024 * 1024, (0, 1024 * 1024 * 1024 * 1024)),
+        max_lag_time: r.duration_or(
+            "ha.max_lag_time",
+            Duration::from_secs(10),
+            (Duration::from_millis(100), Duration::from_secs(24 * 3600)),
+        ),
     })
 }
 
@@ -1193,6 +1269,51 @@ mod tests {
         }
         let bad_id = parse(&format!("{base}[audit]\nkey_id = \"a/b\"\n")).unwrap_err();
         assert!(bad_id.to_string().contains("audit.key_id"), "{bad_id}");
+    }
+
+    #[test]
+    fn the_ha_section_is_validated_like_the_rest() {
+        let base = "[database]\nurl = \"postgres://kunpay@db/kunpay\"\n";
+        let config = parse(&format!(
+            "{base}[node]\nrole = \"standby\"\n[ha]\nsource_url = \"postgres://cdc@node-a/kunpay\"\n"
+        ))
+        .unwrap();
+        let ha = config.ha.unwrap();
+        assert_eq!(ha.slot, "kunpay_cdc");
+        assert_eq!(ha.batch, 1000);
+        assert_eq!(ha.max_lag_bytes, 1024 * 1024);
+        assert_eq!(ha.poll_every, Duration::from_millis(200));
+        assert!(parse(base).unwrap().ha.is_none());
+
+        let errors = parse(&format!(
+            "{base}[node]\nrole = \"standby\"\n[ha]\nslot = \"Bad-Slot\"\nbatch = 0\nmax_lag = \"lots\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            errors.contains("ha.source_url: is required on a standby"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains(":6: ha.slot: \"Bad-Slot\" is not a slot name"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains(":7: ha.batch: 0 is out of range"),
+            "{errors}"
+        );
+        assert!(errors.contains(":8: ha.max_lag:"), "{errors}");
+        let errors = parse(&format!(
+            "{base}[ha]\nsource_url = \"postgres://cdc:pw@node-a/kunpay\"\nslots = 1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            errors.contains("ha.source_url: contains a password"),
+            "{errors}"
+        );
+        assert!(!errors.contains("pw@"), "{errors}");
+        assert!(errors.contains("ha.slots: unknown key"), "{errors}");
     }
 
     #[test]

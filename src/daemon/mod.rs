@@ -100,6 +100,8 @@ struct Prepared {
     risk: Option<crate::risk::Loaded>,
     /// The message log, opened (and recovered) as the service user; `None` without `[audit]`.
     audit: Option<crate::audit::AuditLog>,
+    /// The active node's database, for the CDC applier of a standby with `[ha]`.
+    cdc_source: Option<ConnectSettings>,
 }
 
 fn start(options: Options) -> Result<u8, Fatal> {
@@ -221,6 +223,33 @@ fn start(options: Options) -> Result<u8, Fatal> {
         application_name: format!("kunpayd {}", config.node.id),
     };
 
+    // The CDC source's password is read while still privileged, like every other secret.
+    // Built whenever [ha] names a source: the database's role, read later, decides whether the
+    // applier runs (a node configured active whose database a cutover made STANDBY copies from
+    // the new active).
+    let cdc_source = match config
+        .ha
+        .as_ref()
+        .and_then(|ha| ha.source_url.clone().map(|url| (ha, url)))
+    {
+        Some((ha, url)) => {
+            let password = match &ha.source_password {
+                Some(source) => Some(read_secret(source, "ha.source_password_file")?),
+                None => None,
+            };
+            Some(ConnectSettings {
+                url,
+                password,
+                pool_max_size: 1,
+                pool_min_idle: 0,
+                connect_timeout: config.database.connect_timeout,
+                statement_timeout: config.database.statement_timeout,
+                application_name: format!("kunpayd {} cdc", config.node.id),
+            })
+        }
+        None => None,
+    };
+
     if nix::unistd::geteuid().is_root() {
         let (uid, gid) = privilege::drop_to(&config.service.user, config.service.group.as_deref())?;
         tracing::info!(user = %config.service.user, uid = uid.as_raw(), gid = gid.as_raw(), "dropped root privileges");
@@ -245,6 +274,7 @@ fn start(options: Options) -> Result<u8, Fatal> {
         .build()
         .context("starting the async runtime")?;
     let prepared = Prepared {
+        cdc_source,
         risk,
         audit,
         config,
@@ -274,35 +304,82 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         mut dev_cluster,
         risk,
         audit,
+        cdc_source,
     } = prepared;
 
     let migrate = config.database.migrate_on_start;
     let node_id = config.node.id.clone();
     let role = config.node.role;
     let settings = connect.clone();
-    let (pool, run_id) = tokio::task::spawn_blocking(move || -> anyhow::Result<(db::Pool, i64)> {
-        let pool = db::connect(&settings)?;
-        let mut conn = db::checkout(&pool, settings.connect_timeout)?;
-        if migrate {
-            let applied = db::migrate(&mut conn)?;
-            if !applied.is_empty() {
-                tracing::info!(applied = %applied.join(", "), "database migrations applied");
-            }
-        }
-        db::ensure_schema_current(&mut conn)?;
-        let run_id = db::record_start(&mut conn, &node_id, role)?;
-        Ok((pool, run_id))
-    })
+    let (pool, run_id, db_role) = tokio::task::spawn_blocking(
+        move || -> anyhow::Result<(db::Pool, i64, crate::ha::RoleRecord)> {
+            let (db_role, pool) = {
+                let first = db::connect(&settings)?;
+                let mut conn = db::checkout(&first, settings.connect_timeout)?;
+                if migrate {
+                    let applied = db::migrate(&mut conn)?;
+                    if !applied.is_empty() {
+                        tracing::info!(applied = %applied.join(", "), "database migrations applied");
+                    }
+                }
+                db::ensure_schema_current(&mut conn)?;
+                // The database says which role it has and at which fencing epoch; every pooled
+                // connection declares that epoch, so the guard refuses this process's writes
+                // once a cutover has moved the database on.
+                let db_role = crate::ha::read_role(&mut conn)?;
+                // Every pool opened from here on (the institutions' too) claims it.
+                db::set_process_epoch(db_role.epoch);
+                (db_role.clone(), db::connect(&settings)?)
+            };
+            let mut conn = db::checkout(&pool, settings.connect_timeout)?;
+            let run_id = db::record_start(&mut conn, &node_id, role)?;
+            Ok((pool, run_id, db_role))
+        },
+    )
     .await
     .context("database start-up task")??;
 
+    // The database is authoritative: a node configured active whose database is STANDBY or
+    // FENCED (a fenced old active restarted with a stale configuration) serves as a standby,
+    // so /primary says 503 and F5 sends it nothing; its writes would be refused anyway.
+    let effective_role = match (config.node.role, db_role.role) {
+        (crate::config::Role::Active, crate::ha::NodeRole::Active) => crate::config::Role::Active,
+        (crate::config::Role::Active, db) => {
+            tracing::error!(
+                database_role = %db, epoch = db_role.epoch, reason = %db_role.reason,
+                "node.role is active but this node's database is {db}: serving as a standby (503 on /primary); \
+                 the database's role wins (kunpayctl ha status)"
+            );
+            crate::config::Role::Standby
+        }
+        (crate::config::Role::Standby, crate::ha::NodeRole::Active) => {
+            tracing::error!(
+                epoch = db_role.epoch,
+                "node.role is standby but this node's database is ACTIVE: it accepts writes and CDC will not \
+                 apply into it; declare it with `kunpayctl ha set-role standby`"
+            );
+            crate::config::Role::Standby
+        }
+        (crate::config::Role::Standby, _) => crate::config::Role::Standby,
+    };
     let state = NodeState::new(
         config.node.id.clone(),
-        config.node.role,
+        effective_role,
         pool.clone(),
         config.ops.health_timeout,
         config.ops.liveness_ttl,
     );
+    state.metrics.ha_fencing_epoch.set(db_role.epoch);
+    let cdc = match (&config.ha, cdc_source, db_role.role) {
+        (Some(ha), Some(source), crate::ha::NodeRole::Standby) => {
+            Some(start_cdc(ha, &source, &connect, &state)?)
+        }
+        (Some(_), Some(_), role) => {
+            tracing::info!(database_role = %role, "CDC applier not started: this node's database is not STANDBY");
+            None
+        }
+        _ => None,
+    };
     state.set_run_id(run_id);
     let ops_served = server::serve(
         "ops",
@@ -417,6 +494,9 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
             Err(e) => tracing::error!(error = %e, "closing the audit log failed"),
         }
     }
+    if let Some(cdc) = cdc {
+        cdc.stop().await;
+    }
 
     let stop_reason = if abandoned == 0 {
         format!("{reason}; drained cleanly")
@@ -456,6 +536,91 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         );
         Ok(EXIT_FAILURE)
     }
+}
+
+/// The CDC applier of a standby: one thread running `ha::cdc::run`, its outcomes turned into
+/// metrics and into /standby's verdict.
+struct CdcThread {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl CdcThread {
+    /// Stops the applier after its current batch (a batch is bounded by `ha.batch` and the
+    /// statement timeout); waits at most a few seconds, then leaves it to the exit.
+    async fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.thread.is_finished() {
+            let _ = self.thread.join();
+        } else {
+            tracing::warn!(
+                "the CDC applier did not stop within 5 s; its batch is rolled back by the exit"
+            );
+        }
+    }
+}
+
+fn start_cdc(
+    ha: &crate::config::HaConfig,
+    source: &ConnectSettings,
+    target: &ConnectSettings,
+    state: &Arc<NodeState>,
+) -> anyhow::Result<CdcThread> {
+    use crate::ha::cdc;
+    let settings = cdc::CdcSettings {
+        slot: ha.slot.clone(),
+        batch: ha.batch,
+        statement_timeout: target.statement_timeout,
+    };
+    let source_url = source.full_url();
+    let target_url = target.full_url();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poll_every = ha.poll_every;
+    let (max_bytes, max_seconds) = (ha.max_lag_bytes, ha.max_lag_time.as_secs_f64());
+    let thread_stop = stop.clone();
+    let state = state.clone();
+    // Until the first batch says otherwise, the copy is not known to be fit to take over.
+    state.set_standby_fit(false);
+    tracing::info!(
+        source = %source.display_target(), slot = %ha.slot, batch = ha.batch,
+        "CDC applier starting: this standby copies the active node's database"
+    );
+    let thread = std::thread::Builder::new()
+        .name("cdc-applier".into())
+        .spawn(move || {
+            let metrics = state.metrics.clone();
+            cdc::run(
+                source_url.expose(),
+                target_url.expose(),
+                &settings,
+                poll_every,
+                &thread_stop,
+                |event| match event {
+                    cdc::Event::Applied(out) => {
+                        metrics.ha_cdc_up.set(1);
+                        metrics.ha_cdc_applied_transactions.inc_by(out.transactions);
+                        metrics.ha_cdc_applied_changes.inc_by(out.changes);
+                        let (bytes, seconds) = (out.lag_bytes(), out.lag_seconds());
+                        metrics
+                            .ha_cdc_lag_bytes
+                            .set(bytes.min(i64::MAX as u64) as i64);
+                        metrics.ha_cdc_lag_seconds.set(seconds);
+                        state.set_standby_fit(bytes <= max_bytes && seconds <= max_seconds);
+                    }
+                    cdc::Event::Failed(_) => {
+                        metrics.ha_cdc_up.set(0);
+                        metrics.ha_cdc_failures.inc();
+                        state.set_standby_fit(false);
+                    }
+                },
+            )
+        })
+        .context("starting the CDC applier thread")?;
+    Ok(CdcThread { stop, thread })
 }
 
 /// Late posting replies waiting to be compared with the journal.
@@ -1107,8 +1272,17 @@ fn reload(
         tracing::error!(error = %e, "reload: log.level not applied");
     }
     if newer.node.role != config.node.role {
-        tracing::warn!(from = %config.node.role, to = %newer.node.role, "reload: node.role changed");
-        state.set_role(newer.node.role);
+        if config.ha.is_some() {
+            // With [ha] the database's role decides and the applier runs only on a standby:
+            // a reload must not make a fenced node say 200 on /primary.
+            tracing::warn!(from = %config.node.role, to = %newer.node.role,
+                "reload: with [ha], node.role takes effect only at a restart, and the database's role \
+                 (kunpayctl ha status / set-role) wins over it");
+            newer.node.role = config.node.role;
+        } else {
+            tracing::warn!(from = %config.node.role, to = %newer.node.role, "reload: node.role changed");
+            state.set_role(newer.node.role);
+        }
     }
     state.set_timeouts(newer.ops.health_timeout, newer.ops.liveness_ttl);
     for key in config.restart_required_changes(&newer) {

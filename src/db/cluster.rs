@@ -149,6 +149,12 @@ impl PrivateCluster {
         self.pg_ctl_stop("fast")
     }
 
+    /// Immediate shutdown: every server process is killed without a checkpoint, as in a
+    /// crash; the next start runs crash recovery. For tests of what survives a crash.
+    pub fn stop_immediate(&mut self) -> anyhow::Result<()> {
+        self.pg_ctl_stop("immediate")
+    }
+
     fn pg_ctl_stop(&mut self, mode: &str) -> anyhow::Result<()> {
         if !self.is_running() {
             return Ok(());

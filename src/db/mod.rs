@@ -67,7 +67,8 @@ impl ConnectSettings {
         redact_url(self.url.expose())
     }
 
-    fn full_url(&self) -> Secret {
+    /// The libpq URL with application name, connect timeout and password: a secret.
+    pub fn full_url(&self) -> Secret {
         let mut url = self.url.expose().to_string();
         let separator = if url.contains('?') { '&' } else { '?' };
         url.push(separator);
@@ -85,6 +86,23 @@ impl ConnectSettings {
     }
 }
 
+/// The fencing epoch this process writes under, once the daemon has read it from its database
+/// (-1: not yet). Every connection a pool opens afterwards declares it, whichever pool (main or
+/// an institution's): the HA guard then refuses the process's writes once a cutover has moved
+/// the database to a later epoch.
+static PROCESS_EPOCH: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
+
+/// Sets the epoch every connection opened from now on declares (see [`PROCESS_EPOCH`]).
+pub fn set_process_epoch(epoch: i64) {
+    assert!(epoch >= 0, "fencing epochs are never negative");
+    PROCESS_EPOCH.store(epoch, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn process_epoch() -> Option<i64> {
+    let epoch = PROCESS_EPOCH.load(std::sync::atomic::Ordering::SeqCst);
+    (epoch >= 0).then_some(epoch)
+}
+
 /// Applies per-connection settings when the pool opens a connection.
 #[derive(Debug)]
 struct SessionSettings {
@@ -98,12 +116,17 @@ impl r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for SessionSet
             "SET statement_timeout = {}; SET TIME ZONE 'UTC'",
             self.statement_timeout.as_millis()
         ))
-        .map_err(diesel::r2d2::Error::QueryError)
+        .map_err(diesel::r2d2::Error::QueryError)?;
+        if let Some(epoch) = process_epoch() {
+            crate::ha::claim_epoch(conn, epoch).map_err(diesel::r2d2::Error::QueryError)?;
+        }
+        Ok(())
     }
 }
 
 /// Opens a pool and proves it works with one round trip, so a wrong URL fails at start with one
 /// clear line instead of at the first request.
+/// Once [`set_process_epoch`] ran, every connection declares that fencing epoch.
 pub fn connect(settings: &ConnectSettings) -> Result<Pool, DbError> {
     let manager = ConnectionManager::<PgConnection>::new(settings.full_url().expose());
     let pool = r2d2::Pool::builder()
@@ -160,6 +183,10 @@ pub fn migrate(conn: &mut PgConnection) -> Result<Vec<String>, DbError> {
     let result = pending_migrations(conn).and_then(|names| {
         conn.run_pending_migrations(MIGRATIONS)
             .map_err(|e| DbError::Migration(e.to_string()))?;
+        // Every replicated table carries the HA write guard, including tables a migration just
+        // added without knowing about it (src/ha/mod.rs).
+        crate::ha::install_guards(conn)
+            .map_err(|e| DbError::Migration(format!("installing the HA write guard: {e}")))?;
         Ok(names)
     });
     // Unlock even when the migration failed, or the next attempt would wait forever.

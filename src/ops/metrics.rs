@@ -102,6 +102,18 @@ pub struct Metrics {
     pub audit_log_usable: Gauge,
     /// Operator actions (kunpayctl) not yet in the audit log.
     pub audit_operator_actions_pending: Gauge,
+    /// This database's fencing epoch (ha_node_role), read at start.
+    pub ha_fencing_epoch: Gauge,
+    /// 1 while the CDC applier's last batch succeeded (standby with [ha] only).
+    pub ha_cdc_up: Gauge,
+    /// Source WAL bytes the standby has not yet examined (0 when caught up).
+    pub ha_cdc_lag_bytes: Gauge,
+    /// Seconds of source time the standby is behind: now minus the commit time of the last
+    /// applied transaction, 0 when caught up.
+    pub ha_cdc_lag_seconds: Gauge<f64, AtomicU64>,
+    pub ha_cdc_applied_transactions: Counter,
+    pub ha_cdc_applied_changes: Counter,
+    pub ha_cdc_failures: Counter,
 }
 
 impl Metrics {
@@ -148,6 +160,13 @@ impl Metrics {
             audit_last_checkpoint_seq: Gauge::default(),
             audit_log_usable: Gauge::default(),
             audit_operator_actions_pending: Gauge::default(),
+            ha_fencing_epoch: Gauge::default(),
+            ha_cdc_up: Gauge::default(),
+            ha_cdc_lag_bytes: Gauge::default(),
+            ha_cdc_lag_seconds: Gauge::default(),
+            ha_cdc_applied_transactions: Counter::default(),
+            ha_cdc_applied_changes: Counter::default(),
+            ha_cdc_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -289,6 +308,41 @@ impl Metrics {
             "audit_operator_actions_pending",
             "Operator actions (kunpayctl) committed in the database and not yet in the audit log",
             metrics.audit_operator_actions_pending.clone(),
+        );
+        registry.register(
+            "ha_fencing_epoch",
+            "This database's fencing epoch (ha_node_role), read at start",
+            metrics.ha_fencing_epoch.clone(),
+        );
+        registry.register(
+            "ha_cdc_up",
+            "1 while the CDC applier's last batch succeeded (standby with [ha])",
+            metrics.ha_cdc_up.clone(),
+        );
+        registry.register(
+            "ha_cdc_lag_bytes",
+            "Source WAL bytes the standby has not examined yet (0 when caught up)",
+            metrics.ha_cdc_lag_bytes.clone(),
+        );
+        registry.register(
+            "ha_cdc_lag_seconds",
+            "Seconds the standby is behind: now minus the source commit time of the last applied transaction, 0 when caught up",
+            metrics.ha_cdc_lag_seconds.clone(),
+        );
+        registry.register(
+            "ha_cdc_applied_transactions",
+            "Source transactions the CDC applier committed into this standby",
+            metrics.ha_cdc_applied_transactions.clone(),
+        );
+        registry.register(
+            "ha_cdc_applied_changes",
+            "Row changes (insert, update, delete, truncate) the CDC applier applied",
+            metrics.ha_cdc_applied_changes.clone(),
+        );
+        registry.register(
+            "ha_cdc_failures",
+            "CDC applier failures (each followed by a reconnect after a pause; the log says why)",
+            metrics.ha_cdc_failures.clone(),
         );
         registry.register(
             "start_time_seconds",

@@ -36,6 +36,8 @@ pub struct NodeState {
     /// The audit log stopped (an append failed): nothing can be answered as logged, so F5 must
     /// stop sending until the node is restarted with a working log directory.
     audit_failed: AtomicBool,
+    /// A standby's copy is unhealthy (CDC failing) or beyond `ha.max_lag`: /standby says 503.
+    standby_unfit: AtomicBool,
     heartbeat_unix_ms: AtomicU64,
     health_timeout_ms: AtomicU64,
     liveness_ttl_ms: AtomicU64,
@@ -78,6 +80,7 @@ impl NodeState {
             draining: AtomicBool::new(false),
             outbox_full: AtomicBool::new(false),
             audit_failed: AtomicBool::new(false),
+            standby_unfit: AtomicBool::new(false),
             heartbeat_unix_ms: AtomicU64::new(now_unix_ms()),
             health_timeout_ms: AtomicU64::new(health_timeout.as_millis() as u64),
             liveness_ttl_ms: AtomicU64::new(liveness_ttl.as_millis() as u64),
@@ -172,6 +175,15 @@ impl NodeState {
     /// Whether something besides draining keeps business traffic away (outbox, audit log).
     fn refuses_traffic(&self) -> bool {
         self.is_outbox_full() || self.is_audit_failed()
+    }
+
+    /// Set by the CDC applier after each batch: false while it fails or lags beyond the bound.
+    pub fn set_standby_fit(&self, fit: bool) {
+        self.standby_unfit.store(!fit, Ordering::SeqCst);
+    }
+
+    pub fn is_standby_fit(&self) -> bool {
+        !self.standby_unfit.load(Ordering::SeqCst)
     }
 
     pub fn beat(&self) {
@@ -310,7 +322,10 @@ async fn primary(State(state): State<Arc<NodeState>>) -> Response {
 }
 
 async fn standby(State(state): State<Arc<NodeState>>) -> Response {
-    let candidate = state.role() == Role::Standby && state.is_ready() && !state.is_draining();
+    let candidate = state.role() == Role::Standby
+        && state.is_ready()
+        && !state.is_draining()
+        && state.is_standby_fit();
     let database_up = if candidate {
         Some(state.database_up().await)
     } else {

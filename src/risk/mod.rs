@@ -185,10 +185,10 @@ pub enum OnTimeout {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FiredRule {
-    pub id: String,
+    pub id: Arc<str>,
     pub version: u32,
     pub shadow: bool,
-    pub action: String,
+    pub action: Arc<str>,
 }
 
 /// A decision and everything that explains it.
@@ -198,7 +198,7 @@ pub struct Decision {
     pub version: String,
     pub fired: Vec<FiredRule>,
     /// Every variable the set reads, with the value this decision saw.
-    pub seen: Vec<(String, String)>,
+    pub seen: Vec<(Arc<str>, Seen)>,
     pub score: i64,
     /// Rules whose condition failed at run time (counted as not firing), with why.
     pub errors: Vec<(String, String)>,
@@ -334,27 +334,31 @@ impl RiskEngine {
             })
             .collect();
         let feature_values = self.store.observe(&subjects, &feature_specs, event, true);
-        let mut context = cel::Context::with_env(set.env.clone());
-        let mut seen = Vec::with_capacity(set.variables.len());
+        let mut slots = Vec::with_capacity(set.variables.len());
         let mut feature_at = 0;
         for variable in &set.variables {
-            let value = match variable {
+            let slot = match variable {
                 Variable::Plain(name) => plain_value(name, input),
                 Variable::Listed(dimension, colour) => {
                     let key = subjects.iter().find(|(d, _)| d == dimension).map(|s| s.1);
-                    cel::Value::Bool(key.is_some_and(|key| {
+                    Seen::Bool(key.is_some_and(|key| {
                         loaded.lists.contains(*colour, *dimension, key, input.ip)
                             || kept.0.contains(*colour, *dimension, key, input.ip)
                     }))
                 }
                 Variable::Feature(_) => {
                     feature_at += 1;
-                    cel::Value::Int(feature_values[feature_at - 1])
+                    Seen::Int(feature_values[feature_at - 1])
                 }
             };
-            seen.push((variable.name(), display(&value)));
-            context.add_variable_from_value(variable.name(), value);
+            slots.push(slot.into_slot());
         }
+        let resolver = Slots {
+            index: &set.index,
+            slots: &slots,
+        };
+        let mut context = cel::Context::with_env(set.env.clone());
+        context.set_variable_resolver(&resolver);
         let mut fired = Vec::new();
         let mut errors = Vec::new();
         let mut worst = Outcome::Approve;
@@ -373,13 +377,10 @@ impl RiskEngine {
             match rule.program.execute(&context) {
                 Ok(cel::Value::Bool(true)) => {
                     fired.push(FiredRule {
-                        id: rule.id.clone(),
+                        id: rule.fired_id.clone(),
                         version: rule.version,
                         shadow: rule.shadow,
-                        action: match rule.action {
-                            Action::Outcome(o) => o.name().to_string(),
-                            Action::Score(points) => format!("SCORE {points}"),
-                        },
+                        action: rule.fired_action.clone(),
                     });
                     if rule.shadow {
                         continue;
@@ -407,6 +408,13 @@ impl RiskEngine {
                 Mode::Worst => worst.max(score_outcome(&set.strategy, score)),
             }
         };
+        drop(context);
+        let seen = set
+            .names
+            .iter()
+            .cloned()
+            .zip(slots.iter().map(Slot::seen))
+            .collect();
         Decision {
             outcome,
             version: loaded.version.clone(),
@@ -452,32 +460,91 @@ fn subjects_of(input: &RiskInput<'_>) -> Subjects {
     subjects
 }
 
-fn plain_value(name: &str, input: &RiskInput<'_>) -> cel::Value {
-    let text = |s: &str| cel::Value::String(Arc::new(s.to_string()));
-    match name {
-        "kind" => text(input.kind),
-        "inst" => text(input.inst),
-        "amount_fen" => cel::Value::Int(input.amount_fen),
-        "local_hour" => {
-            let china = chrono::FixedOffset::east_opt(8 * 3600).expect("UTC+8");
-            cel::Value::Int(i64::from(input.at.with_timezone(&china).hour()))
+/// A value a decision saw, as it is recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    Int(i64),
+    Bool(bool),
+    Text(Arc<str>),
+}
+
+impl std::fmt::Display for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Seen::Int(i) => write!(f, "{i}"),
+            Seen::Bool(b) => write!(f, "{b}"),
+            Seen::Text(t) => f.write_str(t),
         }
-        "merchant" => text(input.merchant.unwrap_or("")),
-        "has_device" => cel::Value::Bool(input.device.is_some()),
-        "has_ip" => cel::Value::Bool(input.ip.is_some()),
-        "single_limit_fen" => cel::Value::Int(input.single_limit_fen),
-        "daily_limit_fen" => cel::Value::Int(input.daily_limit_fen),
-        "agreement_age_s" => cel::Value::Int(input.agreement_age_s),
-        "holder_mismatch" => cel::Value::Bool(input.holder_mismatch),
-        other => unreachable!("variable {other} is checked at load"),
     }
 }
 
-fn display(value: &cel::Value) -> String {
-    match value {
-        cel::Value::Int(i) => i.to_string(),
-        cel::Value::Bool(b) => b.to_string(),
-        cel::Value::String(s) => s.to_string(),
-        other => format!("{other:?}"),
+impl Seen {
+    fn into_slot(self) -> Slot {
+        match self {
+            Seen::Int(i) => Slot::Int(i.into()),
+            Seen::Bool(b) => Slot::Bool(b.into()),
+            Seen::Text(t) => Slot::Text(cel::common::types::CelString::from(t.to_string()), t),
+        }
+    }
+}
+
+/// One variable's value as CEL reads it: borrowed by every rule of the decision, never
+/// allocated per read (a context of named variables allocated a key and a box per variable
+/// and compared names in a tree on every read).
+enum Slot {
+    Int(cel::common::types::CelInt),
+    Bool(cel::common::types::CelBool),
+    Text(cel::common::types::CelString<'static>, Arc<str>),
+}
+
+impl Slot {
+    fn as_val(&self) -> &dyn cel::common::value::Val {
+        match self {
+            Slot::Int(i) => i,
+            Slot::Bool(b) => b,
+            Slot::Text(t, _) => t,
+        }
+    }
+
+    fn seen(&self) -> Seen {
+        match self {
+            Slot::Int(i) => Seen::Int(*i.inner()),
+            Slot::Bool(b) => Seen::Bool(bool::from(*b)),
+            Slot::Text(_, t) => Seen::Text(t.clone()),
+        }
+    }
+}
+
+struct Slots<'a> {
+    index: &'a std::collections::HashMap<String, usize>,
+    slots: &'a [Slot],
+}
+
+impl cel::context::VariableResolver for Slots<'_> {
+    fn resolve<'b>(&'b self, variable: &str) -> Option<cel::common::value::CowVal<'b, 'b>> {
+        self.index
+            .get(variable)
+            .map(|&at| cel::common::value::CowVal::Borrowed(self.slots[at].as_val()))
+    }
+}
+
+fn plain_value(name: &str, input: &RiskInput<'_>) -> Seen {
+    let text = |s: &str| Seen::Text(Arc::from(s));
+    match name {
+        "kind" => text(input.kind),
+        "inst" => text(input.inst),
+        "amount_fen" => Seen::Int(input.amount_fen),
+        "local_hour" => {
+            let china = chrono::FixedOffset::east_opt(8 * 3600).expect("UTC+8");
+            Seen::Int(i64::from(input.at.with_timezone(&china).hour()))
+        }
+        "merchant" => text(input.merchant.unwrap_or("")),
+        "has_device" => Seen::Bool(input.device.is_some()),
+        "has_ip" => Seen::Bool(input.ip.is_some()),
+        "single_limit_fen" => Seen::Int(input.single_limit_fen),
+        "daily_limit_fen" => Seen::Int(input.daily_limit_fen),
+        "agreement_age_s" => Seen::Int(input.agreement_age_s),
+        "holder_mismatch" => Seen::Bool(input.holder_mismatch),
+        other => unreachable!("variable {other} is checked at load"),
     }
 }

@@ -84,6 +84,10 @@ pub struct Rule {
     pub program: cel::Program,
     pub file: String,
     pub line: usize,
+    /// `id` and the action as a decision records them (shared, so a firing rule costs no
+    /// allocation).
+    pub fired_id: Arc<str>,
+    pub fired_action: Arc<str>,
 }
 
 impl Rule {
@@ -171,6 +175,10 @@ pub struct RuleSet {
     pub strategy: Strategy,
     /// Every variable some rule reads, computed once per decision.
     pub variables: Vec<Variable>,
+    /// Their names, in the same order (shared by every decision's record of what it saw).
+    pub names: Vec<Arc<str>>,
+    /// Name -> position in `variables`: how a rule's variable reaches its value.
+    pub index: std::collections::HashMap<String, usize>,
 }
 
 #[derive(Deserialize)]
@@ -393,6 +401,11 @@ pub fn add_rule_file(
             continue;
         }
         rules.push(Rule {
+            fired_id: Arc::from(id.as_str()),
+            fired_action: Arc::from(match action {
+                Action::Outcome(o) => o.name().to_string(),
+                Action::Score(points) => format!("SCORE {points}"),
+            }),
             id,
             description: entry.description,
             version: entry.version,
@@ -417,11 +430,20 @@ impl RuleSet {
                 variables.insert(Variable::parse(name).expect("checked at load"));
             }
         }
+        let variables: Vec<Variable> = variables.into_iter().collect();
+        let names: Vec<Arc<str>> = variables.iter().map(|v| Arc::from(v.name())).collect();
+        let index = names
+            .iter()
+            .enumerate()
+            .map(|(at, name)| (name.to_string(), at))
+            .collect();
         RuleSet {
             env,
             rules,
             strategy,
-            variables: variables.into_iter().collect(),
+            variables,
+            names,
+            index,
         }
     }
 

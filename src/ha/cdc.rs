@@ -1,0 +1,1343 @@
+//! The CDC applier: copies every committed change to kunpay's tables from the source (active)
+//! database into the target (standby) database, in commit order, exactly once.
+//!
+//! How (docs/ARCHITECTURE.md, "High availability"): the source has a logical replication slot
+//! with the `test_decoding` plugin, read through SQL functions (PostgreSQL and openGauss both
+//! have them; no replication-protocol client is needed). One batch:
+//!
+//! 1. read the applied position from the target (`ha_cdc_position`); if the slot is behind it
+//!    (a crash between the target's commit and the slot's advance, or a source crash that lost
+//!    an advance), advance the slot to it first: those transactions are already applied;
+//! 2. note the source's flushed WAL position and clock (for lag);
+//! 3. in one target transaction (`SET LOCAL kunpay.cdc_apply = 'on'` lets it past the write
+//!    guard; the role row is share-locked, so a promotion waits for the batch), stream
+//!    `pg_logical_slot_peek_changes(slot, NULL, batch)` row by row and apply each change as a
+//!    parameterised statement keyed by primary key; every COMMIT must come after the stored
+//!    position; then update the position row and commit;
+//! 4. advance the slot to the last applied commit (`pg_replication_slot_advance`).
+//!
+//! A crash before step 3's commit leaves the target without the batch and the slot where it
+//! was (no gap); a crash between 3 and 4 leaves the slot behind the stored position, and step 1
+//! of the next batch skips what was applied (no duplicate). Memory is bounded by one change:
+//! rows are streamed; a batch holds at most `batch` rows plus the rest of the transaction that
+//! reaches the bound (PostgreSQL never splits a transaction).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use diesel::connection::SimpleConnection as _;
+use diesel::pg::{Pg, PgConnection, PgRowByRowLoadingMode};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Integer, Nullable, SmallInt, Text, Timestamptz};
+
+use super::decode::{self, Change, Column, DecodeError, Line, Lsn, TableName, Value};
+use super::{NODE_LOCAL_TABLES, quote_ident};
+
+/// Slot names PostgreSQL accepts: lowercase letters, digits, underscore; at most 63.
+pub fn valid_slot_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+#[derive(Debug, Clone)]
+pub struct CdcSettings {
+    /// The logical slot on the source (created with test_decoding when missing).
+    pub slot: String,
+    /// Rows one peek returns at most (BEGIN and COMMIT count; a transaction is never split).
+    pub batch: u32,
+    /// Bound on each statement on either side.
+    pub statement_timeout: Duration,
+}
+
+impl Default for CdcSettings {
+    fn default() -> Self {
+        CdcSettings {
+            slot: "kunpay_cdc".into(),
+            batch: 1000,
+            statement_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CdcError {
+    /// A condition a person must resolve (wrong role, divergent copy, schema drift, slot lost);
+    /// retrying alone will not fix it, so the applier reports it and waits.
+    #[error("CDC refused: {0}")]
+    Refused(String),
+    #[error("CDC database error: {0}")]
+    Db(#[from] diesel::result::Error),
+    #[error("CDC cannot connect: {0}")]
+    Connect(String),
+    #[error("CDC cannot decode the source's change stream: {0}")]
+    Decode(#[from] DecodeError),
+    /// A test's fault hook fired (the applier stops as if the process died there).
+    #[error("fault injected: {0}")]
+    Fault(&'static str),
+}
+
+impl From<anyhow::Error> for CdcError {
+    fn from(e: anyhow::Error) -> Self {
+        CdcError::Refused(format!("{e:#}"))
+    }
+}
+
+/// Where a test makes the applier stop as if it crashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// After the target committed a batch and its position, before the slot is advanced.
+    AfterTargetCommit,
+}
+
+/// PostgreSQL and openGauss name a few functions differently (openGauss keeps 9.2's `xlog`).
+/// The openGauss forms follow its documentation; only PostgreSQL is exercised by the tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    OpenGauss,
+}
+
+impl Dialect {
+    pub fn detect(conn: &mut PgConnection) -> QueryResult<Dialect> {
+        let v: OneText = diesel::sql_query("SELECT version() AS v").get_result(conn)?;
+        Ok(if v.v.contains("openGauss") {
+            Dialect::OpenGauss
+        } else {
+            Dialect::Postgres
+        })
+    }
+
+    /// The WAL position flushed to disk: logical decoding reads no further, so nothing
+    /// committed before it can be missing from a peek.
+    fn flush_lsn(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "CAST(pg_current_wal_flush_lsn() AS TEXT)",
+            Dialect::OpenGauss => "CAST(pg_current_xlog_location() AS TEXT)",
+        }
+    }
+
+    fn peek(self) -> &'static str {
+        match self {
+            Dialect::Postgres => {
+                "SELECT CAST(lsn AS TEXT) AS lsn, CAST(xid AS TEXT) AS xid, data \
+                 FROM pg_logical_slot_peek_changes($1, NULL, $2, 'include-xids', '1', \
+                 'include-timestamp', '1', 'skip-empty-xacts', '1')"
+            }
+            Dialect::OpenGauss => {
+                "SELECT CAST(location AS TEXT) AS lsn, CAST(xid AS TEXT) AS xid, data \
+                 FROM pg_logical_slot_peek_changes($1, NULL, $2, 'include-xids', '1', \
+                 'include-timestamp', '1', 'skip-empty-xacts', '1')"
+            }
+        }
+    }
+
+    fn advance(self) -> &'static str {
+        match self {
+            Dialect::Postgres => {
+                "SELECT CAST(end_lsn AS TEXT) AS v FROM pg_replication_slot_advance($1, CAST($2 AS pg_lsn))"
+            }
+            Dialect::OpenGauss => "SELECT CAST(pg_replication_slot_advance($1, $2) AS TEXT) AS v",
+        }
+    }
+
+    fn slot_position(self) -> &'static str {
+        match self {
+            Dialect::Postgres => {
+                "SELECT plugin AS name, CAST(confirmed_flush_lsn AS TEXT) AS lsn, \
+                 CAST(database AS TEXT) AS db FROM pg_replication_slots WHERE slot_name = $1"
+            }
+            Dialect::OpenGauss => {
+                "SELECT plugin AS name, CAST(confirmed_flush AS TEXT) AS lsn, \
+                 CAST(database AS TEXT) AS db FROM pg_replication_slots WHERE slot_name = $1"
+            }
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct OneText {
+    #[diesel(sql_type = Text)]
+    v: String,
+}
+
+#[derive(QueryableByName)]
+struct SlotRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    name: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    lsn: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    db: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct PeekRow {
+    #[diesel(sql_type = Text)]
+    lsn: String,
+    #[diesel(sql_type = Text)]
+    xid: String,
+    #[diesel(sql_type = Text)]
+    data: String,
+}
+
+#[derive(QueryableByName)]
+struct WalNow {
+    #[diesel(sql_type = Text)]
+    lsn: String,
+    #[diesel(sql_type = Timestamptz)]
+    now: DateTime<Utc>,
+}
+
+/// The same text forms on both sides, whatever the servers' defaults: values cross as text.
+const SESSION_SETUP: &str = "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'; \
+     SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'; SET extra_float_digits = 3";
+
+fn setup_session(conn: &mut PgConnection, statement_timeout: Duration) -> QueryResult<()> {
+    conn.batch_execute(SESSION_SETUP)?;
+    // Integers only reach the string.
+    conn.batch_execute(&format!(
+        "SET statement_timeout = {}",
+        statement_timeout.as_millis()
+    ))
+}
+
+/// A replicated table as the target knows it.
+#[derive(Debug, Clone)]
+struct TableInfo {
+    /// name -> (type as test_decoding prints it, the type for a cast: "pg_catalog"."int4").
+    columns: HashMap<String, (String, String)>,
+    key: Vec<String>,
+}
+
+/// The target's replicated tables, read from its catalog: identifiers that reach SQL come from
+/// here, never from the change stream.
+#[derive(Debug, Clone)]
+struct Catalog {
+    schema: String,
+    tables: HashMap<String, TableInfo>,
+}
+
+#[derive(QueryableByName)]
+struct CatalogColumn {
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Text)]
+    column_name: String,
+    #[diesel(sql_type = SmallInt)]
+    attnum: i16,
+    #[diesel(sql_type = Text)]
+    base_type: String,
+    #[diesel(sql_type = Text)]
+    type_schema: String,
+    #[diesel(sql_type = Text)]
+    type_name: String,
+}
+
+#[derive(QueryableByName)]
+struct CatalogKey {
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Text)]
+    key: String,
+}
+
+impl Catalog {
+    fn load(conn: &mut PgConnection) -> Result<Catalog, CdcError> {
+        let schema: OneText = diesel::sql_query("SELECT current_schema() AS v").get_result(conn)?;
+        let columns: Vec<CatalogColumn> = diesel::sql_query(
+            "SELECT c.relname AS table_name, a.attname AS column_name, a.attnum, \
+             format_type(a.atttypid, NULL) AS base_type, tn.nspname AS type_schema, \
+             t.typname AS type_name \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             JOIN pg_type t ON t.oid = a.atttypid JOIN pg_namespace tn ON tn.oid = t.typnamespace \
+             WHERE n.nspname = current_schema() AND c.relkind = 'r' ORDER BY c.relname, a.attnum",
+        )
+        .load(conn)?;
+        let keys: Vec<CatalogKey> = diesel::sql_query(
+            "SELECT c.relname AS table_name, CAST(i.indkey AS TEXT) AS key \
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND i.indisprimary",
+        )
+        .load(conn)?;
+        let mut tables: HashMap<String, TableInfo> = HashMap::new();
+        let mut attnames: HashMap<(String, i16), String> = HashMap::new();
+        for c in columns {
+            if NODE_LOCAL_TABLES.contains(&c.table_name.as_str()) {
+                continue;
+            }
+            attnames.insert((c.table_name.clone(), c.attnum), c.column_name.clone());
+            // Qualified typname: no SQL-standard length defaults (`bit` alone means bit(1),
+            // `character` char(1)), so a cast never truncates; the column's own type modifier
+            // then checks the value on assignment.
+            let cast = format!(
+                "{}.{}",
+                quote_ident(&c.type_schema),
+                quote_ident(&c.type_name)
+            );
+            tables
+                .entry(c.table_name)
+                .or_insert_with(|| TableInfo {
+                    columns: HashMap::new(),
+                    key: Vec::new(),
+                })
+                .columns
+                .insert(c.column_name, (c.base_type, cast));
+        }
+        for k in keys {
+            let Some(table) = tables.get_mut(&k.table_name) else {
+                continue;
+            };
+            for attnum in k.key.split_whitespace() {
+                let attnum: i16 = attnum.parse().map_err(|_| {
+                    CdcError::Refused(format!(
+                        "unexpected primary key {:?} of {}",
+                        k.key, k.table_name
+                    ))
+                })?;
+                let name = attnames
+                    .get(&(k.table_name.clone(), attnum))
+                    .cloned()
+                    .ok_or_else(|| {
+                        CdcError::Refused(format!(
+                            "primary key of {} names column {attnum}, which the catalog lacks",
+                            k.table_name
+                        ))
+                    })?;
+                table.key.push(name);
+            }
+        }
+        for (name, table) in &tables {
+            if table.key.is_empty() {
+                return Err(CdcError::Refused(format!(
+                    "table {name} on the target has no primary key: CDC applies updates and deletes by primary key"
+                )));
+            }
+        }
+        Ok(Catalog {
+            schema: schema.v,
+            tables,
+        })
+    }
+
+    /// `Ok(None)`: a table CDC leaves alone (node-local, or outside kunpay's schema).
+    fn table(&self, name: &TableName) -> Result<Option<&TableInfo>, CdcError> {
+        if name.schema != self.schema || NODE_LOCAL_TABLES.contains(&name.name.as_str()) {
+            return Ok(None);
+        }
+        match self.tables.get(&name.name) {
+            Some(t) => Ok(Some(t)),
+            None => Err(CdcError::Refused(format!(
+                "the source changed table {name}, which the target does not have: \
+                 migrate the standby (`kunpayctl db migrate`) so both have the same schema"
+            ))),
+        }
+    }
+}
+
+fn column_cast<'a>(
+    table: &'a TableInfo,
+    table_name: &TableName,
+    column: &Column,
+) -> Result<&'a str, CdcError> {
+    let (base, cast) = table.columns.get(&column.name).ok_or_else(|| {
+        CdcError::Refused(format!(
+            "the source has column {table_name}.{} which the target lacks: migrate the standby",
+            column.name
+        ))
+    })?;
+    if *base != column.type_name {
+        return Err(CdcError::Refused(format!(
+            "column {table_name}.{} is {} on the source but {base} on the target: migrate the standby",
+            column.name, column.type_name
+        )));
+    }
+    Ok(cast)
+}
+
+fn value_of(column: &Column) -> Option<&str> {
+    match &column.value {
+        Value::Text(text) => Some(text),
+        Value::Null | Value::UnchangedToast => None,
+    }
+}
+
+/// Where a bound parameter goes in an applier statement: NUL, which no identifier or type name
+/// from the catalog can contain.
+const PARAM: &str = "\0";
+
+/// An applier statement: SQL built from the target's catalog with [`PARAM`] for each value,
+/// and the values (text, or NULL). Unlike `sql_query` it lets diesel keep the statement
+/// prepared per connection (the cache key is the SQL text): the same (table, operation,
+/// columns) is parsed and planned once, not per row.
+struct Statement<'a> {
+    sql: String,
+    binds: Vec<Option<&'a str>>,
+}
+
+impl diesel::query_builder::QueryId for Statement<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl diesel::query_builder::QueryFragment<Pg> for Statement<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> QueryResult<()> {
+        let mut binds = self.binds.iter();
+        for (index, part) in self.sql.split(PARAM).enumerate() {
+            if index > 0 {
+                let value = binds.next().ok_or_else(|| {
+                    diesel::result::Error::QueryBuilderError("fewer values than parameters".into())
+                })?;
+                out.push_bind_param::<Nullable<Text>, _>(value)?;
+            }
+            out.push_sql(part);
+        }
+        if binds.next().is_some() {
+            return Err(diesel::result::Error::QueryBuilderError(
+                "more values than parameters".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<PgConnection> for Statement<'_> {}
+
+/// One change as a statement with bound parameters; returns the rows it touched, checked.
+fn apply_change(
+    conn: &mut PgConnection,
+    catalog: &Catalog,
+    change: &Change,
+) -> Result<bool, CdcError> {
+    match change {
+        Change::Insert { table: name, new } => {
+            let Some(table) = catalog.table(name)? else {
+                return Ok(false);
+            };
+            let mut columns = Vec::with_capacity(new.len());
+            let mut values = Vec::with_capacity(new.len());
+            for c in new {
+                if c.value == Value::UnchangedToast {
+                    return Err(CdcError::Refused(format!(
+                        "INSERT into {name} carries an unchanged-toast marker for {}",
+                        c.name
+                    )));
+                }
+                let cast = column_cast(table, name, c)?;
+                columns.push(quote_ident(&c.name));
+                values.push(format!("CAST({PARAM} AS {cast})"));
+            }
+            let sql = format!(
+                "INSERT INTO {}.{} ({}) VALUES ({})",
+                quote_ident(&name.schema),
+                quote_ident(&name.name),
+                columns.join(", "),
+                values.join(", ")
+            );
+            let statement = Statement {
+                sql,
+                binds: new.iter().map(value_of).collect(),
+            };
+            expect_one(statement.execute(conn)?, "INSERT into", name)?;
+            Ok(true)
+        }
+        Change::Update {
+            table: name,
+            old_key,
+            new,
+        } => {
+            let Some(table) = catalog.table(name)? else {
+                return Ok(false);
+            };
+            let key_source = old_key.as_ref().unwrap_or(new);
+            let mut sets = Vec::new();
+            let mut binds: Vec<Option<&str>> = Vec::new();
+            for c in new {
+                if c.value == Value::UnchangedToast {
+                    // Not in the WAL because it did not change: keep the target's copy.
+                    continue;
+                }
+                let cast = column_cast(table, name, c)?;
+                binds.push(value_of(c));
+                sets.push(format!(
+                    "{} = CAST({PARAM} AS {cast})",
+                    quote_ident(&c.name)
+                ));
+            }
+            let wheres = key_conditions(table, name, key_source, &mut binds)?;
+            if sets.is_empty() {
+                return Ok(true);
+            }
+            let sql = format!(
+                "UPDATE {}.{} SET {} WHERE {}",
+                quote_ident(&name.schema),
+                quote_ident(&name.name),
+                sets.join(", "),
+                wheres.join(" AND ")
+            );
+            expect_one(Statement { sql, binds }.execute(conn)?, "UPDATE of", name)?;
+            Ok(true)
+        }
+        Change::Delete { table: name, key } => {
+            let Some(table) = catalog.table(name)? else {
+                return Ok(false);
+            };
+            if key.is_empty() {
+                return Err(CdcError::Refused(format!(
+                    "DELETE on {name} came without its key (the source table has REPLICA IDENTITY NOTHING): \
+                     give it a primary key and the default replica identity"
+                )));
+            }
+            let mut binds = Vec::new();
+            let wheres = key_conditions(table, name, key, &mut binds)?;
+            let sql = format!(
+                "DELETE FROM {}.{} WHERE {}",
+                quote_ident(&name.schema),
+                quote_ident(&name.name),
+                wheres.join(" AND ")
+            );
+            expect_one(Statement { sql, binds }.execute(conn)?, "DELETE from", name)?;
+            Ok(true)
+        }
+        Change::Truncate {
+            tables,
+            restart_seqs,
+            cascade,
+        } => {
+            let mut names = Vec::new();
+            for name in tables {
+                if catalog.table(name)?.is_some() {
+                    names.push(format!(
+                        "{}.{}",
+                        quote_ident(&name.schema),
+                        quote_ident(&name.name)
+                    ));
+                }
+            }
+            if names.is_empty() {
+                return Ok(false);
+            }
+            let sql = format!(
+                "TRUNCATE TABLE {}{}{}",
+                names.join(", "),
+                if *restart_seqs {
+                    " RESTART IDENTITY"
+                } else {
+                    ""
+                },
+                if *cascade { " CASCADE" } else { "" }
+            );
+            conn.batch_execute(&sql)?;
+            Ok(true)
+        }
+    }
+}
+
+/// `"k" = CAST($n AS type)` for each primary-key column, from the old key (or the new row).
+fn key_conditions<'a>(
+    table: &TableInfo,
+    name: &TableName,
+    key_source: &'a [Column],
+    binds: &mut Vec<Option<&'a str>>,
+) -> Result<Vec<String>, CdcError> {
+    let mut wheres = Vec::with_capacity(table.key.len());
+    for key_column in &table.key {
+        let c = key_source
+            .iter()
+            .find(|c| &c.name == key_column)
+            .ok_or_else(|| {
+                CdcError::Refused(format!(
+                    "a change to {name} lacks primary-key column {key_column}: the source's replica \
+                     identity must cover the target's primary key (the default, a primary key, does)"
+                ))
+            })?;
+        let Some(value) = value_of(c) else {
+            return Err(CdcError::Refused(format!(
+                "a change to {name} has no value for primary-key column {key_column}"
+            )));
+        };
+        let cast = column_cast(table, name, c)?;
+        binds.push(Some(value));
+        wheres.push(format!(
+            "{} = CAST({PARAM} AS {cast})",
+            quote_ident(key_column)
+        ));
+    }
+    Ok(wheres)
+}
+
+fn expect_one(rows: usize, what: &str, name: &TableName) -> Result<(), CdcError> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(CdcError::Refused(format!(
+            "{what} {name} touched {rows} rows on the target instead of 1: the standby's copy \
+             differs from the active's (divergence); compare them with `kunpayctl ha status` and re-seed the standby"
+        )))
+    }
+}
+
+/// The stored position of one (source, slot) in the target.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct Position {
+    #[diesel(sql_type = Text)]
+    pub source_id: String,
+    #[diesel(sql_type = Text)]
+    pub slot_name: String,
+    #[diesel(sql_type = BigInt)]
+    pub applied_lsn: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub applied_xid: Option<i64>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub commit_time: Option<DateTime<Utc>>,
+    #[diesel(sql_type = BigInt)]
+    pub complete_lsn: i64,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub complete_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = BigInt)]
+    pub transactions: i64,
+    #[diesel(sql_type = BigInt)]
+    pub changes: i64,
+}
+
+const POSITION_COLUMNS: &str = "source_id, slot_name, applied_lsn, applied_xid, commit_time, \
+     complete_lsn, complete_at, transactions, changes";
+
+/// The target's positions (one per source and slot it has applied from).
+pub fn positions(conn: &mut PgConnection) -> QueryResult<Vec<Position>> {
+    diesel::sql_query(format!(
+        "SELECT {POSITION_COLUMNS} FROM ha_cdc_position ORDER BY updated_at DESC"
+    ))
+    .load(conn)
+}
+
+fn read_position(
+    conn: &mut PgConnection,
+    source_id: &str,
+    slot: &str,
+    lock: bool,
+) -> QueryResult<Option<Position>> {
+    let rows: Vec<Position> = diesel::sql_query(format!(
+        "SELECT {POSITION_COLUMNS} FROM ha_cdc_position WHERE source_id = $1 AND slot_name = $2{}",
+        if lock { " FOR UPDATE" } else { "" }
+    ))
+    .bind::<Text, _>(source_id)
+    .bind::<Text, _>(slot)
+    .load(conn)?;
+    Ok(rows.into_iter().next())
+}
+
+/// The source's identity: its system identifier (differs between two initdb'ed servers).
+fn source_id(conn: &mut PgConnection) -> QueryResult<String> {
+    let row: OneText =
+        diesel::sql_query("SELECT CAST(system_identifier AS TEXT) AS v FROM pg_control_system()")
+            .get_result(conn)?;
+    Ok(row.v)
+}
+
+#[derive(QueryableByName)]
+struct MigrationVersion {
+    #[diesel(sql_type = Text)]
+    v: String,
+}
+
+/// The migrations a database has applied, in order.
+pub fn schema_versions(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    let rows: Vec<MigrationVersion> = diesel::sql_query(
+        "SELECT CAST(version AS TEXT) AS v FROM __diesel_schema_migrations ORDER BY version",
+    )
+    .load(conn)?;
+    Ok(rows.into_iter().map(|r| r.v).collect())
+}
+
+/// The server's `wal_level` (CDC from it needs `logical`).
+pub fn wal_level(conn: &mut PgConnection) -> QueryResult<String> {
+    let row: OneText =
+        diesel::sql_query("SELECT setting AS v FROM pg_settings WHERE name = 'wal_level'")
+            .get_result(conn)?;
+    Ok(row.v)
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub transactions: u64,
+    /// Row changes applied (node-local and foreign-schema changes not counted).
+    pub changes: u64,
+    /// Rows the peek returned (BEGIN, changes, COMMIT).
+    pub rows: u64,
+    /// The peek ended before its bound: everything committed before the batch began is applied.
+    pub caught_up: bool,
+    pub applied_lsn: Lsn,
+    pub commit_time: Option<DateTime<Utc>>,
+    /// The source's flushed WAL position and clock read before the peek.
+    pub source_flush: Lsn,
+    pub source_now: Option<DateTime<Utc>>,
+}
+
+impl BatchOutcome {
+    /// Source WAL the standby has not examined after this batch: 0 when it caught up.
+    pub fn lag_bytes(&self) -> u64 {
+        if self.caught_up {
+            0
+        } else {
+            self.source_flush.bytes_after(self.applied_lsn)
+        }
+    }
+
+    /// Source time the standby is behind after this batch: 0 when it caught up, else the
+    /// source's clock minus the commit time of the last transaction applied.
+    pub fn lag_seconds(&self) -> f64 {
+        match (self.caught_up, self.source_now, self.commit_time) {
+            (true, _, _) => 0.0,
+            (false, Some(now), Some(at)) => ((now - at).num_milliseconds().max(0) as f64) / 1000.0,
+            _ => 0.0,
+        }
+    }
+}
+
+/// Connected applier for one (source, slot) -> target.
+pub struct Applier {
+    source: PgConnection,
+    target: PgConnection,
+    settings: CdcSettings,
+    dialect: Dialect,
+    source_id: String,
+    catalog: Catalog,
+    /// When an idle batch last refreshed `complete_*` in the target.
+    last_idle_write: Option<Instant>,
+    pub fault: Option<Fault>,
+}
+
+/// Idle batches record "still complete" in the target at most this often.
+const IDLE_WRITE_EVERY: Duration = Duration::from_secs(1);
+
+impl Applier {
+    /// Connects both sides, checks them (wal_level, slot, schemas, roles, the position's
+    /// source) and creates the slot when it is missing.
+    pub fn connect(
+        source_url: &str,
+        target_url: &str,
+        settings: CdcSettings,
+    ) -> Result<Applier, CdcError> {
+        let source = PgConnection::establish(source_url).map_err(|e| {
+            CdcError::Connect(format!(
+                "source database {}: {}",
+                crate::db::redact_url(source_url),
+                first_line(&e.to_string())
+            ))
+        })?;
+        let target = PgConnection::establish(target_url).map_err(|e| {
+            CdcError::Connect(format!(
+                "target database {}: {}",
+                crate::db::redact_url(target_url),
+                first_line(&e.to_string())
+            ))
+        })?;
+        Applier::with_connections(source, target, settings)
+    }
+
+    pub fn with_connections(
+        mut source: PgConnection,
+        mut target: PgConnection,
+        settings: CdcSettings,
+    ) -> Result<Applier, CdcError> {
+        if !valid_slot_name(&settings.slot) {
+            return Err(CdcError::Refused(format!(
+                "slot name {:?} must be 1-63 of a-z 0-9 _",
+                settings.slot
+            )));
+        }
+        if settings.batch == 0 {
+            return Err(CdcError::Refused(
+                "the batch bound must be at least 1".into(),
+            ));
+        }
+        setup_session(&mut source, settings.statement_timeout)?;
+        setup_session(&mut target, settings.statement_timeout)?;
+        let dialect = Dialect::detect(&mut source)?;
+
+        let level = wal_level(&mut source)?;
+        if level != "logical" {
+            return Err(CdcError::Refused(format!(
+                "the source database has wal_level = {level}; CDC reads its changes by logical decoding, \
+                 which needs wal_level = logical (set it in postgresql.conf and restart the source server)"
+            )));
+        }
+        let target_role = super::read_role(&mut target)?;
+        if target_role.role != super::NodeRole::Standby {
+            return Err(CdcError::Refused(format!(
+                "the target database is {} (epoch {}), not STANDBY: CDC writes only into a standby \
+                 (`kunpayctl ha set-role standby` on the standby node)",
+                target_role.role, target_role.epoch
+            )));
+        }
+        let (source_versions, target_versions) =
+            (schema_versions(&mut source)?, schema_versions(&mut target)?);
+        if source_versions != target_versions {
+            let only = |a: &[String], b: &[String]| {
+                a.iter()
+                    .filter(|v| !b.contains(v))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(CdcError::Refused(format!(
+                "the two databases have different schemas (only on the source: [{}]; only on the target: [{}]); \
+                 run `kunpayctl db migrate` on both nodes",
+                only(&source_versions, &target_versions),
+                only(&target_versions, &source_versions)
+            )));
+        }
+        let source_id = source_id(&mut source)?;
+        let catalog = Catalog::load(&mut target)?;
+        let mut applier = Applier {
+            source,
+            target,
+            settings,
+            dialect,
+            source_id,
+            catalog,
+            last_idle_write: None,
+            fault: None,
+        };
+        applier.ensure_slot_and_position()?;
+        Ok(applier)
+    }
+
+    pub fn source_id(&self) -> &str {
+        &self.source_id
+    }
+
+    pub fn slot(&self) -> &str {
+        &self.settings.slot
+    }
+
+    fn slot_row(&mut self) -> QueryResult<Option<SlotRow>> {
+        let rows: Vec<SlotRow> = diesel::sql_query(self.dialect.slot_position())
+            .bind::<Text, _>(&self.settings.slot)
+            .load(&mut self.source)?;
+        Ok(rows.into_iter().next())
+    }
+
+    fn ensure_slot_and_position(&mut self) -> Result<(), CdcError> {
+        let slot = self.settings.slot.clone();
+        let position = read_position(&mut self.target, &self.source_id, &slot, false)?;
+        let current_db: OneText =
+            diesel::sql_query("SELECT current_database() AS v").get_result(&mut self.source)?;
+        let existing = self.slot_row()?;
+        if let Some(row) = &existing {
+            if row.name.as_deref() != Some("test_decoding") {
+                return Err(CdcError::Refused(format!(
+                    "slot {slot} on the source uses plugin {:?}, not test_decoding; drop it or name another ha.slot",
+                    row.name
+                )));
+            }
+            if row.db.as_deref() != Some(current_db.v.as_str()) {
+                return Err(CdcError::Refused(format!(
+                    "slot {slot} on the source belongs to database {:?}, not {}",
+                    row.db, current_db.v
+                )));
+            }
+        }
+        match (&position, &existing) {
+            (Some(_), Some(_)) => return Ok(()),
+            (Some(p), None) => {
+                // Changes after the position may have been lost with the slot.
+                return Err(CdcError::Refused(format!(
+                    "slot {slot} is missing on the source, but this standby has applied its changes up to {}: \
+                     changes after that may be lost (a gap); re-seed the standby and remove its ha_cdc_position row",
+                    Lsn(p.applied_lsn.max(0) as u64)
+                )));
+            }
+            (None, Some(_)) => {
+                // A slot no position refers to (an earlier start that stopped half-way): its
+                // starting point is older than the check below, so it is made again.
+                diesel::sql_query("SELECT pg_drop_replication_slot($1)")
+                    .bind::<Text, _>(&slot)
+                    .execute(&mut self.source)?;
+                tracing::info!(slot = %slot, "CDC: dropped a slot no position refers to; creating it again");
+            }
+            (None, None) => {}
+        }
+        self.start_copy(&slot)
+    }
+
+    /// The first start of a copy. The standby must equal the source at the slot's starting
+    /// point, and everything after that point is in the slot. Proved without a snapshot that the
+    /// SQL interface cannot export: the digests are compared in one source snapshot in which no
+    /// transaction was writing, and no transaction began writing (got an id) between that
+    /// snapshot and the slot's creation; otherwise the slot is dropped again and the start
+    /// refused (retried later). So a copy is started while the active is quiet.
+    fn start_copy(&mut self, slot: &str) -> Result<(), CdcError> {
+        #[derive(QueryableByName)]
+        struct Snapshot {
+            #[diesel(sql_type = Text)]
+            s: String,
+        }
+        let parse = |text: &str| -> Option<(u64, u64, bool)> {
+            let mut parts = text.split(':');
+            let xmin = parts.next()?.parse().ok()?;
+            let xmax = parts.next()?.parse().ok()?;
+            let in_progress = !parts.next().unwrap_or("").is_empty();
+            Some((xmin, xmax, in_progress))
+        };
+        let (before, source) = self.source.transaction::<_, CdcError, _>(|source| {
+            source.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
+            let snap: Snapshot =
+                diesel::sql_query("SELECT CAST(txid_current_snapshot() AS TEXT) AS s")
+                    .get_result(source)?;
+            Ok((snap.s, super::database_digest(source)?))
+        })?;
+        let target = super::database_digest(&mut self.target)?;
+        setup_session(&mut self.source, self.settings.statement_timeout)?;
+        setup_session(&mut self.target, self.settings.statement_timeout)?;
+        let differences = super::digest_differences(&source, &target);
+        if !differences.is_empty() {
+            return Err(CdcError::Refused(format!(
+                "the standby does not start as a copy of the active ({}); seed it while the active \
+                 is quiet (docs/operations.md, CDC and fencing) and start again",
+                differences.join("; ")
+            )));
+        }
+        diesel::sql_query(
+            "SELECT CAST(slot_name AS TEXT) AS v FROM pg_create_logical_replication_slot($1, 'test_decoding')",
+        )
+        .bind::<Text, _>(slot)
+        .execute(&mut self.source)
+        .map_err(|e| {
+            CdcError::Refused(format!(
+                "cannot create logical replication slot {slot} on the source ({e}); the source needs \
+                 wal_level = logical, a free max_replication_slots entry and a user with REPLICATION"
+            ))
+        })?;
+        let after: Snapshot =
+            diesel::sql_query("SELECT CAST(txid_current_snapshot() AS TEXT) AS s")
+                .get_result(&mut self.source)?;
+        let quiet = match (parse(&before), parse(&after.s)) {
+            (Some((xmin, xmax, busy)), Some((_, xmax_after, _))) => {
+                xmin == xmax && !busy && xmax_after == xmax
+            }
+            _ => false,
+        };
+        if !quiet {
+            diesel::sql_query("SELECT pg_drop_replication_slot($1)")
+                .bind::<Text, _>(slot)
+                .execute(&mut self.source)?;
+            return Err(CdcError::Refused(format!(
+                "the active database was writing while this standby's copy was being started \
+                 (transactions {before} then {}); nothing was started; it is tried again, and succeeds \
+                 once the active is quiet for a moment",
+                after.s
+            )));
+        }
+        let inserted = diesel::sql_query(
+            "INSERT INTO ha_cdc_position (source_id, slot_name, applied_lsn, complete_lsn, \
+             transactions, changes, created_at, updated_at) \
+             SELECT $1, $2, 0, 0, 0, 0, now(), now() WHERE NOT EXISTS \
+             (SELECT 1 FROM ha_cdc_position WHERE source_id = $1 AND slot_name = $2)",
+        )
+        .bind::<Text, _>(&self.source_id)
+        .bind::<Text, _>(slot)
+        .execute(&mut self.target)?;
+        tracing::info!(slot = %slot, source = %self.source_id, inserted, tables = source.len(),
+            "CDC: slot created on the source and the copy's position on the target (both sides equal)");
+        Ok(())
+    }
+
+    /// Advances the slot to `lsn` when it is behind (never backwards).
+    fn advance_slot_to(&mut self, lsn: Lsn) -> Result<(), CdcError> {
+        let row = self.slot_row()?.ok_or_else(|| {
+            CdcError::Refused(format!(
+                "slot {} disappeared from the source",
+                self.settings.slot
+            ))
+        })?;
+        let confirmed = row
+            .lsn
+            .as_deref()
+            .map(Lsn::parse)
+            .transpose()?
+            .unwrap_or_default();
+        if confirmed >= lsn {
+            return Ok(());
+        }
+        diesel::sql_query(self.dialect.advance())
+            .bind::<Text, _>(&self.settings.slot)
+            .bind::<Text, _>(lsn.to_string())
+            .execute(&mut self.source)?;
+        Ok(())
+    }
+
+    /// One batch (see the module comment). `Ok` with `transactions == 0` and `caught_up` when
+    /// there was nothing to apply.
+    pub fn apply_batch(&mut self) -> Result<BatchOutcome, CdcError> {
+        let slot = self.settings.slot.clone();
+        let stored = read_position(&mut self.target, &self.source_id, &slot, false)?
+            .ok_or_else(|| CdcError::Refused("the position row vanished from the target".into()))?;
+        let stored_lsn = Lsn(stored.applied_lsn as u64);
+        // Step 1: whatever the target holds is never asked for again.
+        self.advance_slot_to(stored_lsn)?;
+        // Step 2.
+        let wal: WalNow = diesel::sql_query(format!(
+            "SELECT {} AS lsn, now() AS now",
+            self.dialect.flush_lsn()
+        ))
+        .get_result(&mut self.source)?;
+        let source_flush = Lsn::parse(&wal.lsn)?;
+        if source_flush < stored_lsn {
+            return Err(CdcError::Refused(format!(
+                "the source's WAL ends at {source_flush}, before this standby's applied position {stored_lsn}: \
+                 the source was restored or replaced; re-seed the standby"
+            )));
+        }
+
+        // Step 3.
+        let Applier {
+            source,
+            target,
+            settings,
+            dialect,
+            source_id,
+            catalog,
+            ..
+        } = self;
+        let peek_sql = dialect.peek();
+        let batch = settings.batch;
+        let outcome = target.transaction::<_, CdcError, _>(|target| {
+            target.batch_execute("SET LOCAL kunpay.cdc_apply = 'on'")?;
+            let role: OneText = diesel::sql_query("SELECT role AS v FROM ha_node_role WHERE id = 1 FOR SHARE")
+                .get_result(target)?;
+            if role.v != "STANDBY" {
+                return Err(CdcError::Refused(format!(
+                    "the target database became {}: CDC stops writing into it",
+                    role.v
+                )));
+            }
+            let locked = read_position(target, source_id, &slot, true)?
+                .ok_or_else(|| CdcError::Refused("the position row vanished from the target".into()))?;
+            if locked.applied_lsn != stored.applied_lsn {
+                return Err(CdcError::Refused(format!(
+                    "the position of slot {slot} moved under this applier (another applier is running against this standby?)"
+                )));
+            }
+            let mut out = BatchOutcome {
+                source_flush,
+                source_now: Some(wal.now),
+                applied_lsn: stored_lsn,
+                ..BatchOutcome::default()
+            };
+            let mut open: Option<u64> = None;
+            let mut last_xid: Option<u64> = None;
+            let rows = diesel::sql_query(peek_sql)
+                .bind::<Text, _>(&slot)
+                .bind::<Integer, _>(batch as i32)
+                .load_iter::<PeekRow, PgRowByRowLoadingMode>(source)?;
+            for row in rows {
+                let row = row?;
+                out.rows += 1;
+                match decode::parse_line(&row.data)? {
+                    Line::Begin { xid } => {
+                        if let Some(previous) = open {
+                            return Err(CdcError::Refused(format!(
+                                "BEGIN {xid} inside transaction {previous} in the change stream"
+                            )));
+                        }
+                        open = Some(xid);
+                    }
+                    Line::Change(change) => {
+                        if open.is_none() {
+                            return Err(CdcError::Refused(format!(
+                                "a change outside a transaction in the change stream (xid {})",
+                                row.xid
+                            )));
+                        }
+                        if apply_change(target, catalog, &change)? {
+                            out.changes += 1;
+                        }
+                    }
+                    Line::Commit { xid, at } => {
+                        if open != Some(xid) {
+                            return Err(CdcError::Refused(format!(
+                                "COMMIT {xid} without its BEGIN in the change stream"
+                            )));
+                        }
+                        open = None;
+                        let lsn = Lsn::parse(&row.lsn)?;
+                        // The slot was advanced to the stored position before this peek, so a
+                        // transaction at or before it means the slot went back; applying it
+                        // again would duplicate it. Nothing of this batch is kept.
+                        if lsn <= out.applied_lsn {
+                            return Err(CdcError::Refused(format!(
+                                "the slot returned transaction {xid} committed at {lsn}, at or before the applied \
+                                 position {}; refusing to apply it twice",
+                                out.applied_lsn
+                            )));
+                        }
+                        out.applied_lsn = lsn;
+                        out.commit_time = at.map(|t| t.with_timezone(&Utc));
+                        out.transactions += 1;
+                        last_xid = Some(xid);
+                    }
+                    Line::Message { .. } => {}
+                }
+            }
+            if let Some(xid) = open {
+                return Err(CdcError::Refused(format!(
+                    "the change stream ended inside transaction {xid}"
+                )));
+            }
+            out.caught_up = out.rows < u64::from(batch);
+            let (complete_lsn, complete_at) = if out.caught_up {
+                (out.applied_lsn.max(source_flush), Some(wal.now))
+            } else {
+                (out.applied_lsn, out.commit_time.or(stored.complete_at))
+            };
+            if out.transactions > 0 {
+                diesel::sql_query(
+                    "UPDATE ha_cdc_position SET applied_lsn = $1, applied_xid = $2, commit_time = $3, \
+                     complete_lsn = $4, complete_at = $5, transactions = transactions + $6, \
+                     changes = changes + $7, updated_at = now() WHERE source_id = $8 AND slot_name = $9",
+                )
+                .bind::<BigInt, _>(out.applied_lsn.0 as i64)
+                .bind::<Nullable<BigInt>, _>(last_xid.map(|x| x as i64))
+                .bind::<Nullable<Timestamptz>, _>(out.commit_time)
+                .bind::<BigInt, _>(complete_lsn.0 as i64)
+                .bind::<Nullable<Timestamptz>, _>(complete_at)
+                .bind::<BigInt, _>(out.transactions as i64)
+                .bind::<BigInt, _>(out.changes as i64)
+                .bind::<Text, _>(&*source_id)
+                .bind::<Text, _>(&slot)
+                .execute(target)?;
+            }
+            Ok((out, complete_lsn, complete_at))
+        });
+        let (out, complete_lsn, complete_at) = outcome?;
+
+        if out.transactions == 0 && out.caught_up {
+            // Idle: say so in the target (lag in seconds for `kunpayctl ha status`), not on
+            // every poll, and let the slot release the WAL it no longer needs.
+            let due = self
+                .last_idle_write
+                .is_none_or(|at| at.elapsed() >= IDLE_WRITE_EVERY);
+            if due {
+                diesel::sql_query(
+                    "UPDATE ha_cdc_position SET complete_lsn = $1, complete_at = $2, updated_at = now() \
+                     WHERE source_id = $3 AND slot_name = $4 AND applied_lsn = $5",
+                )
+                .bind::<BigInt, _>(complete_lsn.0 as i64)
+                .bind::<Nullable<Timestamptz>, _>(complete_at)
+                .bind::<Text, _>(&self.source_id)
+                .bind::<Text, _>(&slot)
+                .bind::<BigInt, _>(stored.applied_lsn)
+                .execute(&mut self.target)?;
+                self.last_idle_write = Some(Instant::now());
+            }
+        }
+        if out.transactions > 0 && self.fault.take() == Some(Fault::AfterTargetCommit) {
+            return Err(CdcError::Fault(
+                "after the target commit, before the slot advance",
+            ));
+        }
+        // Step 4. The flushed position read before an exhausted peek is safe too: every commit
+        // before it was in the peek.
+        let advance_to = if out.caught_up {
+            out.applied_lsn.max(source_flush)
+        } else {
+            out.applied_lsn
+        };
+        if advance_to > stored_lsn {
+            self.advance_slot_to(advance_to)?;
+        }
+        Ok(out)
+    }
+
+    /// Applies batches until one finds nothing more (or `max_batches` ran); for tests and for
+    /// a cutover's final catch-up.
+    pub fn drain(&mut self, max_batches: usize) -> Result<BatchOutcome, CdcError> {
+        let mut total = BatchOutcome::default();
+        for _ in 0..max_batches {
+            let out = self.apply_batch()?;
+            total.transactions += out.transactions;
+            total.changes += out.changes;
+            total.rows += out.rows;
+            total.applied_lsn = out.applied_lsn;
+            total.commit_time = out.commit_time.or(total.commit_time);
+            total.source_flush = out.source_flush;
+            total.source_now = out.source_now;
+            if out.caught_up {
+                total.caught_up = true;
+                return Ok(total);
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// What the applier loop reports after each batch or failure (for metrics and logs).
+#[derive(Debug)]
+pub enum Event<'a> {
+    Applied(&'a BatchOutcome),
+    Failed(&'a CdcError),
+}
+
+/// Pause after the n-th consecutive failure: 0.5 s doubling up to 30 s.
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(30))
+}
+
+/// The applier as a long-running loop: connects (and reconnects after any error, with
+/// [`backoff`]), applies batches back to back while there is work and every `poll_every` when
+/// caught up, until `stop` is set. Every outcome goes to `observe`. A refusal (wrong role,
+/// divergence, schema drift) is retried too, slowly: a person fixes the cause and the applier
+/// continues by itself.
+pub fn run(
+    source_url: &str,
+    target_url: &str,
+    settings: &CdcSettings,
+    poll_every: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+    mut observe: impl FnMut(Event<'_>),
+) {
+    use std::sync::atomic::Ordering;
+    let mut applier: Option<Applier> = None;
+    let mut failures = 0u32;
+    while !stop.load(Ordering::SeqCst) {
+        let result = match applier.as_mut() {
+            Some(a) => a.apply_batch(),
+            None => match Applier::connect(source_url, target_url, settings.clone()) {
+                Ok(a) => {
+                    tracing::info!(slot = %settings.slot, source = %a.source_id(), "CDC applier connected");
+                    applier = Some(a);
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(outcome) => {
+                failures = 0;
+                observe(Event::Applied(&outcome));
+                if outcome.caught_up {
+                    sleep_unless_stopped(poll_every, stop);
+                }
+            }
+            Err(e) => {
+                // Both connections are dropped: a half-read stream or an aborted transaction
+                // is never reused.
+                applier = None;
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %e, failures, "CDC applier failed; reconnecting after a pause");
+                observe(Event::Failed(&e));
+                sleep_unless_stopped(backoff(failures - 1), stop);
+            }
+        }
+    }
+}
+
+fn sleep_unless_stopped(pause: Duration, stop: &std::sync::atomic::AtomicBool) {
+    let until = Instant::now() + pause;
+    while Instant::now() < until && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20).min(until - Instant::now()));
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or("").trim().to_string()
+}
+
+/// How far a standby is behind its source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CdcStatus {
+    pub slot: String,
+    pub position: Option<Position>,
+    pub source_flush: Lsn,
+    pub slot_confirmed: Option<Lsn>,
+    pub source_now: DateTime<Utc>,
+    /// Source WAL after the point up to which the standby is known complete.
+    pub lag_bytes: u64,
+    /// Source time since the standby was last known complete (0 when no WAL is pending).
+    pub lag_seconds: Option<f64>,
+}
+
+/// Reads both sides without touching the slot's stream (a peek here would collide with a
+/// running applier: a slot serves one reader at a time).
+pub fn status(
+    source: &mut PgConnection,
+    target: &mut PgConnection,
+    slot: &str,
+) -> Result<CdcStatus, CdcError> {
+    let dialect = Dialect::detect(source)?;
+    let source_id = source_id(source)?;
+    let position = read_position(target, &source_id, slot, false)?;
+    let wal: WalNow = diesel::sql_query(format!(
+        "SELECT {} AS lsn, now() AS now",
+        dialect.flush_lsn()
+    ))
+    .get_result(source)?;
+    let source_flush = Lsn::parse(&wal.lsn)?;
+    let rows: Vec<SlotRow> = diesel::sql_query(dialect.slot_position())
+        .bind::<Text, _>(slot)
+        .load(source)?;
+    let slot_confirmed = rows
+        .into_iter()
+        .next()
+        .and_then(|r| r.lsn)
+        .map(|l| Lsn::parse(&l))
+        .transpose()?;
+    let (lag_bytes, lag_seconds) = match &position {
+        None => (source_flush.0, None),
+        Some(p) => {
+            let complete = Lsn(p.applied_lsn.max(p.complete_lsn) as u64);
+            let bytes = source_flush.bytes_after(complete);
+            let seconds = if bytes == 0 {
+                Some(0.0)
+            } else {
+                p.complete_at
+                    .or(p.commit_time)
+                    .map(|t| ((wal.now - t).num_milliseconds().max(0) as f64) / 1000.0)
+            };
+            (bytes, seconds)
+        }
+    };
+    Ok(CdcStatus {
+        slot: slot.to_string(),
+        position,
+        source_flush,
+        slot_confirmed,
+        source_now: wal.now,
+        lag_bytes,
+        lag_seconds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_ceiling() {
+        assert_eq!(backoff(0), Duration::from_millis(500));
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(6), Duration::from_secs(30));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn slot_names_follow_postgresql_rules() {
+        assert!(valid_slot_name("kunpay_cdc"));
+        assert!(valid_slot_name("a1"));
+        for bad in ["", "Kunpay", "kunpay-cdc", "a b", &"x".repeat(64)] {
+            assert!(!valid_slot_name(bad), "{bad:?}");
+        }
+    }
+}

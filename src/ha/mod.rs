@@ -1,0 +1,527 @@
+//! High availability: two nodes, each with its own database; the active node's changes flow to
+//! the standby's database by CDC; a fencing role and epoch in each database decide which one
+//! may write.
+//!
+//! Owns: the node role row (`ha_node_role`: ACTIVE / STANDBY / FENCED and the fencing epoch) and
+//! the write guard (the `kunpay_ha_guard` trigger on every replicated table, installed by
+//! [`install_guards`] after every migration), which tables are replicated and which are node-local
+//! ([`NODE_LOCAL_TABLES`]), the per-table SM3 digest both databases are compared with
+//! ([`table_digest`]); `decode.rs` the pure parser of `test_decoding` output; `cdc.rs` the applier
+//! that copies committed source transactions into the target with its position
+//! (`ha_cdc_position`) in the same target transaction.
+//! Must never: let a database that is not ACTIVE take a write from kunpay (only the applier, on a
+//! STANDBY, passes the guard); apply a source transaction twice or skip one; advance the source
+//! slot past what the target has committed; interpolate a value into SQL (values are bound
+//! parameters, identifiers come from the target's catalog and are quoted); replicate a
+//! node-local table (each node's role, position and run records are its own).
+
+pub mod cdc;
+pub mod cutover;
+pub mod decode;
+
+use std::fmt;
+use std::str::FromStr;
+
+use diesel::connection::SimpleConnection as _;
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text, Timestamptz};
+
+use crate::crypto::sm3::Sm3;
+
+/// Tables that belong to one node and are neither replicated nor guarded: the node's role and
+/// epoch (they must differ between the nodes), the applier's position (it describes this copy),
+/// the daemon's run records (each node writes its own, also as a standby), and diesel's record of
+/// applied migrations (each node migrates itself; test_decoding does not carry DDL).
+pub const NODE_LOCAL_TABLES: &[&str] = &[
+    "ha_node_role",
+    "ha_cdc_position",
+    "node_run",
+    "__diesel_schema_migrations",
+];
+
+/// The SQLSTATE the guard raises (read_only_sql_transaction): drivers and operators read it as
+/// "this server does not take writes now".
+pub const FENCED_SQLSTATE: &str = "25006";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRole {
+    Active,
+    Standby,
+    Fenced,
+}
+
+impl NodeRole {
+    pub fn as_db(self) -> &'static str {
+        match self {
+            NodeRole::Active => "ACTIVE",
+            NodeRole::Standby => "STANDBY",
+            NodeRole::Fenced => "FENCED",
+        }
+    }
+}
+
+impl FromStr for NodeRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_uppercase().as_str() {
+            "ACTIVE" => Ok(NodeRole::Active),
+            "STANDBY" => Ok(NodeRole::Standby),
+            "FENCED" => Ok(NodeRole::Fenced),
+            _ => Err(format!(
+                "\"{s}\" is not a node role; use active, standby or fenced"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for NodeRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_db())
+    }
+}
+
+/// The database's own statement of who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleRecord {
+    pub role: NodeRole,
+    pub epoch: i64,
+    pub changed_at: chrono::DateTime<chrono::Utc>,
+    pub reason: String,
+}
+
+#[derive(QueryableByName)]
+struct RoleRow {
+    #[diesel(sql_type = Text)]
+    role: String,
+    #[diesel(sql_type = BigInt)]
+    epoch: i64,
+    #[diesel(sql_type = Timestamptz)]
+    changed_at: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = Text)]
+    reason: String,
+}
+
+/// Reads `ha_node_role`; an error names the migration when the table or its row is missing.
+pub fn read_role(conn: &mut PgConnection) -> anyhow::Result<RoleRecord> {
+    let rows: Vec<RoleRow> = diesel::sql_query(
+        "SELECT role, epoch, changed_at, reason FROM ha_node_role WHERE id = 1",
+    )
+    .load(conn)
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read ha_node_role ({e}); run `kunpayctl db migrate` (migration 2026-11-23-000008_ha)"
+        )
+    })?;
+    let row = rows.into_iter().next().ok_or_else(|| {
+        anyhow::anyhow!(
+            "ha_node_role has no row: every write is refused; set the role with `kunpayctl ha set-role`"
+        )
+    })?;
+    Ok(RoleRecord {
+        role: row.role.parse().map_err(anyhow::Error::msg)?,
+        epoch: row.epoch,
+        changed_at: row.changed_at,
+        reason: row.reason,
+    })
+}
+
+/// Sets this database's role at `epoch`. The epoch never goes back. Promotion to ACTIVE needs
+/// an epoch higher than the current one, so two databases that took part in one cutover are
+/// ordered and a stale promotion cannot win; fencing or demoting is allowed at the same epoch
+/// (it grants nothing). Setting the same role at the same epoch is a no-op (a retried step).
+/// Returns the record as it was before.
+pub fn set_role(
+    conn: &mut PgConnection,
+    role: NodeRole,
+    epoch: i64,
+    reason: &str,
+) -> anyhow::Result<RoleRecord> {
+    anyhow::ensure!(epoch >= 0, "a fencing epoch is never negative");
+    let reason: String = reason.chars().take(200).collect();
+    conn.transaction(|conn| {
+        let rows: Vec<RoleRow> = diesel::sql_query(
+            "SELECT role, epoch, changed_at, reason FROM ha_node_role WHERE id = 1 FOR UPDATE",
+        )
+        .load(conn)?;
+        let before = match rows.into_iter().next() {
+            Some(row) => RoleRecord {
+                role: row.role.parse().map_err(anyhow::Error::msg)?,
+                epoch: row.epoch,
+                changed_at: row.changed_at,
+                reason: row.reason,
+            },
+            None => anyhow::bail!("ha_node_role has no row; run `kunpayctl db migrate`"),
+        };
+        if before.role == role && before.epoch == epoch {
+            return Ok(before);
+        }
+        anyhow::ensure!(
+            epoch >= before.epoch,
+            "refused: this database is {} at fencing epoch {}; epochs never go back (asked {epoch})",
+            before.role,
+            before.epoch
+        );
+        anyhow::ensure!(
+            role != NodeRole::Active || epoch > before.epoch,
+            "refused: this database is {} at fencing epoch {}; promotion to ACTIVE needs a higher epoch than that (asked {epoch})",
+            before.role,
+            before.epoch
+        );
+        diesel::sql_query(
+            "UPDATE ha_node_role SET role = $1, epoch = $2, changed_at = now(), reason = $3 WHERE id = 1",
+        )
+        .bind::<Text, _>(role.as_db())
+        .bind::<BigInt, _>(epoch)
+        .bind::<Text, _>(&reason)
+        .execute(conn)?;
+        Ok(before)
+    })
+}
+
+/// Declares the fencing epoch this session writes under: the guard refuses its writes once the
+/// database's epoch has moved on (a process from an earlier epoch must restart and re-read).
+/// Integers only reach the string.
+pub fn claim_epoch(conn: &mut PgConnection, epoch: i64) -> QueryResult<()> {
+    conn.batch_execute(&format!("SET kunpay.epoch = '{epoch}'"))
+}
+
+#[derive(QueryableByName)]
+struct NameRow {
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+/// kunpay's tables in the current schema that CDC copies and the guard protects: every ordinary
+/// table except [`NODE_LOCAL_TABLES`], sorted by name.
+pub fn replicated_tables(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    let rows: Vec<NameRow> = diesel::sql_query(
+        "SELECT c.relname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = current_schema() AND c.relkind = 'r' ORDER BY c.relname",
+    )
+    .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| r.name)
+        .filter(|name| !NODE_LOCAL_TABLES.contains(&name.as_str()))
+        .collect())
+}
+
+/// Replicated tables that lack the guard trigger.
+pub fn unguarded_tables(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    let guarded: Vec<NameRow> = diesel::sql_query(
+        "SELECT c.relname AS name FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = current_schema() AND t.tgname = 'kunpay_ha_guard'",
+    )
+    .load(conn)?;
+    let guarded: std::collections::HashSet<String> = guarded.into_iter().map(|r| r.name).collect();
+    Ok(replicated_tables(conn)?
+        .into_iter()
+        .filter(|t| !guarded.contains(t))
+        .collect())
+}
+
+/// The guard's trigger function. ACTIVE: a write passes unless the session declared another
+/// fencing epoch (kunpayd's connections declare the one they started under in `kunpay.epoch`,
+/// so a process from an earlier epoch must restart). STANDBY: only the CDC applier passes (`SET
+/// LOCAL kunpay.cdc_apply = 'on'` inside its transaction). FENCED, or no role row: nothing.
+/// PostgreSQL reads an unset setting as NULL with `current_setting(name, true)`; some openGauss
+/// distributions lack that form, so there the read sits in an exception block (a
+/// subtransaction per statement: dearer, measured in docs/operations.md).
+pub fn guard_function_sql(dialect: cdc::Dialect) -> String {
+    let read = |var: &str, setting: &str| match dialect {
+        cdc::Dialect::Postgres => {
+            format!("    {var} := COALESCE(current_setting('{setting}', true), '');\n")
+        }
+        cdc::Dialect::OpenGauss => format!(
+            "    BEGIN\n        {var} := current_setting('{setting}');\n    \
+             EXCEPTION WHEN undefined_object THEN\n        {var} := '';\n    END;\n"
+        ),
+    };
+    format!(
+        "CREATE OR REPLACE FUNCTION kunpay_ha_guard() RETURNS TRIGGER AS $$\n\
+         DECLARE\n    node_role VARCHAR(16);\n    node_epoch BIGINT;\n    claimed TEXT;\n    applying TEXT;\n\
+         BEGIN\n\
+         \x20   SELECT role, epoch INTO node_role, node_epoch FROM ha_node_role WHERE id = 1;\n\
+         {claimed}\
+         \x20   IF node_role = 'ACTIVE' THEN\n\
+         \x20       IF claimed <> '' AND claimed <> CAST(node_epoch AS TEXT) THEN\n\
+         \x20           RAISE EXCEPTION 'kunpay fenced: % on % refused: this session writes under fencing epoch %, \
+         the database is ACTIVE at epoch %; restart kunpayd so it reads the current epoch', \
+         TG_OP, TG_TABLE_NAME, claimed, node_epoch USING ERRCODE = '{FENCED_SQLSTATE}';\n\
+         \x20       END IF;\n        RETURN NULL;\n    END IF;\n\
+         \x20   IF node_role = 'STANDBY' THEN\n{applying}\
+         \x20       IF applying = 'on' THEN\n            RETURN NULL;\n        END IF;\n    END IF;\n\
+         \x20   RAISE EXCEPTION 'kunpay fenced: % on % refused: this database is % (fencing epoch %); \
+         only the ACTIVE node writes, and a STANDBY only through CDC', TG_OP, TG_TABLE_NAME, \
+         COALESCE(node_role, 'without a role row'), COALESCE(CAST(node_epoch AS TEXT), '-') \
+         USING ERRCODE = '{FENCED_SQLSTATE}';\n\
+         END;\n$$ LANGUAGE plpgsql",
+        claimed = read("claimed", "kunpay.epoch"),
+        applying = read("applying", "kunpay.cdc_apply"),
+    )
+}
+
+/// (Re)defines the guard function for this server and puts the guard on every replicated table
+/// that lacks it; returns the tables it guarded. Run after every migration (`db::migrate`), so
+/// a table a later migration adds is guarded without that migration having to remember.
+/// Statement-level triggers: one check per statement, not per row.
+pub fn install_guards(conn: &mut PgConnection) -> QueryResult<Vec<String>> {
+    let dialect = cdc::Dialect::detect(conn)?;
+    conn.batch_execute(&guard_function_sql(dialect))?;
+    let missing = unguarded_tables(conn)?;
+    for table in &missing {
+        // The name comes from the catalog and is quoted; nothing from outside reaches it.
+        conn.batch_execute(&format!(
+            "CREATE TRIGGER kunpay_ha_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {} \
+             FOR EACH STATEMENT EXECUTE PROCEDURE kunpay_ha_guard()",
+            quote_ident(table)
+        ))?;
+    }
+    Ok(missing)
+}
+
+#[derive(QueryableByName)]
+struct SerialColumn {
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Text)]
+    column_name: String,
+    #[diesel(sql_type = Text)]
+    sequence: String,
+}
+
+#[derive(QueryableByName)]
+struct SequenceMove {
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    moved_to: Option<i64>,
+}
+
+/// Moves every replicated table's serial sequence past the largest id in its column. CDC copies
+/// rows, not sequences, so a standby's sequences stay where its own (unused) writes left them;
+/// a promotion must run this before the node takes writes, or its first inserts collide with
+/// copied ids. Never moves a sequence back. Returns (table.column, new value) for each move.
+pub fn advance_sequences(conn: &mut PgConnection) -> QueryResult<Vec<(String, i64)>> {
+    let serials: Vec<SerialColumn> = diesel::sql_query(
+        "SELECT c.relname AS table_name, a.attname AS column_name, \
+         pg_get_serial_sequence(quote_ident(c.relname), a.attname) AS sequence \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+         WHERE n.nspname = current_schema() AND c.relkind = 'r' \
+         AND pg_get_serial_sequence(quote_ident(c.relname), a.attname) IS NOT NULL \
+         ORDER BY c.relname, a.attnum",
+    )
+    .load(conn)?;
+    let mut moved = Vec::new();
+    for s in serials {
+        if NODE_LOCAL_TABLES.contains(&s.table_name.as_str()) {
+            continue;
+        }
+        // Catalog names only: the table and column quoted here, the sequence as PostgreSQL's
+        // pg_get_serial_sequence quoted it.
+        let row: SequenceMove = diesel::sql_query(format!(
+            "SELECT CASE WHEN m.top IS NOT NULL AND m.top > s.last_value OR (m.top IS NOT NULL AND NOT s.is_called AND m.top >= s.last_value) \
+             THEN setval(CAST($1 AS regclass), m.top, true) END AS moved_to \
+             FROM (SELECT MAX({col}) AS top FROM {table}) m, \
+             (SELECT last_value, is_called FROM {seq}) s",
+            col = quote_ident(&s.column_name),
+            table = quote_ident(&s.table_name),
+            seq = s.sequence,
+        ))
+        .bind::<Text, _>(&s.sequence)
+        .get_result(conn)?;
+        if let Some(value) = row.moved_to {
+            moved.push((format!("{}.{}", s.table_name, s.column_name), value));
+        }
+    }
+    Ok(moved)
+}
+
+/// `"name"` with inner quotes doubled: an identifier that can be put into SQL text.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Rows and SM3 digest of one table, to compare two databases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableDigest {
+    pub table: String,
+    pub rows: u64,
+    pub sm3: [u8; 32],
+}
+
+impl TableDigest {
+    pub fn hex(&self) -> String {
+        hex::encode(self.sm3)
+    }
+}
+
+#[derive(QueryableByName)]
+struct KeyColumn {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    collatable: bool,
+}
+
+#[derive(QueryableByName)]
+struct RowText {
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    row: Option<String>,
+}
+
+/// SM3 over a table's rows in primary-key order: each row as its record text (`(a,"b c",)`),
+/// length-prefixed, then the row count. The session is set to UTC, ISO dates and hex bytea so
+/// both nodes print identical values identically; text keys sort with COLLATE "C" so the order
+/// does not depend on either database's locale. Rows stream one at a time (bounded memory).
+pub fn table_digest(conn: &mut PgConnection, table: &str) -> anyhow::Result<TableDigest> {
+    conn.batch_execute(
+        "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
+         SET bytea_output = 'hex'; SET extra_float_digits = 3",
+    )?;
+    let key: Vec<KeyColumn> = diesel::sql_query(
+        "SELECT a.attname AS name, a.attcollation <> 0 AS collatable \
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey) \
+         WHERE i.indisprimary AND c.relname = $1 AND n.nspname = current_schema() \
+         ORDER BY array_position(i.indkey, a.attnum)",
+    )
+    .bind::<Text, _>(table)
+    .load(conn)
+    .or_else(|_| {
+        // openGauss (9.2-based) lacks array_position; fall back to column order, which is the
+        // key order for every kunpay table.
+        diesel::sql_query(
+            "SELECT a.attname AS name, a.attcollation <> 0 AS collatable \
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY (i.indkey) \
+             WHERE i.indisprimary AND c.relname = $1 AND n.nspname = current_schema() \
+             ORDER BY a.attnum",
+        )
+        .bind::<Text, _>(table)
+        .load(conn)
+    })?;
+    anyhow::ensure!(
+        !key.is_empty(),
+        "table {table} has no primary key (or does not exist): CDC and the digest need one"
+    );
+    let order: Vec<String> = key
+        .iter()
+        .map(|k| {
+            if k.collatable {
+                format!("t.{} COLLATE \"C\"", quote_ident(&k.name))
+            } else {
+                format!("t.{}", quote_ident(&k.name))
+            }
+        })
+        .collect();
+    let query = format!(
+        "SELECT CAST(t AS TEXT) AS row FROM {} t ORDER BY {}",
+        quote_ident(table),
+        order.join(", ")
+    );
+    let mut hasher = Sm3::new();
+    let mut rows = 0u64;
+    for row in
+        diesel::sql_query(query).load_iter::<RowText, diesel::pg::PgRowByRowLoadingMode>(conn)?
+    {
+        let text = row?.row.unwrap_or_default();
+        hasher.update(&(text.len() as u64).to_be_bytes());
+        hasher.update(text.as_bytes());
+        rows += 1;
+    }
+    hasher.update(&rows.to_be_bytes());
+    Ok(TableDigest {
+        table: table.to_string(),
+        rows,
+        sm3: hasher.finalize(),
+    })
+}
+
+/// [`table_digest`] of every replicated table.
+pub fn database_digest(conn: &mut PgConnection) -> anyhow::Result<Vec<TableDigest>> {
+    let tables = replicated_tables(conn)?;
+    tables.iter().map(|t| table_digest(conn, t)).collect()
+}
+
+/// Tables whose digests differ between two databases (or exist in only one), with both sides.
+pub fn digest_differences(a: &[TableDigest], b: &[TableDigest]) -> Vec<String> {
+    let mut out = Vec::new();
+    for da in a {
+        match b.iter().find(|db| db.table == da.table) {
+            None => out.push(format!("{}: only on the first database", da.table)),
+            Some(db) if db != da => out.push(format!(
+                "{}: {} rows sm3 {} vs {} rows sm3 {}",
+                da.table,
+                da.rows,
+                &da.hex()[..16],
+                db.rows,
+                &db.hex()[..16]
+            )),
+            Some(_) => {}
+        }
+    }
+    for db in b {
+        if !a.iter().any(|da| da.table == db.table) {
+            out.push(format!("{}: only on the second database", db.table));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_parse_in_any_case_and_print_as_stored() {
+        assert_eq!("standby".parse::<NodeRole>().unwrap(), NodeRole::Standby);
+        assert_eq!("FENCED".parse::<NodeRole>().unwrap(), NodeRole::Fenced);
+        assert_eq!(NodeRole::Active.to_string(), "ACTIVE");
+        assert!("leader".parse::<NodeRole>().is_err());
+    }
+
+    #[test]
+    fn the_guard_reads_settings_as_each_server_allows() {
+        let pg = guard_function_sql(cdc::Dialect::Postgres);
+        assert!(pg.contains("current_setting('kunpay.epoch', true)"), "{pg}");
+        assert!(!pg.contains("EXCEPTION WHEN"), "{pg}");
+        let og = guard_function_sql(cdc::Dialect::OpenGauss);
+        assert!(!og.contains(", true)"), "{og}");
+        assert_eq!(
+            og.matches("EXCEPTION WHEN undefined_object").count(),
+            2,
+            "{og}"
+        );
+        for body in [pg, og] {
+            assert!(body.contains("USING ERRCODE = '25006'"));
+            assert!(body.contains("IF applying = 'on' THEN"));
+        }
+    }
+
+    #[test]
+    fn identifiers_are_quoted_with_inner_quotes_doubled() {
+        assert_eq!(quote_ident("txn"), "\"txn\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn digest_differences_name_each_table() {
+        let d = |table: &str, rows: u64, byte: u8| TableDigest {
+            table: table.into(),
+            rows,
+            sm3: [byte; 32],
+        };
+        let a = vec![d("txn", 2, 1), d("agreement", 1, 2), d("only_a", 0, 0)];
+        let b = vec![d("txn", 2, 1), d("agreement", 1, 3), d("only_b", 0, 0)];
+        let diff = digest_differences(&a, &b);
+        assert_eq!(diff.len(), 3, "{diff:?}");
+        assert!(diff[0].starts_with("agreement: 1 rows"));
+        assert!(diff[1].contains("only_a: only on the first"));
+        assert!(diff[2].contains("only_b: only on the second"));
+        assert!(digest_differences(&a, &a).is_empty());
+    }
+}
