@@ -1270,6 +1270,16 @@ fn risk_stats(
     Ok(0)
 }
 
+/// What a list stores for `value`, or None after saying (masked) why it is not acceptable.
+fn stored_form_or_say_why(
+    dimension: kunpay::risk::features::Dimension,
+    value: &str,
+) -> Option<(String, String)> {
+    kunpay::risk::list_store::stored_form(dimension, value)
+        .map_err(|why| eprintln!("kunpayctl: {}", kunpay::logging::mask::mask_line(&why)))
+        .ok()
+}
+
 fn risk_list(conn: &mut diesel::PgConnection, command: ListCommand) -> anyhow::Result<u8> {
     use kunpay::risk::features::Dimension;
     use kunpay::risk::list_store;
@@ -1335,12 +1345,8 @@ fn risk_list(conn: &mut diesel::PgConnection, command: ListCommand) -> anyhow::R
             ..
         } => {
             let (colour, dimension) = parse(&list, &kind);
-            let (key, shown) = match list_store::stored_form(dimension, &value) {
-                Ok(form) => form,
-                Err(why) => {
-                    eprintln!("kunpayctl: {}", kunpay::logging::mask::mask_line(&why));
-                    return Ok(EXIT_USAGE);
-                }
+            let Some((key, shown)) = stored_form_or_say_why(dimension, &value) else {
+                return Ok(EXIT_USAGE);
             };
             let name = operator_name(by);
             let change = list_store::Change {
@@ -1379,12 +1385,8 @@ fn risk_list(conn: &mut diesel::PgConnection, command: ListCommand) -> anyhow::R
             ..
         } => {
             let (colour, dimension) = parse(&list, &kind);
-            let (key, shown) = match list_store::stored_form(dimension, &value) {
-                Ok(form) => form,
-                Err(why) => {
-                    eprintln!("kunpayctl: {}", kunpay::logging::mask::mask_line(&why));
-                    return Ok(EXIT_USAGE);
-                }
+            let Some((key, shown)) = stored_form_or_say_why(dimension, &value) else {
+                return Ok(EXIT_USAGE);
             };
             let name = operator_name(by);
             let change = list_store::Change {

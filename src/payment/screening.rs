@@ -35,7 +35,8 @@ pub struct Screening {
     pub engine: Arc<RiskEngine>,
     pub budget: Duration,
     pub fail_open: bool,
-    holders: Mutex<HashMap<(String, String), Holder>>,
+    /// By agreement number (unique across institutions; the holder names its institution).
+    holders: Mutex<HashMap<String, Holder>>,
 }
 
 impl Screening {
@@ -52,8 +53,9 @@ impl Screening {
 /// An ACTIVE agreement as risk sees it: subject keys, never numbers. Immutable once ACTIVE
 /// (the account and holder of an agreement never change), so caching it is safe; its state is
 /// checked again by the opening statement.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Holder {
+    inst_id: Arc<str>,
     card: u64,
     id: Option<u64>,
     phone: Option<u64>,
@@ -165,14 +167,15 @@ impl Flows {
         inst_id: &str,
         agreement_no: &str,
     ) -> Result<Result<Holder, Undecidable>, FlowError> {
-        let cache_key = (inst_id.to_string(), agreement_no.to_string());
+        // Looked up by &str: a hit allocates nothing.
         if let Some(holder) = screening
             .holders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&cache_key)
+            .get(agreement_no)
+            .filter(|h| &*h.inst_id == inst_id)
         {
-            return Ok(Ok(*holder));
+            return Ok(Ok(holder.clone()));
         }
         let Some(found) = journal::risk::agreement_for_risk(conn, inst_id, agreement_no)? else {
             return Ok(Err(Undecidable::NoAgreement));
@@ -194,6 +197,7 @@ impl Flows {
             phone = Some(subject_key(Dimension::Phone, phone_no));
         }
         let holder = Holder {
+            inst_id: Arc::from(inst_id),
             card: subject_key(Dimension::Card, &account),
             id,
             phone,
@@ -203,7 +207,7 @@ impl Flows {
         if cache.len() >= HOLDER_CACHE_MAX {
             cache.clear();
         }
-        cache.insert(cache_key, holder);
+        cache.insert(agreement_no.to_string(), holder.clone());
         Ok(Ok(holder))
     }
 
