@@ -854,6 +854,9 @@ fn the_cutover_dry_run_checks_everything_and_changes_nothing() {
         slot: "kunpay_cdc".into(),
         max_lag_bytes: 1024 * 1024,
         max_lag_seconds: 10.0,
+        drain_timeout: Duration::from_secs(5),
+        catch_up_timeout: Duration::from_secs(5),
+        statement_timeout: Duration::from_secs(30),
     };
     let (mut a, mut s) = (connect(&active), connect(&standby));
     let plan = dry_run(&mut a, &mut s, &settings);
@@ -870,7 +873,7 @@ fn the_cutover_dry_run_checks_everything_and_changes_nothing() {
     assert!(plan.refusal().is_none(), "{:#?}", plan.checks);
     assert_eq!(plan.checks.len(), 5);
     assert_eq!(plan.new_epoch, 2, "above both epochs (0 and 1)");
-    assert_eq!(plan.steps.len(), 8);
+    assert_eq!(plan.steps.len(), 10);
     assert!(
         plan.steps[1].contains("FENCED at epoch 2"),
         "{:?}",

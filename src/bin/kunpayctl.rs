@@ -15,6 +15,8 @@ use kunpay::crypto::sm2::{DEFAULT_DISTID, PrivateKey, SignatureFormat, Signer, V
 const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_UNREACHABLE: u8 = 3;
+/// `kunpayctl cutover` / `rollback` refused: nothing changed, or what changed was put back.
+const EXIT_REFUSED: u8 = 4;
 
 #[derive(Parser)]
 #[command(name = "kunpayctl", version, about = "Operate a kunpay node")]
@@ -94,6 +96,18 @@ enum Command {
         #[command(subcommand)]
         command: HaCommand,
     },
+    /// Planned cutover: run on the standby node; it becomes the active, the active its standby
+    /// (exit 0 done, 4 refused with nothing changed or everything put back, 1 failed: a person
+    /// must decide, 2 usage).
+    Cutover {
+        #[command(flatten)]
+        handover: HandoverArgs,
+    },
+    /// Undo the last cutover: run on the old active (now the standby); the same steps back.
+    Rollback {
+        #[command(flatten)]
+        handover: HandoverArgs,
+    },
     /// Ask the running daemon how it is (through its ops listener).
     Status {
         #[arg(long, value_name = "PATH", default_value = kunpay::config::DEFAULT_CONFIG_PATH)]
@@ -102,6 +116,30 @@ enum Command {
         #[arg(long, value_name = "URL")]
         ops: Option<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct HandoverArgs {
+    /// This (standby) node's configuration: its database becomes the active one, ha.source_url
+    /// names the active node's database.
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// The active node's database instead of ha.source_url (ha.source_password_* still applies).
+    #[arg(long, value_name = "URL")]
+    source_url: Option<String>,
+    /// Check everything and say what would be done; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// How long the active node may take to finish its business requests in flight.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// How long this node may take to apply everything up to the fence.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    catch_up_timeout: Duration,
+    /// This node's ops listener, to wait until it answers 200 on /primary after the promotion
+    /// (default: ops.listen from the configuration).
+    #[arg(long, value_name = "URL")]
+    ops: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -362,6 +400,12 @@ fn main() -> ExitCode {
         Command::Reversal { command } => reversal(command),
         Command::Risk { command } => risk(command),
         Command::Ha { command } => ha(command),
+        Command::Cutover { handover } => {
+            handover_command(kunpay::ha::cutover::Kind::Cutover, handover)
+        }
+        Command::Rollback { handover } => {
+            handover_command(kunpay::ha::cutover::Kind::Rollback, handover)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -442,6 +486,20 @@ fn connect_database(
     database_url: Option<String>,
     purpose: &str,
 ) -> anyhow::Result<Result<(diesel::PgConnection, String), u8>> {
+    let settings = match database_settings(config_path, database_url, purpose)? {
+        Ok(settings) => settings,
+        Err(code) => return Ok(Err(code)),
+    };
+    let conn = kunpay::db::connect_one(&settings)?;
+    Ok(Ok((conn, settings.display_target())))
+}
+
+/// This node's database as the configuration (or `--database-url`) names it, with its password.
+fn database_settings(
+    config_path: &Path,
+    database_url: Option<String>,
+    purpose: &str,
+) -> anyhow::Result<Result<kunpay::db::ConnectSettings, u8>> {
     let (url, password) = match (database_url, Config::load(config_path, Mode::Development)) {
         (Some(url), Ok(config)) => (url, config.database.password),
         (Some(url), Err(_)) => (url, None),
@@ -481,8 +539,173 @@ fn connect_database(
         statement_timeout: Duration::from_secs(600),
         application_name: format!("kunpayctl {purpose}"),
     };
-    let conn = kunpay::db::connect_one(&settings)?;
-    Ok(Ok((conn, settings.display_target())))
+    Ok(Ok(settings))
+}
+
+/// The active node's database as this (standby) node copies it: `--source-url` or
+/// ha.source_url, with ha.source_password_*; `None` when neither names one.
+fn source_settings(
+    ha_config: Option<&kunpay::config::HaConfig>,
+    source_url: Option<String>,
+    purpose: &str,
+) -> anyhow::Result<Option<kunpay::db::ConnectSettings>> {
+    let Some(url) = source_url
+        .or_else(|| ha_config.and_then(|h| h.source_url.as_ref().map(|u| u.expose().to_string())))
+    else {
+        return Ok(None);
+    };
+    let password = ha_config
+        .and_then(|h| h.source_password.clone())
+        .map(|source| -> anyhow::Result<_> {
+            let bytes = source.read()?;
+            Ok(kunpay::config::Secret::new(
+                String::from_utf8(bytes.to_vec()).context("password is not UTF-8")?,
+            ))
+        })
+        .transpose()?;
+    Ok(Some(kunpay::db::ConnectSettings {
+        url: kunpay::config::Secret::new(url),
+        password,
+        pool_max_size: 1,
+        pool_min_idle: 0,
+        connect_timeout: Duration::from_secs(10),
+        statement_timeout: Duration::from_secs(60),
+        application_name: format!("kunpayctl {purpose}"),
+    }))
+}
+
+/// `kunpayctl cutover` and `kunpayctl rollback`.
+fn handover_command(kind: kunpay::ha::cutover::Kind, args: HandoverArgs) -> anyhow::Result<u8> {
+    use kunpay::ha::cutover::{self, CutoverSettings, Kind, Outcome};
+    let name = match kind {
+        Kind::Cutover => "cutover",
+        Kind::Rollback => "rollback",
+    };
+    let config = Config::load(&args.database.config, Mode::Development).ok();
+    let ha_config = config.as_ref().and_then(|c| c.ha.clone());
+    let standby = match database_settings(
+        &args.database.config,
+        args.database.database_url.clone(),
+        name,
+    )? {
+        Ok(settings) => settings,
+        Err(code) => return Ok(code),
+    };
+    let Some(active) = source_settings(ha_config.as_ref(), args.source_url.clone(), name)? else {
+        eprintln!(
+            "kunpayctl: {name}: no active database to take over from: set ha.source_url in {} or pass --source-url",
+            args.database.config.display()
+        );
+        return Ok(EXIT_USAGE);
+    };
+    let settings = CutoverSettings {
+        slot: ha_config
+            .as_ref()
+            .map_or_else(|| "kunpay_cdc".into(), |h| h.slot.clone()),
+        max_lag_bytes: ha_config.as_ref().map_or(1024 * 1024, |h| h.max_lag_bytes),
+        max_lag_seconds: ha_config
+            .as_ref()
+            .map_or(10.0, |h| h.max_lag_time.as_secs_f64()),
+        drain_timeout: args.drain_timeout,
+        catch_up_timeout: args.catch_up_timeout,
+        statement_timeout: Duration::from_secs(600),
+    };
+    println!(
+        "{name}: from {} (active) to {} (this node)",
+        active.display_target(),
+        standby.display_target()
+    );
+    let print_step = |step: &cutover::Step| {
+        println!(
+            "  {:<4} {:<22} {:>8.1} ms  {}",
+            if step.ok { "ok" } else { "FAIL" },
+            step.name,
+            step.took.as_secs_f64() * 1000.0,
+            step.detail
+        );
+    };
+    if args.dry_run {
+        let mut a = kunpay::db::connect_one(&active)?;
+        let mut s = kunpay::db::connect_one(&standby)?;
+        let plan = cutover::dry_run(&mut a, &mut s, &settings);
+        for check in &plan.checks {
+            print_step(&cutover::Step {
+                name: check.name,
+                ok: check.ok,
+                detail: check.detail.clone(),
+                took: check.took,
+            });
+        }
+        if let Some(refusal) = plan.refusal() {
+            println!("{name} would be REFUSED: {}", refusal.detail);
+            return Ok(EXIT_REFUSED);
+        }
+        println!("{name} would do, at fencing epoch {}:", plan.new_epoch);
+        for (i, step) in plan.steps.iter().enumerate() {
+            println!("  {}. {step}", i + 1);
+        }
+        return Ok(0);
+    }
+    let started = std::time::Instant::now();
+    let execution = cutover::execute(
+        kind,
+        active.full_url().expose(),
+        standby.full_url().expose(),
+        &settings,
+        &mut |step| print_step(step),
+    );
+    match execution.outcome {
+        Outcome::Done { epoch } => {
+            let ops = args
+                .ops
+                .clone()
+                .or_else(|| config.as_ref().map(|c| format!("http://{}", c.ops.listen)));
+            if let Some(base) = ops {
+                let url = format!("{base}/primary");
+                let waited = std::time::Instant::now();
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(2)))
+                    .build()
+                    .into();
+                let serving = loop {
+                    if agent.get(&url).call().is_ok_and(|r| r.status() == 200) {
+                        break true;
+                    }
+                    if waited.elapsed() > Duration::from_secs(30) {
+                        break false;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                };
+                print_step(&cutover::Step {
+                    name: "new active serving",
+                    ok: serving,
+                    detail: if serving {
+                        format!("{url} answers 200: F5 sends business here")
+                    } else {
+                        format!(
+                            "{url} did not answer 200 within 30 s: look at this node's kunpayd (journalctl -u kunpayd)"
+                        )
+                    },
+                    took: waited.elapsed(),
+                });
+            }
+            println!(
+                "{name} DONE in {:.1} s: this node is ACTIVE at fencing epoch {epoch}; business paused for {:.0} ms (drain request to promotion); the old active copies from here (rollback: `kunpayctl rollback` on it)",
+                started.elapsed().as_secs_f64(),
+                execution.write_pause.unwrap_or_default().as_secs_f64() * 1000.0
+            );
+            Ok(0)
+        }
+        Outcome::Refused { reason } => {
+            println!("{name} REFUSED: {reason}");
+            Ok(EXIT_REFUSED)
+        }
+        Outcome::Failed { reason } => {
+            println!("{name} FAILED: {reason}");
+            Ok(EXIT_FAILURE)
+        }
+    }
 }
 
 fn migrate(config_path: &Path, database_url: Option<String>) -> anyhow::Result<u8> {
@@ -651,33 +874,10 @@ fn ha(command: HaCommand) -> anyhow::Result<u8> {
                     p.changes
                 );
             }
-            let source_url = source_url.or_else(|| {
-                ha_config
-                    .as_ref()
-                    .and_then(|h| h.source_url.as_ref().map(|u| u.expose().to_string()))
-            });
-            let Some(source_url) = source_url else {
+            let Some(settings) = source_settings(ha_config.as_ref(), source_url, "ha status")?
+            else {
                 println!("source        not configured (ha.source_url); this node copies nothing");
                 return Ok(0);
-            };
-            let password = ha_config
-                .as_ref()
-                .and_then(|h| h.source_password.clone())
-                .map(|source| -> anyhow::Result<_> {
-                    let bytes = source.read()?;
-                    Ok(kunpay::config::Secret::new(
-                        String::from_utf8(bytes.to_vec()).context("password is not UTF-8")?,
-                    ))
-                })
-                .transpose()?;
-            let settings = kunpay::db::ConnectSettings {
-                url: kunpay::config::Secret::new(source_url),
-                password,
-                pool_max_size: 1,
-                pool_min_idle: 0,
-                connect_timeout: Duration::from_secs(10),
-                statement_timeout: Duration::from_secs(60),
-                application_name: "kunpayctl ha status".into(),
             };
             println!("source        {}", settings.display_target());
             let mut source = match kunpay::db::connect_one(&settings) {

@@ -9,6 +9,7 @@
 
 pub mod dev;
 pub mod privilege;
+pub mod role;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -31,6 +32,10 @@ use crate::server;
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
+/// The database's role changed under the running process (a planned cutover fenced or demoted
+/// this node): it stopped cleanly so the service manager starts it again in its new role
+/// (`RestartForceExitStatus=75` in the unit; EX_TEMPFAIL in sysexits.h).
+pub const EXIT_ROLE_CHANGED: u8 = 75;
 
 pub struct Options {
     pub config: PathBuf,
@@ -341,8 +346,11 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
 
     // The database is authoritative: a node configured active whose database is STANDBY or
     // FENCED (a fenced old active restarted with a stale configuration) serves as a standby,
-    // so /primary says 503 and F5 sends it nothing; its writes would be refused anyway.
+    // so /primary says 503 and F5 sends it nothing; its writes would be refused anyway. With
+    // [ha], a cutover moves the roles between the databases, so the database alone decides and
+    // node.role only says what the operator expected.
     let effective_role = match (config.node.role, db_role.role) {
+        (_, crate::ha::NodeRole::Active) if config.ha.is_some() => crate::config::Role::Active,
         (crate::config::Role::Active, crate::ha::NodeRole::Active) => crate::config::Role::Active,
         (crate::config::Role::Active, db) => {
             tracing::error!(
@@ -362,6 +370,13 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         }
         (crate::config::Role::Standby, _) => crate::config::Role::Standby,
     };
+    if config.ha.is_some() && effective_role != config.node.role {
+        tracing::warn!(
+            node_role = %config.node.role, database_role = %db_role.role, epoch = db_role.epoch,
+            reason = %db_role.reason,
+            "with [ha] the database's role decides: serving as {effective_role}"
+        );
+    }
     let state = NodeState::new(
         config.node.id.clone(),
         effective_role,
@@ -370,7 +385,7 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         config.ops.liveness_ttl,
     );
     state.metrics.ha_fencing_epoch.set(db_role.epoch);
-    let cdc = match (&config.ha, cdc_source, db_role.role) {
+    let mut cdc = match (&config.ha, cdc_source, db_role.role) {
         (Some(ha), Some(source), crate::ha::NodeRole::Standby) => {
             Some(start_cdc(ha, &source, &connect, &state)?)
         }
@@ -393,13 +408,6 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         Some(log) => {
             let sink = crate::audit::AuditSink::new(log, state.clone());
             tokio::spawn(sink.clone().export_metrics());
-            let settings = config.audit.as_ref().expect("opened only when configured");
-            spawn_operator_relay(
-                sink.clone(),
-                settings.dir.clone(),
-                pool.clone(),
-                state.clone(),
-            )?;
             sink
         }
         None => crate::audit::AuditSink::disabled(),
@@ -408,18 +416,33 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         (Some(settings), Some(loaded)) => Some(start_risk(settings, loaded, &state)?),
         _ => None,
     };
-    let channel_served = match channel {
-        None => None,
-        Some(channel) => Some(start_channel(
+    // A standby starts none of the business machinery (gateway workers, core link, resolvers,
+    // notifiers, the operator relay): each of them writes, and the core link would take the
+    // active node's replies off the shared queue. Its channel listener answers 503 until a
+    // cutover promotes it in place (`promote`).
+    let mut business = Business {
+        channel,
+        standby_channel: None,
+        channel_served: None,
+    };
+    if effective_role == crate::config::Role::Active {
+        business.start(
             &config,
-            channel,
             &connect,
             pool.clone(),
             &state,
             risk.as_ref().map(|(engine, _)| engine.clone()),
             audit.clone(),
-        )?),
-    };
+        )?;
+    } else {
+        business.serve_standby(&config, &state)?;
+    }
+    let mut role_events = role::spawn_watcher(
+        pool.clone(),
+        state.clone(),
+        db_role.clone(),
+        effective_role == crate::config::Role::Active,
+    );
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -449,13 +472,48 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         "kunpayd ready"
     );
     if mode == Mode::Development {
-        print_dev_banner(&config, &ops_served, channel_served.as_ref(), &connect);
+        print_dev_banner(
+            &config,
+            &ops_served,
+            business.channel_served.as_ref(),
+            &connect,
+        );
     }
 
+    let mut role_changed = false;
     let reason = loop {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
+            Some(event) = role_events.recv() => match event {
+                role::RoleEvent::Promote(record) => {
+                    let started = Instant::now();
+                    if let Some(applier) = cdc.take() {
+                        applier.stop().await;
+                    }
+                    business
+                        .promote(
+                            &record,
+                            &config,
+                            &connect,
+                            &state,
+                            risk.as_ref().map(|(engine, _)| engine.clone()),
+                            audit.clone(),
+                        )
+                        .await
+                        .context("promotion to ACTIVE failed; kunpayd stops and its next start serves as the database says")?;
+                    let status = format!("serving as active (promoted at fencing epoch {})", record.epoch);
+                    notify(&[NotifyState::Status(&status)]);
+                    tracing::warn!(epoch = record.epoch, took_ms = started.elapsed().as_millis() as u64,
+                        "promoted: this node is ACTIVE and takes business");
+                }
+                role::RoleEvent::Restart { from, to } => {
+                    tracing::warn!(from = %from.role, from_epoch = from.epoch, to = %to.role, epoch = to.epoch,
+                        exit_code = EXIT_ROLE_CHANGED, "stopping for a restart in the new role");
+                    role_changed = true;
+                    break "database role changed";
+                }
+            },
             _ = sighup.recv() => {
                 reload(&mut config, mode, dev_url.as_ref(), &log, &state);
                 if let Some((_, poke)) = &risk {
@@ -476,10 +534,7 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
     state.begin_drain();
     let deadline = Instant::now() + config.lifecycle.drain_timeout;
     // Business traffic first; the ops listener keeps answering (503 on /primary) meanwhile.
-    let mut abandoned = match channel_served {
-        Some(served) => served.drain(deadline).await,
-        None => 0,
-    };
+    let mut abandoned = business.drain(deadline).await;
     abandoned += ops_served.drain(deadline).await;
     heartbeat.abort();
     if audit.is_enabled() {
@@ -525,7 +580,10 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         }
     }
 
-    if abandoned == 0 {
+    if role_changed {
+        tracing::warn!(reason = %stop_reason, "kunpayd stopped for a restart in its new role");
+        Ok(EXIT_ROLE_CHANGED)
+    } else if abandoned == 0 {
         tracing::info!(reason = %stop_reason, "kunpayd stopped");
         Ok(EXIT_OK)
     } else {
@@ -1032,6 +1090,112 @@ fn start_risk(
     Ok((engine, poke))
 }
 
+/// The business side of the node: the channel listener and, on the active node, everything
+/// behind it. A standby keeps the prepared channel (keys, listener) for an in-place promotion.
+struct Business {
+    /// Prepared and not started: a standby's, until it is promoted.
+    channel: Option<ChannelPrepared>,
+    /// The 503 server a standby runs on a duplicate of the channel socket.
+    standby_channel: Option<server::Served>,
+    channel_served: Option<server::Served>,
+}
+
+impl Business {
+    /// Starts everything that takes and settles business, with `pool`'s connections (they
+    /// claim the fencing epoch the process writes under).
+    fn start(
+        &mut self,
+        config: &Config,
+        connect: &ConnectSettings,
+        pool: db::Pool,
+        state: &Arc<NodeState>,
+        risk: Option<Arc<crate::risk::RiskEngine>>,
+        audit: crate::audit::AuditSink,
+    ) -> anyhow::Result<()> {
+        if let Some(settings) = &config.audit
+            && audit.is_enabled()
+        {
+            spawn_operator_relay(
+                audit.clone(),
+                settings.dir.clone(),
+                pool.clone(),
+                state.clone(),
+            )?;
+        }
+        if let Some(channel) = self.channel.take() {
+            self.channel_served = Some(start_channel(
+                config, channel, connect, pool, state, risk, audit,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// A standby's channel listener: bound (F5's TCP check passes), every request answered 503.
+    fn serve_standby(&mut self, config: &Config, state: &Arc<NodeState>) -> anyhow::Result<()> {
+        let (Some(channel), Some(channel_config)) = (&self.channel, &config.channel) else {
+            return Ok(());
+        };
+        let listener = channel
+            .listener
+            .try_clone()
+            .context("duplicating the channel socket for the standby's 503 server")?;
+        self.standby_channel = Some(server::serve_with(
+            "channel",
+            listener,
+            channel.tls.clone(),
+            ops::standby_channel_router(state.clone()),
+            channel_config.max_connections,
+            state.metrics.clone(),
+        )?);
+        Ok(())
+    }
+
+    /// In-place promotion of a standby whose database a cutover made ACTIVE at `record.epoch`:
+    /// connections that claim the new epoch, then the business machinery on them, then the
+    /// gate opens. The standby's 503 server stops first; connections arriving meanwhile wait in
+    /// the socket's backlog.
+    async fn promote(
+        &mut self,
+        record: &crate::ha::RoleRecord,
+        config: &Config,
+        connect: &ConnectSettings,
+        state: &Arc<NodeState>,
+        risk: Option<Arc<crate::risk::RiskEngine>>,
+        audit: crate::audit::AuditSink,
+    ) -> anyhow::Result<()> {
+        assert_eq!(
+            record.role,
+            crate::ha::NodeRole::Active,
+            "promoted only to ACTIVE"
+        );
+        db::set_process_epoch(record.epoch);
+        let settings = connect.clone();
+        let pool = tokio::task::spawn_blocking(move || db::connect(&settings))
+            .await
+            .context("opening the promoted node's pool")??;
+        state.metrics.ha_fencing_epoch.set(record.epoch);
+        if let Some(standby) = self.standby_channel.take() {
+            standby.drain(Instant::now() + Duration::from_secs(2)).await;
+        }
+        self.start(config, connect, pool, state, risk, audit)?;
+        state.set_role(crate::config::Role::Active);
+        Ok(())
+    }
+
+    /// Stops taking business and lets what is in flight finish until `deadline`; returns how
+    /// many requests were cut off.
+    async fn drain(self, deadline: Instant) -> usize {
+        let mut abandoned = 0;
+        if let Some(served) = self.channel_served {
+            abandoned += served.drain(deadline).await;
+        }
+        if let Some(standby) = self.standby_channel {
+            abandoned += standby.drain(deadline).await;
+        }
+        abandoned
+    }
+}
+
 fn start_channel(
     config: &Config,
     channel: ChannelPrepared,
@@ -1127,7 +1291,9 @@ fn start_channel(
         state.metrics.clone(),
     )?;
     tokio::spawn(prune_expired(pool, longest_window));
-    let router = Arc::new(gateway).router(channel_config.max_body);
+    let router = Arc::new(gateway).router(channel_config.max_body).layer(
+        axum::middleware::from_fn_with_state(state.clone(), ops::business_gate),
+    );
     server::serve_with(
         "channel",
         channel.listener,

@@ -120,6 +120,28 @@ impl Dialect {
         }
     }
 
+    /// The WAL insert position (a commit visible to a snapshot was inserted before it).
+    fn insert_lsn(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "CAST(pg_current_wal_insert_lsn() AS TEXT)",
+            Dialect::OpenGauss => "CAST(pg_current_xlog_insert_location() AS TEXT)",
+        }
+    }
+
+    /// The changes in a slot up to an LSN, without consuming them.
+    fn peek_up_to_lsn(self) -> &'static str {
+        match self {
+            Dialect::Postgres => {
+                "SELECT CAST(lsn AS TEXT) AS lsn, CAST(xid AS TEXT) AS xid, data \
+                 FROM pg_logical_slot_peek_changes($1, CAST($2 AS pg_lsn), NULL, 'skip-empty-xacts', '1')"
+            }
+            Dialect::OpenGauss => {
+                "SELECT CAST(location AS TEXT) AS lsn, CAST(xid AS TEXT) AS xid, data \
+                 FROM pg_logical_slot_peek_changes($1, $2, NULL, 'skip-empty-xacts', '1')"
+            }
+        }
+    }
+
     fn peek(self) -> &'static str {
         match self {
             Dialect::Postgres => {
@@ -635,8 +657,45 @@ fn read_position(
     Ok(rows.into_iter().next())
 }
 
+/// This server's flushed WAL position (a cutover's fence position).
+pub fn flush_lsn(conn: &mut PgConnection) -> Result<Lsn, CdcError> {
+    let dialect = Dialect::detect(conn)?;
+    let row: OneText =
+        diesel::sql_query(format!("SELECT {} AS v", dialect.flush_lsn())).get_result(conn)?;
+    Ok(Lsn::parse(&row.v)?)
+}
+
+/// Drops a slot on this server when it exists; `Ok(false)` when there was none. Fails while an
+/// applier is reading it (PostgreSQL refuses to drop an active slot): retry.
+pub fn drop_slot(conn: &mut PgConnection, slot: &str) -> QueryResult<bool> {
+    let dialect = Dialect::detect(conn)?;
+    let rows: Vec<SlotRow> = diesel::sql_query(dialect.slot_position())
+        .bind::<Text, _>(slot)
+        .load(conn)?;
+    if rows.is_empty() {
+        return Ok(false);
+    }
+    diesel::sql_query("SELECT pg_drop_replication_slot($1)")
+        .bind::<Text, _>(slot)
+        .execute(conn)?;
+    Ok(true)
+}
+
+/// Removes a target's position for (source, slot): the copy from that source is over (a
+/// cutover reversed the direction), so a later copy from it starts afresh, proved equal.
+pub fn forget_position(
+    target: &mut PgConnection,
+    source_id: &str,
+    slot: &str,
+) -> QueryResult<usize> {
+    diesel::sql_query("DELETE FROM ha_cdc_position WHERE source_id = $1 AND slot_name = $2")
+        .bind::<Text, _>(source_id)
+        .bind::<Text, _>(slot)
+        .execute(target)
+}
+
 /// The source's identity: its system identifier (differs between two initdb'ed servers).
-fn source_id(conn: &mut PgConnection) -> QueryResult<String> {
+pub fn source_id(conn: &mut PgConnection) -> QueryResult<String> {
     let row: OneText =
         diesel::sql_query("SELECT CAST(system_identifier AS TEXT) AS v FROM pg_control_system()")
             .get_result(conn)?;
@@ -717,8 +776,10 @@ pub struct Applier {
     pub fault: Option<Fault>,
 }
 
-/// Idle batches record "still complete" in the target at most this often.
-const IDLE_WRITE_EVERY: Duration = Duration::from_secs(1);
+/// Idle batches record "still complete" in the target at most this often. A planned cutover
+/// waits for this record after the fence, so it bounds part of the cutover's write
+/// unavailability; five one-row updates a second on an idle standby cost nothing.
+const IDLE_WRITE_EVERY: Duration = Duration::from_millis(200);
 
 impl Applier {
     /// Connects both sides, checks them (wal_level, slot, schemas, roles, the position's
@@ -728,6 +789,36 @@ impl Applier {
         target_url: &str,
         settings: CdcSettings,
     ) -> Result<Applier, CdcError> {
+        let (source, target) = Applier::establish(source_url, target_url)?;
+        Applier::with_connections(source, target, settings)
+    }
+
+    pub fn with_connections(
+        source: PgConnection,
+        target: PgConnection,
+        settings: CdcSettings,
+    ) -> Result<Applier, CdcError> {
+        Applier::open(source, target, settings, false)
+    }
+
+    /// Starts a copy (slot on the source, position on the target, both proved equal) into a
+    /// target that is FENCED or STANDBY, without applying anything: a cutover prepares the
+    /// reverse copy into the fenced old active this way before it promotes the new one, so no
+    /// applier of the old active's own daemon can race it (that daemon starts its applier only
+    /// once the database is STANDBY, and then finds the copy started).
+    pub fn prepare(
+        source_url: &str,
+        target_url: &str,
+        settings: CdcSettings,
+    ) -> Result<(), CdcError> {
+        let (source, target) = Applier::establish(source_url, target_url)?;
+        Applier::open(source, target, settings, true).map(|_| ())
+    }
+
+    fn establish(
+        source_url: &str,
+        target_url: &str,
+    ) -> Result<(PgConnection, PgConnection), CdcError> {
         let source = PgConnection::establish(source_url).map_err(|e| {
             CdcError::Connect(format!(
                 "source database {}: {}",
@@ -742,13 +833,14 @@ impl Applier {
                 first_line(&e.to_string())
             ))
         })?;
-        Applier::with_connections(source, target, settings)
+        Ok((source, target))
     }
 
-    pub fn with_connections(
+    fn open(
         mut source: PgConnection,
         mut target: PgConnection,
         settings: CdcSettings,
+        fenced_target_allowed: bool,
     ) -> Result<Applier, CdcError> {
         if !valid_slot_name(&settings.slot) {
             return Err(CdcError::Refused(format!(
@@ -773,7 +865,9 @@ impl Applier {
             )));
         }
         let target_role = super::read_role(&mut target)?;
-        if target_role.role != super::NodeRole::Standby {
+        let acceptable = target_role.role == super::NodeRole::Standby
+            || (fenced_target_allowed && target_role.role == super::NodeRole::Fenced);
+        if !acceptable {
             return Err(CdcError::Refused(format!(
                 "the target database is {} (epoch {}), not STANDBY: CDC writes only into a standby \
                  (`kunpayctl ha set-role standby` on the standby node)",
@@ -873,41 +967,15 @@ impl Applier {
 
     /// The first start of a copy. The standby must equal the source at the slot's starting
     /// point, and everything after that point is in the slot. Proved without a snapshot that the
-    /// SQL interface cannot export: the digests are compared in one source snapshot in which no
-    /// transaction was writing, and no transaction began writing (got an id) between that
-    /// snapshot and the slot's creation; otherwise the slot is dropped again and the start
-    /// refused (retried later). So a copy is started while the active is quiet.
+    /// SQL interface cannot export: the slot is created first; then the source's tables are
+    /// digested in one snapshot, and the slot is peeked (not consumed) up to the WAL position
+    /// that snapshot can see. If no transaction in between changed a replicated table, the
+    /// snapshot shows the state at the slot's start; and if the target's digests equal it, the
+    /// target is that state. Node-local writes (a standby's own applier recording its position,
+    /// run records) may go on meanwhile: the applier skips them anyway. Otherwise the slot is
+    /// dropped again and the start refused (retried later): a copy starts while the source takes
+    /// no business for a moment.
     fn start_copy(&mut self, slot: &str) -> Result<(), CdcError> {
-        #[derive(QueryableByName)]
-        struct Snapshot {
-            #[diesel(sql_type = Text)]
-            s: String,
-        }
-        let parse = |text: &str| -> Option<(u64, u64, bool)> {
-            let mut parts = text.split(':');
-            let xmin = parts.next()?.parse().ok()?;
-            let xmax = parts.next()?.parse().ok()?;
-            let in_progress = !parts.next().unwrap_or("").is_empty();
-            Some((xmin, xmax, in_progress))
-        };
-        let (before, source) = self.source.transaction::<_, CdcError, _>(|source| {
-            source.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
-            let snap: Snapshot =
-                diesel::sql_query("SELECT CAST(txid_current_snapshot() AS TEXT) AS s")
-                    .get_result(source)?;
-            Ok((snap.s, super::database_digest(source)?))
-        })?;
-        let target = super::database_digest(&mut self.target)?;
-        setup_session(&mut self.source, self.settings.statement_timeout)?;
-        setup_session(&mut self.target, self.settings.statement_timeout)?;
-        let differences = super::digest_differences(&source, &target);
-        if !differences.is_empty() {
-            return Err(CdcError::Refused(format!(
-                "the standby does not start as a copy of the active ({}); seed it while the active \
-                 is quiet (docs/operations.md, CDC and fencing) and start again",
-                differences.join("; ")
-            )));
-        }
         diesel::sql_query(
             "SELECT CAST(slot_name AS TEXT) AS v FROM pg_create_logical_replication_slot($1, 'test_decoding')",
         )
@@ -919,38 +987,83 @@ impl Applier {
                  wal_level = logical, a free max_replication_slots entry and a user with REPLICATION"
             ))
         })?;
-        let after: Snapshot =
-            diesel::sql_query("SELECT CAST(txid_current_snapshot() AS TEXT) AS s")
-                .get_result(&mut self.source)?;
-        let quiet = match (parse(&before), parse(&after.s)) {
-            (Some((xmin, xmax, busy)), Some((_, xmax_after, _))) => {
-                xmin == xmax && !busy && xmax_after == xmax
-            }
-            _ => false,
-        };
-        if !quiet {
-            diesel::sql_query("SELECT pg_drop_replication_slot($1)")
+        match self.prove_start(slot) {
+            Ok(tables) => {
+                let inserted = diesel::sql_query(
+                    "INSERT INTO ha_cdc_position (source_id, slot_name, applied_lsn, complete_lsn, \
+                     transactions, changes, created_at, updated_at) \
+                     SELECT $1, $2, 0, 0, 0, 0, now(), now() WHERE NOT EXISTS \
+                     (SELECT 1 FROM ha_cdc_position WHERE source_id = $1 AND slot_name = $2)",
+                )
+                .bind::<Text, _>(&self.source_id)
                 .bind::<Text, _>(slot)
-                .execute(&mut self.source)?;
+                .execute(&mut self.target)?;
+                tracing::info!(slot = %slot, source = %self.source_id, inserted, tables,
+                    "CDC: slot created on the source and the copy's position on the target (both sides equal)");
+                Ok(())
+            }
+            Err(e) => {
+                // Best effort: a slot no position refers to is dropped at the next start too.
+                let _ = setup_session(&mut self.source, self.settings.statement_timeout);
+                let _ = diesel::sql_query("SELECT pg_drop_replication_slot($1)")
+                    .bind::<Text, _>(slot)
+                    .execute(&mut self.source);
+                Err(e)
+            }
+        }
+    }
+
+    /// The proof of [`Applier::start_copy`] for a freshly created slot; returns the number of
+    /// tables compared.
+    fn prove_start(&mut self, slot: &str) -> Result<usize, CdcError> {
+        let dialect = self.dialect;
+        let (source, visible_up_to) = self.source.transaction::<_, CdcError, _>(|source| {
+            source.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
+            // The snapshot is taken by the first statement; every commit it shows was inserted
+            // into the WAL before the position read after it.
+            let digest = super::database_digest(source)?;
+            let at: OneText = diesel::sql_query(format!("SELECT {} AS v", dialect.insert_lsn()))
+                .get_result(source)?;
+            Ok((digest, Lsn::parse(&at.v)?))
+        })?;
+        setup_session(&mut self.source, self.settings.statement_timeout)?;
+        // Decoding reads flushed WAL only: wait (briefly) until that position is flushed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while flush_lsn(&mut self.source)? < visible_up_to {
+            if Instant::now() > deadline {
+                return Err(CdcError::Refused(format!(
+                    "the source did not flush its WAL up to {visible_up_to} within 10 s; tried again later"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let rows: Vec<PeekRow> = diesel::sql_query(dialect.peek_up_to_lsn())
+            .bind::<Text, _>(slot)
+            .bind::<Text, _>(visible_up_to.to_string())
+            .load(&mut self.source)?;
+        for row in &rows {
+            if let Line::Change(change) = decode::parse_line(&row.data)? {
+                for table in change.tables() {
+                    if self.catalog.table(table)?.is_some() {
+                        return Err(CdcError::Refused(format!(
+                            "the active database was writing ({table}) while this standby's copy was being \
+                             started; nothing was started; it is tried again, and succeeds once the active \
+                             takes no business for a moment"
+                        )));
+                    }
+                }
+            }
+        }
+        let target = super::database_digest(&mut self.target)?;
+        let differences = super::digest_differences(&source, &target);
+        if !differences.is_empty() {
             return Err(CdcError::Refused(format!(
-                "the active database was writing while this standby's copy was being started \
-                 (transactions {before} then {}); nothing was started; it is tried again, and succeeds \
-                 once the active is quiet for a moment",
-                after.s
+                "the standby does not start as a copy of the active ({}); seed it while the active \
+                 is quiet (docs/operations.md, CDC and fencing) and start again",
+                differences.join("; ")
             )));
         }
-        let inserted = diesel::sql_query(
-            "INSERT INTO ha_cdc_position (source_id, slot_name, applied_lsn, complete_lsn, \
-             transactions, changes, created_at, updated_at) \
-             SELECT $1, $2, 0, 0, 0, 0, now(), now() WHERE NOT EXISTS \
-             (SELECT 1 FROM ha_cdc_position WHERE source_id = $1 AND slot_name = $2)",
-        )
-        .bind::<Text, _>(&self.source_id)
-        .bind::<Text, _>(slot)
-        .execute(&mut self.target)?;
-        tracing::info!(slot = %slot, source = %self.source_id, inserted, tables = source.len(),
-            "CDC: slot created on the source and the copy's position on the target (both sides equal)");
-        Ok(())
+        Ok(source.len())
     }
 
     /// Advances the slot to `lsn` when it is behind (never backwards).

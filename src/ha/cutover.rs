@@ -1,32 +1,52 @@
-//! A planned cutover's steps, as a library function for `kunpayctl cutover` (issue 8, item 3).
-//! Built so far: the dry run. It checks both databases and lists what each step would do, with
-//! the reason when the cutover would be refused; it changes nothing.
+//! A planned cutover and its rollback, as library functions for `kunpayctl cutover` and
+//! `kunpayctl rollback`: [`dry_run`] checks both databases and lists what each step would do,
+//! changing nothing; [`execute`] does it, reporting every step with its duration.
 //!
 //! Owns: the order of the steps and the checks before them. The order is the safety argument:
 //! drain the old active (503 on /primary, in-flight work finishes) -> fence it (FENCED at the new
 //! epoch: from here nothing writes there) -> note its flushed WAL position -> wait until the
 //! standby has applied everything up to that position -> verify both databases table by table
-//! (rows and SM3) -> move the standby's sequences past the copied ids -> promote it (ACTIVE at
-//! the new epoch) -> make the old active the standby of the new one (reverse CDC, slot on the new
-//! active, started while the new active is still quiet) so rollback is the same in reverse.
+//! (rows and SM3) -> move the standby's sequences past the copied ids -> start the reverse copy
+//! (slot on the standby, position in the fenced old active, started while both are quiet) ->
+//! promote the standby (ACTIVE at the new epoch) -> make the old active its STANDBY (its daemon
+//! restarts and copies from the new active) -> drop the old direction's slot. Rollback is the
+//! same in reverse.
+//! A failure before the promotion puts the old active back (ACTIVE at the next epoch, its
+//! drain withdrawn, a half-made reverse copy removed) and reports a refusal; only a failure
+//! that cannot be put back is reported as failed, with what a person must decide.
 //! Must never: promote before the fence and the catch-up; promote at an epoch not above both
-//! databases' epochs; change anything in a dry run.
+//! databases' epochs; change anything in a dry run; leave both databases ACTIVE (the old one
+//! is fenced before the new one is promoted, and put back only while the new one is not).
 
 use std::time::{Duration, Instant};
 
+use diesel::Connection as _;
+use diesel::connection::SimpleConnection as _;
 use diesel::pg::PgConnection;
 
 use super::cdc;
+use super::decode::Lsn;
 use super::{NodeRole, read_role, unguarded_tables};
 
 #[derive(Debug, Clone)]
 pub struct CutoverSettings {
-    /// The slot the standby's applier reads on the active.
+    /// The slot the standby's applier reads on the active; the reverse copy uses the same name
+    /// on the new active (`ha.slot` is the same on both nodes).
     pub slot: String,
     /// Refuse when the standby is further behind than this (Patroni's default: 1 MB).
     pub max_lag_bytes: u64,
     pub max_lag_seconds: f64,
+    /// How long the old active may take to finish the business requests in flight.
+    pub drain_timeout: Duration,
+    /// How long the standby may take to apply everything up to the fence.
+    pub catch_up_timeout: Duration,
+    /// Statement timeout on every connection the cutover opens (the digests read whole tables).
+    pub statement_timeout: Duration,
 }
+
+/// The reason a cutover writes on the old active when it makes it the standby of the new one;
+/// a rollback checks for it.
+pub const DEMOTED_REASON_PREFIX: &str = "cutover: standby of the new active";
 
 /// One check, timed, with what was found.
 #[derive(Debug, Clone)]
@@ -180,12 +200,487 @@ pub fn dry_run(
         "wait until the standby has applied everything up to the fence position".to_string(),
         "verify both databases table by table: row counts and SM3 digests equal".to_string(),
         "move the standby's serial sequences past the copied ids".to_string(),
+        "start the reverse copy while both are quiet: slot on the standby, position in the fenced old active, both proved equal".to_string(),
         format!("promote the standby's database: ACTIVE at epoch {new_epoch}; its node answers 200 on /primary"),
-        format!("make the old active's database STANDBY at epoch {new_epoch} and start CDC from the new active (rollback = the same in reverse)"),
+        format!("make the old active's database STANDBY at epoch {new_epoch}: its kunpayd restarts and copies from the new active (rollback = the same in reverse)"),
+        "drop the old direction's slot on the old active".to_string(),
     ];
     Plan {
         checks,
         steps,
         new_epoch,
+    }
+}
+
+/// A cutover, or the rollback of the last one (the same steps; a rollback also checks that the
+/// standby is the old active of the last cutover and that nothing moved the epochs since).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Cutover,
+    Rollback,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Cutover => "cutover",
+            Kind::Rollback => "rollback",
+        }
+    }
+}
+
+/// One step that ran, with what it found and how long it took.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+    pub took: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The standby is ACTIVE at `epoch`, the old active its standby.
+    Done { epoch: i64 },
+    /// Nothing changed, or everything changed was put back: the old active serves.
+    Refused { reason: String },
+    /// A step failed and could not be put back: a person must decide (the reason says what).
+    Failed { reason: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Execution {
+    pub plan: Plan,
+    pub steps: Vec<Step>,
+    pub outcome: Outcome,
+    /// From the drain request (the old active's last new business) to the promotion (the new
+    /// active's first): the business write pause this cutover caused, before F5 notices.
+    pub write_pause: Option<Duration>,
+}
+
+fn open(url: &str, statement_timeout: Duration, which: &str) -> anyhow::Result<PgConnection> {
+    let mut conn = PgConnection::establish(url).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to the {which} database {}: {}",
+            crate::db::redact_url(url),
+            e.to_string().lines().next().unwrap_or("")
+        )
+    })?;
+    conn.batch_execute(&format!(
+        "SET statement_timeout = {}; SET application_name = 'kunpayctl cutover'",
+        statement_timeout.as_millis()
+    ))?;
+    Ok(conn)
+}
+
+struct Runner<'a> {
+    steps: Vec<Step>,
+    on_step: &'a mut dyn FnMut(&Step),
+}
+
+impl Runner<'_> {
+    /// Runs one step; `Err` carries the reason the cutover stops there.
+    fn step<T>(
+        &mut self,
+        name: &'static str,
+        run: impl FnOnce() -> anyhow::Result<(T, String)>,
+    ) -> Result<T, String> {
+        let started = Instant::now();
+        let result = run();
+        let (ok, detail, value) = match result {
+            Ok((value, detail)) => (true, detail, Some(value)),
+            Err(e) => (false, format!("{e:#}"), None),
+        };
+        let step = Step {
+            name,
+            ok,
+            detail: detail.clone(),
+            took: started.elapsed(),
+        };
+        (self.on_step)(&step);
+        self.steps.push(step);
+        value.ok_or(detail)
+    }
+}
+
+/// What a failed cutover must undo before it can report a refusal.
+struct Undo<'a> {
+    settings: &'a CutoverSettings,
+    /// The epoch the cutover moved to: the old active comes back above it.
+    epoch: i64,
+    /// Whether the old active was fenced (or demoted) yet.
+    fenced: bool,
+    /// Whether a reverse copy (slot on the standby, position on the old active) may exist.
+    reverse_started: bool,
+}
+
+impl Undo<'_> {
+    /// Puts the old active back; the text says what was put back.
+    fn run(&self, active: &mut PgConnection, standby: &mut PgConnection) -> anyhow::Result<String> {
+        let mut done = Vec::new();
+        let standby_role = read_role(standby)?;
+        anyhow::ensure!(
+            standby_role.role != NodeRole::Active,
+            "the standby's database is ACTIVE (epoch {}): it was promoted, so the old active is not put back",
+            standby_role.epoch
+        );
+        if self.reverse_started {
+            let standby_id = cdc::source_id(standby)?;
+            retry_while_busy(|| cdc::drop_slot(standby, &self.settings.slot))?;
+            cdc::forget_position(active, &standby_id, &self.settings.slot)?;
+            done.push("the reverse copy's slot and position removed");
+        }
+        let now = read_role(active)?;
+        if self.fenced && now.role != NodeRole::Active {
+            let back = now.epoch.max(self.epoch) + 1;
+            super::set_role(
+                active,
+                NodeRole::Active,
+                back,
+                "cutover refused after the fence: the old active serves again",
+            )?;
+            done.push(
+                "the old active is ACTIVE again, one epoch higher (its kunpayd restarts into it)",
+            );
+        } else if super::cancel_drain(active)? > 0 {
+            done.push("the drain request withdrawn: the old active takes business again");
+        }
+        Ok(if done.is_empty() {
+            "nothing had changed".into()
+        } else {
+            done.join("; ")
+        })
+    }
+}
+
+/// Retries `run` for a few seconds while PostgreSQL says the slot is in use (an applier is in
+/// the middle of reading it).
+fn retry_while_busy<T>(mut run: impl FnMut() -> diesel::QueryResult<T>) -> diesel::QueryResult<T> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match run() {
+            Err(e) if Instant::now() < deadline && e.to_string().contains("is active for PID") => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Polls `done` every 20 ms until it says yes or `timeout` passes.
+fn wait_for(
+    timeout: Duration,
+    mut done: impl FnMut() -> anyhow::Result<Option<String>>,
+) -> anyhow::Result<Option<String>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = done()? {
+            return Ok(Some(found));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Moves the active role from the database at `active_url` to the one at `standby_url` (see
+/// the module comment for the order and why). `on_step` sees every check and step as it ends.
+pub fn execute(
+    kind: Kind,
+    active_url: &str,
+    standby_url: &str,
+    settings: &CutoverSettings,
+    on_step: &mut dyn FnMut(&Step),
+) -> Execution {
+    let mut runner = Runner {
+        steps: Vec::new(),
+        on_step,
+    };
+    let refused = |plan: Plan, steps: Vec<Step>, reason: String| Execution {
+        plan,
+        steps,
+        outcome: Outcome::Refused { reason },
+        write_pause: None,
+    };
+    let empty_plan = || Plan {
+        checks: Vec::new(),
+        steps: Vec::new(),
+        new_epoch: 0,
+    };
+    let (mut active, mut standby) = match (
+        open(active_url, settings.statement_timeout, "active"),
+        open(standby_url, settings.statement_timeout, "standby"),
+    ) {
+        (Ok(a), Ok(s)) => (a, s),
+        (Err(e), _) | (_, Err(e)) => {
+            return refused(empty_plan(), Vec::new(), format!("{e:#}"));
+        }
+    };
+
+    let mut plan = dry_run(&mut active, &mut standby, settings);
+    if kind == Kind::Rollback {
+        check(&mut plan.checks, "last cutover", || {
+            let (a, s) = (read_role(&mut active)?, read_role(&mut standby)?);
+            let ok = s.reason.starts_with(DEMOTED_REASON_PREFIX) && s.epoch == a.epoch;
+            Ok((
+                ok,
+                if ok {
+                    format!(
+                        "the standby was the active before the cutover to epoch {}",
+                        a.epoch
+                    )
+                } else {
+                    format!(
+                        "the standby is not the old active of the last cutover (its role says \"{}\" at epoch {}, \
+                         the active is at epoch {}); a rollback undoes only the last cutover: use `kunpayctl cutover`",
+                        s.reason, s.epoch, a.epoch
+                    )
+                },
+            ))
+        });
+    }
+    for c in &plan.checks {
+        (runner.on_step)(&Step {
+            name: c.name,
+            ok: c.ok,
+            detail: c.detail.clone(),
+            took: c.took,
+        });
+    }
+    if let Some(refusal) = plan.refusal() {
+        let reason = format!("check \"{}\" failed: {}", refusal.name, refusal.detail);
+        return refused(plan, runner.steps, reason);
+    }
+    let epoch = plan.new_epoch;
+    let mut undo = Undo {
+        settings,
+        epoch,
+        fenced: false,
+        reverse_started: false,
+    };
+    let paused_at = Instant::now();
+
+    let result = (|| -> Result<(), String> {
+        // 1. Drain: the old active answers 503 and finishes what is in flight.
+        runner.step("drain", || {
+            let current = read_role(&mut active)?;
+            let requested = super::request_drain(&mut active, current.epoch)?;
+            let drained = wait_for(settings.drain_timeout, || {
+                let now = read_role(&mut active)?;
+                Ok(match (now.drain_requested_at, now.drained_at) {
+                    (Some(r), Some(at)) if r == requested => Some(format!(
+                        "the old active refused new business and finished its requests in flight ({} ms after the request)",
+                        (at - r).num_milliseconds()
+                    )),
+                    _ => None,
+                })
+            })?;
+            drained.map(|d| ((), d)).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the old active's kunpayd did not report drained within {:?}: is it running, and is it the kunpayd \
+                     of that database? (kunpayctl status on that node)",
+                    settings.drain_timeout
+                )
+            })
+        })?;
+        // 2. Fence: from here nothing writes there.
+        let fence = runner.step("fence", || {
+            undo.fenced = true;
+            super::set_role(
+                &mut active,
+                NodeRole::Fenced,
+                epoch,
+                &format!(
+                    "{}: fenced at epoch {epoch}; the standby takes over",
+                    kind.name()
+                ),
+            )?;
+            let fence = cdc::flush_lsn(&mut active)?;
+            Ok((
+                fence,
+                format!("the old active is FENCED at epoch {epoch}; fence position {fence}"),
+            ))
+        })?;
+        // 3. Catch up.
+        runner.step("catch up", || {
+            let caught = wait_for(settings.catch_up_timeout, || {
+                let status = cdc::status(&mut active, &mut standby, &settings.slot)?;
+                let complete = status
+                    .position
+                    .as_ref()
+                    .map(|p| Lsn(p.applied_lsn.max(p.complete_lsn).max(0) as u64))
+                    .unwrap_or_default();
+                Ok((complete >= fence).then(|| {
+                    format!(
+                        "the standby holds everything up to {complete} ({} transactions applied in all)",
+                        status.position.as_ref().map_or(0, |p| p.transactions)
+                    )
+                }))
+            })?;
+            caught.map(|d| ((), d)).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the standby did not apply everything up to the fence position {fence} within {:?}: is its \
+                     kunpayd running the CDC applier? (kunpayctl ha status on the standby)",
+                    settings.catch_up_timeout
+                )
+            })
+        })?;
+        // 4. Verify.
+        runner.step("verify", || {
+            let (a, s) = (
+                super::database_digest(&mut active)?,
+                super::database_digest(&mut standby)?,
+            );
+            let differences = super::digest_differences(&a, &s);
+            anyhow::ensure!(
+                differences.is_empty(),
+                "the databases differ: {}",
+                differences.join("; ")
+            );
+            let rows: u64 = a.iter().map(|d| d.rows).sum();
+            Ok((
+                (),
+                format!(
+                    "{} tables, {rows} rows: counts and SM3 digests equal",
+                    a.len()
+                ),
+            ))
+        })?;
+        // 5. Sequences.
+        runner.step("sequences", || {
+            let moved = super::advance_sequences(&mut standby)?;
+            Ok((
+                (),
+                format!("{} sequences moved past the copied ids", moved.len()),
+            ))
+        })?;
+        // 6. The reverse copy, started while both are still quiet (the old active stays
+        // FENCED, so its own daemon runs no applier that could race this).
+        runner.step("reverse CDC", || {
+            undo.reverse_started = true;
+            let started = Instant::now();
+            loop {
+                match cdc::Applier::prepare(
+                    standby_url,
+                    active_url,
+                    cdc::CdcSettings {
+                        slot: settings.slot.clone(),
+                        batch: 1000,
+                        statement_timeout: settings.statement_timeout,
+                    },
+                ) {
+                    Ok(()) => {
+                        return Ok((
+                            (),
+                            format!(
+                                "slot {} on the new active and the old active's position, both sides proved equal",
+                                settings.slot
+                            ),
+                        ));
+                    }
+                    // The standby's own applier writes its position now and then; the copy is
+                    // proved only in a quiet moment, which comes within milliseconds.
+                    Err(cdc::CdcError::Refused(why))
+                        if why.contains("was writing") && started.elapsed() < Duration::from_secs(10) =>
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        })?;
+        // 7. Promote.
+        runner.step("promote", || {
+            match super::set_role(
+                &mut standby,
+                NodeRole::Active,
+                epoch,
+                &format!("{}: promoted at epoch {epoch}", kind.name()),
+            ) {
+                Ok(_) => {}
+                // The commit may have happened with only its answer lost: the database says.
+                Err(e) => {
+                    let now = read_role(&mut standby).map_err(|_| e)?;
+                    anyhow::ensure!(
+                        now.role == NodeRole::Active && now.epoch == epoch,
+                        "the standby was not promoted"
+                    );
+                }
+            }
+            Ok((
+                (),
+                format!("the new active is ACTIVE at epoch {epoch}; its kunpayd notices and takes business"),
+            ))
+        })?;
+        Ok(())
+    })();
+
+    let write_pause = paused_at.elapsed();
+    if let Err(reason) = result {
+        let outcome = match undo.run(&mut active, &mut standby) {
+            Ok(put_back) => Outcome::Refused {
+                reason: format!("{reason} ({put_back})"),
+            },
+            Err(e) => Outcome::Failed {
+                reason: format!(
+                    "{reason}; putting the old active back failed too: {e:#}. Look at both with `kunpayctl ha status` \
+                     and decide which one is ACTIVE (`kunpayctl ha set-role active --epoch N` with N above both epochs)"
+                ),
+            },
+        };
+        return Execution {
+            plan,
+            steps: runner.steps,
+            outcome,
+            write_pause: None,
+        };
+    }
+    // 8. The old active becomes the new one's standby; its daemon restarts into it and copies
+    // from the slot step 6 made. A failure here leaves it FENCED, which is safe; the report
+    // says what to run.
+    let _ = runner.step("demote the old active", || {
+        super::set_role(
+            &mut active,
+            NodeRole::Standby,
+            epoch,
+            &format!("{DEMOTED_REASON_PREFIX} since epoch {epoch} ({})", kind.name()),
+        )
+        .map_err(|e| {
+            e.context(format!(
+                "the old active stays FENCED (safe, but it copies nothing): run `kunpayctl ha set-role standby \
+                 --epoch {epoch} --reason \"{DEMOTED_REASON_PREFIX}\"` on it"
+            ))
+        })?;
+        Ok(((), format!("the old active is STANDBY at epoch {epoch}; its kunpayd restarts and copies from the new active")))
+    });
+    // 9. The old direction's slot would keep WAL on the old active forever; its position on the
+    // new active would be read as a gap by the next copy from there. Neither blocks the result.
+    let _ = runner.step("retire the old copy", || {
+        let active_id = cdc::source_id(&mut active)?;
+        let dropped = retry_while_busy(|| cdc::drop_slot(&mut active, &settings.slot))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "slot {} on the old active could not be dropped ({e}); it keeps WAL there until \
+                     `SELECT pg_drop_replication_slot('{}')` is run on the old active",
+                    settings.slot,
+                    settings.slot
+                )
+            })?;
+        cdc::forget_position(&mut standby, &active_id, &settings.slot)?;
+        Ok((
+            (),
+            if dropped {
+                format!("slot {} dropped on the old active", settings.slot)
+            } else {
+                "no old slot to drop".into()
+            },
+        ))
+    });
+    Execution {
+        plan,
+        steps: runner.steps,
+        outcome: Outcome::Done { epoch },
+        write_pause: Some(write_pause),
     }
 }

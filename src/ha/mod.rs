@@ -88,6 +88,18 @@ pub struct RoleRecord {
     pub epoch: i64,
     pub changed_at: chrono::DateTime<chrono::Utc>,
     pub reason: String,
+    /// A planned cutover asked this (ACTIVE) node to drain at this time ([`request_drain`]).
+    pub drain_requested_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The node's daemon finished the requests in flight at this time ([`report_drained`]).
+    pub drained_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl RoleRecord {
+    /// Same role at the same epoch: a running daemon keeps serving as it started. Anything
+    /// else means a restart (the new epoch must be claimed by fresh connections).
+    pub fn same_standing(&self, other: &RoleRecord) -> bool {
+        self.role == other.role && self.epoch == other.epoch
+    }
 }
 
 #[derive(QueryableByName)]
@@ -100,30 +112,43 @@ struct RoleRow {
     changed_at: chrono::DateTime<chrono::Utc>,
     #[diesel(sql_type = Text)]
     reason: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Timestamptz>)]
+    drain_requested_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Timestamptz>)]
+    drained_at: Option<chrono::DateTime<chrono::Utc>>,
 }
+
+impl RoleRow {
+    fn into_record(self) -> anyhow::Result<RoleRecord> {
+        Ok(RoleRecord {
+            role: self.role.parse().map_err(anyhow::Error::msg)?,
+            epoch: self.epoch,
+            changed_at: self.changed_at,
+            reason: self.reason,
+            drain_requested_at: self.drain_requested_at,
+            drained_at: self.drained_at,
+        })
+    }
+}
+
+const ROLE_COLUMNS: &str = "role, epoch, changed_at, reason, drain_requested_at, drained_at";
 
 /// Reads `ha_node_role`; an error names the migration when the table or its row is missing.
 pub fn read_role(conn: &mut PgConnection) -> anyhow::Result<RoleRecord> {
-    let rows: Vec<RoleRow> = diesel::sql_query(
-        "SELECT role, epoch, changed_at, reason FROM ha_node_role WHERE id = 1",
-    )
-    .load(conn)
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "cannot read ha_node_role ({e}); run `kunpayctl db migrate` (migration 2026-11-23-000008_ha)"
-        )
-    })?;
+    let rows: Vec<RoleRow> =
+        diesel::sql_query(format!("SELECT {ROLE_COLUMNS} FROM ha_node_role WHERE id = 1"))
+            .load(conn)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read ha_node_role ({e}); run `kunpayctl db migrate` (migrations 000008_ha, 000010_ha_handover)"
+                )
+            })?;
     let row = rows.into_iter().next().ok_or_else(|| {
         anyhow::anyhow!(
             "ha_node_role has no row: every write is refused; set the role with `kunpayctl ha set-role`"
         )
     })?;
-    Ok(RoleRecord {
-        role: row.role.parse().map_err(anyhow::Error::msg)?,
-        epoch: row.epoch,
-        changed_at: row.changed_at,
-        reason: row.reason,
-    })
+    row.into_record()
 }
 
 /// Sets this database's role at `epoch`. The epoch never goes back. Promotion to ACTIVE needs
@@ -140,17 +165,12 @@ pub fn set_role(
     anyhow::ensure!(epoch >= 0, "a fencing epoch is never negative");
     let reason: String = reason.chars().take(200).collect();
     conn.transaction(|conn| {
-        let rows: Vec<RoleRow> = diesel::sql_query(
-            "SELECT role, epoch, changed_at, reason FROM ha_node_role WHERE id = 1 FOR UPDATE",
-        )
+        let rows: Vec<RoleRow> = diesel::sql_query(format!(
+            "SELECT {ROLE_COLUMNS} FROM ha_node_role WHERE id = 1 FOR UPDATE"
+        ))
         .load(conn)?;
         let before = match rows.into_iter().next() {
-            Some(row) => RoleRecord {
-                role: row.role.parse().map_err(anyhow::Error::msg)?,
-                epoch: row.epoch,
-                changed_at: row.changed_at,
-                reason: row.reason,
-            },
+            Some(row) => row.into_record()?,
             None => anyhow::bail!("ha_node_role has no row; run `kunpayctl db migrate`"),
         };
         if before.role == role && before.epoch == epoch {
@@ -168,8 +188,10 @@ pub fn set_role(
             before.role,
             before.epoch
         );
+        // A drain belongs to the role it was asked of: a new standing starts without one.
         diesel::sql_query(
-            "UPDATE ha_node_role SET role = $1, epoch = $2, changed_at = now(), reason = $3 WHERE id = 1",
+            "UPDATE ha_node_role SET role = $1, epoch = $2, changed_at = now(), reason = $3, \
+             drain_requested_at = NULL, drained_at = NULL WHERE id = 1",
         )
         .bind::<Text, _>(role.as_db())
         .bind::<BigInt, _>(epoch)
@@ -177,6 +199,64 @@ pub fn set_role(
         .execute(conn)?;
         Ok(before)
     })
+}
+
+/// Asks this database's node to drain (a planned cutover's first step): the daemon watching the
+/// role row stops taking business requests (503, /primary 503), lets the ones in flight finish
+/// and records [`report_drained`]. Only an ACTIVE database is drained, and only at the epoch the
+/// caller saw (a cutover that raced another is refused). Returns the request's time, which the
+/// daemon's report must match. Asking again restarts the wait (the old report is cleared).
+pub fn request_drain(
+    conn: &mut PgConnection,
+    epoch: i64,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    #[derive(QueryableByName)]
+    struct At {
+        #[diesel(sql_type = Timestamptz)]
+        at: chrono::DateTime<chrono::Utc>,
+    }
+    let rows: Vec<At> = diesel::sql_query(
+        "UPDATE ha_node_role SET drain_requested_at = clock_timestamp(), drained_at = NULL \
+         WHERE id = 1 AND role = 'ACTIVE' AND epoch = $1 RETURNING drain_requested_at AS at",
+    )
+    .bind::<BigInt, _>(epoch)
+    .load(conn)?;
+    match rows.into_iter().next() {
+        Some(row) => Ok(row.at),
+        None => {
+            let now = read_role(conn)?;
+            anyhow::bail!(
+                "refused: the database to drain is {} at fencing epoch {}, not ACTIVE at epoch {epoch}",
+                now.role,
+                now.epoch
+            )
+        }
+    }
+}
+
+/// Withdraws a drain request (a cutover refused before the fence): the node serves again.
+pub fn cancel_drain(conn: &mut PgConnection) -> QueryResult<usize> {
+    diesel::sql_query(
+        "UPDATE ha_node_role SET drain_requested_at = NULL, drained_at = NULL \
+         WHERE id = 1 AND drain_requested_at IS NOT NULL",
+    )
+    .execute(conn)
+}
+
+/// The daemon's answer to [`request_drain`]: nothing is in flight since the request at
+/// `requested_at`. Matches on that time, so a report never answers a later request. Returns
+/// whether the row still asked for it.
+pub fn report_drained(
+    conn: &mut PgConnection,
+    requested_at: chrono::DateTime<chrono::Utc>,
+) -> QueryResult<bool> {
+    let changed = diesel::sql_query(
+        "UPDATE ha_node_role SET drained_at = clock_timestamp() \
+         WHERE id = 1 AND drain_requested_at = $1 AND drained_at IS NULL",
+    )
+    .bind::<Timestamptz, _>(requested_at)
+    .execute(conn)?;
+    Ok(changed == 1)
 }
 
 /// Declares the fencing epoch this session writes under: the guard refuses its writes once the

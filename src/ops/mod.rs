@@ -11,7 +11,7 @@
 pub mod metrics;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -38,6 +38,11 @@ pub struct NodeState {
     audit_failed: AtomicBool,
     /// A standby's copy is unhealthy (CDC failing) or beyond `ha.max_lag`: /standby says 503.
     standby_unfit: AtomicBool,
+    /// A planned cutover asked this active node to drain: business requests and /primary get
+    /// 503 until the cutover fences the database (or withdraws the request).
+    handing_over: AtomicBool,
+    /// Business requests admitted by [`business_gate`] and not yet answered.
+    business_in_flight: AtomicUsize,
     heartbeat_unix_ms: AtomicU64,
     health_timeout_ms: AtomicU64,
     liveness_ttl_ms: AtomicU64,
@@ -81,6 +86,8 @@ impl NodeState {
             outbox_full: AtomicBool::new(false),
             audit_failed: AtomicBool::new(false),
             standby_unfit: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
+            business_in_flight: AtomicUsize::new(0),
             heartbeat_unix_ms: AtomicU64::new(now_unix_ms()),
             health_timeout_ms: AtomicU64::new(health_timeout.as_millis() as u64),
             liveness_ttl_ms: AtomicU64::new(liveness_ttl.as_millis() as u64),
@@ -172,9 +179,48 @@ impl NodeState {
         self.audit_failed.load(Ordering::SeqCst)
     }
 
-    /// Whether something besides draining keeps business traffic away (outbox, audit log).
+    /// Whether something besides draining keeps business traffic away (outbox, audit log,
+    /// a cutover's drain).
     fn refuses_traffic(&self) -> bool {
-        self.is_outbox_full() || self.is_audit_failed()
+        self.is_outbox_full() || self.is_audit_failed() || self.is_handing_over()
+    }
+
+    /// A planned cutover's drain begins: from now on [`business_gate`] refuses new requests.
+    pub fn begin_handover(&self) {
+        self.handing_over.store(true, Ordering::SeqCst);
+    }
+
+    /// The cutover was withdrawn before the fence: serve again.
+    pub fn end_handover(&self) {
+        self.handing_over.store(false, Ordering::SeqCst);
+    }
+
+    pub fn is_handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::SeqCst)
+    }
+
+    /// Business requests admitted and not yet answered. Zero after [`begin_handover`] means
+    /// zero for good: every later request is refused at the gate.
+    pub fn business_in_flight(&self) -> usize {
+        self.business_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Whether a business request may enter now: the active node, not stopping, not handing
+    /// over. (Outbox and audit refusals are answered by the gateway itself, with result codes.)
+    fn takes_business(&self) -> bool {
+        self.role() == Role::Active && !self.is_draining() && !self.is_handing_over()
+    }
+
+    /// Counts a business request in, unless the node does not take business now. The count is
+    /// raised before the second look, so a drain that sets its flag and then sees zero in
+    /// flight can never miss a request that got past the first look.
+    fn admit_business(self: &Arc<Self>) -> Option<BusinessTicket> {
+        if !self.takes_business() {
+            return None;
+        }
+        self.business_in_flight.fetch_add(1, Ordering::SeqCst);
+        let ticket = BusinessTicket(self.clone());
+        self.takes_business().then_some(ticket)
     }
 
     /// Set by the CDC applier after each batch: false while it fails or lags beyond the bound.
@@ -251,6 +297,57 @@ impl NodeState {
 }
 
 /// The body of every health endpoint, in the spirit of Patroni's JSON.
+/// One admitted business request; dropping it (the answer left, or the client went away)
+/// counts it out.
+struct BusinessTicket(Arc<NodeState>);
+
+impl Drop for BusinessTicket {
+    fn drop(&mut self) {
+        let before = self.0.business_in_flight.fetch_sub(1, Ordering::SeqCst);
+        assert!(before > 0, "a business request counted out twice");
+    }
+}
+
+/// Middleware in front of every business route: a standby, a node handing over to its
+/// standby, or a node stopping answers 503 at once (F5 retries on the active node), so no
+/// business request ever starts on a node that must not write.
+pub async fn business_gate(
+    State(state): State<Arc<NodeState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match state.admit_business() {
+        Some(ticket) => {
+            let response = next.run(request).await;
+            drop(ticket);
+            response
+        }
+        None => {
+            let why = if state.role() != Role::Active {
+                "this node is the standby"
+            } else if state.is_handing_over() {
+                "this node is handing over to its standby (planned cutover)"
+            } else {
+                "this node is stopping"
+            };
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                format!("kunpay: {why}; business requests go to the active node\n"),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The channel listener of a node that does not take business: every request gets the gate's
+/// 503, whatever its path.
+pub fn standby_channel_router(state: Arc<NodeState>) -> Router {
+    Router::new()
+        .fallback(|| async { StatusCode::SERVICE_UNAVAILABLE })
+        .layer(axum::middleware::from_fn_with_state(state, business_gate))
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NodeReport {
     pub node: String,
@@ -271,6 +368,8 @@ impl NodeReport {
             role: state.role().to_string(),
             state: if state.is_draining() {
                 "draining"
+            } else if state.is_handing_over() {
+                "handing over"
             } else if state.is_audit_failed() {
                 "audit log failed"
             } else if state.is_outbox_full() {

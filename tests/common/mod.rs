@@ -264,6 +264,7 @@ impl DaemonDir {
     }
 }
 
+pub mod amqp;
 pub mod institution;
 pub mod proxy;
 
