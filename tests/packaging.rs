@@ -5,7 +5,6 @@
 //! both architectures, then packaging/build-rpm.sh). Run alone, they fail and say which make
 //! target to run; they are never skipped silently. They need root (the install test chroots
 //! into a scratch root to run the packages' scriptlets), as CI and the build machines have.
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
@@ -316,6 +315,13 @@ fn kunpayd_unit_exposure_is_at_most_1_5_with_systemd_249_directives_alone() {
     );
 }
 
+/// The packaged drop-in holds only settings systemd 249 ignores (every line needs a newer
+/// systemd, see `base_units_use_only_directives_systemd_249_understands`), and no version of
+/// `systemd-analyze security` has a check for any of them (MemoryKSM=, ProtectControlGroups=strict,
+/// PrivateTmp=disconnected): the checks the unit still fails (root directory, address families,
+/// private network, device list, IP allow list) are all about settings 249 already has. So the
+/// drop-in cannot lower the number; it must never raise it. What lowers it is the site's IP allow
+/// list, next test.
 #[test]
 fn kunpayd_unit_with_the_newer_systemd_drop_in_is_no_more_exposed() {
     let (_dir, alone) = unit_alone("kunpayd.service");
@@ -325,6 +331,26 @@ fn kunpayd_unit_with_the_newer_systemd_drop_in_is_no_more_exposed() {
     eprintln!("systemd-analyze security kunpayd.service: base {base}, with drop-in {with_drop_in}");
     assert!(with_drop_in <= base);
     assert!(with_drop_in <= MAX_EXPOSURE);
+}
+
+#[test]
+fn kunpayd_unit_with_the_site_network_drop_in_is_less_exposed() {
+    let (dir, alone) = unit_alone("kunpayd.service");
+    let base = exposure(&alone);
+    // As a site installs the example: /etc/systemd/system/kunpayd.service.d/60-network.conf.
+    let drop_ins = dir.path().join("kunpayd.service.d");
+    fs::create_dir(&drop_ins).unwrap();
+    fs::copy(
+        repo("systemd/kunpayd-network.conf.example"),
+        drop_ins.join("60-network.conf"),
+    )
+    .unwrap();
+    let with_network = exposure(&alone);
+    eprintln!(
+        "systemd-analyze security kunpayd.service: base {base}, with the network drop-in {with_network}"
+    );
+    assert!(with_network < base, "{with_network} is not below {base}");
+    assert!(with_network <= MAX_EXPOSURE);
 }
 
 #[test]
@@ -403,6 +429,8 @@ const DIRECTIVE_SINCE: &[(&str, u32)] = &[
     ("LimitNOFILE", 1),
     ("LimitCORE", 1),
     ("LoadCredential", 247),
+    ("IPAddressDeny", 235),
+    ("IPAddressAllow", 235),
     ("NoNewPrivileges", 187),
     ("CapabilityBoundingSet", 1),
     ("AmbientCapabilities", 229),
@@ -442,8 +470,13 @@ const DIRECTIVE_SINCE: &[(&str, u32)] = &[
 /// Values that need a newer systemd than their directive does.
 const VALUE_SINCE: &[(&str, &str, u32)] = &[
     ("ProtectControlGroups", "strict", 257),
-    ("ProtectHostname", "private", 257),
+    ("PrivateTmp", "disconnected", 257),
 ];
+
+/// Newer values that are weaker than the base unit's setting: a drop-in must not use them.
+/// ProtectHostname=private (258) keeps the UTS namespace but allows sethostname() in it, which
+/// ProtectHostname=yes refuses.
+const WEAKER_VALUES: &[(&str, &str)] = &[("ProtectHostname", "private")];
 
 fn needs_systemd(key: &str, value: &str) -> u32 {
     let base = DIRECTIVE_SINCE
@@ -473,6 +506,90 @@ fn base_units_use_only_directives_systemd_249_understands() {
         assert!(
             since > 249,
             "50-hardening-newer.conf: {key}={value} works on 249 (since {since}): move it to the unit"
+        );
+        assert!(
+            !WEAKER_VALUES.contains(&(key.as_str(), value.as_str())),
+            "50-hardening-newer.conf: {key}={value} is weaker than the unit's own setting"
+        );
+    }
+    // The site's network drop-in must work on the oldest systemd a bank runs.
+    for (_, key, value) in directives(&repo("systemd/kunpayd-network.conf.example")) {
+        let since = needs_systemd(&key, &value);
+        assert!(
+            since <= 243,
+            "kunpayd-network.conf.example: {key}={value} needs systemd {since}"
+        );
+    }
+}
+
+/// The credentials kunpayd understands: configuration key, credential name.
+const CREDENTIALS: &[(&str, &str)] = &[
+    ("keys.sign_passphrase_credential", "node-sign-passphrase"),
+    (
+        "keys.encrypt_passphrase_credential",
+        "node-encrypt-passphrase",
+    ),
+    ("audit.sign_passphrase_credential", "audit-sign-passphrase"),
+    ("database.password_credential", "db-password"),
+    ("core.amqp.password_credential", "amqp-password"),
+    ("core.amqp.mac_key_credential", "core-mac-key"),
+    ("ha.source_password_credential", "cdc-password"),
+];
+
+/// systemd refuses to start a unit whose LoadCredential= source is missing: every source the
+/// unit names must be created by the package (tmpfiles.d at boot, %post at install), and every
+/// credential the configuration reader knows must be loaded by the unit.
+#[test]
+fn the_unit_loads_every_credential_and_the_package_creates_every_source() {
+    let loaded: Vec<(String, String)> = directives(&repo("systemd/kunpayd.service"))
+        .into_iter()
+        .filter(|(_, key, _)| key == "LoadCredential")
+        .map(|(_, _, value)| {
+            let (name, path) = value.split_once(':').expect("LoadCredential=NAME:PATH");
+            (name.to_string(), path.to_string())
+        })
+        .collect();
+    let mut names: Vec<&str> = loaded.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    let mut expected: Vec<&str> = CREDENTIALS.iter().map(|(_, n)| *n).collect();
+    expected.sort();
+    assert_eq!(names, expected, "the unit's LoadCredential= names");
+
+    let tmpfiles = fs::read_to_string(repo("systemd/kunpay.tmpfiles")).unwrap();
+    assert!(tmpfiles.contains("d /etc/kunpay/credentials 0700 root root -"));
+    let spec = fs::read_to_string(repo("packaging/kunpay.spec")).unwrap();
+    let spec_names: Vec<&str> = spec
+        .lines()
+        .find_map(|l| l.strip_prefix("%global kunpay_credentials "))
+        .expect("%global kunpay_credentials in the spec")
+        .split_whitespace()
+        .collect();
+    let config = fs::read_to_string(repo("packaging/kunpay.toml")).unwrap();
+    let reference = fs::read_to_string(repo("docs/configuration.md")).unwrap();
+    for (name, path) in &loaded {
+        assert_eq!(path, &format!("/etc/kunpay/credentials/{name}"));
+        let line = format!("f {path} 0600 root root -");
+        assert!(tmpfiles.contains(&line), "kunpay.tmpfiles lacks {line:?}");
+        assert!(
+            spec_names.contains(&name.as_str()),
+            "%global kunpay_credentials lacks {name}"
+        );
+    }
+    assert_eq!(spec_names.len(), loaded.len(), "{spec_names:?}");
+    for (key, name) in CREDENTIALS {
+        // The packaged configuration shows each (commented out), with the unit's name.
+        let leaf = key.rsplit('.').next().unwrap();
+        let shown = [
+            format!("#{leaf} = \"{name}\""),
+            format!("# {leaf} = \"{name}\""),
+        ];
+        assert!(
+            shown.iter().any(|s| config.contains(s.as_str())),
+            "packaging/kunpay.toml does not show {key} = \"{name}\""
+        );
+        assert!(
+            reference.contains(&format!("`{key}`")) && reference.contains(&format!("`{name}`")),
+            "docs/configuration.md does not name {key} with {name}"
         );
     }
 }
@@ -662,6 +779,13 @@ fn check_payload(arch: &Arch) {
             "root",
             false,
         ),
+        (
+            "/usr/share/doc/kunpay/kunpayd-network.conf.example",
+            0o644,
+            "root",
+            "root",
+            false,
+        ),
     ];
     for (path, mode, owner, group, config) in expect {
         let got = files
@@ -743,6 +867,9 @@ fn scriptlets_create_the_account_and_manage_the_service_like_openeuler_packages(
         // %systemd_postun_with_restart: restart a running service after an upgrade.
         "if [ $1 -ge 1 ]; then systemctl try-restart kunpayd.service",
         "systemd-tmpfiles --create /usr/lib/tmpfiles.d/kunpay.conf",
+        // The credential sources, also where systemd-tmpfiles is absent; existing ones kept.
+        "for c in node-sign-passphrase node-encrypt-passphrase audit-sign-passphrase db-password amqp-password core-mac-key cdc-password; do",
+        "[ -e /etc/kunpay/credentials/$c ] || (umask 077 && : > /etc/kunpay/credentials/$c)",
     ] {
         assert!(
             scripts.contains(expected),
@@ -937,6 +1064,13 @@ fn install_upgrade_remove(arch: &Arch) {
     root.assert_file("/etc/kunpay/kunpay.toml", 0o640, "root", "kunpay");
     root.assert_file("/etc/kunpay/keys", 0o750, "root", "kunpay");
     root.assert_file("/etc/kunpay/credentials", 0o700, "root", "root");
+    // %post created every credential source the unit loads, empty and root's alone (there is
+    // no systemd-tmpfiles in the scratch root).
+    for (_, name) in CREDENTIALS {
+        let path = format!("/etc/kunpay/credentials/{name}");
+        root.assert_file(&path, 0o600, "root", "root");
+        assert_eq!(fs::read(root.path(&path)).unwrap(), b"", "{path}");
+    }
     root.assert_file("/var/lib/kunpay", 0o750, "kunpay", "kunpay");
     root.assert_file("/var/log/kunpay", 0o750, "kunpay", "kunpay");
     root.assert_file("/usr/bin/kunpayd", 0o755, "root", "root");
@@ -962,6 +1096,11 @@ fn install_upgrade_remove(arch: &Arch) {
     );
     fs::write(root.path("/etc/kunpay/kunpay.toml"), &configured).unwrap();
     fs::write(root.path("/etc/kunpay/keys/node-sign.pem"), "KEY").unwrap();
+    fs::write(
+        root.path("/etc/kunpay/credentials/db-password"),
+        "PASSWORD\n",
+    )
+    .unwrap();
     fs::write(root.path("/var/lib/kunpay/outbox.spill"), "STATE").unwrap();
 
     // Upgrade with an unchanged default: the configuration stays, no .rpmnew.
@@ -984,6 +1123,12 @@ fn install_upgrade_remove(arch: &Arch) {
         changed
     );
     root.assert_file("/etc/kunpay/kunpay.toml", 0o640, "root", "kunpay");
+    // The secrets are the site's: upgrades leave them as they are.
+    assert_eq!(
+        fs::read_to_string(root.path("/etc/kunpay/credentials/db-password")).unwrap(),
+        "PASSWORD\n"
+    );
+    root.assert_file("/etc/kunpay/credentials/db-password", 0o600, "root", "root");
     let q = root.rpm(&["-q", "kunpay"], None);
     assert_eq!(
         String::from_utf8_lossy(&q.stdout).trim(),
@@ -1010,6 +1155,15 @@ fn install_upgrade_remove(arch: &Arch) {
     assert_eq!(
         fs::read_to_string(root.path("/var/lib/kunpay/outbox.spill")).unwrap(),
         "STATE"
+    );
+    // The credential files are not the package's: removal leaves them, secrets included.
+    assert_eq!(
+        fs::read_to_string(root.path("/etc/kunpay/credentials/db-password")).unwrap(),
+        "PASSWORD\n"
+    );
+    assert!(
+        root.path("/etc/kunpay/credentials/node-sign-passphrase")
+            .exists()
     );
     assert!(root.id_of("etc/passwd", "kunpay").is_some());
 }
