@@ -5,6 +5,10 @@
 //! both architectures, then packaging/build-rpm.sh). Run alone, they fail and say which make
 //! target to run; they are never skipped silently. They need root (the install test chroots
 //! into a scratch root to run the packages' scriptlets), as CI and the build machines have.
+//! The test that boots a real systemd needs root too and PostgreSQL; it is skipped, saying why,
+//! only where the machine cannot boot one (no namespaces, no cgroup2).
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -316,6 +320,13 @@ fn kunpayd_unit_exposure_is_at_most_1_5_with_systemd_249_directives_alone() {
     );
 }
 
+/// The packaged drop-in holds only settings systemd 249 ignores (every line needs a newer
+/// systemd, see `base_units_use_only_directives_systemd_249_understands`), and no version of
+/// `systemd-analyze security` has a check for any of them (MemoryKSM=, ProtectControlGroups=strict,
+/// PrivateTmp=disconnected): the checks the unit still fails (root directory, address families,
+/// private network, device list, IP allow list) are all about settings 249 already has. So the
+/// drop-in cannot lower the number; it must never raise it. What lowers it is the site's IP allow
+/// list, next test.
 #[test]
 fn kunpayd_unit_with_the_newer_systemd_drop_in_is_no_more_exposed() {
     let (_dir, alone) = unit_alone("kunpayd.service");
@@ -325,6 +336,26 @@ fn kunpayd_unit_with_the_newer_systemd_drop_in_is_no_more_exposed() {
     eprintln!("systemd-analyze security kunpayd.service: base {base}, with drop-in {with_drop_in}");
     assert!(with_drop_in <= base);
     assert!(with_drop_in <= MAX_EXPOSURE);
+}
+
+#[test]
+fn kunpayd_unit_with_the_site_network_drop_in_is_less_exposed() {
+    let (dir, alone) = unit_alone("kunpayd.service");
+    let base = exposure(&alone);
+    // As a site installs the example: /etc/systemd/system/kunpayd.service.d/60-network.conf.
+    let drop_ins = dir.path().join("kunpayd.service.d");
+    fs::create_dir(&drop_ins).unwrap();
+    fs::copy(
+        repo("systemd/kunpayd-network.conf.example"),
+        drop_ins.join("60-network.conf"),
+    )
+    .unwrap();
+    let with_network = exposure(&alone);
+    eprintln!(
+        "systemd-analyze security kunpayd.service: base {base}, with the network drop-in {with_network}"
+    );
+    assert!(with_network < base, "{with_network} is not below {base}");
+    assert!(with_network <= MAX_EXPOSURE);
 }
 
 #[test]
@@ -403,6 +434,8 @@ const DIRECTIVE_SINCE: &[(&str, u32)] = &[
     ("LimitNOFILE", 1),
     ("LimitCORE", 1),
     ("LoadCredential", 247),
+    ("IPAddressDeny", 235),
+    ("IPAddressAllow", 235),
     ("NoNewPrivileges", 187),
     ("CapabilityBoundingSet", 1),
     ("AmbientCapabilities", 229),
@@ -442,8 +475,13 @@ const DIRECTIVE_SINCE: &[(&str, u32)] = &[
 /// Values that need a newer systemd than their directive does.
 const VALUE_SINCE: &[(&str, &str, u32)] = &[
     ("ProtectControlGroups", "strict", 257),
-    ("ProtectHostname", "private", 257),
+    ("PrivateTmp", "disconnected", 257),
 ];
+
+/// Newer values that are weaker than the base unit's setting: a drop-in must not use them.
+/// ProtectHostname=private (258) keeps the UTS namespace but allows sethostname() in it, which
+/// ProtectHostname=yes refuses.
+const WEAKER_VALUES: &[(&str, &str)] = &[("ProtectHostname", "private")];
 
 fn needs_systemd(key: &str, value: &str) -> u32 {
     let base = DIRECTIVE_SINCE
@@ -473,6 +511,90 @@ fn base_units_use_only_directives_systemd_249_understands() {
         assert!(
             since > 249,
             "50-hardening-newer.conf: {key}={value} works on 249 (since {since}): move it to the unit"
+        );
+        assert!(
+            !WEAKER_VALUES.contains(&(key.as_str(), value.as_str())),
+            "50-hardening-newer.conf: {key}={value} is weaker than the unit's own setting"
+        );
+    }
+    // The site's network drop-in must work on the oldest systemd a bank runs.
+    for (_, key, value) in directives(&repo("systemd/kunpayd-network.conf.example")) {
+        let since = needs_systemd(&key, &value);
+        assert!(
+            since <= 243,
+            "kunpayd-network.conf.example: {key}={value} needs systemd {since}"
+        );
+    }
+}
+
+/// The credentials kunpayd understands: configuration key, credential name.
+const CREDENTIALS: &[(&str, &str)] = &[
+    ("keys.sign_passphrase_credential", "node-sign-passphrase"),
+    (
+        "keys.encrypt_passphrase_credential",
+        "node-encrypt-passphrase",
+    ),
+    ("audit.sign_passphrase_credential", "audit-sign-passphrase"),
+    ("database.password_credential", "db-password"),
+    ("core.amqp.password_credential", "amqp-password"),
+    ("core.amqp.mac_key_credential", "core-mac-key"),
+    ("ha.source_password_credential", "cdc-password"),
+];
+
+/// systemd refuses to start a unit whose LoadCredential= source is missing: every source the
+/// unit names must be created by the package (tmpfiles.d at boot, %post at install), and every
+/// credential the configuration reader knows must be loaded by the unit.
+#[test]
+fn the_unit_loads_every_credential_and_the_package_creates_every_source() {
+    let loaded: Vec<(String, String)> = directives(&repo("systemd/kunpayd.service"))
+        .into_iter()
+        .filter(|(_, key, _)| key == "LoadCredential")
+        .map(|(_, _, value)| {
+            let (name, path) = value.split_once(':').expect("LoadCredential=NAME:PATH");
+            (name.to_string(), path.to_string())
+        })
+        .collect();
+    let mut names: Vec<&str> = loaded.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    let mut expected: Vec<&str> = CREDENTIALS.iter().map(|(_, n)| *n).collect();
+    expected.sort();
+    assert_eq!(names, expected, "the unit's LoadCredential= names");
+
+    let tmpfiles = fs::read_to_string(repo("systemd/kunpay.tmpfiles")).unwrap();
+    assert!(tmpfiles.contains("d /etc/kunpay/credentials 0700 root root -"));
+    let spec = fs::read_to_string(repo("packaging/kunpay.spec")).unwrap();
+    let spec_names: Vec<&str> = spec
+        .lines()
+        .find_map(|l| l.strip_prefix("%global kunpay_credentials "))
+        .expect("%global kunpay_credentials in the spec")
+        .split_whitespace()
+        .collect();
+    let config = fs::read_to_string(repo("packaging/kunpay.toml")).unwrap();
+    let reference = fs::read_to_string(repo("docs/configuration.md")).unwrap();
+    for (name, path) in &loaded {
+        assert_eq!(path, &format!("/etc/kunpay/credentials/{name}"));
+        let line = format!("f {path} 0600 root root -");
+        assert!(tmpfiles.contains(&line), "kunpay.tmpfiles lacks {line:?}");
+        assert!(
+            spec_names.contains(&name.as_str()),
+            "%global kunpay_credentials lacks {name}"
+        );
+    }
+    assert_eq!(spec_names.len(), loaded.len(), "{spec_names:?}");
+    for (key, name) in CREDENTIALS {
+        // The packaged configuration shows each (commented out), with the unit's name.
+        let leaf = key.rsplit('.').next().unwrap();
+        let shown = [
+            format!("#{leaf} = \"{name}\""),
+            format!("# {leaf} = \"{name}\""),
+        ];
+        assert!(
+            shown.iter().any(|s| config.contains(s.as_str())),
+            "packaging/kunpay.toml does not show {key} = \"{name}\""
+        );
+        assert!(
+            reference.contains(&format!("`{key}`")) && reference.contains(&format!("`{name}`")),
+            "docs/configuration.md does not name {key} with {name}"
         );
     }
 }
@@ -662,6 +784,13 @@ fn check_payload(arch: &Arch) {
             "root",
             false,
         ),
+        (
+            "/usr/share/doc/kunpay/kunpayd-network.conf.example",
+            0o644,
+            "root",
+            "root",
+            false,
+        ),
     ];
     for (path, mode, owner, group, config) in expect {
         let got = files
@@ -743,6 +872,9 @@ fn scriptlets_create_the_account_and_manage_the_service_like_openeuler_packages(
         // %systemd_postun_with_restart: restart a running service after an upgrade.
         "if [ $1 -ge 1 ]; then systemctl try-restart kunpayd.service",
         "systemd-tmpfiles --create /usr/lib/tmpfiles.d/kunpay.conf",
+        // The credential sources, also where systemd-tmpfiles is absent; existing ones kept.
+        "for c in node-sign-passphrase node-encrypt-passphrase audit-sign-passphrase db-password amqp-password core-mac-key cdc-password; do",
+        "[ -e /etc/kunpay/credentials/$c ] || (umask 077 && : > /etc/kunpay/credentials/$c)",
     ] {
         assert!(
             scripts.contains(expected),
@@ -937,6 +1069,13 @@ fn install_upgrade_remove(arch: &Arch) {
     root.assert_file("/etc/kunpay/kunpay.toml", 0o640, "root", "kunpay");
     root.assert_file("/etc/kunpay/keys", 0o750, "root", "kunpay");
     root.assert_file("/etc/kunpay/credentials", 0o700, "root", "root");
+    // %post created every credential source the unit loads, empty and root's alone (there is
+    // no systemd-tmpfiles in the scratch root).
+    for (_, name) in CREDENTIALS {
+        let path = format!("/etc/kunpay/credentials/{name}");
+        root.assert_file(&path, 0o600, "root", "root");
+        assert_eq!(fs::read(root.path(&path)).unwrap(), b"", "{path}");
+    }
     root.assert_file("/var/lib/kunpay", 0o750, "kunpay", "kunpay");
     root.assert_file("/var/log/kunpay", 0o750, "kunpay", "kunpay");
     root.assert_file("/usr/bin/kunpayd", 0o755, "root", "root");
@@ -962,6 +1101,11 @@ fn install_upgrade_remove(arch: &Arch) {
     );
     fs::write(root.path("/etc/kunpay/kunpay.toml"), &configured).unwrap();
     fs::write(root.path("/etc/kunpay/keys/node-sign.pem"), "KEY").unwrap();
+    fs::write(
+        root.path("/etc/kunpay/credentials/db-password"),
+        "PASSWORD\n",
+    )
+    .unwrap();
     fs::write(root.path("/var/lib/kunpay/outbox.spill"), "STATE").unwrap();
 
     // Upgrade with an unchanged default: the configuration stays, no .rpmnew.
@@ -984,6 +1128,12 @@ fn install_upgrade_remove(arch: &Arch) {
         changed
     );
     root.assert_file("/etc/kunpay/kunpay.toml", 0o640, "root", "kunpay");
+    // The secrets are the site's: upgrades leave them as they are.
+    assert_eq!(
+        fs::read_to_string(root.path("/etc/kunpay/credentials/db-password")).unwrap(),
+        "PASSWORD\n"
+    );
+    root.assert_file("/etc/kunpay/credentials/db-password", 0o600, "root", "root");
     let q = root.rpm(&["-q", "kunpay"], None);
     assert_eq!(
         String::from_utf8_lossy(&q.stdout).trim(),
@@ -1010,6 +1160,15 @@ fn install_upgrade_remove(arch: &Arch) {
     assert_eq!(
         fs::read_to_string(root.path("/var/lib/kunpay/outbox.spill")).unwrap(),
         "STATE"
+    );
+    // The credential files are not the package's: removal leaves them, secrets included.
+    assert_eq!(
+        fs::read_to_string(root.path("/etc/kunpay/credentials/db-password")).unwrap(),
+        "PASSWORD\n"
+    );
+    assert!(
+        root.path("/etc/kunpay/credentials/node-sign-passphrase")
+            .exists()
     );
     assert!(root.id_of("etc/passwd", "kunpay").is_some());
 }
@@ -1154,4 +1313,504 @@ fn the_glibc_check_catches_a_binary_linked_against_this_machines_glibc() {
             .any(|v| glibc_version(v).is_some_and(|v| v > (2, 28))),
         "{versions:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// kunpayd under a real systemd
+
+/// Why this machine cannot boot a systemd of its own for the test (tests/systemd-boot.sh), or
+/// None when it can: root, systemd and util-linux's unshare/nsenter, overlayfs, a cgroup2
+/// hierarchy, and namespaces the kernel lets us create (a container without privileges does not).
+fn real_systemd_unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root (namespaces, mounts, a cgroup of its own)".into());
+    }
+    if !Path::new("/lib/systemd/systemd").exists() {
+        return Some("/lib/systemd/systemd is not installed".into());
+    }
+    for tool in ["unshare", "nsenter", "systemctl", "journalctl"] {
+        if !Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !filesystems.contains("\toverlay\n") {
+        return Some("the kernel has no overlayfs".into());
+    }
+    if cgroup2_root().is_none() {
+        return Some(
+            "no cgroup2 hierarchy is mounted (/sys/fs/cgroup or /sys/fs/cgroup/unified)".into(),
+        );
+    }
+    let probe = Command::new("unshare")
+        .args([
+            "--mount", "--pid", "--fork", "--uts", "--ipc", "--cgroup", "true",
+        ])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "the kernel refuses new namespaces here: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("cannot run unshare: {e}")),
+    }
+}
+
+/// The mount point of the machine's cgroup2 hierarchy (unified or hybrid layout).
+fn cgroup2_root() -> Option<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (right.split_whitespace().next() == Some("cgroup2")
+            && (mount_point == "/sys/fs/cgroup" || mount_point == "/sys/fs/cgroup/unified"))
+            .then(|| PathBuf::from(mount_point))
+    })
+}
+
+/// A systemd booted by tests/systemd-boot.sh; powered off (and its cgroup removed) on drop.
+struct BootedSystemd {
+    dir: tempfile::TempDir,
+    cgroup: PathBuf,
+    boot: std::process::Child,
+    pid: u32,
+}
+
+impl BootedSystemd {
+    fn boot(dir: tempfile::TempDir) -> BootedSystemd {
+        let cgroup = cgroup2_root()
+            .unwrap()
+            .join(format!("kunpay-systemd-test-{}", std::process::id()));
+        fs::create_dir(&cgroup).unwrap();
+        let log = fs::File::create(dir.path().join("boot.log")).unwrap();
+        let boot = Command::new(repo("tests/systemd-boot.sh"))
+            .arg(dir.path())
+            .arg(&cgroup)
+            .arg(env!("CARGO_BIN_EXE_kunpayd"))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut booted = BootedSystemd {
+            dir,
+            cgroup,
+            boot,
+            pid: 0,
+        };
+        let pid_file = booted.dir.path().join("pid");
+        booted.pid = wait_until(std::time::Duration::from_secs(20), || {
+            fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+        })
+        .unwrap_or_else(|| panic!("systemd did not start: {}", booted.boot_log()));
+        booted
+    }
+
+    fn boot_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("boot.log")).unwrap_or_default()
+    }
+
+    /// Runs a command inside (all of systemd's namespaces); returns status and stdout.
+    fn inside(&self, args: &[&str]) -> (bool, String) {
+        let out = run(Command::new("nsenter")
+            .args(["-t", &self.pid.to_string(), "-a", "--"])
+            .args(args));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// `systemctl show` properties of a unit.
+    fn show(&self, unit: &str) -> BTreeMap<String, String> {
+        self.inside(&["systemctl", "show", unit])
+            .1
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn journal(&self, args: &[&str]) -> String {
+        let mut all = vec!["journalctl", "--no-pager", "-b"];
+        all.extend_from_slice(args);
+        self.inside(&all).1
+    }
+}
+
+impl Drop for BootedSystemd {
+    fn drop(&mut self) {
+        if self.pid != 0 {
+            // SIGRTMIN+4: poweroff, as a container manager asks for it.
+            let _ = Command::new("kill")
+                .args(["-s", "RTMIN+4", &self.pid.to_string()])
+                .status();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.boot.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if matches!(self.boot.try_wait(), Ok(None)) && self.pid != 0 {
+            // PID 1 of the namespace: killing it ends every process in it.
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", &self.pid.to_string()])
+                .status();
+            let _ = self.boot.wait();
+        }
+        // Leaves first: systemd's slices and scopes below our cgroup.
+        let _ = Command::new("find")
+            .arg(&self.cgroup)
+            .args(["-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
+            .status();
+    }
+}
+
+fn wait_until<T>(timeout: std::time::Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// The files of an installed node, as the RPM and an operator leave them, under `upper`.
+fn install_node(upper: &Path, database_url: &str, database_password: &str, ops_port: u16) -> u32 {
+    use kunpay::crypto::keyfile;
+    use kunpay::crypto::sm2::PrivateKey;
+    // An id free on this machine for the kunpay account (the RPM's useradd -r picks one).
+    let taken = |file: &str, id: u32| {
+        fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .any(|l| l.split(':').nth(2) == Some(&id.to_string()))
+    };
+    let id = (900..1000)
+        .find(|&id| !taken("/etc/passwd", id) && !taken("/etc/group", id))
+        .expect("a free system uid and gid");
+    let etc = upper.join("etc");
+    fs::create_dir_all(etc.join("systemd/system")).unwrap();
+    let mut passwd = fs::read_to_string("/etc/passwd").unwrap();
+    passwd.push_str(&format!(
+        "kunpay:x:{id}:{id}:kunpay payment daemon:/var/lib/kunpay:/sbin/nologin\n"
+    ));
+    fs::write(etc.join("passwd"), passwd).unwrap();
+    let mut group = fs::read_to_string("/etc/group").unwrap();
+    group.push_str(&format!("kunpay:x:{id}:\n"));
+    fs::write(etc.join("group"), group).unwrap();
+
+    // The packaged unit, drop-in and tmpfiles.d file where the RPM puts them.
+    let units = upper.join("usr/lib/systemd/system");
+    fs::create_dir_all(units.join("kunpayd.service.d")).unwrap();
+    fs::copy(
+        repo("systemd/kunpayd.service"),
+        units.join("kunpayd.service"),
+    )
+    .unwrap();
+    fs::copy(
+        repo("systemd/kunpayd.service.d/50-hardening-newer.conf"),
+        units.join("kunpayd.service.d/50-hardening-newer.conf"),
+    )
+    .unwrap();
+    fs::create_dir_all(upper.join("usr/lib/tmpfiles.d")).unwrap();
+    fs::copy(
+        repo("systemd/kunpay.tmpfiles"),
+        upper.join("usr/lib/tmpfiles.d/kunpay.conf"),
+    )
+    .unwrap();
+    fs::write(
+        etc.join("systemd/system/kunpaytest.target"),
+        "[Unit]\nDescription=kunpay under systemd (tests/packaging.rs)\nWants=kunpayd.service\n",
+    )
+    .unwrap();
+
+    // /etc/kunpay as the RPM creates it, with an encrypted signing key whose passphrase is a
+    // credential, the database password as a credential, the packaged risk library (watched
+    // with inotify) and an audit key.
+    let chown = |path: &Path, uid: u32, gid: u32, mode: u32| {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let conf = etc.join("kunpay");
+    for d in ["keys", "credentials", "risk/rules", "risk/lists"] {
+        fs::create_dir_all(conf.join(d)).unwrap();
+    }
+    for d in ["", "keys", "risk", "risk/rules", "risk/lists"] {
+        chown(&conf.join(d), 0, id, 0o750);
+    }
+    chown(&conf.join("credentials"), 0, 0, 0o700);
+    for f in [
+        "strategy.toml",
+        "rules/10-expert.toml",
+        "lists/00-lists.toml",
+    ] {
+        fs::copy(
+            repo(&format!("packaging/risk/{f}")),
+            conf.join("risk").join(f),
+        )
+        .unwrap();
+        chown(&conf.join("risk").join(f), 0, id, 0o640);
+    }
+    let passphrase = "correct horse battery staple";
+    let sign = PrivateKey::generate().unwrap();
+    keyfile::write_private_key(
+        &conf.join("keys/node-sign.pem"),
+        &sign,
+        Some(passphrase.as_bytes()),
+    )
+    .unwrap();
+    chown(&conf.join("keys/node-sign.pem"), id, id, 0o600);
+    let audit = PrivateKey::generate().unwrap();
+    keyfile::write_private_key(&conf.join("keys/audit-sign.pem"), &audit, None).unwrap();
+    chown(&conf.join("keys/audit-sign.pem"), id, id, 0o600);
+    // The two secrets this node uses; systemd-tmpfiles creates the other five, empty, at boot.
+    for (name, secret) in [
+        ("node-sign-passphrase", passphrase),
+        ("db-password", database_password),
+    ] {
+        let path = conf.join("credentials").join(name);
+        fs::write(&path, format!("{secret}\n")).unwrap();
+        chown(&path, 0, 0, 0o600);
+    }
+    let config = conf.join("kunpay.toml");
+    fs::write(
+        &config,
+        format!(
+            r#"[node]
+id = "systemd-test"
+role = "active"
+
+[service]
+user = "kunpay"
+state_dir = "/var/lib/kunpay"
+
+[ops]
+listen = "127.0.0.1:{ops_port}"
+
+[database]
+url = "{database_url}"
+password_credential = "db-password"
+migrate_on_start = true
+pool_max_size = 4
+connect_timeout = "5s"
+
+[keys]
+sign_private = "/etc/kunpay/keys/node-sign.pem"
+sign_passphrase_credential = "node-sign-passphrase"
+
+[risk]
+dir = "/etc/kunpay/risk"
+
+[audit]
+dir = "/var/lib/kunpay/audit"
+sign_private = "/etc/kunpay/keys/audit-sign.pem"
+key_id = "systemd-test-1"
+
+[log]
+target = "syslog"
+level = "info"
+"#
+        ),
+    )
+    .unwrap();
+    chown(&config, 0, id, 0o640);
+    id
+}
+
+/// `postgres://user:password@host/db` -> (`postgres://user@host/db`, password): kunpayd refuses
+/// a password in the URL; it gets it as a credential. Trust authentication needs none.
+fn split_password(url: &str) -> (String, String) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), "unused".into());
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return (url.to_string(), "unused".into());
+    };
+    match userinfo.split_once(':') {
+        Some((user, password)) => (format!("{scheme}://{user}@{host}"), password.to_string()),
+        None => (url.to_string(), "unused".into()),
+    }
+}
+
+#[test]
+fn password_splitting() {
+    assert_eq!(
+        split_password("postgres://u:p@h:5432/d"),
+        ("postgres://u@h:5432/d".to_string(), "p".to_string())
+    );
+    assert_eq!(
+        split_password("postgres://u@h/d"),
+        ("postgres://u@h/d".to_string(), "unused".to_string())
+    );
+}
+
+/// The packaged unit and drop-in, run by a real systemd (the machine's own, booted in
+/// namespaces by tests/systemd-boot.sh), start kunpayd with all of their hardening: the
+/// credentials reach it (an encrypted key's passphrase, the database password), the sockets,
+/// paths and system calls it needs are allowed (syslog, sd_notify, the database, the ops
+/// listener, the audit log under /var/lib/kunpay, inotify on /etc/kunpay/risk), and the
+/// sandbox is really in place. Then reload and a clean stop.
+#[test]
+fn kunpayd_runs_under_a_real_systemd_with_the_units_hardening() {
+    if let Some(reason) = real_systemd_unavailable() {
+        eprintln!("SKIPPED: cannot boot a systemd on this machine: {reason}");
+        return;
+    }
+    let db = common::TestDb::new();
+    let (url, password) = split_password(db.url());
+    let ops_port = common::free_port();
+    let dir = tempfile::Builder::new()
+        .prefix("kunpay-systemd")
+        .tempdir()
+        .unwrap();
+    install_node(&dir.path().join("upper"), &url, &password, ops_port);
+    let started = std::time::Instant::now();
+    let systemd = BootedSystemd::boot(dir);
+
+    let failed = |what: &str, systemd: &BootedSystemd| -> String {
+        format!(
+            "{what}\nkunpayd.service: {:?}\njournal:\n{}\nboot log:\n{}",
+            systemd.show("kunpayd.service").get("StatusText"),
+            systemd.journal(&["-n", "80"]),
+            systemd.boot_log()
+        )
+    };
+    // kunpaytest.target wants kunpayd.service: wait for READY=1 (or a failure).
+    let state = wait_until(std::time::Duration::from_secs(90), || {
+        let p = systemd.show("kunpayd.service");
+        let active = p.get("ActiveState").map(String::as_str);
+        let restarts = p.get("NRestarts").map(String::as_str);
+        (active == Some("active") || active == Some("failed") || restarts.is_some_and(|n| n != "0"))
+            .then_some(p)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{}",
+            failed("kunpayd.service did not settle in 90 s", &systemd)
+        )
+    });
+    assert_eq!(
+        (state["ActiveState"].as_str(), state["SubState"].as_str()),
+        ("active", "running"),
+        "{}",
+        failed("kunpayd.service is not running", &systemd)
+    );
+    eprintln!(
+        "kunpayd ready under systemd {:?} after boot",
+        started.elapsed()
+    );
+    assert!(
+        state["StatusText"].starts_with("serving as active"),
+        "{state:?}"
+    );
+    assert_eq!(
+        common::status_of(&format!("http://127.0.0.1:{ops_port}/readiness")),
+        200
+    );
+
+    // The sandbox is in place around the running process.
+    let main_pid = &state["MainPID"];
+    let (_, status) = systemd.inside(&["cat", &format!("/proc/{main_pid}/status")]);
+    for expected in [
+        "NoNewPrivs:\t1",
+        "Seccomp:\t2",
+        "CapEff:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+    ] {
+        assert!(status.contains(expected), "{expected:?} not in\n{status}");
+    }
+    // PrivateUsers=: a user namespace mapping root and kunpay only.
+    let (_, uid_map) = systemd.inside(&["cat", &format!("/proc/{main_pid}/uid_map")]);
+    assert_eq!(uid_map.lines().count(), 2, "uid_map:\n{uid_map}");
+    // ProtectSystem=strict: / read-only, the state directory writable.
+    let (_, mounts) = systemd.inside(&["cat", &format!("/proc/{main_pid}/mountinfo")]);
+    let options_of = |point: &str| -> Option<String> {
+        mounts.lines().rev().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(4) == Some(&point)).then(|| f[5].to_string())
+        })
+    };
+    assert!(
+        options_of("/").is_some_and(|o| o.split(',').any(|x| x == "ro")),
+        "{mounts}"
+    );
+    assert!(
+        options_of("/var/lib/kunpay").is_some_and(|o| o.split(',').any(|x| x == "rw")),
+        "{mounts}"
+    );
+    // Every credential the unit names was handed over; systemd-tmpfiles created the missing
+    // sources at boot, as on a real node.
+    let (_, credentials) = systemd.inside(&["ls", "/run/credentials/kunpayd.service"]);
+    let mut got: Vec<&str> = credentials.lines().collect();
+    got.sort();
+    let mut expected: Vec<&str> = CREDENTIALS.iter().map(|(_, n)| *n).collect();
+    expected.sort();
+    assert_eq!(got, expected);
+    // Its log went through /dev/log (syslog) into the journal.
+    let syslog = systemd.journal(&[
+        "_TRANSPORT=syslog",
+        "SYSLOG_IDENTIFIER=kunpayd",
+        "-o",
+        "cat",
+    ]);
+    assert!(syslog.contains("kunpayd ready"), "syslog:\n{syslog}");
+
+    // inotify on /etc/kunpay/risk works in the sandbox: an edit is picked up without SIGHUP.
+    let reloads = |s: &BootedSystemd| {
+        s.journal(&["SYSLOG_IDENTIFIER=kunpayd", "-o", "cat"])
+            .matches("risk rules reloaded")
+            .count()
+    };
+    let before = reloads(&systemd);
+    assert!(
+        systemd
+            .inside(&[
+                "sh",
+                "-c",
+                "echo '# touched by the test' >> /etc/kunpay/risk/strategy.toml"
+            ])
+            .0
+    );
+    assert!(
+        wait_until(std::time::Duration::from_secs(15), || (reloads(&systemd)
+            > before)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        failed("the risk edit was not reloaded", &systemd)
+    );
+
+    // systemctl reload (SIGHUP) keeps it serving; stop drains and exits 0.
+    assert!(
+        systemd
+            .inside(&["systemctl", "reload", "kunpayd.service"])
+            .0
+    );
+    assert_eq!(systemd.show("kunpayd.service")["ActiveState"], "active");
+    assert!(systemd.inside(&["systemctl", "stop", "kunpayd.service"]).0);
+    let stopped = systemd.show("kunpayd.service");
+    assert_eq!(
+        (
+            stopped["Result"].as_str(),
+            stopped["ExecMainStatus"].as_str()
+        ),
+        ("success", "0"),
+        "{}",
+        failed("kunpayd did not stop cleanly", &systemd)
+    );
+    let log = systemd.journal(&["SYSLOG_IDENTIFIER=kunpayd", "-o", "cat"]);
+    assert!(log.contains("drained cleanly"), "{log}");
+    eprintln!("kunpayd under systemd: whole test {:?}", started.elapsed());
 }
