@@ -418,6 +418,8 @@ const DIRECTIVE_SINCE: &[(&str, u32)] = &[
     ("Restart", 1),
     ("RestartSec", 1),
     ("RestartPreventExitStatus", 189),
+    ("SuccessExitStatus", 189),
+    ("RestartForceExitStatus", 189),
     ("TimeoutStartSec", 188),
     ("TimeoutStopSec", 1),
     ("KillMode", 1),

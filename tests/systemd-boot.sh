@@ -43,9 +43,13 @@ mount -t cgroup2 cgroup2 "$root/sys/fs/cgroup"
 mount -t tmpfs -o mode=0755 tmpfs "$root/run"
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
 mount -t tmpfs -o mode=0755 tmpfs "$root/dev"
+# The host's own device nodes, bound read-only: the guest's systemd may chown or chmod what it
+# finds in /dev (a tty, the console), and through a writable bind that would change the host's
+# /dev/null for everything else on the machine. Writing to a device on a read-only mount works.
 for node in null zero full random urandom tty; do
   touch "$root/dev/$node"
   mount --bind "/dev/$node" "$root/dev/$node"
+  mount -o remount,bind,ro "$root/dev/$node"
 done
 mkdir "$root/dev/pts" "$root/dev/shm" "$root/dev/mqueue"
 mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts"
