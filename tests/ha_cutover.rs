@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::amqp::*;
 use common::institution::TestInstitution;
 use common::*;
+use common::proxy;
 use diesel::prelude::*;
 use kunpay::core::coresim::{CoreSimService, ServiceFaults};
 use kunpay::core::sim::CoreSimulator;
@@ -173,6 +174,8 @@ impl Node {
 struct Pair {
     a: Node,
     b: Node,
+    /// Between B (its CDC and its kunpayctl) and A's database, when the test cuts that link.
+    link: Option<proxy::Proxy>,
     inst: Arc<TestInstitution>,
     core: Arc<CoreSimulator>,
     coresim: CoreSimService,
@@ -183,6 +186,11 @@ struct Pair {
 
 impl Pair {
     fn start() -> Pair {
+        Pair::start_with(false)
+    }
+
+    /// `cuttable_link`: B reaches A's database through a proxy the test can sever.
+    fn start_with(cuttable_link: bool) -> Pair {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let queues = Queues::new();
         let core = Arc::new(CoreSimulator::with_demo_accounts());
@@ -249,8 +257,19 @@ impl Pair {
                 ),
             );
         };
+        let link = cuttable_link.then(|| {
+            let port = ca.url().rsplit(':').next().unwrap().split('/').next().unwrap().to_string();
+            proxy::Proxy::start(&format!("127.0.0.1:{port}"))
+        });
+        let a_as_b_sees_it = match &link {
+            Some(proxy) => ca.url().replace(
+                &format!(":{}/", ca.url().rsplit(':').next().unwrap().split('/').next().unwrap()),
+                &format!(":{}/", proxy.port),
+            ),
+            None => ca.url(),
+        };
         config(&dir_a, &ca.url(), &cb.url(), port_a);
-        config(&dir_b, &cb.url(), &ca.url(), port_b);
+        config(&dir_b, &cb.url(), &a_as_b_sees_it, port_b);
         let mut a = Node {
             cluster: ca,
             dir: dir_a,
@@ -272,6 +291,7 @@ impl Pair {
         Pair {
             a,
             b,
+            link,
             inst: Arc::new(inst),
             core,
             coresim,
@@ -665,5 +685,162 @@ fn cutover_and_rollback_under_debit_load_lose_nothing_and_apply_nothing_twice() 
     assert_eq!(pair.a.daemon.as_mut().unwrap().stop(), Some(0));
     assert_eq!(pair.b.daemon.as_mut().unwrap().stop(), Some(0));
     assert_eq!(*pair.a.daemon().other_exit.lock().unwrap(), None);
+    pair.coresim.stop();
+}
+
+fn debit(pair: &Pair, base: &str, agreement: &str) -> (u16, String) {
+    let serial = pair.inst.next_id("D");
+    let body = pair.inst.message(
+        MsgType::Debit,
+        &[
+            ("ReqSerial", &serial),
+            ("AgrmtNo", agreement),
+            ("Amt", &AMOUNT_FEN.to_string()),
+            ("Ccy", "CNY"),
+        ],
+    );
+    let (status, raw) = post(base, MsgType::Debit, &body).expect("the node answers");
+    let code = if status == 200 {
+        pair.inst.verify_answer(raw).code().to_string()
+    } else {
+        String::new()
+    };
+    (status, code)
+}
+
+/// A debit the node took: paid (0000) or being processed (0001, the core's reply came after
+/// the worker's wait).
+fn assert_taken((status, code): (u16, String)) {
+    assert_eq!(status, 200);
+    assert!(code == "0000" || code == "0001", "answer {code}");
+}
+
+/// The standby's copy stops (its daemon is down) just before a cutover: the catch-up step
+/// cannot finish, the cutover is refused, and the old active, already fenced, is put back and
+/// takes business again by itself; the load it answered meanwhile is all there, once.
+#[test]
+fn a_cutover_that_cannot_catch_up_is_refused_and_the_old_active_serves_again() {
+    let mut pair = Pair::start();
+    let agreement = pair.sign_agreement();
+    let load = Load::start(&pair, &agreement, 2);
+    wait_until("load on A", Duration::from_secs(60), || load.answered() >= 50);
+    assert_eq!(pair.b.daemon.as_mut().unwrap().stop(), Some(0));
+    let (code, stdout, stderr) = run(kunpayctl()
+        .arg("cutover")
+        .arg("--config")
+        .arg(pair.b.dir.config_path())
+        .args(["--catch-up-timeout", "2s"]));
+    let report = format!("{stdout}{stderr}");
+    eprintln!("{report}");
+    assert_eq!(code, 4, "refused\n{report}");
+    assert!(report.contains("FAIL catch up"), "{report}");
+    assert!(report.contains("the old active is ACTIVE again"), "{report}");
+    // A was fenced at 2 and is back at 3; its daemon restarted on the fence and was promoted in
+    // place when the role came back. B was never promoted.
+    assert_eq!((role(&pair.a.url()).role, role(&pair.a.url()).epoch), (NodeRole::Active, 3));
+    assert_eq!(role(&pair.b.url()).role, NodeRole::Standby);
+    wait_until("A to take business again", Duration::from_secs(30), || pair.a.ops("/primary") == 200);
+    let n = load.answered();
+    wait_until("load on A after the refusal", Duration::from_secs(60), || load.answered() >= n + 50);
+    let (answered, unanswered) = load.finish();
+    assert_eq!(unanswered, 0);
+    assert!(answered.values().all(|a| a.node == 0), "only A ever answered");
+    wait_until("nothing owed to the core", Duration::from_secs(120), || {
+        count(&pair.a.url(), "SELECT count(*) AS n FROM core_pending") == 0
+    });
+    for (serial, answer) in &answered {
+        let state = if answer.code == "0000" { " AND state = 'SUCCEEDED'" } else { "" };
+        assert_eq!(
+            count(&pair.a.url(), &format!("SELECT count(*) AS n FROM txn WHERE req_serial = '{serial}'{state}")),
+            1,
+            "{serial} {answer:?}"
+        );
+    }
+    assert_eq!(
+        count(&pair.a.url(), "SELECT count(*) AS n FROM txn WHERE kind = 'DEBIT'") as usize,
+        answered.len()
+    );
+    // B, started again, catches up with A as before.
+    pair.b.daemon = Some(Supervised::start(pair.b.dir.clone()));
+    wait_until("B to copy again", Duration::from_secs(60), || pair.b.ops("/standby") == 200);
+    pair.coresim.stop();
+}
+
+/// Ways to end up with two active nodes, each tried and refused: a cutover or a promotion by
+/// hand while the standby cannot reach the active's database; a promotion by hand while the
+/// other database is ACTIVE; the old active restarted after a cutover with its old
+/// configuration; a process from an earlier epoch writing into either database.
+#[test]
+fn split_brain_attempts_are_refused() {
+    let mut pair = Pair::start_with(true);
+    let agreement = pair.sign_agreement();
+    assert_taken(debit(&pair, &pair.a.base, &agreement));
+
+    // The link between the nodes is cut: B's copy stops, B cannot be promoted.
+    pair.link.as_ref().unwrap().sever();
+    wait_until("B to leave /standby", Duration::from_secs(60), || pair.b.ops("/standby") == 503);
+    assert_eq!(pair.b.ops("/primary"), 503);
+    assert_eq!(debit(&pair, &pair.b.base, &agreement).0, 503, "B takes no business");
+    let (code, out, err) = run(kunpayctl()
+        .arg("cutover")
+        .arg("--config")
+        .arg(pair.b.dir.config_path())
+        .args(["--drain-timeout", "2s"]));
+    assert_eq!(code, 4, "refused: {out}{err}");
+    let (code, out, err) = run(kunpayctl()
+        .args(["ha", "set-role", "active", "--epoch", "5", "--reason", "test", "--config"])
+        .arg(pair.b.dir.config_path()));
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(err.contains("cannot be read"), "{err}");
+    assert_eq!(role(&pair.b.url()).role, NodeRole::Standby);
+    assert_eq!(role(&pair.a.url()).role, NodeRole::Active);
+    assert_taken(debit(&pair, &pair.a.base, &agreement));
+
+    // The link is back: a promotion by hand is still refused while A is ACTIVE.
+    pair.link.as_ref().unwrap().restore();
+    wait_until("B to copy again", Duration::from_secs(60), || pair.b.ops("/standby") == 200);
+    let (code, out, err) = run(kunpayctl()
+        .args(["ha", "set-role", "active", "--epoch", "5", "--reason", "test", "--config"])
+        .arg(pair.b.dir.config_path()));
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(err.contains("is ACTIVE at fencing epoch 0"), "{err}");
+
+    // A cutover moves the role; then the old active is restarted with a configuration from
+    // before any of this (no [ha], node.role = "active").
+    let (code, report) = handover("cutover", &pair.b);
+    assert_eq!(code, 0, "{report}");
+    assert_taken(debit(&pair, &pair.b.base, &agreement));
+    let mut old = pair.a.daemon.take().unwrap();
+    old.stop.store(true, Ordering::SeqCst);
+    old.daemon.lock().unwrap().signal(nix::sys::signal::Signal::SIGKILL);
+    drop(old);
+    let stale = std::fs::read_to_string(pair.a.dir.config_path()).unwrap();
+    let stale = stale[..stale.find("[ha]").unwrap()].to_string();
+    assert!(stale.contains("role = \"active\""));
+    std::fs::write(pair.a.dir.config_path(), stale).unwrap();
+    let mut restarted = Daemon::spawn(&pair.a.dir);
+    restarted.wait_ready();
+    assert_eq!(pair.a.ops("/primary"), 503, "{}", restarted.stderr());
+    assert_eq!(debit(&pair, &pair.a.base, &agreement).0, 503, "the old active takes no business");
+    assert!(
+        restarted.stderr().contains("node.role is active but this node's database is STANDBY"),
+        "{}",
+        restarted.stderr()
+    );
+
+    // A process that started under epoch 0 writes into either database: refused on both.
+    for (url, what) in [(pair.a.url(), "STANDBY"), (pair.b.url(), "epoch 0")] {
+        let mut conn = PgConnection::establish(&url).unwrap();
+        ha::claim_epoch(&mut conn, 0).unwrap();
+        let e = diesel::sql_query(
+            "INSERT INTO seen_message (inst_id, msg_id, seen_at) VALUES ('X', 'stale-writer', now())",
+        )
+        .execute(&mut conn)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("kunpay fenced") && e.contains(what), "{url}: {e}");
+    }
+    restarted.signal(nix::sys::signal::Signal::SIGTERM);
+    restarted.wait_exit(Duration::from_secs(30));
     pair.coresim.stop();
 }

@@ -306,6 +306,11 @@ enum HaCommand {
         /// Why, recorded with the role.
         #[arg(long)]
         reason: String,
+        /// Promote although the other node's database (ha.source_url) cannot be read: a failover
+        /// by hand after the old active is gone for good. Without it, a promotion is refused
+        /// unless the other database is readable and not ACTIVE.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -574,6 +579,36 @@ fn source_settings(
     }))
 }
 
+/// Why a promotion by hand must not happen now, if it must not: the other node's database
+/// (ha.source_url) is ACTIVE (two ACTIVE databases would both take writes), or it cannot be
+/// read and `--force` does not say the operator knows it is gone.
+fn peer_refuses_promotion(
+    ha_config: Option<&kunpay::config::HaConfig>,
+    force: bool,
+) -> anyhow::Result<Option<String>> {
+    let Some(peer) = source_settings(ha_config, None, "ha set-role")? else {
+        return Ok(None);
+    };
+    let read = kunpay::db::connect_one(&peer)
+        .map_err(anyhow::Error::from)
+        .and_then(|mut conn| kunpay::ha::read_role(&mut conn));
+    Ok(match read {
+        Ok(record) if record.role == kunpay::ha::NodeRole::Active => Some(format!(
+            "the other node's database {} is ACTIVE at fencing epoch {}: two ACTIVE databases would both take \
+             writes (split brain); move the role with `kunpayctl cutover`, or fence that one first",
+            peer.display_target(),
+            record.epoch
+        )),
+        Ok(_) => None,
+        Err(_) if force => None,
+        Err(e) => Some(format!(
+            "the other node's database {} cannot be read ({e:#}), so it may still be ACTIVE; if that node is gone \
+             for good, fence it when it returns and promote with --force",
+            peer.display_target()
+        )),
+    })
+}
+
 /// `kunpayctl cutover` and `kunpayctl rollback`.
 fn handover_command(kind: kunpay::ha::cutover::Kind, args: HandoverArgs) -> anyhow::Result<u8> {
     use kunpay::ha::cutover::{self, CutoverSettings, Kind, Outcome};
@@ -808,6 +843,7 @@ fn ha(command: HaCommand) -> anyhow::Result<u8> {
             role,
             epoch,
             reason,
+            force,
         } => {
             let (mut conn, target) = match connect_database(
                 &database.config,
@@ -818,6 +854,15 @@ fn ha(command: HaCommand) -> anyhow::Result<u8> {
                 Err(code) => return Ok(code),
             };
             let role: ha::NodeRole = role.parse().map_err(anyhow::Error::msg)?;
+            if role == ha::NodeRole::Active {
+                let ha_config = Config::load(&database.config, Mode::Development)
+                    .ok()
+                    .and_then(|c| c.ha);
+                if let Some(refusal) = peer_refuses_promotion(ha_config.as_ref(), force)? {
+                    eprintln!("kunpayctl: {target}: refused: {refusal}");
+                    return Ok(EXIT_REFUSED);
+                }
+            }
             match ha::set_role(&mut conn, role, epoch, &reason) {
                 Ok(before) => {
                     println!(
