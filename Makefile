@@ -63,6 +63,7 @@ bench: test-deps
 	$(CARGO) bench --locked --bench risk
 	$(CARGO) bench --locked --bench payments
 	$(CARGO) bench --locked --bench audit
+	$(CARGO) bench --locked --bench ha
 
 lint:
 	$(CARGO) fmt --all -- --check

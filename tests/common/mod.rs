@@ -265,6 +265,7 @@ impl DaemonDir {
 }
 
 pub mod amqp;
+pub mod ha;
 pub mod institution;
 pub mod proxy;
 
