@@ -222,7 +222,9 @@ fn a_cutover_that_cannot_catch_up_is_refused_and_the_old_active_serves_again() {
     let mut pair = Pair::start();
     let agreement = pair.sign_agreement();
     let load = Load::start(&pair, &agreement, 2);
-    wait_until("load on A", Duration::from_secs(60), || load.answered() >= 50);
+    wait_until("load on A", Duration::from_secs(60), || {
+        load.answered() >= 50
+    });
     assert_eq!(pair.b.daemon.as_mut().unwrap().stop(), Some(0));
     let (code, stdout, stderr) = run(kunpayctl()
         .arg("cutover")
@@ -233,35 +235,62 @@ fn a_cutover_that_cannot_catch_up_is_refused_and_the_old_active_serves_again() {
     eprintln!("{report}");
     assert_eq!(code, 4, "refused\n{report}");
     assert!(report.contains("FAIL catch up"), "{report}");
-    assert!(report.contains("the old active is ACTIVE again"), "{report}");
+    assert!(
+        report.contains("the old active is ACTIVE again"),
+        "{report}"
+    );
     // A was fenced at 2 and is back at 3; its daemon restarted on the fence and was promoted in
     // place when the role came back. B was never promoted.
-    assert_eq!((role(&pair.a.url()).role, role(&pair.a.url()).epoch), (NodeRole::Active, 3));
+    assert_eq!(
+        (role(&pair.a.url()).role, role(&pair.a.url()).epoch),
+        (NodeRole::Active, 3)
+    );
     assert_eq!(role(&pair.b.url()).role, NodeRole::Standby);
-    wait_until("A to take business again", Duration::from_secs(30), || pair.a.ops("/primary") == 200);
+    wait_until("A to take business again", Duration::from_secs(30), || {
+        pair.a.ops("/primary") == 200
+    });
     let n = load.answered();
-    wait_until("load on A after the refusal", Duration::from_secs(60), || load.answered() >= n + 50);
+    wait_until(
+        "load on A after the refusal",
+        Duration::from_secs(60),
+        || load.answered() >= n + 50,
+    );
     let (answered, unanswered) = load.finish();
     assert_eq!(unanswered, 0);
-    assert!(answered.values().all(|a| a.node == 0), "only A ever answered");
+    assert!(
+        answered.values().all(|a| a.node == 0),
+        "only A ever answered"
+    );
     wait_until("nothing owed to the core", Duration::from_secs(120), || {
         count(&pair.a.url(), "SELECT count(*) AS n FROM core_pending") == 0
     });
     for (serial, answer) in &answered {
-        let state = if answer.code == "0000" { " AND state = 'SUCCEEDED'" } else { "" };
+        let state = if answer.code == "0000" {
+            " AND state = 'SUCCEEDED'"
+        } else {
+            ""
+        };
         assert_eq!(
-            count(&pair.a.url(), &format!("SELECT count(*) AS n FROM txn WHERE req_serial = '{serial}'{state}")),
+            count(
+                &pair.a.url(),
+                &format!("SELECT count(*) AS n FROM txn WHERE req_serial = '{serial}'{state}")
+            ),
             1,
             "{serial} {answer:?}"
         );
     }
     assert_eq!(
-        count(&pair.a.url(), "SELECT count(*) AS n FROM txn WHERE kind = 'DEBIT'") as usize,
+        count(
+            &pair.a.url(),
+            "SELECT count(*) AS n FROM txn WHERE kind = 'DEBIT'"
+        ) as usize,
         answered.len()
     );
     // B, started again, catches up with A as before.
     pair.b.daemon = Some(Supervised::start(pair.b.dir.clone()));
-    wait_until("B to copy again", Duration::from_secs(60), || pair.b.ops("/standby") == 200);
+    wait_until("B to copy again", Duration::from_secs(60), || {
+        pair.b.ops("/standby") == 200
+    });
     pair.coresim.stop();
 }
 
@@ -277,9 +306,15 @@ fn split_brain_attempts_are_refused() {
 
     // The link between the nodes is cut: B's copy stops, B cannot be promoted.
     pair.link.as_ref().unwrap().sever();
-    wait_until("B to leave /standby", Duration::from_secs(60), || pair.b.ops("/standby") == 503);
+    wait_until("B to leave /standby", Duration::from_secs(60), || {
+        pair.b.ops("/standby") == 503
+    });
     assert_eq!(pair.b.ops("/primary"), 503);
-    assert_eq!(debit(&pair, &pair.b.base, &agreement).0, 503, "B takes no business");
+    assert_eq!(
+        debit(&pair, &pair.b.base, &agreement).0,
+        503,
+        "B takes no business"
+    );
     let (code, out, err) = run(kunpayctl()
         .arg("cutover")
         .arg("--config")
@@ -287,7 +322,9 @@ fn split_brain_attempts_are_refused() {
         .args(["--drain-timeout", "2s"]));
     assert_eq!(code, 4, "refused: {out}{err}");
     let (code, out, err) = run(kunpayctl()
-        .args(["ha", "set-role", "active", "--epoch", "5", "--reason", "test", "--config"])
+        .args([
+            "ha", "set-role", "active", "--epoch", "5", "--reason", "test", "--config",
+        ])
         .arg(pair.b.dir.config_path()));
     assert_eq!(code, 4, "{out}{err}");
     assert!(err.contains("cannot be read"), "{err}");
@@ -297,9 +334,13 @@ fn split_brain_attempts_are_refused() {
 
     // The link is back: a promotion by hand is still refused while A is ACTIVE.
     pair.link.as_ref().unwrap().restore();
-    wait_until("B to copy again", Duration::from_secs(60), || pair.b.ops("/standby") == 200);
+    wait_until("B to copy again", Duration::from_secs(60), || {
+        pair.b.ops("/standby") == 200
+    });
     let (code, out, err) = run(kunpayctl()
-        .args(["ha", "set-role", "active", "--epoch", "5", "--reason", "test", "--config"])
+        .args([
+            "ha", "set-role", "active", "--epoch", "5", "--reason", "test", "--config",
+        ])
         .arg(pair.b.dir.config_path()));
     assert_eq!(code, 4, "{out}{err}");
     assert!(err.contains("is ACTIVE at fencing epoch 0"), "{err}");
@@ -311,7 +352,10 @@ fn split_brain_attempts_are_refused() {
     assert_taken(debit(&pair, &pair.b.base, &agreement));
     let old = pair.a.daemon.take().unwrap();
     old.stop.store(true, Ordering::SeqCst);
-    old.daemon.lock().unwrap().signal(nix::sys::signal::Signal::SIGKILL);
+    old.daemon
+        .lock()
+        .unwrap()
+        .signal(nix::sys::signal::Signal::SIGKILL);
     drop(old);
     let stale = std::fs::read_to_string(pair.a.dir.config_path()).unwrap();
     let stale = stale[..stale.find("[ha]").unwrap()].to_string();
@@ -320,9 +364,15 @@ fn split_brain_attempts_are_refused() {
     let mut restarted = Daemon::spawn(&pair.a.dir);
     restarted.wait_ready();
     assert_eq!(pair.a.ops("/primary"), 503, "{}", restarted.stderr());
-    assert_eq!(debit(&pair, &pair.a.base, &agreement).0, 503, "the old active takes no business");
+    assert_eq!(
+        debit(&pair, &pair.a.base, &agreement).0,
+        503,
+        "the old active takes no business"
+    );
     assert!(
-        restarted.stderr().contains("node.role is active but this node's database is STANDBY"),
+        restarted
+            .stderr()
+            .contains("node.role is active but this node's database is STANDBY"),
         "{}",
         restarted.stderr()
     );
@@ -337,7 +387,10 @@ fn split_brain_attempts_are_refused() {
         .execute(&mut conn)
         .unwrap_err()
         .to_string();
-        assert!(e.contains("kunpay fenced") && e.contains(what), "{url}: {e}");
+        assert!(
+            e.contains("kunpay fenced") && e.contains(what),
+            "{url}: {e}"
+        );
     }
     restarted.signal(nix::sys::signal::Signal::SIGTERM);
     restarted.wait_exit(Duration::from_secs(30));

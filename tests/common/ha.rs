@@ -256,12 +256,29 @@ impl Pair {
             );
         };
         let link = cuttable_link.then(|| {
-            let port = ca.url().rsplit(':').next().unwrap().split('/').next().unwrap().to_string();
+            let port = ca
+                .url()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .to_string();
             proxy::Proxy::start(&format!("127.0.0.1:{port}"))
         });
         let a_as_b_sees_it = match &link {
             Some(proxy) => ca.url().replace(
-                &format!(":{}/", ca.url().rsplit(':').next().unwrap().split('/').next().unwrap()),
+                &format!(
+                    ":{}/",
+                    ca.url()
+                        .rsplit(':')
+                        .next()
+                        .unwrap()
+                        .split('/')
+                        .next()
+                        .unwrap()
+                ),
                 &format!(":{}/", proxy.port),
             ),
             None => ca.url(),
@@ -465,7 +482,11 @@ impl Load {
 }
 
 /// The longest time between two consecutive answers from `since` on: the pause clients saw.
-pub fn longest_gap(answered: &BTreeMap<String, Answered>, since: Instant, until: Instant) -> Duration {
+pub fn longest_gap(
+    answered: &BTreeMap<String, Answered>,
+    since: Instant,
+    until: Instant,
+) -> Duration {
     let mut times: Vec<Instant> = answered
         .values()
         .map(|a| a.at)
@@ -514,4 +535,3 @@ pub fn assert_taken((status, code): (u16, String)) {
     assert_eq!(status, 200);
     assert!(code == "0000" || code == "0001", "answer {code}");
 }
-
