@@ -86,7 +86,7 @@ async fn watch(
                 failures += 1;
                 // The first failure and then every ~10 s: the health endpoints already say
                 // the database is down; this says the watcher is blind meanwhile.
-                if failures == 1 || failures % 100 == 0 {
+                if failures == 1 || failures.is_multiple_of(100) {
                     tracing::warn!(error = %format!("{e:#}"), failures,
                         "cannot read this node's role from its database; nothing changes until it can be read");
                 }

@@ -8,7 +8,6 @@
 //! measured phase, default 10).
 
 #[path = "../common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 mod report;
 
