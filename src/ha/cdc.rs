@@ -763,6 +763,18 @@ impl BatchOutcome {
     }
 }
 
+/// How the first start of a copy proves that the target equals the source at the slot's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartProof {
+    /// Digests of both in a source snapshot, and a peek of the new slot up to it.
+    Digests,
+    /// A cutover already proved both equal (its verify step) with the target FENCED and the
+    /// source a STANDBY whose applier has everything up to the fence: from then on neither can
+    /// change a replicated table, so the slot's start is that proved state. Checked again:
+    /// both roles after the slot exists, and a peek of the slot finds no replicated change.
+    VerifiedUnderFence,
+}
+
 /// Connected applier for one (source, slot) -> target.
 pub struct Applier {
     source: PgConnection,
@@ -773,6 +785,7 @@ pub struct Applier {
     catalog: Catalog,
     /// When an idle batch last refreshed `complete_*` in the target.
     last_idle_write: Option<Instant>,
+    start_proof: StartProof,
     pub fault: Option<Fault>,
 }
 
@@ -798,21 +811,31 @@ impl Applier {
         target: PgConnection,
         settings: CdcSettings,
     ) -> Result<Applier, CdcError> {
-        Applier::open(source, target, settings, false)
+        Applier::open(source, target, settings, false, StartProof::Digests)
     }
 
-    /// Starts a copy (slot on the source, position on the target, both proved equal) into a
-    /// target that is FENCED or STANDBY, without applying anything: a cutover prepares the
-    /// reverse copy into the fenced old active this way before it promotes the new one, so no
-    /// applier of the old active's own daemon can race it (that daemon starts its applier only
-    /// once the database is STANDBY, and then finds the copy started).
-    pub fn prepare(
+    /// Starts a copy (slot on the source, position on the target) into a FENCED target without
+    /// applying anything, for a cutover that has just verified both databases equal (row
+    /// counts and SM3 digests) after fencing the target and letting the source apply
+    /// everything up to the fence. The copy starts from that proof instead of digesting both
+    /// again (half the digest work inside the cutover's pause), and it is made before the
+    /// promotion, while the old active is still FENCED, so no applier of that node's own daemon
+    /// can race it (it starts one only once its database is STANDBY, and then finds the copy
+    /// started). Refused unless the target is FENCED and the source STANDBY.
+    pub fn prepare_after_verify(
         source_url: &str,
         target_url: &str,
         settings: CdcSettings,
     ) -> Result<(), CdcError> {
         let (source, target) = Applier::establish(source_url, target_url)?;
-        Applier::open(source, target, settings, true).map(|_| ())
+        Applier::open(
+            source,
+            target,
+            settings,
+            true,
+            StartProof::VerifiedUnderFence,
+        )
+        .map(|_| ())
     }
 
     fn establish(
@@ -841,6 +864,7 @@ impl Applier {
         mut target: PgConnection,
         settings: CdcSettings,
         fenced_target_allowed: bool,
+        start_proof: StartProof,
     ) -> Result<Applier, CdcError> {
         if !valid_slot_name(&settings.slot) {
             return Err(CdcError::Refused(format!(
@@ -901,6 +925,7 @@ impl Applier {
             source_id,
             catalog,
             last_idle_write: None,
+            start_proof,
             fault: None,
         };
         applier.ensure_slot_and_position()?;
@@ -987,7 +1012,11 @@ impl Applier {
                  wal_level = logical, a free max_replication_slots entry and a user with REPLICATION"
             ))
         })?;
-        match self.prove_start(slot) {
+        let proved = match self.start_proof {
+            StartProof::Digests => self.prove_start(slot),
+            StartProof::VerifiedUnderFence => self.prove_start_under_fence(slot),
+        };
+        match proved {
             Ok(tables) => {
                 let inserted = diesel::sql_query(
                     "INSERT INTO ha_cdc_position (source_id, slot_name, applied_lsn, complete_lsn, \
@@ -1013,33 +1042,43 @@ impl Applier {
         }
     }
 
-    /// The proof of [`Applier::start_copy`] for a freshly created slot; returns the number of
-    /// tables compared.
-    fn prove_start(&mut self, slot: &str) -> Result<usize, CdcError> {
-        let dialect = self.dialect;
-        let (source, visible_up_to) = self.source.transaction::<_, CdcError, _>(|source| {
-            source.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
-            // The snapshot is taken by the first statement; every commit it shows was inserted
-            // into the WAL before the position read after it.
-            let digest = super::database_digest(source)?;
-            let at: OneText = diesel::sql_query(format!("SELECT {} AS v", dialect.insert_lsn()))
-                .get_result(source)?;
-            Ok((digest, Lsn::parse(&at.v)?))
-        })?;
-        setup_session(&mut self.source, self.settings.statement_timeout)?;
-        // Decoding reads flushed WAL only: wait (briefly) until that position is flushed.
+    /// [`StartProof::VerifiedUnderFence`]: the roles still fence both sides, and nothing in the
+    /// new slot up to now touched a replicated table. Returns 0 (no tables compared here).
+    fn prove_start_under_fence(&mut self, slot: &str) -> Result<usize, CdcError> {
+        let (source_role, target_role) = (
+            super::read_role(&mut self.source)?,
+            super::read_role(&mut self.target)?,
+        );
+        if source_role.role != super::NodeRole::Standby
+            || target_role.role != super::NodeRole::Fenced
+        {
+            return Err(CdcError::Refused(format!(
+                "a copy started from a cutover's proof needs a STANDBY source and a FENCED target; \
+                 found {} and {}",
+                source_role.role, target_role.role
+            )));
+        }
+        let at: OneText = diesel::sql_query(format!("SELECT {} AS v", self.dialect.insert_lsn()))
+            .get_result(&mut self.source)?;
+        self.no_replicated_change_in_slot(slot, Lsn::parse(&at.v)?)?;
+        Ok(0)
+    }
+
+    /// Peeks the new slot up to `up_to` (waiting until that is flushed, as decoding reads only
+    /// flushed WAL) and refuses when any change there touched a replicated table.
+    fn no_replicated_change_in_slot(&mut self, slot: &str, up_to: Lsn) -> Result<(), CdcError> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while flush_lsn(&mut self.source)? < visible_up_to {
+        while flush_lsn(&mut self.source)? < up_to {
             if Instant::now() > deadline {
                 return Err(CdcError::Refused(format!(
-                    "the source did not flush its WAL up to {visible_up_to} within 10 s; tried again later"
+                    "the source did not flush its WAL up to {up_to} within 10 s; tried again later"
                 )));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let rows: Vec<PeekRow> = diesel::sql_query(dialect.peek_up_to_lsn())
+        let rows: Vec<PeekRow> = diesel::sql_query(self.dialect.peek_up_to_lsn())
             .bind::<Text, _>(slot)
-            .bind::<Text, _>(visible_up_to.to_string())
+            .bind::<Text, _>(up_to.to_string())
             .load(&mut self.source)?;
         for row in &rows {
             if let Line::Change(change) = decode::parse_line(&row.data)? {
@@ -1054,6 +1093,24 @@ impl Applier {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The proof of [`Applier::start_copy`] for a freshly created slot; returns the number of
+    /// tables compared.
+    fn prove_start(&mut self, slot: &str) -> Result<usize, CdcError> {
+        let dialect = self.dialect;
+        let (source, visible_up_to) = self.source.transaction::<_, CdcError, _>(|source| {
+            source.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
+            // The snapshot is taken by the first statement; every commit it shows was inserted
+            // into the WAL before the position read after it.
+            let digest = super::database_digest(source)?;
+            let at: OneText = diesel::sql_query(format!("SELECT {} AS v", dialect.insert_lsn()))
+                .get_result(source)?;
+            Ok((digest, Lsn::parse(&at.v)?))
+        })?;
+        setup_session(&mut self.source, self.settings.statement_timeout)?;
+        self.no_replicated_change_in_slot(slot, visible_up_to)?;
         let target = super::database_digest(&mut self.target)?;
         let differences = super::digest_differences(&source, &target);
         if !differences.is_empty() {

@@ -561,7 +561,7 @@ pub fn execute(
             undo.reverse_started = true;
             let started = Instant::now();
             loop {
-                match cdc::Applier::prepare(
+                match cdc::Applier::prepare_after_verify(
                     standby_url,
                     active_url,
                     cdc::CdcSettings {
@@ -574,7 +574,7 @@ pub fn execute(
                         return Ok((
                             (),
                             format!(
-                                "slot {} on the new active and the old active's position, both sides proved equal",
+                                "slot {} on the new active and the old active's position, from the verify step's proof",
                                 settings.slot
                             ),
                         ));
