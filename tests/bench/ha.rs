@@ -190,11 +190,11 @@ fn main() {
          KUNPAY_BENCH_HA_SECONDS={seconds} per phase). Pause = the longest gap between two consecutive \
          answers from the start of `kunpayctl cutover` to the end of the phase after it. {} debits \
          answered, none lost (every answer is checked by tests/ha_cutover.rs, not here). The pause is \
-         made of fixed steps (the drain's 100 ms role-watch period, the digests of every table, the \
-         reverse copy's proof, the promotion's pool and core link), and the digests grow with the \
-         data: the verify step took {:.0} ms ({}) in the cutover and {:.0} ms in the rollback, so on a \
-         journal of millions of rows the full digest alone exceeds the 2 s goal; verifying only what \
-         changed since a digest taken before the drain is the next step. The applier does one round \
+         made of the drain (the role-watch period is 100 ms), the verify step's digests of every \
+         table, and the promotion (pool, core link); the digests grow with the data: the verify step \
+         took {:.0} ms ({}) in the cutover and {:.0} ms in the rollback, so on a journal of millions \
+         of rows the full digest alone exceeds the 2 s goal; verifying only what changed since a \
+         digest taken before the drain is the next step. The applier does one round \
          trip per row change; grouping a transaction's changes \
          into fewer statements is the known next step for the apply rate.\n\n",
         written_for.as_secs_f64(),
