@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::amqp::*;
 use common::institution::TestInstitution;
 use common::*;
 use diesel::prelude::*;
@@ -1003,95 +1004,6 @@ fn an_operator_action_interrupted_between_append_and_mark_is_not_logged_twice() 
 // ------------------------------------------------------------------------------------------
 // The core link over RabbitMQ
 
-fn amqp_url() -> String {
-    std::env::var("KUNPAY_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-const MAC_HEX: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
-
-fn mac_keys() -> Arc<kunpay::core::wire::MacKeys> {
-    Arc::new(
-        kunpay::core::wire::MacKeys::single(
-            "test-2026",
-            zeroize::Zeroizing::new(hex::decode(MAC_HEX).unwrap()),
-        )
-        .unwrap(),
-    )
-}
-
-/// Queue names of one test, deleted when it ends.
-struct Queues {
-    request: String,
-    reply: String,
-    dead: String,
-    forger: String,
-}
-
-impl Queues {
-    fn new() -> Queues {
-        let tag = uuid::Uuid::now_v7().simple().to_string();
-        Queues {
-            request: format!("test.{tag}.request"),
-            reply: format!("test.{tag}.reply"),
-            dead: format!("test.{tag}.dead"),
-            forger: format!("test.{tag}.forger"),
-        }
-    }
-
-    fn settings(
-        &self,
-        consume: &str,
-        queues: Vec<String>,
-        app: &str,
-    ) -> kunpay::core::amqp::AmqpSettings {
-        kunpay::core::amqp::AmqpSettings {
-            uri: amqp_url(),
-            queues,
-            dead_letter_queue: self.dead.clone(),
-            consume_queue: consume.to_string(),
-            prefetch: 32,
-            concurrency: 8,
-            confirm_timeout: Duration::from_secs(5),
-            connection_name: format!("audit test {app}"),
-            app_id: app.into(),
-        }
-    }
-}
-
-impl Drop for Queues {
-    fn drop(&mut self) {
-        let Ok(runtime) = tokio::runtime::Runtime::new() else {
-            return;
-        };
-        runtime.block_on(async {
-            let Ok(conn) =
-                lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-                    .await
-            else {
-                return;
-            };
-            let Ok(channel) = conn.create_channel().await else {
-                return;
-            };
-            for q in [&self.request, &self.reply, &self.dead, &self.forger] {
-                let _ = channel
-                    .queue_delete(
-                        q.as_str().into(),
-                        lapin::options::QueueDeleteOptions::default(),
-                    )
-                    .await;
-            }
-        });
-    }
-}
-
-fn write_secret(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
 #[test]
 fn core_messages_on_the_mq_bridge_are_logged_whatever_their_verdict() {
     use kunpay::core::wire::{CoreReply, Envelope, MessageType, now_ms};
@@ -1104,8 +1016,8 @@ fn core_messages_on_the_mq_bridge_are_logged_whatever_their_verdict() {
     // The core answers every request twice (a duplicate reply is late by definition).
     let coresim = kunpay::core::coresim::CoreSimService::start(
         runtime.handle().clone(),
-        queues.settings(&queues.request, vec![queues.request.clone()], "coresim"),
-        mac_keys(),
+        queues.only(&queues.request, "coresim"),
+        keys(),
         Arc::new(kunpay::core::sim::CoreSimulator::with_demo_accounts()),
         kunpay::core::coresim::ServiceFaults {
             duplicate_every: 1,
@@ -1116,17 +1028,14 @@ fn core_messages_on_the_mq_bridge_are_logged_whatever_their_verdict() {
     let scratch = tempfile::tempdir().unwrap();
     let mac_file = scratch.path().join("core-mac.key");
     write_secret(&mac_file, MAC_HEX);
-    let url = amqp_url();
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let (userinfo, host) = rest.split_once('@').unwrap();
-    let (user, password) = userinfo.split_once(':').unwrap();
+    let (scheme, user, password, host) = broker_parts();
     let password_file = scratch.path().join("amqp-password");
-    write_secret(&password_file, password);
+    write_secret(&password_file, &password);
     let mut node = AuditNode::start(
         "",
         "checkpoint_every = \"300ms\"\n",
         &format!(
-            "[core]\nlink = \"amqp\"\n\n[core.amqp]\nurl = \"{scheme}://{user}@{host}\"\n\
+            "[core]\nlink = \"amqp\"\n\n[core.amqp]\nurl = \"{scheme}://{user}@{host}/%2f\"\n\
              password_file = \"{}\"\nrequest_queue = \"{}\"\nreply_queue = \"{}\"\n\
              dead_letter_queue = \"{}\"\nmac_key_id = \"test-2026\"\nmac_key_file = \"{}\"\n\
              reply_timeout = \"10s\"\n",
@@ -1191,9 +1100,11 @@ fn core_messages_on_the_mq_bridge_are_logged_whatever_their_verdict() {
         > = Box::pin(async { kunpay::core::amqp::Disposition::Requeue });
         settle
     });
+    // Deleted with the test's queues (common::amqp).
+    let forger_queue = format!("{}.forger", queues.request);
     let forger = kunpay::core::amqp::AmqpLink::start(
         runtime.handle().clone(),
-        queues.settings(&queues.forger, vec![queues.forger.clone()], "forger"),
+        queues.only(&forger_queue, "forger"),
         idle,
     );
     assert!(forger.wait_connected(Duration::from_secs(20)));

@@ -41,11 +41,9 @@ fn start_pair(faults: ServiceFaults, reply_timeout: Duration) -> Pair {
         .unwrap();
     let queues = Queues::new();
     let core = Arc::new(CoreSimulator::with_demo_accounts());
-    let mut coresim_settings = queues.settings(&queues.request, "coresim");
-    coresim_settings.queues = vec![queues.request.clone()];
     let coresim = CoreSimService::start(
         runtime.handle().clone(),
-        coresim_settings,
+        queues.only(&queues.request, "coresim"),
         keys(),
         core.clone(),
         faults,
@@ -401,36 +399,7 @@ impl MqNode {
 
     /// Agreement for the simulator's demo customer 张三, bound and confirmed through the core.
     fn sign_agreement(&self) -> String {
-        let inst = &self.inst;
-        let apply = inst.call(
-            MsgType::AgreementApply,
-            &[
-                ("ReqSerial", &inst.next_id("AP")),
-                ("AcctNo", ZHANG_ACCOUNT),
-                ("AcctNm", "张三"),
-                ("IdTp", "01"),
-                ("IdNo", "110101199003077774"),
-                ("PhoneNo", "13812345678"),
-            ],
-        );
-        assert_eq!(
-            apply.code(),
-            "0000",
-            "{:?}\n{}",
-            apply.fields,
-            self.daemon.stderr()
-        );
-        let agreement = apply.get("AgrmtNo").to_string();
-        let confirm = inst.call(
-            MsgType::AgreementConfirm,
-            &[
-                ("ReqSerial", &inst.next_id("CF")),
-                ("AgrmtNo", &agreement),
-                ("VrfyCd", &kunpay::core::sim::verification_code(&agreement)),
-            ],
-        );
-        assert_eq!(confirm.code(), "0000", "{:?}", confirm.fields);
-        agreement
+        self.inst.sign_agreement(common::ha::ZHANG)
     }
 
     fn debit(&self, serial: &str, agreement: &str, amount: &str) -> common::institution::Answer {
@@ -484,11 +453,9 @@ fn coresim_in_process(
     queues: &Queues,
 ) -> (Arc<CoreSimulator>, CoreSimService) {
     let core = Arc::new(CoreSimulator::with_demo_accounts());
-    let mut settings = queues.settings(&queues.request, "coresim");
-    settings.queues = vec![queues.request.clone()];
     let coresim = CoreSimService::start(
         runtime.handle().clone(),
-        settings,
+        queues.only(&queues.request, "coresim"),
         keys(),
         core.clone(),
         ServiceFaults::default(),

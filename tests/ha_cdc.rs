@@ -19,19 +19,10 @@ use kunpay::ha::{self, NodeRole};
 use kunpay::payment::journal;
 use kunpay::payment::state::TxnState;
 
-/// Logical decoding on; fsync off is safe against the process kills these tests do (the OS
-/// keeps what was written), and keeps commits cheap. synchronous_commit stays on, so a commit
-/// the test saw acknowledged survives an immediate stop.
-fn cluster() -> TestCluster {
-    TestCluster::start(ClusterOptions {
-        settings: vec![
-            ("wal_level".into(), "logical".into()),
-            ("fsync".into(), "off".into()),
-            ("max_replication_slots".into(), "4".into()),
-        ],
-        fast_unsafe: false,
-    })
-}
+/// Logical decoding on (common::ha::cluster): fsync off is safe against the process kills these
+/// tests do (the OS keeps what was written), and keeps commits cheap; synchronous_commit stays
+/// on, so a commit the test saw acknowledged survives an immediate stop.
+use common::ha::cluster;
 
 /// An active and a standby, both migrated; the standby declared STANDBY at epoch 1.
 fn pair() -> (TestCluster, TestCluster) {

@@ -663,14 +663,7 @@ fn handover_command(kind: kunpay::ha::cutover::Kind, args: HandoverArgs) -> anyh
         let mut a = kunpay::db::connect_one(&active)?;
         let mut s = kunpay::db::connect_one(&standby)?;
         let plan = cutover::dry_run(&mut a, &mut s, &settings);
-        for check in &plan.checks {
-            print_step(&cutover::Step {
-                name: check.name,
-                ok: check.ok,
-                detail: check.detail.clone(),
-                took: check.took,
-            });
-        }
+        plan.checks.iter().for_each(print_step);
         if let Some(refusal) = plan.refusal() {
             println!("{name} would be REFUSED: {}", refusal.detail);
             return Ok(EXIT_REFUSED);

@@ -460,12 +460,12 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
     state.mark_ready();
     let status = format!(
         "serving as {}; ops on {}",
-        config.node.role, ops_served.local_addr
+        effective_role, ops_served.local_addr
     );
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     tracing::info!(
         node = %config.node.id,
-        role = %config.node.role,
+        role = %effective_role,
         ops = %ops_served.local_addr,
         database = %connect.display_target(),
         run_id,

@@ -48,7 +48,7 @@ pub struct CutoverSettings {
 /// a rollback checks for it.
 pub const DEMOTED_REASON_PREFIX: &str = "cutover: standby of the new active";
 
-/// One check, timed, with what was found.
+/// One check or step, timed, with what was found.
 #[derive(Debug, Clone)]
 pub struct Check {
     pub name: &'static str,
@@ -229,14 +229,8 @@ impl Kind {
     }
 }
 
-/// One step that ran, with what it found and how long it took.
-#[derive(Debug, Clone)]
-pub struct Step {
-    pub name: &'static str,
-    pub ok: bool,
-    pub detail: String,
-    pub took: Duration,
-}
+/// A step of [`execute`] reports what a check does.
+pub type Step = Check;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -441,12 +435,7 @@ pub fn execute(
         });
     }
     for c in &plan.checks {
-        (runner.on_step)(&Step {
-            name: c.name,
-            ok: c.ok,
-            detail: c.detail.clone(),
-            took: c.took,
-        });
+        (runner.on_step)(c);
     }
     if let Some(refusal) = plan.refusal() {
         let reason = format!("check \"{}\" failed: {}", refusal.name, refusal.detail);

@@ -214,12 +214,12 @@ impl NodeState {
     /// Counts a business request in, unless the node does not take business now. The count is
     /// raised before the second look, so a drain that sets its flag and then sees zero in
     /// flight can never miss a request that got past the first look.
-    fn admit_business(self: &Arc<Self>) -> Option<BusinessTicket> {
+    fn admit_business(&self) -> Option<BusinessTicket<'_>> {
         if !self.takes_business() {
             return None;
         }
         self.business_in_flight.fetch_add(1, Ordering::SeqCst);
-        let ticket = BusinessTicket(self.clone());
+        let ticket = BusinessTicket(self);
         self.takes_business().then_some(ticket)
     }
 
@@ -299,9 +299,9 @@ impl NodeState {
 /// The body of every health endpoint, in the spirit of Patroni's JSON.
 /// One admitted business request; dropping it (the answer left, or the client went away)
 /// counts it out.
-struct BusinessTicket(Arc<NodeState>);
+struct BusinessTicket<'a>(&'a NodeState);
 
-impl Drop for BusinessTicket {
+impl Drop for BusinessTicket<'_> {
     fn drop(&mut self) {
         let before = self.0.business_in_flight.fetch_sub(1, Ordering::SeqCst);
         assert!(before > 0, "a business request counted out twice");

@@ -51,6 +51,15 @@ impl Queues {
         }
     }
 
+    /// Settings that declare and consume `queue` alone (a core simulator on the request queue,
+    /// a forger on a queue of its own).
+    pub fn only(&self, queue: &str, app: &str) -> AmqpSettings {
+        AmqpSettings {
+            queues: vec![queue.to_string()],
+            ..self.settings(queue, app)
+        }
+    }
+
     /// Messages waiting in a queue (RabbitMQ's count, after a moment to settle).
     pub fn depth(&self, queue: &str) -> u32 {
         std::thread::sleep(Duration::from_millis(300));

@@ -22,6 +22,9 @@ use super::proxy;
 use super::*;
 
 pub const ZHANG_ACCOUNT: &str = "6222021234567890123";
+/// The simulator's demo customer: account, name, id number, phone.
+pub const ZHANG: (&str, &str, &str, &str) =
+    (ZHANG_ACCOUNT, "张三", "110101199003077774", "13812345678");
 pub const AMOUNT_FEN: i64 = 100;
 
 pub fn cluster() -> TestCluster {
@@ -192,11 +195,9 @@ impl Pair {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let queues = Queues::new();
         let core = Arc::new(CoreSimulator::with_demo_accounts());
-        let mut settings = queues.settings(&queues.request, "coresim");
-        settings.queues = vec![queues.request.clone()];
         let coresim = CoreSimService::start(
             runtime.handle().clone(),
-            settings,
+            queues.only(&queues.request, "coresim"),
             keys(),
             core.clone(),
             ServiceFaults::default(),
@@ -255,30 +256,12 @@ impl Pair {
                 ),
             );
         };
-        let link = cuttable_link.then(|| {
-            let port = ca
-                .url()
-                .rsplit(':')
-                .next()
-                .unwrap()
-                .split('/')
-                .next()
-                .unwrap()
-                .to_string();
-            proxy::Proxy::start(&format!("127.0.0.1:{port}"))
-        });
+        // B reaches A's database directly, or through a proxy the test can sever.
+        let link =
+            cuttable_link.then(|| proxy::Proxy::start(&format!("127.0.0.1:{}", ca.cluster.port())));
         let a_as_b_sees_it = match &link {
             Some(proxy) => ca.url().replace(
-                &format!(
-                    ":{}/",
-                    ca.url()
-                        .rsplit(':')
-                        .next()
-                        .unwrap()
-                        .split('/')
-                        .next()
-                        .unwrap()
-                ),
+                &format!(":{}/", ca.cluster.port()),
                 &format!(":{}/", proxy.port),
             ),
             None => ca.url(),
@@ -316,55 +299,13 @@ impl Pair {
         }
     }
 
+    /// The simulator's demo customer 张三's agreement, signed on the active node A.
     pub fn sign_agreement(&self) -> String {
-        let inst = &self.inst;
-        let apply = inst.call(
-            MsgType::AgreementApply,
-            &[
-                ("ReqSerial", &inst.next_id("AP")),
-                ("AcctNo", ZHANG_ACCOUNT),
-                ("AcctNm", "张三"),
-                ("IdTp", "01"),
-                ("IdNo", "110101199003077774"),
-                ("PhoneNo", "13812345678"),
-            ],
-        );
-        assert_eq!(
-            apply.code(),
-            "0000",
-            "{:?}\n{}",
-            apply.fields,
-            self.a.daemon().stderr()
-        );
-        let agreement = apply.get("AgrmtNo").to_string();
-        let confirm = inst.call(
-            MsgType::AgreementConfirm,
-            &[
-                ("ReqSerial", &inst.next_id("CF")),
-                ("AgrmtNo", &agreement),
-                ("VrfyCd", &kunpay::core::sim::verification_code(&agreement)),
-            ],
-        );
-        assert_eq!(confirm.code(), "0000", "{:?}", confirm.fields);
-        agreement
+        self.inst.sign_agreement(ZHANG)
     }
 }
 
-pub fn post(base: &str, msg_type: MsgType, body: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
-    let mut response = agent
-        .post(&format!("{base}{}", msg_type.path()))
-        .header("Content-Type", "application/xml")
-        .send(body)
-        .ok()?;
-    let status = response.status().as_u16();
-    let bytes = response.body_mut().read_to_vec().ok()?;
-    Some((status, bytes))
-}
+pub use super::institution::post_to as post;
 
 /// What the load generator saw of one debit.
 #[derive(Debug, Clone)]

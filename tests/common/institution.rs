@@ -133,24 +133,7 @@ impl TestInstitution {
 
     /// Posts; `None` when the connection failed (the daemon is gone), for tests that kill it.
     pub fn try_post(&self, msg_type: MsgType, body: &[u8]) -> Option<(u16, Vec<u8>)> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
-        let mut response = agent
-            .post(&format!("{}{}", self.base_url, msg_type.path()))
-            .header("Content-Type", "application/xml")
-            .send(body)
-            .ok()?;
-        let status = response.status().as_u16();
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(16 * 1024 * 1024)
-            .read_to_vec()
-            .ok()?;
-        Some((status, bytes))
+        post_to(&self.base_url, msg_type, body)
     }
 
     /// Posts and verifies kunpay's signature on the answer.
@@ -198,4 +181,59 @@ impl TestInstitution {
     pub fn call(&self, msg_type: MsgType, fields: &[(&str, &str)]) -> Answer {
         self.send(msg_type, &self.message(msg_type, fields))
     }
+
+    /// Signs an agreement in the protocol's two steps (the code comes from the simulator's
+    /// rule) for the account (number, name, id number, phone); returns the agreement number.
+    pub fn sign_agreement(&self, account: (&str, &str, &str, &str)) -> String {
+        let apply = self.call(
+            MsgType::AgreementApply,
+            &[
+                ("ReqSerial", &self.next_id("AP")),
+                ("AcctNo", account.0),
+                ("AcctNm", account.1),
+                ("IdTp", "01"),
+                ("IdNo", account.2),
+                ("PhoneNo", account.3),
+            ],
+        );
+        assert_eq!(apply.code(), "0000", "agreement apply: {:?}", apply.fields);
+        let agreement = apply.get("AgrmtNo").to_string();
+        let confirm = self.call(
+            MsgType::AgreementConfirm,
+            &[
+                ("ReqSerial", &self.next_id("CF")),
+                ("AgrmtNo", &agreement),
+                ("VrfyCd", &kunpay::core::sim::verification_code(&agreement)),
+            ],
+        );
+        assert_eq!(
+            confirm.code(),
+            "0000",
+            "agreement confirm: {:?}",
+            confirm.fields
+        );
+        agreement
+    }
+}
+
+/// Posts `body` to `base` on the message type's path; `None` when the connection failed.
+pub fn post_to(base: &str, msg_type: MsgType, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let mut response = agent
+        .post(&format!("{base}{}", msg_type.path()))
+        .header("Content-Type", "application/xml")
+        .send(body)
+        .ok()?;
+    let status = response.status().as_u16();
+    let bytes = response
+        .body_mut()
+        .with_config()
+        .limit(16 * 1024 * 1024)
+        .read_to_vec()
+        .ok()?;
+    Some((status, bytes))
 }
