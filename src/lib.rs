@@ -3,6 +3,11 @@
 //! docs/ARCHITECTURE.md is the map; each module's header says what it owns and what it must
 //! never do. Data flows one way: channel -> verify -> risk -> journal -> core -> respond/notify.
 
+/// Every binary that links kunpay (kunpayd, kunpayctl, kunpay-coresim, kunpay-audit, tests and
+/// benchmarks) allocates through mimalloc: measured on the risk decision path (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod audit;
 pub mod channel;
 pub mod config;

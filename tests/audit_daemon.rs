@@ -227,22 +227,24 @@ fn assert_exchange(
     (inbound.seq, outbound.seq)
 }
 
-/// An institution's callback endpoint answering 200 `SUCCESS`; keeps every body it received.
+/// An institution's callback endpoint answering 200 `SUCCESS`; keeps every body it answered.
+/// The first `drop_first` connections are closed unanswered once their request is read.
 struct Callback {
     port: u16,
     received: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl Callback {
-    fn start() -> Callback {
+    fn start(drop_first: usize) -> Callback {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let received = Arc::new(Mutex::new(Vec::new()));
         let keep = received.clone();
         std::thread::spawn(move || {
-            for stream in listener.incoming() {
+            for (n, stream) in listener.incoming().enumerate() {
                 let Ok(mut stream) = stream else { continue };
                 let keep = keep.clone();
+                let answer = n >= drop_first;
                 std::thread::spawn(move || {
                     stream
                         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -270,6 +272,9 @@ impl Callback {
                             break data[end + 4..end + 4 + length].to_vec();
                         }
                     };
+                    if !answer {
+                        return;
+                    }
                     keep.lock().unwrap().push(body);
                     let _ = stream.write_all(
                         b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nSUCCESS",
@@ -364,11 +369,13 @@ impl Exchange {
 
 #[test]
 fn a_realistic_session_is_logged_completely_and_verifies() {
-    let callback = Callback::start();
+    // The first notification attempt gets no answer (the connection closes): logged as such,
+    // and the retry after it is answered.
+    let callback = Callback::start(1);
     let mut node = AuditNode::start(
         &format!("callback_url = \"{}\"\n", callback.url()),
         "checkpoint_every = \"300ms\"\n",
-        "[notify]\npoll_every = \"100ms\"\n",
+        "[notify]\npoll_every = \"100ms\"\nschedule = \"200ms, 1h\"\n",
         |_| {},
     );
     let inst = node.tenpay.clone();
@@ -508,10 +515,11 @@ fn a_realistic_session_is_logged_completely_and_verifies() {
     assert_eq!(node.metric("kunpay_audit_log_usable"), 1.0);
     assert_eq!(node.metric("kunpay_audit_append_failures_total"), 0.0);
     assert!(node.metric("kunpay_audit_checkpoints_total") >= 1.0);
-    // Waited for: 6 answers, 2 refusals, 4 notifications, their 4 answers, 3 operator actions.
+    // Waited for: 6 answers, 2 refusals, 5 notification attempts, 4 answers and 1 record of
+    // no answer, 3 operator actions.
     assert_eq!(
         node.metric("kunpay_audit_append_duration_seconds_count"),
-        19.0
+        21.0
     );
     node.stop();
 
@@ -566,7 +574,31 @@ fn a_realistic_session_is_logged_completely_and_verifies() {
         .iter()
         .filter(|r| r.message_type == "TXN_NOTIFY")
         .count();
-    assert_eq!(notify_out, 4, "three first attempts and the replay");
+    assert_eq!(
+        notify_out, 5,
+        "three first attempts, the retry of the unanswered one and the replay"
+    );
+    let unanswered: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.message_type == "TXN_NOTIFY_UNANSWERED")
+        .collect();
+    assert_eq!(unanswered.len(), 1, "the attempt whose connection closed");
+    let unanswered = unanswered[0];
+    assert_eq!(unanswered.direction, Direction::Internal);
+    assert_eq!(unanswered.peer, "TENPAY");
+    let text = String::from_utf8(unanswered.payload.clone()).unwrap();
+    assert!(
+        text.starts_with("kunpay notification attempt v1\nevent: ")
+            && text.contains("\noutcome: no answer\n")
+            && text.contains("\nerror: "),
+        "{text}"
+    );
+    let attempt = records
+        .iter()
+        .rev()
+        .find(|r| r.seq < unanswered.seq && r.message_type == "TXN_NOTIFY")
+        .unwrap();
+    assert_eq!(attempt.txn_id, unanswered.txn_id, "it follows its attempt");
     let answers: Vec<&Record> = records
         .iter()
         .filter(|r| r.message_type == "TXN_NOTIFY_ANSWER")
@@ -590,8 +622,8 @@ fn a_realistic_session_is_logged_completely_and_verifies() {
             .iter()
             .filter(|r| r.message_type == "TXN_NOTIFY" && r.txn_id == Some(debit_txn))
             .count(),
-        2,
-        "the debit's notification: first attempt and the replay"
+        2 + usize::from(unanswered.txn_id == Some(debit_txn)),
+        "the debit's notification: first attempt (and its retry) and the replay"
     );
 
     // The operator actions: each once, in order, as the rows say.

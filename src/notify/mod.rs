@@ -37,6 +37,9 @@ pub enum Delivery {
 
 /// `MsgTp`-like name of an institution's answer to a notification in the audit log.
 pub const NOTIFY_ANSWER_TYPE: &str = "TXN_NOTIFY_ANSWER";
+/// Audit record type of a notification attempt that got no HTTP answer (refused connection,
+/// TLS failure, timeout): written by kunpay itself, since nothing came back to log.
+pub const NOTIFY_UNANSWERED_TYPE: &str = "TXN_NOTIFY_UNANSWERED";
 /// Bytes of an institution's answer read (and logged) at most.
 pub const MAX_ANSWER_BODY: u64 = 64 * 1024;
 
@@ -74,6 +77,17 @@ pub fn answer_bytes(status: u16, body: &[u8]) -> Vec<u8> {
     let mut bytes = format!("HTTP {status}\n\n").into_bytes();
     bytes.extend_from_slice(body);
     bytes
+}
+
+/// The audit record of an attempt without an answer: UTF-8 `name: value` lines.
+pub fn unanswered_bytes(event_id: uuid::Uuid, took: Duration, why: &str) -> Vec<u8> {
+    // One line per field whatever the transport's error text holds.
+    let why = why.replace(['\r', '\n'], " ");
+    format!(
+        "kunpay notification attempt v1\nevent: {event_id}\noutcome: no answer\nafter_ms: {}\nerror: {why}\n",
+        took.as_millis()
+    )
+    .into_bytes()
 }
 
 /// An HTTP client for callbacks: OpenSSL (native-tls) with the system's trusted roots.
@@ -145,15 +159,24 @@ pub fn round(
         let started = Instant::now();
         let (delivery, answer) = deliver(agent, url, &body);
         let took = started.elapsed();
-        if let Some((status, answer)) = answer
-            && let Err(e) = audit.append(record(
+        // What came back, or (nothing having crossed) why nothing did: an auditor reading a
+        // notification in the log also reads how its attempt ended.
+        let outcome = match (&answer, &delivery) {
+            (Some((status, answer)), _) => record(
                 Direction::In,
                 NOTIFY_ANSWER_TYPE,
-                answer_bytes(status, &answer),
-            ))
-        {
+                answer_bytes(*status, answer),
+            ),
+            (None, Delivery::Failed(why)) => record(
+                Direction::Internal,
+                NOTIFY_UNANSWERED_TYPE,
+                unanswered_bytes(notification.event_id, took, why),
+            ),
+            (None, _) => unreachable!("an HTTP status always comes with its answer"),
+        };
+        if let Err(e) = audit.append(outcome) {
             // The attempt happened: it is recorded below all the same.
-            tracing::error!(institution = %inst.id, event_id = %notification.event_id, "the answer to a notification was not logged: {e}");
+            tracing::error!(institution = %inst.id, event_id = %notification.event_id, "how a notification attempt ended was not logged: {e}");
         }
         let conn = &mut *checkout()?;
         let attempt = notification.attempts + 1;

@@ -12,7 +12,7 @@
 //! Must never: grow without bound (subjects per shard, events per subject and minutes per
 //! subject are capped), or leave an event of a window uncounted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -237,6 +237,15 @@ impl Timeline {
         }
     }
 
+    /// The first individual event of the window after `since`. Windows are (now - window,
+    /// now]: an event exactly one window old is out. Events stamped after `now` count too:
+    /// they were decided before this one (concurrent requests take their time on arrival,
+    /// not in the order their decisions run), and leaving them out would let two concurrent
+    /// decisions each miss the other.
+    fn window_start(&self, since: i64) -> usize {
+        self.events.partition_point(|s| s.event.at_ms <= since)
+    }
+
     /// The folded minutes touching the window after `since`: (count, sum, near).
     fn folded_since(&self, since: i64) -> (i64, i64, i64) {
         let first = self
@@ -311,7 +320,9 @@ impl Timeline {
 
 #[derive(Default)]
 struct Shard {
-    subjects: HashMap<(Dimension, u64), Timeline>,
+    /// foldhash, randomly seeded per process: the keys are unkeyed digests of what
+    /// institutions send, so a fixed hash would let a sender aim for one bucket.
+    subjects: foldhash::HashMap<(Dimension, u64), Timeline>,
 }
 
 pub struct VelocityStore {
@@ -365,34 +376,60 @@ impl VelocityStore {
                 .binary_search(&shard_of(subject))
                 .expect("every subject's shard is locked")
         };
+        // Each subject's timeline looked up once, not once per feature.
+        let timelines: Vec<Option<&Timeline>> = subjects
+            .iter()
+            .map(|subject| guards[shard_for(subject)].subjects.get(subject))
+            .collect();
+        let timeline_of = |dimension: Dimension| -> Option<Option<&Timeline>> {
+            subjects
+                .iter()
+                .position(|(d, _)| *d == dimension)
+                .map(|at| timelines[at])
+        };
+        // Where each (subject, window) starts, found once for its count, sum and near-limit.
+        let mut starts: Vec<(Dimension, i64, usize)> = Vec::with_capacity(features.len());
         let mut values: Vec<i64> = features
             .iter()
             .map(|spec| {
-                let Some(subject) = subjects.iter().find(|(d, _)| *d == spec.dimension) else {
+                let Some(timeline) = timeline_of(spec.dimension) else {
                     return 0;
                 };
                 if spec.measure == Measure::Cards {
                     return 0; // below, all windows of a subject in one pass
                 }
-                let slot = shard_for(subject);
-                let events = guards[slot].subjects.get(subject);
-                measure(events, spec, event.at_ms)
+                let Some(timeline) = timeline else {
+                    return 0;
+                };
+                let start = match starts
+                    .iter()
+                    .find(|(d, w, _)| *d == spec.dimension && *w == spec.window_ms)
+                {
+                    Some(&(_, _, start)) => start,
+                    None => {
+                        let start = timeline.window_start(event.at_ms - spec.window_ms);
+                        starts.push((spec.dimension, spec.window_ms, start));
+                        start
+                    }
+                };
+                measure(timeline, start, spec, event.at_ms)
             })
             .collect();
-        for subject in subjects {
+        for (subject, timeline) in subjects.iter().zip(&timelines) {
+            let Some(timeline) = timeline else {
+                continue;
+            };
             let windows: Vec<(usize, i64)> = features
                 .iter()
                 .enumerate()
                 .filter(|(_, spec)| spec.measure == Measure::Cards && spec.dimension == subject.0)
                 .map(|(at, spec)| (at, spec.window_ms))
                 .collect();
-            if windows.is_empty() {
-                continue;
-            }
-            if let Some(timeline) = guards[shard_for(subject)].subjects.get(subject) {
+            if !windows.is_empty() {
                 distinct_cards(timeline, event.at_ms, windows, &mut values);
             }
         }
+        drop(timelines);
         if record {
             for subject in subjects {
                 let slot = shard_for(subject);
@@ -480,17 +517,11 @@ impl VelocityStore {
     }
 }
 
-fn measure(timeline: Option<&Timeline>, spec: &FeatureSpec, now_ms: i64) -> i64 {
-    let Some(timeline) = timeline else {
-        return 0;
-    };
+/// A count, sum or near-limit count of `timeline` over the window `spec` names, whose first
+/// individual event is at `start` (`Timeline::window_start`).
+fn measure(timeline: &Timeline, start: usize, spec: &FeatureSpec, now_ms: i64) -> i64 {
     let events = &timeline.events;
     let since = now_ms - spec.window_ms;
-    // Windows are (now - window, now]: an event exactly one window old is out. Events stamped
-    // after `now` count too: they were decided before this one (concurrent requests take their
-    // time on arrival, not in the order their decisions run), and leaving them out would let
-    // two concurrent decisions each miss the other.
-    let start = events.partition_point(|s| s.event.at_ms <= since);
     let end = events.len();
     let (folded_count, folded_sum, folded_near) = timeline.folded_since(since);
     if start >= end {
@@ -552,21 +583,26 @@ fn distinct_cards(
 }
 
 /// A set of card keys for one count: linear probing in a table at most half full, reused
-/// between decisions of a thread. Key 0 (an event without a card) is not a card.
+/// between decisions of a thread. Key 0 (an event without a card) is not a card. The table
+/// keeps the largest size asked for (bounded by `events_per_subject`) and uses a power-of-two
+/// prefix of it, so subjects of different sizes in one decision neither reallocate nor clear
+/// more than they use.
 #[derive(Default)]
 struct CardSet {
     slots: Vec<u64>,
+    mask: usize,
     len: usize,
 }
 
 impl CardSet {
     fn reset(&mut self, at_most: usize) {
         let size = (at_most * 2).next_power_of_two().max(16);
-        if self.slots.len() < size || self.slots.len() > size * 8 {
+        if self.slots.len() < size {
             self.slots = vec![0; size];
         } else {
-            self.slots.fill(0);
+            self.slots[..size].fill(0);
         }
+        self.mask = size - 1;
         self.len = 0;
     }
 
@@ -574,18 +610,17 @@ impl CardSet {
         if card == 0 {
             return;
         }
-        let mask = self.slots.len() - 1;
-        let mut at = (card as usize) & mask;
+        let mut at = (card as usize) & self.mask;
         loop {
             match self.slots[at] {
                 0 => {
                     self.slots[at] = card;
                     self.len += 1;
-                    debug_assert!(self.len * 2 <= self.slots.len(), "sized for every event");
+                    debug_assert!(self.len * 2 <= self.mask + 1, "sized for every event");
                     return;
                 }
                 same if same == card => return,
-                _ => at = (at + 1) & mask,
+                _ => at = (at + 1) & self.mask,
             }
         }
     }
@@ -733,6 +768,42 @@ mod tests {
             store.observe(&other, &features, event(61 * minute, 1, 8), false),
             vec![0, 0, 0]
         );
+    }
+
+    #[test]
+    fn distinct_cards_of_a_busy_and_a_quiet_subject_in_one_decision() {
+        // The reusable card table sized for the busy subject must count the quiet one exactly
+        // (only the prefix it uses is cleared), and the other way round.
+        let store = VelocityStore::new(StoreLimits::default());
+        for n in 0..600u64 {
+            store.observe(
+                &vec![(Dimension::Device, 1)],
+                &[],
+                event(n as i64, 1, 1 + n % 300),
+                true,
+            );
+        }
+        for card in [7u64, 8, 7] {
+            store.observe(&vec![(Dimension::Ip, 2)], &[], event(700, 1, card), true);
+        }
+        for subjects in [
+            vec![(Dimension::Device, 1), (Dimension::Ip, 2)],
+            vec![(Dimension::Ip, 2), (Dimension::Device, 1)],
+        ] {
+            for _ in 0..2 {
+                let seen = store.observe(
+                    &subjects,
+                    &[
+                        spec("ip_cards_1h"),
+                        spec("device_cards_1h"),
+                        spec("ip_count_1h"),
+                    ],
+                    event(800, 1, 0),
+                    false,
+                );
+                assert_eq!(seen, vec![2, 300, 3]);
+            }
+        }
     }
 
     #[test]

@@ -178,7 +178,9 @@ pub struct RuleSet {
     /// Their names, in the same order (shared by every decision's record of what it saw).
     pub names: Vec<Arc<str>>,
     /// Name -> position in `variables`: how a rule's variable reaches its value.
-    pub index: std::collections::HashMap<String, usize>,
+    pub index: foldhash::HashMap<String, usize>,
+    /// The velocity features among `variables`, in the same order (what the store computes).
+    pub features: Vec<crate::risk::features::FeatureSpec>,
 }
 
 #[derive(Deserialize)]
@@ -437,6 +439,13 @@ impl RuleSet {
             .enumerate()
             .map(|(at, name)| (name.to_string(), at))
             .collect();
+        let features = variables
+            .iter()
+            .filter_map(|v| match v {
+                Variable::Feature(spec) => Some(spec.clone()),
+                _ => None,
+            })
+            .collect();
         RuleSet {
             env,
             rules,
@@ -444,6 +453,7 @@ impl RuleSet {
             variables,
             names,
             index,
+            features,
         }
     }
 
