@@ -66,6 +66,30 @@ fn a_development_node_starts_from_nothing_and_stops_with_its_database() {
         .expect("the banner says where the ops listener is");
     assert_eq!(status_of(&format!("{ops}primary")), 200);
     assert_eq!(status_of(&format!("{ops}health")), 200);
+    assert!(text.contains("created message log directory"), "{text}");
+    let channel = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("channel")
+                .map(|r| r.split_whitespace().next().unwrap().to_string())
+        })
+        .expect("the banner says where the channel is");
+    let gateway = channel
+        .strip_suffix("/gateway/...")
+        .expect("the channel line names the gateway");
+    // A message from nobody the node knows: refused at its edge, and logged as such.
+    let mut refused = ureq::post(&format!("{gateway}/gateway/query"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(b"<root><MsgHeader><SndInst>NOBODY</SndInst></MsgHeader></root>".as_slice())
+        .unwrap();
+    let answer = refused.body_mut().read_to_string().unwrap();
+    assert!(
+        answer.contains("<RsltCd>") && !answer.contains("<RsltCd>0000<"),
+        "refused with a result code: {answer}"
+    );
 
     // Demo keys are private to their owner and standard PEM.
     let key = dir.join("keys/node-sign.pem");
@@ -91,5 +115,17 @@ fn a_development_node_starts_from_nothing_and_stops_with_its_database() {
         !dir.join("pg/postmaster.pid").exists(),
         "the embedded database stopped with the daemon"
     );
+    // The development node keeps the signed message log, and the auditors' verifier accepts
+    // it with the key file the node wrote: the refused request and its answer are in it.
+    let (code, report, stderr) = run(std::process::Command::new(env!(
+        "CARGO_BIN_EXE_kunpay-audit"
+    ))
+    .arg("verify")
+    .arg(dir.join("audit"))
+    .arg("--pubkeys")
+    .arg(dir.join("pubkeys.toml")));
+    assert_eq!(code, 0, "{report}{stderr}");
+    assert!(report.contains("RESULT: OK"), "{report}");
+    assert!(report.contains("records: 2"), "{report}");
     let _ = std::fs::remove_dir_all(&dir);
 }

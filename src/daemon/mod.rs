@@ -1504,6 +1504,15 @@ fn print_dev_banner(
     }
     println!("  ops listener   http://{ops}/  (/primary /health /readiness /metrics /status)");
     println!("  database       {} (embedded)", connect.display_target());
+    if let Some(audit) = &config.audit {
+        let pubkeys = config.source.with_file_name("pubkeys.toml");
+        println!(
+            "  message log    {}  (kunpay-audit verify {} --pubkeys {})",
+            audit.dir.display(),
+            audit.dir.display(),
+            pubkeys.display()
+        );
+    }
     println!("  configuration  {}", config.source.display());
     println!("  try            curl -s http://{ops}/status ; kunpayctl status --ops http://{ops}");
     println!(
