@@ -102,6 +102,8 @@ struct Prepared {
     connect: ConnectSettings,
     dev_url: Option<Secret>,
     dev_cluster: Option<db::cluster::PrivateCluster>,
+    /// `make run`'s kunpay-coresim, when its configuration uses one.
+    dev_coresim: Option<dev::DevCoreSim>,
     risk: Option<crate::risk::Loaded>,
     /// The message log, opened (and recovered) as the service user; `None` without `[audit]`.
     audit: Option<crate::audit::AuditLog>,
@@ -204,14 +206,15 @@ fn start(options: Options) -> Result<u8, Fatal> {
     };
 
     // The embedded cluster starts after the bind so a port clash fails before a server starts.
-    let (dev_cluster, dev_url) = match &dev_paths {
+    let (dev_cluster, dev_url, dev_coresim) = match &dev_paths {
         Some(paths) => {
             let cluster = dev::start_database(paths)?;
             let url = Secret::new(cluster.url("kunpay"));
             config.database.url = Some(url.clone());
-            (Some(cluster), Some(url))
+            let coresim = dev::DevCoreSim::start(paths, config.core.amqp.is_some())?;
+            (Some(cluster), Some(url), coresim)
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let url = config
         .database
@@ -290,6 +293,7 @@ fn start(options: Options) -> Result<u8, Fatal> {
         connect,
         dev_url,
         dev_cluster,
+        dev_coresim,
     };
     let code = runtime.block_on(serve(prepared))?;
     // Blocking tasks (a stuck probe) must not hold the exit hostage.
@@ -307,6 +311,7 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         connect,
         dev_url,
         mut dev_cluster,
+        mut dev_coresim,
         risk,
         audit,
         cdc_source,
@@ -477,6 +482,7 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
             &ops_served,
             business.channel_served.as_ref(),
             &connect,
+            dev_coresim.as_ref().map(dev::DevCoreSim::pid),
         );
     }
 
@@ -523,6 +529,8 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
             }
         }
     };
+    // The role watcher ends at its next tick once nobody listens.
+    drop(role_events);
 
     tracing::info!(
         signal = reason,
@@ -574,6 +582,9 @@ async fn serve(prepared: Prepared) -> anyhow::Result<u8> {
         Err(_) => tracing::warn!("recording the stop in node_run timed out"),
     }
     drop(pool);
+    if let Some(coresim) = dev_coresim.as_mut() {
+        coresim.stop();
+    }
     if let Some(cluster) = dev_cluster.as_mut() {
         if let Err(e) = cluster.stop() {
             tracing::warn!(error = %e, "could not stop the embedded database");
@@ -1488,6 +1499,7 @@ fn print_dev_banner(
     ops_served: &server::Served,
     channel: Option<&server::Served>,
     connect: &ConnectSettings,
+    coresim_pid: Option<u32>,
 ) {
     let ops = ops_served.local_addr;
     println!();
@@ -1498,9 +1510,20 @@ fn print_dev_banner(
     );
     if let Some(channel) = channel {
         println!(
-            "  channel        http://{}/gateway/...  (institution DEMO; in-process core simulator with demo accounts)",
+            "  channel        http://{}/gateway/...  (institution DEMO)",
             channel.local_addr
         );
+    }
+    match (&config.core.amqp, coresim_pid) {
+        (Some(amqp), Some(pid)) => println!(
+            "  core banking   kunpay-coresim (pid {pid}, demo accounts) over the broker, queue {}",
+            amqp.request_queue
+        ),
+        (Some(amqp), None) => println!(
+            "  core banking   over the broker, queue {} (no kunpay-coresim started: none configured)",
+            amqp.request_queue
+        ),
+        (None, _) => println!("  core banking   the in-process simulator (demo accounts)"),
     }
     println!("  ops listener   http://{ops}/  (/primary /health /readiness /metrics /status)");
     println!("  database       {} (embedded)", connect.display_target());

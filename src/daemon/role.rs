@@ -69,6 +69,11 @@ async fn watch(
     let mut failures: u64 = 0;
     loop {
         ticker.tick().await;
+        if events.is_closed() {
+            // The main loop has left (the process is stopping): nothing would act on a change,
+            // and the database may be going away with the process (`make run`).
+            return;
+        }
         let read = {
             let pool = pool.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<RoleRecord> {

@@ -16,6 +16,8 @@ pub struct TestInstitution {
     pub sign_serial: String,
     pub signer: Signer,
     pub bank_encrypt: PublicKey,
+    /// The serial of the bank's encryption key (`EncSN`).
+    pub bank_encrypt_serial: String,
     pub bank_verifier: Verifier,
     pub base_url: String,
     counter: std::sync::atomic::AtomicU64,
@@ -63,12 +65,38 @@ impl TestInstitution {
                 sign_serial: format!("{id}-01"),
                 signer: Signer::new(&key, "1234567812345678").unwrap(),
                 bank_encrypt,
+                bank_encrypt_serial: "test-enc-01".to_string(),
                 bank_verifier: Verifier::new(&bank_sign, "1234567812345678").unwrap(),
                 base_url: base_url.to_string(),
                 counter: std::sync::atomic::AtomicU64::new(0),
             },
             section,
         )
+    }
+
+    /// An institution whose private key already exists (`make run`'s DEMO institution).
+    pub fn from_key(
+        id: &str,
+        sign_serial: &str,
+        private_key: &Path,
+        bank_keys: &Path,
+        bank_encrypt_serial: &str,
+        base_url: &str,
+    ) -> TestInstitution {
+        let key = keyfile::load_private_key(private_key, None, "the institution's key").unwrap();
+        let bank_encrypt =
+            keyfile::load_public_key(&bank_keys.join("node-encrypt.pub.pem")).unwrap();
+        let bank_sign = keyfile::load_public_key(&bank_keys.join("node-sign.pub.pem")).unwrap();
+        TestInstitution {
+            id: id.to_string(),
+            sign_serial: sign_serial.to_string(),
+            signer: Signer::new(&key, "1234567812345678").unwrap(),
+            bank_encrypt,
+            bank_encrypt_serial: bank_encrypt_serial.to_string(),
+            bank_verifier: Verifier::new(&bank_sign, "1234567812345678").unwrap(),
+            base_url: base_url.to_string(),
+            counter: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     pub fn next_id(&self, prefix: &str) -> String {
@@ -108,7 +136,7 @@ impl TestInstitution {
             .field("SndDtTm", send_time)
             .field("MsgId", msg_id);
         if needs_envelope {
-            w.field("EncSN", "test-enc-01").field(
+            w.field("EncSN", &self.bank_encrypt_serial).field(
                 "DgtlEnvlp",
                 &key.seal(&self.bank_encrypt, CipherOrder::C1C3C2).unwrap(),
             );
