@@ -17,6 +17,9 @@ const WARM_EVENTS: usize = 200_000;
 const DECISIONS: usize = 100_000;
 const CARDS: usize = 20_000;
 const DEVICES: usize = 2_000;
+/// Rounds, each on a fresh engine; the one with the median p99 is reported (the VM's jitter
+/// moves a single round's p99 by a tenth).
+const ROUNDS: usize = 3;
 
 /// 200 rules in the shapes analysts write: velocity thresholds on several dimensions and
 /// windows, amount bands by hour, list checks, and combinations.
@@ -54,25 +57,9 @@ fn generated_rules() -> String {
     text
 }
 
-fn main() {
-    let library = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/risk");
-    let shipped = load_dir(&library).expect("the shipped library loads");
-    let shipped_rules = shipped.rules.rules.len();
-    let mut sources = vec![(
-        "strategy.toml".to_string(),
-        std::fs::read_to_string(library.join("strategy.toml")).unwrap(),
-    )];
-    for file in ["rules/10-expert.toml", "lists/00-lists.toml"] {
-        sources.push((
-            file.to_string(),
-            std::fs::read_to_string(library.join(file)).unwrap(),
-        ));
-    }
-    sources.push(("rules/90-generated.toml".to_string(), generated_rules()));
-    let loaded = load_sources(&sources).expect("generated rules load");
-    let rules = loaded.rules.rules.len();
-    let features = loaded.rules.variables.len();
-    let engine = RiskEngine::new(loaded, StoreLimits::default());
+/// One round on a fresh engine: the store warmed with a day's traffic, then the measured
+/// decisions, each timed alone. Returns the sorted sample and the rules fired in it.
+fn round(engine: RiskEngine) -> (Vec<Duration>, usize) {
     let start = Utc.with_ymd_and_hms(2026, 11, 23, 2, 0, 0).unwrap();
     let cards: Vec<String> = (0..CARDS).map(|i| format!("62220200{i:011}")).collect();
     let devices: Vec<String> = (0..DEVICES).map(|i| format!("DEV-{i}")).collect();
@@ -116,22 +103,59 @@ fn main() {
         assert!(d.errors.is_empty(), "{:?}", d.errors);
     }
     sample.sort_unstable();
-    let q = |p: f64| {
+    (sample, fired)
+}
+
+fn main() {
+    let library = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/risk");
+    let shipped = load_dir(&library).expect("the shipped library loads");
+    let shipped_rules = shipped.rules.rules.len();
+    let mut sources = vec![(
+        "strategy.toml".to_string(),
+        std::fs::read_to_string(library.join("strategy.toml")).unwrap(),
+    )];
+    for file in ["rules/10-expert.toml", "lists/00-lists.toml"] {
+        sources.push((
+            file.to_string(),
+            std::fs::read_to_string(library.join(file)).unwrap(),
+        ));
+    }
+    sources.push(("rules/90-generated.toml".to_string(), generated_rules()));
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    let (mut rules, mut features, mut fired) = (0, 0, 0usize);
+    for _ in 0..ROUNDS {
+        let loaded = load_sources(&sources).expect("generated rules load");
+        rules = loaded.rules.rules.len();
+        features = loaded.rules.variables.len();
+        let (sample, round_fired) = round(RiskEngine::new(loaded, StoreLimits::default()));
+        fired = round_fired;
+        rounds.push(sample);
+    }
+    let q = |sample: &[Duration], p: f64| {
         sample[((sample.len() as f64 * p) as usize).min(sample.len() - 1)].as_secs_f64() * 1e6
     };
+    // The round with the median p99 is reported; every round's p99 is listed beside it.
+    rounds.sort_by(|a, b| q(a, 0.99).total_cmp(&q(b, 0.99)));
+    let p99s: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.1} us", q(r, 0.99)))
+        .collect();
+    let sample = &rounds[ROUNDS / 2];
     let machine = report::cpu_model();
+    let p99 = q(sample, 0.99);
     let section = format!(
         "## Risk decisions (in process)\n\n\
          Method: `cargo bench --bench risk`, one thread, {rules} rules ({shipped_rules} shipped + {GENERATED_RULES} generated, a fifth of them shadow) reading {features} variables; \
-         the velocity store warmed with {WARM_EVENTS} decisions over 24 h on {CARDS} cards and {DEVICES} devices; {DECISIONS} decisions each timed alone; {machine}.\n\n\
-         | decisions | p50 | p99 | p99.9 | max | rules fired per decision | bar (p99) | ratio |\n|---|---|---|---|---|---|---|---|\n\
-         | {DECISIONS} | {:.1} us | {:.1} us | {:.1} us | {:.1} us | {:.2} | 200 us | {:.1}x under |\n",
-        q(0.5),
-        q(0.99),
-        q(0.999),
+         per round a fresh engine, its velocity store warmed with {WARM_EVENTS} decisions over 24 h on {CARDS} cards and {DEVICES} devices (one institution and one id number in every decision, so two subjects hold the store's maximum of 4,096 events), then {DECISIONS} decisions each timed alone; \
+         {ROUNDS} rounds, the one with the median p99 shown (every round's p99: {}); mimalloc as the allocator; {machine}.\n\n\
+         | decisions | p50 | p99 | p99.9 | max | rules fired per decision | bar (p99) | p99 / bar |\n|---|---|---|---|---|---|---|---|\n\
+         | {DECISIONS} | {:.1} us | {p99:.1} us | {:.1} us | {:.1} us | {:.2} | 200 us | {:.2} |\n",
+        p99s.join(", "),
+        q(sample, 0.5),
+        q(sample, 0.999),
         sample.last().unwrap().as_secs_f64() * 1e6,
         fired as f64 / DECISIONS as f64,
-        200.0 / q(0.99),
+        p99 / 200.0,
     );
     print!("{section}");
     match report::write_section("risk", &section) {
