@@ -673,8 +673,13 @@ fn risk_overhead(debits: usize, connections: usize, rounds: usize) -> String {
             prepare(CoreSetup::InProcess, debits, Audit::Compared(false), false),
             prepare(CoreSetup::InProcess, debits, Audit::Compared(false), true),
         ];
-        let ([side_off, side_on], ratios) =
-            alternate(sides, debits, connections, block, &format!("risk round {round}"));
+        let ([side_off, side_on], ratios) = alternate(
+            sides,
+            debits,
+            connections,
+            block,
+            &format!("risk round {round}"),
+        );
         block_ratios.extend(ratios);
         off.push(side_off.tps);
         on.push(side_on.tps);
