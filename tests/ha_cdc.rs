@@ -765,6 +765,14 @@ fn a_standby_daemon_copies_and_a_fenced_daemon_with_a_stale_config_stays_out() {
         ])
         .arg(active.url()));
     assert_eq!(code, 0, "{stdout}\n{stderr}");
+    // Without a configuration naming the other database, no ACTIVE one is at hand for the
+    // operator action: said, not hidden.
+    assert!(
+        stderr.contains(
+            "HA_SET_ROLE is not in the audit log: no ACTIVE database took its operator action"
+        ),
+        "{stderr}"
+    );
     let old = DaemonDir::new();
     old.write_config(&active.url(), "active", "");
     let mut daemon = Daemon::spawn(&old);

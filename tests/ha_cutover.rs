@@ -148,6 +148,25 @@ fn cutover_and_rollback_under_debit_load_lose_nothing_and_apply_nothing_twice() 
         Vec::<String>::new(),
         "both databases agree"
     );
+    // Each handover is one operator action for the audit log, written where it was ACTIVE
+    // afterwards (the cutover's on B, copied back to A) and holding every step.
+    for (command, outcome) in [
+        ("HA_CUTOVER", "outcome: DONE at fencing epoch 2\n"),
+        ("HA_ROLLBACK", "outcome: DONE at fencing epoch 3\n"),
+    ] {
+        assert_eq!(
+            count(
+                &pair.a.url(),
+                &format!(
+                    "SELECT count(*) AS n FROM operator_action WHERE command = '{command}' \
+                     AND detail LIKE '{outcome}%' AND detail LIKE '%step: ok promote %' \
+                     AND detail LIKE '%pause_ms: %'"
+                ),
+            ),
+            1,
+            "{command} recorded once with its outcome and steps"
+        );
+    }
 
     // Every acknowledged debit exists exactly once on the active; nothing else exists.
     let by_node = |n: usize| answered.values().filter(|a| a.node == n).count();
@@ -235,6 +254,19 @@ fn a_cutover_that_cannot_catch_up_is_refused_and_the_old_active_serves_again() {
     eprintln!("{report}");
     assert_eq!(code, 4, "refused\n{report}");
     assert!(report.contains("FAIL catch up"), "{report}");
+    assert!(
+        report.contains("recorded as operator action"),
+        "the refusal is recorded for the audit log: {report}"
+    );
+    assert_eq!(
+        count(
+            &pair.a.url(),
+            "SELECT count(*) AS n FROM operator_action WHERE command = 'HA_CUTOVER' \
+             AND detail LIKE 'outcome: REFUSED: %' AND detail LIKE '%step: FAIL catch up %'",
+        ),
+        1,
+        "in the old active's database, ACTIVE again"
+    );
     assert!(
         report.contains("the old active is ACTIVE again"),
         "{report}"

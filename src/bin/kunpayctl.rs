@@ -140,6 +140,9 @@ struct HandoverArgs {
     /// (default: ops.listen from the configuration).
     #[arg(long, value_name = "URL")]
     ops: Option<String>,
+    /// Who runs it, for the audit log's operator action (default: the OS user).
+    #[arg(long, value_name = "NAME")]
+    by: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -311,6 +314,9 @@ enum HaCommand {
         /// unless the other database is readable and not ACTIVE.
         #[arg(long)]
         force: bool,
+        /// Who sets it, for the audit log's operator action (default: the OS user).
+        #[arg(long, value_name = "NAME")]
+        by: Option<String>,
     },
 }
 
@@ -682,6 +688,48 @@ fn handover_command(kind: kunpay::ha::cutover::Kind, args: HandoverArgs) -> anyh
         &settings,
         &mut |step| print_step(step),
     );
+    // The whole execution as one operator action, in the database that is ACTIVE now (after a
+    // cutover this node's, after a refusal the old active's): it spans two databases, so it
+    // cannot share a transaction with its changes.
+    let mut detail = vec![
+        (
+            "outcome",
+            match &execution.outcome {
+                Outcome::Done { epoch } => format!("DONE at fencing epoch {epoch}"),
+                Outcome::Refused { reason } => format!("REFUSED: {reason}"),
+                Outcome::Failed { reason } => format!("FAILED: {reason}"),
+            },
+        ),
+        ("from", active.display_target()),
+        ("to", standby.display_target()),
+        (
+            "pause_ms",
+            execution
+                .write_pause
+                .map_or_else(|| "none".into(), |p| p.as_millis().to_string()),
+        ),
+    ];
+    for step in &execution.steps {
+        detail.push((
+            "step",
+            format!(
+                "{} {} {:.1} ms: {}",
+                if step.ok { "ok" } else { "FAIL" },
+                step.name,
+                step.took.as_secs_f64() * 1000.0,
+                step.detail
+            ),
+        ));
+    }
+    record_on_active(
+        vec![standby.clone(), active.clone()],
+        &operator_name(args.by.clone()),
+        match kind {
+            Kind::Cutover => "HA_CUTOVER",
+            Kind::Rollback => "HA_ROLLBACK",
+        },
+        &detail,
+    );
     match execution.outcome {
         Outcome::Done { epoch } => {
             let ops = args
@@ -837,6 +885,7 @@ fn ha(command: HaCommand) -> anyhow::Result<u8> {
             epoch,
             reason,
             force,
+            by,
         } => {
             let (mut conn, target) = match connect_database(
                 &database.config,
@@ -861,6 +910,32 @@ fn ha(command: HaCommand) -> anyhow::Result<u8> {
                     println!(
                         "{target}: {} at epoch {} (was {} at epoch {})",
                         role, epoch, before.role, before.epoch
+                    );
+                    drop(conn);
+                    let this = database_settings(
+                        &database.config,
+                        database.database_url.clone(),
+                        "ha set-role",
+                    )?
+                    .ok();
+                    let ha_config = Config::load(&database.config, Mode::Development)
+                        .ok()
+                        .and_then(|c| c.ha);
+                    let peer = source_settings(ha_config.as_ref(), None, "ha set-role")
+                        .ok()
+                        .flatten();
+                    let detail = vec![
+                        ("database", target.clone()),
+                        ("role", format!("{role} at epoch {epoch}")),
+                        ("was", format!("{} at epoch {}", before.role, before.epoch)),
+                        ("reason", reason.clone()),
+                        ("forced", force.to_string()),
+                    ];
+                    record_on_active(
+                        [this, peer].into_iter().flatten().collect(),
+                        &operator_name(by),
+                        "HA_SET_ROLE",
+                        &detail,
                     );
                     Ok(0)
                 }
@@ -1176,6 +1251,47 @@ fn list_detail(
         ("key", key.to_string()),
         ("reason", reason.to_string()),
     ]
+}
+
+/// Records an operator action whose change is already made (an HA command: its changes span
+/// both databases and their roles) in the first of `candidates` that is ACTIVE, whose node's
+/// daemon then appends it to its audit log. Says where, or why it could not.
+fn record_on_active(
+    candidates: Vec<kunpay::db::ConnectSettings>,
+    operator: &str,
+    command: &str,
+    detail: &[(&str, String)],
+) {
+    use diesel::Connection as _;
+    let mut why_not = Vec::new();
+    for settings in candidates {
+        let target = settings.display_target();
+        let recorded = (|| -> anyhow::Result<Result<i64, String>> {
+            let mut conn = kunpay::db::connect_one(&settings)?;
+            let role = kunpay::ha::read_role(&mut conn)?;
+            if role.role != kunpay::ha::NodeRole::Active {
+                return Ok(Err(format!("{target} is {}", role.role)));
+            }
+            let id = conn.transaction(|conn| {
+                record_action(conn, operator, command, None, detail, chrono::Utc::now())
+            })?;
+            Ok(Ok(id))
+        })();
+        match recorded {
+            Ok(Ok(id)) => {
+                println!(
+                    "recorded as operator action {id} ({command}) in {target}: its node's audit log holds it"
+                );
+                return;
+            }
+            Ok(Err(not_active)) => why_not.push(not_active),
+            Err(e) => why_not.push(format!("{target}: {e:#}")),
+        }
+    }
+    eprintln!(
+        "kunpayctl: {command} is not in the audit log: no ACTIVE database took its operator action ({}); the role row keeps its reason",
+        why_not.join("; ")
+    );
 }
 
 fn operator_name(by: Option<String>) -> String {
