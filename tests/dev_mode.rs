@@ -87,7 +87,7 @@ fn a_development_node_starts_from_nothing_and_stops_with_its_database() {
             .map(|pid| pid.parse().unwrap())
     });
     // The node's queues go when the test ends (the broker outlives every test).
-    let _queues = text.lines().find_map(|l| {
+    let queues = text.lines().find_map(|l| {
         let request = l
             .trim()
             .strip_prefix("core banking")?
@@ -106,6 +106,30 @@ fn a_development_node_starts_from_nothing_and_stops_with_its_database() {
     if std::net::TcpStream::connect("127.0.0.1:5672").is_ok() {
         let pid = coresim_pid.expect("with a broker, make run's core is kunpay-coresim");
         assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        // The node serves before its MQ bridge has connected (it connects in the background);
+        // an agreement needs the core at once.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ureq::get(&format!("{ops}metrics"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .is_some_and(|m| m.lines().any(|l| l == "kunpay_core_link_connected 1"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the MQ bridge did not connect to the local broker within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let queues = queues.as_ref().expect("the banner names the queues");
+        while queues.consumers(&queues.request).unwrap_or(0) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "kunpay-coresim did not consume {} within 60 s",
+                queues.request
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     let demo = institution::TestInstitution::from_key(
         "DEMO",

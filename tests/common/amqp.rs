@@ -63,27 +63,36 @@ impl Queues {
     /// Messages waiting in a queue (RabbitMQ's count, after a moment to settle).
     pub fn depth(&self, queue: &str) -> u32 {
         std::thread::sleep(Duration::from_millis(300));
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(async {
-            let conn =
-                lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-                    .await
-                    .unwrap();
-            let channel = conn.create_channel().await.unwrap();
-            let q = channel
-                .queue_declare(
-                    queue.into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            q.message_count()
-        })
+        inspect(queue).expect("the queue exists").0
     }
+
+    /// Consumers of a queue; `None` while nobody has declared it.
+    pub fn consumers(&self, queue: &str) -> Option<u32> {
+        inspect(queue).map(|(_, consumers)| consumers)
+    }
+}
+
+/// (messages, consumers) of a queue, by a passive declare; `None` when it does not exist.
+fn inspect(queue: &str) -> Option<(u32, u32)> {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        Some((q.message_count(), q.consumer_count()))
+    })
 }
 
 impl Drop for Queues {
