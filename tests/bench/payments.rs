@@ -516,20 +516,9 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
         }
         Err(_) => "in the run's temporary directory on the same disk as PostgreSQL".to_string(),
     };
-    let mut off = Vec::new();
-    let mut on = Vec::new();
-    let mut block_ratios = Vec::new();
-    for round in 0..rounds.max(1) {
-        let sides = [
-            prepare(CoreSetup::InProcess, debits, Audit::Compared(false), false),
-            prepare(CoreSetup::InProcess, debits, Audit::Compared(true), false),
-        ];
-        let ([side_off, side_on], ratios) =
-            alternate(sides, debits, connections, block, &format!("round {round}"));
-        block_ratios.extend(ratios);
-        off.push(side_off);
-        on.push(side_on);
-    }
+    let (off, on, mut block_ratios) = compare(debits, connections, rounds, block, "audit", |on| {
+        prepare(CoreSetup::InProcess, debits, Audit::Compared(on), false)
+    });
     block_ratios.sort_by(f64::total_cmp);
     let median_ratio = block_ratios[block_ratios.len() / 2];
     let load_after = load_average();
@@ -600,6 +589,34 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
     )
 }
 
+/// `rounds` side-by-side comparisons of a feature: per round a daemon without it and one with
+/// it (`prepare(false)`, `prepare(true)`), their debits sent by [`alternate`]. Returns the
+/// rounds' figures without, with, and every block's throughput ratio with / without.
+fn compare(
+    debits: usize,
+    connections: usize,
+    rounds: usize,
+    block: usize,
+    what: &str,
+    prepare: impl Fn(bool) -> Prepared,
+) -> (Vec<Measured>, Vec<Measured>, Vec<f64>) {
+    let (mut off, mut on, mut block_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds.max(1) {
+        let sides = [prepare(false), prepare(true)];
+        let ([side_off, side_on], ratios) = alternate(
+            sides,
+            debits,
+            connections,
+            block,
+            &format!("{what} round {round}"),
+        );
+        block_ratios.extend(ratios);
+        off.push(side_off);
+        on.push(side_on);
+    }
+    (off, on, block_ratios)
+}
+
 /// Sends the debits of two prepared daemons in alternating blocks (0 then 1, then 1 then 0,
 /// ...), so that the shared machine's drift falls on both alike. Returns both sides' figures
 /// (every debit must answer 0000) and the per-block throughput ratios side 1 / side 0.
@@ -665,29 +682,13 @@ fn alternate(
 fn risk_overhead(debits: usize, connections: usize, rounds: usize) -> String {
     let block = env_number("KUNPAY_BENCH_AUDIT_BLOCK", 2000).clamp(100, debits.max(100));
     let load_before = load_average();
-    let mut off = Vec::new();
-    let mut on = Vec::new();
-    let mut block_ratios = Vec::new();
-    for round in 0..rounds.max(1) {
-        let sides = [
-            prepare(CoreSetup::InProcess, debits, Audit::Compared(false), false),
-            prepare(CoreSetup::InProcess, debits, Audit::Compared(false), true),
-        ];
-        let ([side_off, side_on], ratios) = alternate(
-            sides,
-            debits,
-            connections,
-            block,
-            &format!("risk round {round}"),
-        );
-        block_ratios.extend(ratios);
-        off.push(side_off.tps);
-        on.push(side_on.tps);
-    }
+    let (off, on, mut block_ratios) = compare(debits, connections, rounds, block, "risk", |on| {
+        prepare(CoreSetup::InProcess, debits, Audit::Compared(false), on)
+    });
     block_ratios.sort_by(f64::total_cmp);
     let median_ratio = block_ratios[block_ratios.len() / 2];
-    let tps_off = off.iter().sum::<f64>() / off.len() as f64;
-    let tps_on = on.iter().sum::<f64>() / on.len() as f64;
+    let tps_off = off.iter().map(|m| m.tps).sum::<f64>() / off.len() as f64;
+    let tps_on = on.iter().map(|m| m.tps).sum::<f64>() / on.len() as f64;
     let ratio = tps_on / tps_off;
     format!(
         "| risk on / risk off, side by side ({rounds} round(s) of {debits} debits each side, alternating blocks of {block}): {tps_on:.0} vs {tps_off:.0} TPS | {:.1}% (median of {} block ratios: {:.1}%) | | | within 10%: {} |\n\n\
