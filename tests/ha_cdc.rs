@@ -831,14 +831,17 @@ fn cdc_round_trips_every_column_type_and_odd_identifiers() {
             UPDATE "Odd ""Table""" SET "Mixed Case" = 'unchanged-toast-datum', f4 = 'Infinity' WHERE id = 2;
             UPDATE "Odd ""Table""" SET id = 30, "select" = 7 WHERE id = 3;
             DELETE FROM "Odd ""Table""" WHERE id = 1;
-            INSERT INTO "Odd ""Table""" (id, "Mixed Case") VALUES (4, 'null'), (5, ' ');"#,
+            INSERT INTO "Odd ""Table""" (id, "Mixed Case") VALUES (4, 'null'), (5, ' ');
+            -- 70 rows in a row: the applier's multi-row INSERTs of 32, 32 and 6.
+            INSERT INTO "Odd ""Table""" (id, "select", js)
+                SELECT g, g * 2, CAST('{"n": ' || g || '}' AS JSON) FROM generate_series(100, 169) g;"#,
         )
         .unwrap();
     let out = cdc.drain(100).unwrap();
     assert!(out.caught_up);
     let a = ha::table_digest(&mut connect(&active), "Odd \"Table\"").unwrap();
     let b = ha::table_digest(&mut connect(&standby), "Odd \"Table\"").unwrap();
-    assert_eq!(a.rows, 4);
+    assert_eq!(a.rows, 74);
     assert_eq!(a, b, "the odd table differs on the standby");
     assert_same(&active, &standby);
 }
@@ -933,6 +936,65 @@ fn cdc_apply_rate() {
         took.as_secs_f64(),
         out.changes as f64 / took.as_secs_f64(),
         out.transactions as f64 / took.as_secs_f64()
+    );
+    assert_same(&active, &standby);
+}
+
+/// A standby that already holds a row the active then inserts has diverged: the batch of
+/// multi-row INSERTs that carries it is refused whole (nothing of it lands, the position stays)
+/// until a person settles the difference; then the same batch applies.
+#[test]
+fn a_diverged_standby_refuses_the_whole_batch_and_applies_it_once_settled() {
+    let (active, standby) = pair();
+    let ddl = "CREATE TABLE batch_rows (id BIGINT NOT NULL, v TEXT, CONSTRAINT batch_rows_pk PRIMARY KEY (id))";
+    connect(&active).batch_execute(ddl).unwrap();
+    connect(&standby).batch_execute(ddl).unwrap();
+    let mut cdc = applier(&active, &standby, 100);
+    cdc.drain(10).unwrap();
+    let position = |standby: &TestCluster| {
+        kunpay::ha::cdc::positions(&mut connect(standby)).unwrap()[0].applied_lsn
+    };
+    let before = position(&standby);
+    // Someone's hand on the standby: row 50 exists there only.
+    connect(&standby)
+        .transaction(|c| {
+            c.batch_execute("SET LOCAL kunpay.cdc_apply = 'on'")?;
+            c.batch_execute("INSERT INTO batch_rows VALUES (50, 'standby only')")
+        })
+        .unwrap();
+    connect(&active)
+        .batch_execute(
+            "INSERT INTO batch_rows SELECT g, 'row ' || g FROM generate_series(1, 70) g;
+             UPDATE batch_rows SET v = 'updated' WHERE id = 1;",
+        )
+        .unwrap();
+    let e = cdc.drain(10).unwrap_err().to_string();
+    assert!(
+        e.contains("batch_rows_pk") || e.contains("duplicate key"),
+        "{e}"
+    );
+    let mut s = connect(&standby);
+    assert_eq!(
+        count(&mut s, "SELECT count(*) AS n FROM batch_rows"),
+        1,
+        "nothing of the refused batch landed"
+    );
+    assert_eq!(position(&standby), before, "the position did not move");
+    // Settled: the stray row goes; the same changes now apply, once.
+    s.transaction(|c| {
+        c.batch_execute("SET LOCAL kunpay.cdc_apply = 'on'")?;
+        c.batch_execute("DELETE FROM batch_rows WHERE id = 50")
+    })
+    .unwrap();
+    let mut cdc = applier(&active, &standby, 100);
+    assert!(cdc.drain(10).unwrap().caught_up);
+    assert_eq!(count(&mut s, "SELECT count(*) AS n FROM batch_rows"), 70);
+    assert_eq!(
+        count(
+            &mut s,
+            "SELECT count(*) AS n FROM batch_rows WHERE v = 'updated'"
+        ),
+        1
     );
     assert_same(&active, &standby);
 }

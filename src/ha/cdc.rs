@@ -441,34 +441,12 @@ fn apply_change(
 ) -> Result<bool, CdcError> {
     match change {
         Change::Insert { table: name, new } => {
-            let Some(table) = catalog.table(name)? else {
+            let Some(row) = insert_row(catalog, name, new)? else {
                 return Ok(false);
             };
-            let mut columns = Vec::with_capacity(new.len());
-            let mut values = Vec::with_capacity(new.len());
-            for c in new {
-                if c.value == Value::UnchangedToast {
-                    return Err(CdcError::Refused(format!(
-                        "INSERT into {name} carries an unchanged-toast marker for {}",
-                        c.name
-                    )));
-                }
-                let cast = column_cast(table, name, c)?;
-                columns.push(quote_ident(&c.name));
-                values.push(format!("CAST({PARAM} AS {cast})"));
-            }
-            let sql = format!(
-                "INSERT INTO {}.{} ({}) VALUES ({})",
-                quote_ident(&name.schema),
-                quote_ident(&name.name),
-                columns.join(", "),
-                values.join(", ")
-            );
-            let statement = Statement {
-                sql,
-                binds: new.iter().map(value_of).collect(),
-            };
-            expect_one(statement.execute(conn)?, "INSERT into", name)?;
+            let mut one = PendingInserts::default();
+            one.push(row);
+            one.flush(conn)?;
             Ok(true)
         }
         Change::Update {
@@ -594,6 +572,121 @@ fn key_conditions<'a>(
         ));
     }
     Ok(wheres)
+}
+
+/// Rows an applier INSERT carries at most: consecutive inserts into one table with the same
+/// columns go to the target as one multi-row INSERT (one round trip instead of one per row;
+/// the target sees the same rows in the same order). Bounded so statements stay far below the
+/// protocol's 65,535 parameters and the prepared-statement cache holds few shapes.
+const INSERT_ROWS_PER_STATEMENT: usize = 32;
+
+/// One row of an INSERT change, ready to join others of its table and columns.
+struct InsertRow {
+    table: TableName,
+    /// `INSERT INTO schema.table (columns) VALUES `: rows with the same head share a statement.
+    head: String,
+    /// `(CAST(? AS type), ...)`.
+    values: String,
+    binds: Vec<Option<String>>,
+}
+
+/// `None` when the table is not replicated into this target.
+fn insert_row(
+    catalog: &Catalog,
+    name: &TableName,
+    new: &[Column],
+) -> Result<Option<InsertRow>, CdcError> {
+    let Some(table) = catalog.table(name)? else {
+        return Ok(None);
+    };
+    let mut columns = Vec::with_capacity(new.len());
+    let mut values = Vec::with_capacity(new.len());
+    for c in new {
+        if c.value == Value::UnchangedToast {
+            return Err(CdcError::Refused(format!(
+                "INSERT into {name} carries an unchanged-toast marker for {}",
+                c.name
+            )));
+        }
+        let cast = column_cast(table, name, c)?;
+        columns.push(quote_ident(&c.name));
+        values.push(format!("CAST({PARAM} AS {cast})"));
+    }
+    Ok(Some(InsertRow {
+        table: name.clone(),
+        head: format!(
+            "INSERT INTO {}.{} ({}) VALUES ",
+            quote_ident(&name.schema),
+            quote_ident(&name.name),
+            columns.join(", ")
+        ),
+        values: format!("({})", values.join(", ")),
+        binds: new
+            .iter()
+            .map(|c| value_of(c).map(str::to_string))
+            .collect(),
+    }))
+}
+
+/// Consecutive INSERT rows of one table and column list, not yet sent to the target. Every
+/// other change flushes them first, so the target applies changes in the source's order.
+#[derive(Default)]
+struct PendingInserts {
+    rows: Vec<InsertRow>,
+}
+
+impl PendingInserts {
+    /// Adds `row`, sending what is pending first when `row` cannot join it.
+    fn add(&mut self, conn: &mut PgConnection, row: InsertRow) -> Result<(), CdcError> {
+        let joins = self
+            .rows
+            .first()
+            .is_some_and(|first| first.head == row.head)
+            && self.rows.len() < INSERT_ROWS_PER_STATEMENT;
+        if !joins {
+            self.flush(conn)?;
+        }
+        self.push(row);
+        Ok(())
+    }
+
+    fn push(&mut self, row: InsertRow) {
+        debug_assert!(self.rows.first().is_none_or(|first| first.head == row.head));
+        self.rows.push(row);
+    }
+
+    /// Sends the pending rows as one INSERT; every row must land.
+    fn flush(&mut self, conn: &mut PgConnection) -> Result<(), CdcError> {
+        let Some(first) = self.rows.first() else {
+            return Ok(());
+        };
+        let mut sql = first.head.clone();
+        for (at, row) in self.rows.iter().enumerate() {
+            if at > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&row.values);
+        }
+        let statement = Statement {
+            sql,
+            binds: self
+                .rows
+                .iter()
+                .flat_map(|row| row.binds.iter().map(Option::as_deref))
+                .collect(),
+        };
+        let inserted = statement.execute(conn)?;
+        if inserted != self.rows.len() {
+            return Err(CdcError::Refused(format!(
+                "INSERT into {} of {} rows inserted {inserted} on the target: the standby's copy \
+                 differs from the active's (divergence); compare them with `kunpayctl ha status` and re-seed the standby",
+                first.table,
+                self.rows.len()
+            )));
+        }
+        self.rows.clear();
+        Ok(())
+    }
 }
 
 fn expect_one(rows: usize, what: &str, name: &TableName) -> Result<(), CdcError> {
@@ -1207,6 +1300,7 @@ impl Applier {
             };
             let mut open: Option<u64> = None;
             let mut last_xid: Option<u64> = None;
+            let mut pending = PendingInserts::default();
             let rows = diesel::sql_query(peek_sql)
                 .bind::<Text, _>(&slot)
                 .bind::<Integer, _>(batch as i32)
@@ -1230,8 +1324,16 @@ impl Applier {
                                 row.xid
                             )));
                         }
-                        if apply_change(target, catalog, &change)? {
-                            out.changes += 1;
+                        if let Change::Insert { table, new } = &change {
+                            if let Some(row) = insert_row(catalog, table, new)? {
+                                pending.add(target, row)?;
+                                out.changes += 1;
+                            }
+                        } else {
+                            pending.flush(target)?;
+                            if apply_change(target, catalog, &change)? {
+                                out.changes += 1;
+                            }
                         }
                     }
                     Line::Commit { xid, at } => {
@@ -1265,6 +1367,7 @@ impl Applier {
                     "the change stream ended inside transaction {xid}"
                 )));
             }
+            pending.flush(target)?;
             out.caught_up = out.rows < u64::from(batch);
             let (complete_lsn, complete_at) = if out.caught_up {
                 (out.applied_lsn.max(source_flush), Some(wal.now))
