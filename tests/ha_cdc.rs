@@ -998,3 +998,22 @@ fn a_diverged_standby_refuses_the_whole_batch_and_applies_it_once_settled() {
     );
     assert_same(&active, &standby);
 }
+
+/// A cutover promotes the standby and retires its copy (the position row goes) possibly before
+/// the standby's daemon stops its applier: the applier's next batch says what happened instead
+/// of reporting a vanished position.
+#[test]
+fn an_applier_whose_target_was_promoted_and_retired_says_so() {
+    let (active, standby) = pair();
+    let mut cdc = applier(&active, &standby, 100);
+    cdc.drain(10).unwrap();
+    let source_id = kunpay::ha::cdc::source_id(&mut connect(&active)).unwrap();
+    let mut s = connect(&standby);
+    ha::set_role(&mut s, NodeRole::Active, 2, "test: cutover").unwrap();
+    kunpay::ha::cdc::forget_position(&mut s, &source_id, "kunpay_cdc").unwrap();
+    let e = cdc.drain(10).unwrap_err().to_string();
+    assert!(
+        e.contains("the target database became ACTIVE and its copy was retired (a cutover)"),
+        "{e}"
+    );
+}

@@ -1244,8 +1244,22 @@ impl Applier {
     /// there was nothing to apply.
     pub fn apply_batch(&mut self) -> Result<BatchOutcome, CdcError> {
         let slot = self.settings.slot.clone();
-        let stored = read_position(&mut self.target, &self.source_id, &slot, false)?
-            .ok_or_else(|| CdcError::Refused("the position row vanished from the target".into()))?;
+        let Some(stored) = read_position(&mut self.target, &self.source_id, &slot, false)? else {
+            // A cutover retires the copy of a database it promoted: its position goes as soon
+            // as the target is ACTIVE, possibly before this applier's daemon has noticed. Say
+            // that, not "vanished", when it is so.
+            let role: OneText =
+                diesel::sql_query("SELECT role AS v FROM ha_node_role WHERE id = 1")
+                    .get_result(&mut self.target)?;
+            return Err(CdcError::Refused(if role.v == "STANDBY" {
+                "the position row vanished from the target".into()
+            } else {
+                format!(
+                    "the target database became {} and its copy was retired (a cutover): CDC stops writing into it",
+                    role.v
+                )
+            }));
+        };
         let stored_lsn = Lsn(stored.applied_lsn as u64);
         // Step 1: whatever the target holds is never asked for again.
         self.advance_slot_to(stored_lsn)?;
