@@ -577,12 +577,7 @@ fn the_daemon_pays_through_the_broker_and_kunpay_coresim() {
 
 /// PUT a JSON body; returns (status, body) whatever the status.
 fn http_put(url: &str, body: &str) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
-    let mut response = agent
+    let mut response = http_agent()
         .put(url)
         .header("content-type", "application/json")
         .send(body)

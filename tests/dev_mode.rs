@@ -56,36 +56,23 @@ fn a_development_node_starts_from_nothing_and_stops_with_its_database() {
     assert!(text.contains("created configuration"), "{text}");
     assert!(text.contains("created demo key"), "{text}");
     assert!(text.contains("is running"), "{text}");
-    let ops = text
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("ops listener")
-                .map(|r| r.split_whitespace().next().unwrap().to_string())
-        })
-        .expect("the banner says where the ops listener is");
+    // The first word after `label` on the banner's line that starts with it.
+    let banner_value = |label: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(label)?.split_whitespace().next())
+    };
+    let ops = banner_value("ops listener").expect("the banner says where the ops listener is");
     assert_eq!(status_of(&format!("{ops}primary")), 200);
     assert_eq!(status_of(&format!("{ops}health")), 200);
     assert!(text.contains("created message log directory"), "{text}");
-    let channel = text
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("channel")
-                .map(|r| r.split_whitespace().next().unwrap().to_string())
-        })
-        .expect("the banner says where the channel is");
-    let gateway = channel
+    let gateway = banner_value("channel")
+        .expect("the banner says where the channel is")
         .strip_suffix("/gateway/...")
         .expect("the channel line names the gateway");
     // The demo institution signs an agreement and is debited: with a broker on this machine
     // (CI has RabbitMQ) through kunpay-coresim, which the node started as its child.
-    let coresim_pid: Option<i32> = text.lines().find_map(|l| {
-        l.trim()
-            .strip_prefix("core banking   kunpay-coresim (pid ")
-            .and_then(|r| r.split(',').next())
-            .map(|pid| pid.parse().unwrap())
-    });
+    let coresim_pid: Option<i32> = banner_value("core banking   kunpay-coresim (pid ")
+        .map(|pid| pid.trim_end_matches(',').parse().unwrap());
     // The node's queues go when the test ends (the broker outlives every test).
     let queues = text.lines().find_map(|l| {
         let request = l
@@ -108,28 +95,20 @@ fn a_development_node_starts_from_nothing_and_stops_with_its_database() {
         assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
         // The node serves before its MQ bridge has connected (it connects in the background);
         // an agreement needs the core at once.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ureq::get(&format!("{ops}metrics"))
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_to_string().ok())
-            .is_some_and(|m| m.lines().any(|l| l == "kunpay_core_link_connected 1"))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the MQ bridge did not connect to the local broker within 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        ha::wait_until(
+            "the MQ bridge to connect to the local broker",
+            Duration::from_secs(60),
+            || {
+                http_get(&format!("{ops}metrics"))
+                    .is_ok_and(|(_, m)| m.lines().any(|l| l == "kunpay_core_link_connected 1"))
+            },
+        );
         let queues = queues.as_ref().expect("the banner names the queues");
-        while queues.consumers(&queues.request).unwrap_or(0) == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "kunpay-coresim did not consume {} within 60 s",
-                queues.request
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        ha::wait_until(
+            "kunpay-coresim to consume the request queue",
+            Duration::from_secs(60),
+            || queues.consumers(&queues.request).unwrap_or(0) > 0,
+        );
     }
     let demo = institution::TestInstitution::from_key(
         "DEMO",

@@ -150,28 +150,7 @@ impl Node {
         );
         let mut daemon = Daemon::spawn(&dir);
         daemon.wait_ready();
-        let apply = inst.call(
-            MsgType::AgreementApply,
-            &[
-                ("ReqSerial", &inst.next_id("AP")),
-                ("AcctNo", ZHANG[0]),
-                ("AcctNm", ZHANG[1]),
-                ("IdTp", "01"),
-                ("IdNo", ZHANG[2]),
-                ("PhoneNo", ZHANG[3]),
-            ],
-        );
-        assert_eq!(apply.code(), "0000", "{:?}", apply.fields);
-        let agreement = apply.get("AgrmtNo").to_string();
-        let confirm = inst.call(
-            MsgType::AgreementConfirm,
-            &[
-                ("ReqSerial", &inst.next_id("CF")),
-                ("AgrmtNo", &agreement),
-                ("VrfyCd", &kunpay::core::sim::verification_code(&agreement)),
-            ],
-        );
-        assert_eq!(confirm.code(), "0000");
+        let agreement = inst.sign_agreement((ZHANG[0], ZHANG[1], ZHANG[2], ZHANG[3]));
         Node {
             db,
             dir,

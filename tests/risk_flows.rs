@@ -182,30 +182,7 @@ impl Node {
     }
 
     fn sign_agreement(&self, account: (&str, &str, &str, &str)) -> String {
-        let inst = &self.inst;
-        let apply = inst.call(
-            MsgType::AgreementApply,
-            &[
-                ("ReqSerial", &inst.next_id("AP")),
-                ("AcctNo", account.0),
-                ("AcctNm", account.1),
-                ("IdTp", "01"),
-                ("IdNo", account.2),
-                ("PhoneNo", account.3),
-            ],
-        );
-        assert_eq!(apply.code(), "0000", "{:?}", apply.fields);
-        let agreement = apply.get("AgrmtNo").to_string();
-        let confirm = inst.call(
-            MsgType::AgreementConfirm,
-            &[
-                ("ReqSerial", &inst.next_id("CF")),
-                ("AgrmtNo", &agreement),
-                ("VrfyCd", &kunpay::core::sim::verification_code(&agreement)),
-            ],
-        );
-        assert_eq!(confirm.code(), "0000", "{:?}", confirm.fields);
-        agreement
+        self.inst.sign_agreement(account)
     }
 
     fn debit(&self, agreement: &str, serial: &str, amount: &str) -> common::institution::Answer {

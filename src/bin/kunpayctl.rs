@@ -887,19 +887,21 @@ fn ha(command: HaCommand) -> anyhow::Result<u8> {
             force,
             by,
         } => {
-            let (mut conn, target) = match connect_database(
+            let this = match database_settings(
                 &database.config,
                 database.database_url.clone(),
                 "ha set-role",
             )? {
-                Ok(connected) => connected,
+                Ok(settings) => settings,
                 Err(code) => return Ok(code),
             };
+            let target = this.display_target();
+            let mut conn = kunpay::db::connect_one(&this)?;
+            let ha_config = Config::load(&database.config, Mode::Development)
+                .ok()
+                .and_then(|c| c.ha);
             let role: ha::NodeRole = role.parse().map_err(anyhow::Error::msg)?;
             if role == ha::NodeRole::Active {
-                let ha_config = Config::load(&database.config, Mode::Development)
-                    .ok()
-                    .and_then(|c| c.ha);
                 if let Some(refusal) = peer_refuses_promotion(ha_config.as_ref(), force)? {
                     eprintln!("kunpayctl: {target}: refused: {refusal}");
                     return Ok(EXIT_REFUSED);
@@ -912,15 +914,6 @@ fn ha(command: HaCommand) -> anyhow::Result<u8> {
                         role, epoch, before.role, before.epoch
                     );
                     drop(conn);
-                    let this = database_settings(
-                        &database.config,
-                        database.database_url.clone(),
-                        "ha set-role",
-                    )?
-                    .ok();
-                    let ha_config = Config::load(&database.config, Mode::Development)
-                        .ok()
-                        .and_then(|c| c.ha);
                     let peer = source_settings(ha_config.as_ref(), None, "ha set-role")
                         .ok()
                         .flatten();
@@ -932,7 +925,7 @@ fn ha(command: HaCommand) -> anyhow::Result<u8> {
                         ("forced", force.to_string()),
                     ];
                     record_on_active(
-                        [this, peer].into_iter().flatten().collect(),
+                        [Some(this), peer].into_iter().flatten().collect(),
                         &operator_name(by),
                         "HA_SET_ROLE",
                         &detail,
@@ -1262,29 +1255,17 @@ fn record_on_active(
     command: &str,
     detail: &[(&str, String)],
 ) {
-    use diesel::Connection as _;
     let mut why_not = Vec::new();
     for settings in candidates {
         let target = settings.display_target();
-        let recorded = (|| -> anyhow::Result<Result<i64, String>> {
-            let mut conn = kunpay::db::connect_one(&settings)?;
-            let role = kunpay::ha::read_role(&mut conn)?;
-            if role.role != kunpay::ha::NodeRole::Active {
-                return Ok(Err(format!("{target} is {}", role.role)));
-            }
-            let id = conn.transaction(|conn| {
-                record_action(conn, operator, command, None, detail, chrono::Utc::now())
-            })?;
-            Ok(Ok(id))
-        })();
-        match recorded {
+        match record_if_active(&settings, operator, command, detail) {
             Ok(Ok(id)) => {
                 println!(
                     "recorded as operator action {id} ({command}) in {target}: its node's audit log holds it"
                 );
                 return;
             }
-            Ok(Err(not_active)) => why_not.push(not_active),
+            Ok(Err(role)) => why_not.push(format!("{target} is {role}")),
             Err(e) => why_not.push(format!("{target}: {e:#}")),
         }
     }
@@ -1292,6 +1273,24 @@ fn record_on_active(
         "kunpayctl: {command} is not in the audit log: no ACTIVE database took its operator action ({}); the role row keeps its reason",
         why_not.join("; ")
     );
+}
+
+/// The action's id, or the database's role when it is not ACTIVE (nothing written then).
+fn record_if_active(
+    settings: &kunpay::db::ConnectSettings,
+    operator: &str,
+    command: &str,
+    detail: &[(&str, String)],
+) -> anyhow::Result<Result<i64, kunpay::ha::NodeRole>> {
+    use diesel::Connection as _;
+    let mut conn = kunpay::db::connect_one(settings)?;
+    let role = kunpay::ha::read_role(&mut conn)?.role;
+    if role != kunpay::ha::NodeRole::Active {
+        return Ok(Err(role));
+    }
+    Ok(Ok(conn.transaction(|conn| {
+        record_action(conn, operator, command, None, detail, chrono::Utc::now())
+    })?))
 }
 
 fn operator_name(by: Option<String>) -> String {

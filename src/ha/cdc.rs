@@ -433,20 +433,25 @@ impl diesel::query_builder::QueryFragment<Pg> for Statement<'_> {
 
 impl RunQueryDsl<PgConnection> for Statement<'_> {}
 
-/// One change as a statement with bound parameters; returns the rows it touched, checked.
+/// One change as a statement with bound parameters, the rows it touched checked; an INSERT
+/// joins `pending` (sent with the next change that cannot join it), any other change sends
+/// `pending` first. Returns whether the change is for this target.
 fn apply_change(
     conn: &mut PgConnection,
     catalog: &Catalog,
     change: &Change,
+    pending: &mut PendingInserts,
 ) -> Result<bool, CdcError> {
+    if !matches!(change, Change::Insert { .. }) {
+        // Every other change goes to the target after the inserts that came before it.
+        pending.flush(conn)?;
+    }
     match change {
         Change::Insert { table: name, new } => {
             let Some(row) = insert_row(catalog, name, new)? else {
                 return Ok(false);
             };
-            let mut one = PendingInserts::default();
-            one.push(row);
-            one.flush(conn)?;
+            pending.add(conn, row)?;
             Ok(true)
         }
         Change::Update {
@@ -646,13 +651,8 @@ impl PendingInserts {
         if !joins {
             self.flush(conn)?;
         }
-        self.push(row);
-        Ok(())
-    }
-
-    fn push(&mut self, row: InsertRow) {
-        debug_assert!(self.rows.first().is_none_or(|first| first.head == row.head));
         self.rows.push(row);
+        Ok(())
     }
 
     /// Sends the pending rows as one INSERT; every row must land.
@@ -675,26 +675,27 @@ impl PendingInserts {
                 .flat_map(|row| row.binds.iter().map(Option::as_deref))
                 .collect(),
         };
-        let inserted = statement.execute(conn)?;
-        if inserted != self.rows.len() {
-            return Err(CdcError::Refused(format!(
-                "INSERT into {} of {} rows inserted {inserted} on the target: the standby's copy \
-                 differs from the active's (divergence); compare them with `kunpayctl ha status` and re-seed the standby",
-                first.table,
-                self.rows.len()
-            )));
-        }
+        expect_rows(
+            statement.execute(conn)?,
+            self.rows.len(),
+            "INSERT into",
+            &first.table,
+        )?;
         self.rows.clear();
         Ok(())
     }
 }
 
 fn expect_one(rows: usize, what: &str, name: &TableName) -> Result<(), CdcError> {
-    if rows == 1 {
+    expect_rows(rows, 1, what, name)
+}
+
+fn expect_rows(rows: usize, expected: usize, what: &str, name: &TableName) -> Result<(), CdcError> {
+    if rows == expected {
         Ok(())
     } else {
         Err(CdcError::Refused(format!(
-            "{what} {name} touched {rows} rows on the target instead of 1: the standby's copy \
+            "{what} {name} touched {rows} rows on the target instead of {expected}: the standby's copy \
              differs from the active's (divergence); compare them with `kunpayctl ha status` and re-seed the standby"
         )))
     }
@@ -1248,15 +1249,12 @@ impl Applier {
             // A cutover retires the copy of a database it promoted: its position goes as soon
             // as the target is ACTIVE, possibly before this applier's daemon has noticed. Say
             // that, not "vanished", when it is so.
-            let role: OneText =
-                diesel::sql_query("SELECT role AS v FROM ha_node_role WHERE id = 1")
-                    .get_result(&mut self.target)?;
-            return Err(CdcError::Refused(if role.v == "STANDBY" {
+            let role = crate::ha::read_role(&mut self.target)?.role;
+            return Err(CdcError::Refused(if role == crate::ha::NodeRole::Standby {
                 "the position row vanished from the target".into()
             } else {
                 format!(
-                    "the target database became {} and its copy was retired (a cutover): CDC stops writing into it",
-                    role.v
+                    "the target database became {role} and its copy was retired (a cutover): CDC stops writing into it"
                 )
             }));
         };
@@ -1338,16 +1336,8 @@ impl Applier {
                                 row.xid
                             )));
                         }
-                        if let Change::Insert { table, new } = &change {
-                            if let Some(row) = insert_row(catalog, table, new)? {
-                                pending.add(target, row)?;
-                                out.changes += 1;
-                            }
-                        } else {
-                            pending.flush(target)?;
-                            if apply_change(target, catalog, &change)? {
-                                out.changes += 1;
-                            }
+                        if apply_change(target, catalog, &change, &mut pending)? {
+                            out.changes += 1;
                         }
                     }
                     Line::Commit { xid, at } => {

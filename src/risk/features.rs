@@ -381,24 +381,21 @@ impl VelocityStore {
             .iter()
             .map(|subject| guards[shard_for(subject)].subjects.get(subject))
             .collect();
-        let timeline_of = |dimension: Dimension| -> Option<Option<&Timeline>> {
+        let timeline_of = |dimension: Dimension| -> Option<&Timeline> {
             subjects
                 .iter()
                 .position(|(d, _)| *d == dimension)
-                .map(|at| timelines[at])
+                .and_then(|at| timelines[at])
         };
         // Where each (subject, window) starts, found once for its count, sum and near-limit.
         let mut starts: Vec<(Dimension, i64, usize)> = Vec::with_capacity(features.len());
         let mut values: Vec<i64> = features
             .iter()
             .map(|spec| {
-                let Some(timeline) = timeline_of(spec.dimension) else {
-                    return 0;
-                };
                 if spec.measure == Measure::Cards {
                     return 0; // below, all windows of a subject in one pass
                 }
-                let Some(timeline) = timeline else {
+                let Some(timeline) = timeline_of(spec.dimension) else {
                     return 0;
                 };
                 let start = match starts

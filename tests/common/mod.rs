@@ -392,14 +392,18 @@ impl Drop for Daemon {
     }
 }
 
-/// GET with a generous timeout; returns (status, body). Never follows an error status into Err.
-pub fn http_get(url: &str) -> Result<(u16, String), String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+/// An HTTP client for tests: a generous timeout, and an error status is an answer, not an Err.
+pub fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))
         .build()
-        .into();
-    let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
+        .into()
+}
+
+/// GET with a generous timeout; returns (status, body). Never follows an error status into Err.
+pub fn http_get(url: &str) -> Result<(u16, String), String> {
+    let mut response = http_agent().get(url).call().map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
     let body = response
         .body_mut()
