@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::ha::*;
 use common::*;
+use diesel::connection::SimpleConnection as _;
 use diesel::prelude::*;
 use kunpay::ha::{self, NodeRole};
 use kunpay::payment::request::MsgType;
@@ -70,7 +71,8 @@ fn cutover_and_rollback_under_debit_load_lose_nothing_and_apply_nothing_twice() 
     };
     // A restarted into its new role and copies from B.
     wait_until("A to copy from B", Duration::from_secs(60), || {
-        pair.a.ops("/standby") == 200
+        // Its kunpayd restarts into the new role: refused connections until it listens.
+        matches!(http_get(&pair.a.dir.ops_url("/standby")), Ok((200, _)))
     });
     assert!(
         pair.a.daemon().restarts.load(Ordering::SeqCst) >= 1,
@@ -322,6 +324,88 @@ fn a_cutover_that_cannot_catch_up_is_refused_and_the_old_active_serves_again() {
     pair.b.daemon = Some(Supervised::start(pair.b.dir.clone()));
     wait_until("B to copy again", Duration::from_secs(60), || {
         pair.b.ops("/standby") == 200
+    });
+    pair.coresim.stop();
+}
+
+/// The guard checks a transaction once, so one that wrote before the fence may write on and
+/// commit after it: the fence step waits for it, and what it wrote is inside the fence position
+/// and reaches the new active. A transaction that does not end refuses the cutover, naming its
+/// session, and the old active serves again.
+#[test]
+fn the_fence_waits_for_transactions_that_wrote_before_it() {
+    let pair = Pair::start();
+    let insert = |id: &str| {
+        format!("INSERT INTO seen_message (inst_id, msg_id, seen_at) VALUES ('OPS', '{id}', now())")
+    };
+    let mut writer = PgConnection::establish(&pair.a.url()).unwrap();
+    writer
+        .batch_execute(&format!("BEGIN; {}", insert("before-the-fence")))
+        .unwrap();
+    let config = pair.b.dir.config_path();
+    let cutover =
+        std::thread::spawn(move || run(kunpayctl().arg("cutover").arg("--config").arg(config)));
+    wait_until("A to be fenced", Duration::from_secs(60), || {
+        role(&pair.a.url()).role == NodeRole::Fenced
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !cutover.is_finished(),
+        "the cutover waits for the transaction open at the fence"
+    );
+    assert_eq!(
+        role(&pair.b.url()).role,
+        NodeRole::Standby,
+        "not promoted yet"
+    );
+    writer
+        .batch_execute(&format!("{}; COMMIT", insert("after-the-fence")))
+        .unwrap();
+    let (code, stdout, stderr) = cutover.join().unwrap();
+    let report = format!("{stdout}{stderr}");
+    eprintln!("{report}");
+    assert_eq!(code, 0, "done\n{report}");
+    assert!(
+        report.contains("1 transaction(s) open at the fence ended"),
+        "{report}"
+    );
+    let both = "SELECT count(*) AS n FROM seen_message WHERE inst_id = 'OPS'";
+    assert_eq!(count(&pair.b.url(), both), 2, "both writes reached B");
+
+    // B is active now and A copies from it. A transaction on B that does not end refuses the
+    // rollback.
+    wait_until("A to copy from B", Duration::from_secs(60), || {
+        // Its kunpayd restarts into the new role: refused connections until it listens.
+        matches!(http_get(&pair.a.dir.ops_url("/standby")), Ok((200, _)))
+    });
+    let mut stuck = PgConnection::establish(&pair.b.url()).unwrap();
+    stuck
+        .batch_execute(&format!("BEGIN; {}", insert("never-ends")))
+        .unwrap();
+    let epoch = role(&pair.b.url()).epoch;
+    let (code, stdout, stderr) = run(kunpayctl()
+        .arg("rollback")
+        .arg("--config")
+        .arg(pair.a.dir.config_path())
+        .args(["--drain-timeout", "2s"]));
+    let report = format!("{stdout}{stderr}");
+    eprintln!("{report}");
+    assert_eq!(code, 4, "refused\n{report}");
+    assert!(report.contains("FAIL fence"), "{report}");
+    assert!(
+        report.contains("1 transaction(s) that may have written before the fence did not end"),
+        "{report}"
+    );
+    assert!(report.contains("idle in transaction"), "{report}");
+    assert_eq!(
+        (role(&pair.b.url()).role, role(&pair.b.url()).epoch),
+        (NodeRole::Active, epoch + 2),
+        "B fenced at {} and active again one higher",
+        epoch + 1
+    );
+    stuck.batch_execute("COMMIT").unwrap();
+    wait_until("A to copy B's last write", Duration::from_secs(60), || {
+        count(&pair.a.url(), both) == 3
     });
     pair.coresim.stop();
 }

@@ -1194,18 +1194,30 @@ impl Applier {
     /// tables compared.
     fn prove_start(&mut self, slot: &str) -> Result<usize, CdcError> {
         let dialect = self.dialect;
-        let (source, visible_up_to) = self.source.transaction::<_, CdcError, _>(|source| {
-            source.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
-            // The snapshot is taken by the first statement; every commit it shows was inserted
-            // into the WAL before the position read after it.
-            let digest = super::database_digest(source)?;
-            let at: OneText = diesel::sql_query(format!("SELECT {} AS v", dialect.insert_lsn()))
-                .get_result(source)?;
-            Ok((digest, Lsn::parse(&at.v)?))
-        })?;
+        // Both sides at once (a thread each): the target is compared with the source's snapshot
+        // only after the slot is shown quiet below, so reading it meanwhile changes nothing.
+        let (source_side, target) = std::thread::scope(|scope| {
+            let target_conn = &mut self.target;
+            let target = scope.spawn(move || super::database_digest(target_conn));
+            let source_side = self.source.transaction::<_, CdcError, _>(|source| {
+                source.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
+                // The snapshot is taken by the first statement; every commit it shows was
+                // inserted into the WAL before the position read after it.
+                let digest = super::database_digest(source)?;
+                let at: OneText =
+                    diesel::sql_query(format!("SELECT {} AS v", dialect.insert_lsn()))
+                        .get_result(source)?;
+                Ok((digest, Lsn::parse(&at.v)?))
+            });
+            let target = target
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (source_side, target)
+        });
+        let (source, visible_up_to) = source_side?;
+        let target = target?;
         setup_session(&mut self.source, self.settings.statement_timeout)?;
         self.no_replicated_change_in_slot(slot, visible_up_to)?;
-        let target = super::database_digest(&mut self.target)?;
         let differences = super::digest_differences(&source, &target);
         if !differences.is_empty() {
             return Err(CdcError::Refused(format!(

@@ -485,10 +485,38 @@ pub fn execute(
                     kind.name()
                 ),
             )?;
+            // A transaction that passed the guard before the fence may still be writing and
+            // commit after it: the fence position is read once every such transaction ended.
+            let open = super::open_transactions(&mut active)?;
+            let deadline = Instant::now() + settings.drain_timeout;
+            loop {
+                let now = super::open_transactions(&mut active)?;
+                let lingering: Vec<String> = open
+                    .iter()
+                    .filter(|t| now.contains(t))
+                    .map(|t| t.to_string())
+                    .collect();
+                if lingering.is_empty() {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{} transaction(s) that may have written before the fence did not end within {:?}: {}; \
+                     end them (commit, roll back, or pg_terminate_backend) and run the cutover again",
+                    lingering.len(),
+                    settings.drain_timeout,
+                    lingering.join("; ")
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let fence = cdc::flush_lsn(&mut active)?;
             Ok((
                 fence,
-                format!("the old active is FENCED at epoch {epoch}; fence position {fence}"),
+                format!(
+                    "the old active is FENCED at epoch {epoch}; {} transaction(s) open at the fence ended; \
+                     fence position {fence}",
+                    open.len()
+                ),
             ))
         })?;
         // 3. Catch up.
@@ -517,10 +545,7 @@ pub fn execute(
         })?;
         // 4. Verify.
         runner.step("verify", || {
-            let (a, s) = (
-                super::database_digest(&mut active)?,
-                super::database_digest(&mut standby)?,
-            );
+            let (a, s) = super::database_digests(&mut active, &mut standby)?;
             let differences = super::digest_differences(&a, &s);
             anyhow::ensure!(
                 differences.is_empty(),

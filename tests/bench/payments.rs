@@ -368,7 +368,11 @@ fn database_ceiling(db_url: &str) -> Option<(f64, f64)> {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let script_path = dir.path().join("debit.pgbench");
-    std::fs::write(&script_path, script).unwrap();
+    std::fs::write(&script_path, &script).unwrap();
+    // For looking into the ceiling by hand (pgbench -f on this script).
+    if let Ok(copy) = std::env::var("KUNPAY_BENCH_PGBENCH_SCRIPT") {
+        std::fs::write(copy, &script).expect("writing KUNPAY_BENCH_PGBENCH_SCRIPT");
+    }
     let run = |synchronous: bool| -> f64 {
         let output = Command::new(&pgbench)
             .args(["-n", "-M", "prepared", "-j", "2"])
