@@ -130,7 +130,8 @@ struct HandoverArgs {
     /// Check everything and say what would be done; change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// How long the active node may take to finish its business requests in flight.
+    /// How long the active node may take to finish its business requests in flight, and how long
+    /// transactions still open when it is fenced may take to end.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
     /// How long this node may take to apply everything up to the fence.
