@@ -53,15 +53,67 @@ fn kunpayctl_db_migrate_applies_and_reports() {
     let dir = DaemonDir::new();
     dir.write_config(db.url(), "active", "");
     let (code, stdout, stderr) = run(kunpayctl()
-        .args(["db", "migrate", "--config"])
+        .args(["db", "migrate", "--by", "dba-li", "--config"])
         .arg(dir.config_path()));
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("migration(s) applied"), "{stdout}");
+    assert!(
+        stdout.contains("recorded as operator action 1 (DB_MIGRATE)"),
+        "{stdout}"
+    );
+    // The audit log gets it through the operator_action relay, with every migration named.
+    let actions = || -> Vec<(String, String, String)> {
+        let mut conn = db.connect();
+        diesel::sql_query(
+            "SELECT operator, command, detail FROM operator_action ORDER BY action_id",
+        )
+        .load::<Action>(&mut conn)
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.operator, a.command, a.detail))
+        .collect()
+    };
+    let recorded = actions();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    let (operator, command, detail) = &recorded[0];
+    assert_eq!(
+        (operator.as_str(), command.as_str()),
+        ("dba-li", "DB_MIGRATE")
+    );
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().is_dir())
+        .count();
+    assert!(
+        detail.contains(&format!("applied: {migrations}")),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("migration: 2026-11-22-000001_node_run"),
+        "{detail}"
+    );
+    assert_eq!(
+        detail.matches("migration: ").count(),
+        migrations,
+        "{detail}"
+    );
+    // Nothing applied, nothing recorded.
     let (code, stdout, _) = run(kunpayctl()
         .args(["db", "migrate", "--config"])
         .arg(dir.config_path()));
     assert_eq!(code, 0);
     assert!(stdout.contains("schema is current"), "{stdout}");
+    assert_eq!(actions().len(), 1);
+}
+
+#[derive(diesel::QueryableByName)]
+struct Action {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    operator: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    command: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    detail: String,
 }
 
 #[test]

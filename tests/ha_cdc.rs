@@ -797,6 +797,18 @@ fn a_standby_daemon_copies_and_a_fenced_daemon_with_a_stale_config_stays_out() {
         status_of(&dir.ops_url("/standby")) == 200
     });
     assert_eq!(status_of(&dir.ops_url("/primary")), 503);
+    // The five transactions above show as soon as their openings are copied; each debit's
+    // outcome is a second transaction, which may still be on its way on a busy machine.
+    wait_until(
+        "all ten transactions applied",
+        Duration::from_secs(30),
+        || {
+            http_get(&dir.ops_url("/metrics")).is_ok_and(|(_, m)| {
+                m.lines()
+                    .any(|l| l == "kunpay_ha_cdc_applied_transactions_total 10")
+            })
+        },
+    );
     let (_, metrics) = http_get(&dir.ops_url("/metrics")).unwrap();
     for line in [
         "kunpay_ha_cdc_up 1",

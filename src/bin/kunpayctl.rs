@@ -155,6 +155,9 @@ enum DbCommand {
         /// Database URL instead of database.url (password from database.password_* still applies).
         #[arg(long, value_name = "URL")]
         database_url: Option<String>,
+        /// Who runs it, for the audit log's operator action when migrations are applied (default: the OS user)
+        #[arg(long, value_name = "NAME")]
+        by: Option<String>,
     },
 }
 
@@ -405,8 +408,9 @@ fn main() -> ExitCode {
                 DbCommand::Migrate {
                     config,
                     database_url,
+                    by,
                 },
-        } => migrate(&config, database_url),
+        } => migrate(&config, database_url, by),
         Command::Status { config, ops } => status(&config, ops),
         Command::Notify { command } => notify(command),
         Command::Reversal { command } => reversal(command),
@@ -785,20 +789,47 @@ fn handover_command(kind: kunpay::ha::cutover::Kind, args: HandoverArgs) -> anyh
     }
 }
 
-fn migrate(config_path: &Path, database_url: Option<String>) -> anyhow::Result<u8> {
-    let (mut conn, target) = match connect_database(config_path, database_url, "db migrate")? {
-        Ok(connected) => connected,
+/// Applies the pending migrations. Applying any is an operator action (`DB_MIGRATE`), recorded
+/// after the fact like the HA commands: each migration runs in its own transaction, and a
+/// standby's database takes no such row, so it goes to the first ACTIVE of this database and the
+/// configured `ha.source_url`.
+fn migrate(
+    config_path: &Path,
+    database_url: Option<String>,
+    by: Option<String>,
+) -> anyhow::Result<u8> {
+    let this = match database_settings(config_path, database_url, "db migrate")? {
+        Ok(settings) => settings,
         Err(code) => return Ok(code),
     };
+    let target = this.display_target();
+    let mut conn = kunpay::db::connect_one(&this)?;
     let applied = kunpay::db::migrate(&mut conn)?;
+    drop(conn);
     if applied.is_empty() {
         println!("{target}: schema is current; nothing to apply");
-    } else {
-        for version in &applied {
-            println!("applied migration {version}");
-        }
-        println!("{target}: {} migration(s) applied", applied.len());
+        return Ok(0);
     }
+    for version in &applied {
+        println!("applied migration {version}");
+    }
+    println!("{target}: {} migration(s) applied", applied.len());
+    let peer = Config::load(config_path, Mode::Development)
+        .ok()
+        .and_then(|c| c.ha)
+        .and_then(|ha| {
+            source_settings(Some(&ha), None, "db migrate")
+                .ok()
+                .flatten()
+        });
+    let mut detail = vec![("database", target), ("applied", applied.len().to_string())];
+    detail.extend(applied.into_iter().map(|name| ("migration", name)));
+    record_on_active(
+        [Some(this), peer].into_iter().flatten().collect(),
+        &operator_name(by),
+        "DB_MIGRATE",
+        &detail,
+    );
     Ok(0)
 }
 
