@@ -974,6 +974,33 @@ fn the_cutover_dry_run_checks_everything_and_changes_nothing() {
     assert_eq!(ha::read_role(&mut a).unwrap().role, NodeRole::Active);
     assert_eq!(ha::read_role(&mut s).unwrap().role, NodeRole::Standby);
 
+    // A guard from an older kunpay on the standby (one that reads the role on every statement):
+    // refused until `kunpayctl db migrate` puts this version's back.
+    assert!(ha::guard_is_current(&mut s).unwrap());
+    s.batch_execute(
+        "CREATE OR REPLACE FUNCTION kunpay_ha_guard() RETURNS TRIGGER AS $$ \
+         DECLARE node_role VARCHAR(16); BEGIN \
+         SELECT role INTO node_role FROM ha_node_role WHERE id = 1; \
+         IF node_role = 'ACTIVE' THEN RETURN NULL; END IF; \
+         RAISE EXCEPTION 'kunpay fenced' USING ERRCODE = '25006'; END; $$ LANGUAGE plpgsql",
+    )
+    .unwrap();
+    assert!(!ha::guard_is_current(&mut s).unwrap());
+    let refusal = dry_run(&mut a, &mut s, &settings)
+        .refusal()
+        .cloned()
+        .unwrap();
+    assert_eq!(refusal.name, "write guards");
+    assert!(
+        refusal
+            .detail
+            .contains("the write guard on the standby is not this version's"),
+        "{refusal:?}"
+    );
+    kunpay::db::migrate(&mut s).unwrap();
+    assert!(ha::guard_is_current(&mut s).unwrap());
+    assert!(dry_run(&mut a, &mut s, &settings).refusal().is_none());
+
     // Behind: the lag bound refuses.
     for i in 3..40 {
         journal_debit(&mut a, &format!("P{i}"), 5);

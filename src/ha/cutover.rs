@@ -26,7 +26,7 @@ use diesel::pg::PgConnection;
 
 use super::cdc;
 use super::decode::Lsn;
-use super::{NodeRole, read_role, unguarded_tables};
+use super::{NodeRole, guard_is_current, read_role, unguarded_tables};
 
 #[derive(Debug, Clone)]
 pub struct CutoverSettings {
@@ -136,17 +136,37 @@ pub fn dry_run(
     });
     check(&mut checks, "write guards", || {
         let (a, s) = (unguarded_tables(active)?, unguarded_tables(standby)?);
-        let ok = a.is_empty() && s.is_empty();
-        Ok((
-            ok,
-            if ok {
-                "every replicated table is guarded on both".into()
-            } else {
+        if !(a.is_empty() && s.is_empty()) {
+            return Ok((
+                false,
                 format!(
                     "unguarded on the active: {a:?}, on the standby: {s:?}; run `kunpayctl db migrate`"
-                )
-            },
-        ))
+                ),
+            ));
+        }
+        let outdated: Vec<&str> = [
+            ("the active", guard_is_current(active)?),
+            ("the standby", guard_is_current(standby)?),
+        ]
+        .into_iter()
+        .filter(|(_, current)| !current)
+        .map(|(which, _)| which)
+        .collect();
+        Ok(if outdated.is_empty() {
+            (
+                true,
+                "every replicated table is guarded on both, by this version's guard".into(),
+            )
+        } else {
+            (
+                false,
+                format!(
+                    "the write guard on {} is not this version's (the fence step counts on it taking a \
+                     transaction id before it reads the role); run `kunpayctl db migrate` there",
+                    outdated.join(" and ")
+                ),
+            )
+        })
     });
     check(&mut checks, "CDC lag", || {
         let status = cdc::status(active, standby, &settings.slot)?;

@@ -376,6 +376,29 @@ pub fn guard_function_sql(dialect: cdc::Dialect) -> String {
     )
 }
 
+/// Whether this database's guard function is the one this binary installs. A database
+/// migrated by an older kunpay still has an older guard (the cutover's fence step counts on the
+/// current one taking a transaction id before it reads the role); `kunpayctl db migrate`
+/// replaces it.
+pub fn guard_is_current(conn: &mut PgConnection) -> QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct Source {
+        #[diesel(sql_type = Text)]
+        body: String,
+    }
+    let expected = guard_function_sql(cdc::Dialect::detect(conn)?);
+    let body = expected
+        .split("$$")
+        .nth(1)
+        .expect("the guard's SQL has a $$-quoted body");
+    let installed: Vec<Source> = diesel::sql_query(
+        "SELECT p.prosrc AS body FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE p.proname = 'kunpay_ha_guard' AND n.nspname = current_schema()",
+    )
+    .load(conn)?;
+    Ok(matches!(installed.as_slice(), [one] if one.body == body))
+}
+
 /// Another session's transaction that may have passed the guard: its pid, what identifies the
 /// transaction (its id on PostgreSQL; its start time on openGauss, whose `pg_stat_activity`
 /// has no transaction ids), and what the session says of itself.
