@@ -620,6 +620,14 @@ fn peer_refuses_promotion(
     })
 }
 
+/// How a cutover step ended and how long it took, as printed and as recorded.
+fn step_verdict(step: &kunpay::ha::cutover::Step) -> (&'static str, f64) {
+    (
+        if step.ok { "ok" } else { "FAIL" },
+        step.took.as_secs_f64() * 1000.0,
+    )
+}
+
 /// `kunpayctl cutover` and `kunpayctl rollback`.
 fn handover_command(kind: kunpay::ha::cutover::Kind, args: HandoverArgs) -> anyhow::Result<u8> {
     use kunpay::ha::cutover::{self, CutoverSettings, Kind, Outcome};
@@ -662,12 +670,10 @@ fn handover_command(kind: kunpay::ha::cutover::Kind, args: HandoverArgs) -> anyh
         standby.display_target()
     );
     let print_step = |step: &cutover::Step| {
+        let (verdict, ms) = step_verdict(step);
         println!(
-            "  {:<4} {:<22} {:>8.1} ms  {}",
-            if step.ok { "ok" } else { "FAIL" },
-            step.name,
-            step.took.as_secs_f64() * 1000.0,
-            step.detail
+            "  {verdict:<4} {:<22} {ms:>8.1} ms  {}",
+            step.name, step.detail
         );
     };
     if args.dry_run {
@@ -715,15 +721,10 @@ fn handover_command(kind: kunpay::ha::cutover::Kind, args: HandoverArgs) -> anyh
         ),
     ];
     for step in &execution.steps {
+        let (verdict, ms) = step_verdict(step);
         detail.push((
             "step",
-            format!(
-                "{} {} {:.1} ms: {}",
-                if step.ok { "ok" } else { "FAIL" },
-                step.name,
-                step.took.as_secs_f64() * 1000.0,
-                step.detail
-            ),
+            format!("{verdict} {} {ms:.1} ms: {}", step.name, step.detail),
         ));
     }
     record_on_active(
@@ -734,6 +735,7 @@ fn handover_command(kind: kunpay::ha::cutover::Kind, args: HandoverArgs) -> anyh
             Kind::Rollback => "HA_ROLLBACK",
         },
         &detail,
+        ROLE_ROW_KEEPS_IT,
     );
     match execution.outcome {
         Outcome::Done { epoch } => {
@@ -814,14 +816,12 @@ fn migrate(
         println!("applied migration {version}");
     }
     println!("{target}: {} migration(s) applied", applied.len());
-    let peer = Config::load(config_path, Mode::Development)
+    let ha_config = Config::load(config_path, Mode::Development)
         .ok()
-        .and_then(|c| c.ha)
-        .and_then(|ha| {
-            source_settings(Some(&ha), None, "db migrate")
-                .ok()
-                .flatten()
-        });
+        .and_then(|c| c.ha);
+    let peer = source_settings(ha_config.as_ref(), None, "db migrate")
+        .ok()
+        .flatten();
     let mut detail = vec![("database", target), ("applied", applied.len().to_string())];
     detail.extend(applied.into_iter().map(|name| ("migration", name)));
     record_on_active(
@@ -829,6 +829,7 @@ fn migrate(
         &operator_name(by),
         "DB_MIGRATE",
         &detail,
+        "__diesel_schema_migrations keeps each migration with its time",
     );
     Ok(0)
 }
@@ -961,6 +962,7 @@ fn ha(command: HaCommand) -> anyhow::Result<u8> {
                         &operator_name(by),
                         "HA_SET_ROLE",
                         &detail,
+                        ROLE_ROW_KEEPS_IT,
                     );
                     Ok(0)
                 }
@@ -1278,14 +1280,20 @@ fn list_detail(
     ]
 }
 
-/// Records an operator action whose change is already made (an HA command: its changes span
-/// both databases and their roles) in the first of `candidates` that is ACTIVE, whose node's
-/// daemon then appends it to its audit log. Says where, or why it could not.
+/// What still records an HA command that no ACTIVE database took as an operator action.
+const ROLE_ROW_KEEPS_IT: &str = "the role row keeps its reason";
+
+/// Records an operator action whose change is already made and could not share its transaction
+/// (an HA command, whose changes span both databases and their roles; a migration, which runs
+/// in transactions of its own) in the first of `candidates` that is ACTIVE, whose node's daemon
+/// then appends it to its audit log. Says where, or why it could not and what still records
+/// the change (`kept_by`).
 fn record_on_active(
     candidates: Vec<kunpay::db::ConnectSettings>,
     operator: &str,
     command: &str,
     detail: &[(&str, String)],
+    kept_by: &str,
 ) {
     let mut why_not = Vec::new();
     for settings in candidates {
@@ -1302,7 +1310,7 @@ fn record_on_active(
         }
     }
     eprintln!(
-        "kunpayctl: {command} is not in the audit log: no ACTIVE database took its operator action ({}); the role row keeps its reason",
+        "kunpayctl: {command} is not in the audit log: no ACTIVE database took its operator action ({}); {kept_by}",
         why_not.join("; ")
     );
 }

@@ -1196,24 +1196,21 @@ impl Applier {
         let dialect = self.dialect;
         // Both sides at once (a thread each): the target is compared with the source's snapshot
         // only after the slot is shown quiet below, so reading it meanwhile changes nothing.
-        let (source_side, target) = std::thread::scope(|scope| {
-            let target_conn = &mut self.target;
-            let target = scope.spawn(move || super::database_digest(target_conn));
-            let source_side = self.source.transaction::<_, CdcError, _>(|source| {
-                source.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
-                // The snapshot is taken by the first statement; every commit it shows was
-                // inserted into the WAL before the position read after it.
-                let digest = super::database_digest(source)?;
-                let at: OneText =
-                    diesel::sql_query(format!("SELECT {} AS v", dialect.insert_lsn()))
-                        .get_result(source)?;
-                Ok((digest, Lsn::parse(&at.v)?))
-            });
-            let target = target
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (source_side, target)
-        });
+        let (source_side, target) = super::at_once(
+            || {
+                self.source.transaction::<_, CdcError, _>(|source| {
+                    source.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
+                    // The snapshot is taken by the first statement; every commit it shows was
+                    // inserted into the WAL before the position read after it.
+                    let digest = super::database_digest(source)?;
+                    let at: OneText =
+                        diesel::sql_query(format!("SELECT {} AS v", dialect.insert_lsn()))
+                            .get_result(source)?;
+                    Ok((digest, Lsn::parse(&at.v)?))
+                })
+            },
+            || super::database_digest(&mut self.target),
+        );
         let (source, visible_up_to) = source_side?;
         let target = target?;
         setup_session(&mut self.source, self.settings.statement_timeout)?;

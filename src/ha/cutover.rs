@@ -508,26 +508,27 @@ pub fn execute(
             // A transaction that passed the guard before the fence may still be writing and
             // commit after it: the fence position is read once every such transaction ended.
             let open = super::open_transactions(&mut active)?;
-            let deadline = Instant::now() + settings.drain_timeout;
-            loop {
+            let mut still_open = || -> anyhow::Result<Vec<String>> {
                 let now = super::open_transactions(&mut active)?;
-                let lingering: Vec<String> = open
+                Ok(open
                     .iter()
                     .filter(|t| now.contains(t))
                     .map(|t| t.to_string())
-                    .collect();
-                if lingering.is_empty() {
-                    break;
-                }
+                    .collect())
+            };
+            let ended = wait_for(settings.drain_timeout, || {
+                Ok(still_open()?.is_empty().then(String::new))
+            })?;
+            if ended.is_none() {
+                let lingering = still_open()?;
                 anyhow::ensure!(
-                    Instant::now() < deadline,
+                    lingering.is_empty(),
                     "{} transaction(s) that may have written before the fence did not end within {:?}: {}; \
                      end them (commit, roll back, or pg_terminate_backend) and run the cutover again",
                     lingering.len(),
                     settings.drain_timeout,
                     lingering.join("; ")
                 );
-                std::thread::sleep(Duration::from_millis(20));
             }
             let fence = cdc::flush_lsn(&mut active)?;
             Ok((

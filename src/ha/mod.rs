@@ -628,20 +628,30 @@ pub fn database_digest(conn: &mut PgConnection) -> anyhow::Result<Vec<TableDiges
     tables.iter().map(|t| table_digest(conn, t)).collect()
 }
 
-/// [`database_digest`] of two databases at once, one thread each: the cutover's verify step
-/// waits for the slower of the two instead of their sum, while business is drained.
-pub fn database_digests(
-    first: &mut PgConnection,
-    second: &mut PgConnection,
-) -> anyhow::Result<(Vec<TableDigest>, Vec<TableDigest>)> {
-    let (first, second) = std::thread::scope(|scope| {
-        let other = scope.spawn(|| database_digest(second));
-        let mine = database_digest(first);
+/// Runs `first` here and `second` on a thread of its own, at once; a panic in either goes on
+/// here. For reading two databases side by side (digests), where the wait is then for the
+/// slower of the two instead of their sum.
+pub(crate) fn at_once<A, B: Send>(
+    first: impl FnOnce() -> A,
+    second: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    std::thread::scope(|scope| {
+        let other = scope.spawn(second);
+        let mine = first();
         let other = other
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (mine, other)
-    });
+    })
+}
+
+/// [`database_digest`] of two databases at once (the cutover's verify step, while business is
+/// drained).
+pub fn database_digests(
+    first: &mut PgConnection,
+    second: &mut PgConnection,
+) -> anyhow::Result<(Vec<TableDigest>, Vec<TableDigest>)> {
+    let (first, second) = at_once(|| database_digest(first), || database_digest(second));
     Ok((first?, second?))
 }
 

@@ -10,7 +10,8 @@
 //! blocks; `broker`; `audit`: the audit comparison alone), KUNPAY_BENCH_AUDIT_ROUNDS (rounds of
 //! each side-by-side comparison, default 1), KUNPAY_BENCH_AUDIT_BLOCK (default 2000),
 //! KUNPAY_BENCH_AUDIT_DIR (where the compared runs keep their log; default: the run's temporary
-//! directory), KUNPAY_TEST_DATABASE_URL.
+//! directory), KUNPAY_BENCH_PGBENCH_SCRIPT (a path: the database-ceiling measurement writes its
+//! pgbench script there, for looking into the ceiling by hand), KUNPAY_TEST_DATABASE_URL.
 
 #[allow(dead_code)]
 #[path = "../common/institution.rs"]
@@ -369,7 +370,6 @@ fn database_ceiling(db_url: &str) -> Option<(f64, f64)> {
     let dir = tempfile::tempdir().unwrap();
     let script_path = dir.path().join("debit.pgbench");
     std::fs::write(&script_path, &script).unwrap();
-    // For looking into the ceiling by hand (pgbench -f on this script).
     if let Ok(copy) = std::env::var("KUNPAY_BENCH_PGBENCH_SCRIPT") {
         std::fs::write(copy, &script).expect("writing KUNPAY_BENCH_PGBENCH_SCRIPT");
     }
