@@ -965,9 +965,9 @@ fn the_cutover_dry_run_checks_everything_and_changes_nothing() {
     assert!(plan.refusal().is_none(), "{:#?}", plan.checks);
     assert_eq!(plan.checks.len(), 5);
     assert_eq!(plan.new_epoch, 2, "above both epochs (0 and 1)");
-    assert_eq!(plan.steps.len(), 10);
+    assert_eq!(plan.steps.len(), 11);
     assert!(
-        plan.steps[1].contains("FENCED at epoch 2"),
+        plan.steps[2].contains("FENCED at epoch 2"),
         "{:?}",
         plan.steps
     );
@@ -1133,4 +1133,136 @@ fn an_applier_whose_target_was_promoted_and_retired_says_so() {
         e.contains("the target database became ACTIVE and its copy was retired (a cutover)"),
         "{e}"
     );
+}
+
+/// The cutover's incremental verify (`ha::verify`): digests taken while two writers commit on
+/// the active and moved forward by re-reading only the rows that changed agree with digests
+/// taken from scratch, through inserts, updates, deletes, a primary-key update and a TRUNCATE;
+/// a standby row that differs is found whether it differed before the verify started (and was
+/// never touched again) or was changed behind the applier's back afterwards.
+#[test]
+fn the_incremental_verify_follows_changes_and_finds_every_difference() {
+    use kunpay::ha::verify::Incremental;
+    let (active, standby) = pair();
+    let mut copier = applier(&active, &standby, 1000);
+    let mut a = connect(&active);
+    for i in 0..20 {
+        journal_debit(&mut a, &format!("before-{i}"), 100 + i);
+    }
+    a.batch_execute(
+        "INSERT INTO channel_rejection (inst_id, path, result_code, detail, body_sm3, at) \
+         SELECT 'T', '/debit', '1001', 'bad signature ' || i, repeat('0', 64), now() \
+         FROM generate_series(1, 30) AS i",
+    )
+    .unwrap();
+    copier.drain(1000).unwrap();
+    let differences =
+        |f: &Incremental| ha::digest_differences(&f.active.digests(), &f.standby.digests());
+    let timeout = Duration::from_secs(30);
+    let mut following = Incremental::start(&active.url(), &standby.url(), timeout).unwrap();
+    assert_eq!(differences(&following), Vec::<String>::new());
+    let txn_rows = |f: &Incremental| rows(&f.active.digests(), "txn");
+    assert_eq!(txn_rows(&following), 20);
+
+    // Two writers commit while the side follows; the applier copies between refreshes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (url, stop) = (active.url(), stop.clone());
+            std::thread::spawn(move || {
+                let mut conn = PgConnection::establish(&url).unwrap();
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    journal_debit(&mut conn, &format!("w{w}-{n}"), 1 + n);
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+                n
+            })
+        })
+        .collect();
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_millis(150));
+        following.refresh().unwrap();
+        copier.drain(3).unwrap();
+        if round == 2 {
+            // An operator's SQL: an update, a delete, a primary-key update, a TRUNCATE.
+            a.batch_execute(
+                "UPDATE txn SET core_ref = 'OPERATOR' WHERE req_serial = 'before-1'; \
+                 DELETE FROM notification WHERE txn_id = \
+                   (SELECT txn_id FROM txn WHERE req_serial = 'before-2'); \
+                 UPDATE channel_request SET req_serial = 'before-5-renamed' \
+                   WHERE req_serial = 'before-5'; \
+                 TRUNCATE channel_rejection",
+            )
+            .unwrap();
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let written: i64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(written > 10, "the writers wrote {written} debits");
+    // The active has moved on and the standby has not copied all of it yet: they differ.
+    following.refresh().unwrap();
+    copier.drain(1000).unwrap();
+    let (on_active, on_standby) = following.refresh().unwrap();
+    assert_eq!(differences(&following), Vec::<String>::new());
+    assert_eq!(txn_rows(&following), 20 + written as u64);
+    assert_eq!(
+        on_active, 0,
+        "nothing written on the active since its last refresh"
+    );
+    assert!(on_standby > 0, "the standby re-read what the applier wrote");
+    // Followed digests are the digests from scratch, on both sides.
+    let fresh = Incremental::start(&active.url(), &standby.url(), timeout).unwrap();
+    assert_eq!(following.active.digests(), fresh.active.digests());
+    assert_eq!(following.standby.digests(), fresh.standby.digests());
+    fresh.finish();
+    let full = assert_same(&active, &standby);
+    for d in following.active.digests() {
+        assert_eq!(d.rows, rows(&full, &d.table), "{}", d.table);
+    }
+    assert_eq!(rows(&full, "channel_rejection"), 0);
+
+    // Behind the guard and the applier: a standby row changed now is re-read and differs.
+    let mut b = connect(&standby);
+    b.batch_execute(
+        "SET session_replication_role = replica; \
+         UPDATE txn SET amount_fen = amount_fen + 1 WHERE req_serial = 'w0-0'",
+    )
+    .unwrap();
+    following.refresh().unwrap();
+    let found = differences(&following);
+    assert!(
+        found.len() == 1 && found[0].starts_with("txn:"),
+        "the changed standby row: {found:?}"
+    );
+    b.batch_execute("UPDATE txn SET amount_fen = amount_fen - 1 WHERE req_serial = 'w0-0'")
+        .unwrap();
+    following.refresh().unwrap();
+    assert_eq!(differences(&following), Vec::<String>::new());
+    following.finish();
+
+    // A difference from before the start, in a row nobody touches again, is still found after
+    // the refreshes: the full digests carry it.
+    b.batch_execute(
+        "UPDATE channel_request SET result_code = '9999' WHERE req_serial = 'before-7'",
+    )
+    .unwrap();
+    let mut following = Incremental::start(&active.url(), &standby.url(), timeout).unwrap();
+    journal_debit(&mut a, "after-the-difference", 1);
+    copier.drain(1000).unwrap();
+    following.refresh().unwrap();
+    let found = differences(&following);
+    assert!(
+        found.len() == 1 && found[0].starts_with("channel_request:"),
+        "the old difference: {found:?}"
+    );
+    following.finish();
+    // PostgreSQL drops the temporary verify slots with their sessions.
+    wait_until("the verify slots to go", Duration::from_secs(10), || {
+        count(
+            &mut a,
+            "SELECT count(*) AS n FROM pg_replication_slots WHERE slot_name LIKE 'kunpay_verify_%'",
+        ) == 0
+    });
 }

@@ -41,6 +41,7 @@ fn cutover_and_rollback_under_debit_load_lose_nothing_and_apply_nothing_twice() 
         pair.b.daemon().stderr()
     );
     for step in [
+        "pre-verify",
         "drain",
         "fence",
         "catch up",

@@ -391,15 +391,22 @@ fn value_of(column: &Column) -> Option<&str> {
 
 /// Where a bound parameter goes in an applier statement: NUL, which no identifier or type name
 /// from the catalog can contain.
-const PARAM: &str = "\0";
+pub(crate) const PARAM: &str = "\0";
 
 /// An applier statement: SQL built from the target's catalog with [`PARAM`] for each value,
 /// and the values (text, or NULL). Unlike `sql_query` it lets diesel keep the statement
 /// prepared per connection (the cache key is the SQL text): the same (table, operation,
 /// columns) is parsed and planned once, not per row.
-struct Statement<'a> {
+pub(crate) struct Statement<'a> {
     sql: String,
     binds: Vec<Option<&'a str>>,
+}
+
+impl<'a> Statement<'a> {
+    pub(crate) fn new(sql: String, binds: Vec<Option<&'a str>>) -> Self {
+        debug_assert_eq!(sql.matches(PARAM).count(), binds.len());
+        Statement { sql, binds }
+    }
 }
 
 impl diesel::query_builder::QueryId for Statement<'_> {
@@ -432,6 +439,11 @@ impl diesel::query_builder::QueryFragment<Pg> for Statement<'_> {
 }
 
 impl RunQueryDsl<PgConnection> for Statement<'_> {}
+
+/// Rows read by name, as `sql_query` reads them (the verify's lookups).
+impl diesel::query_builder::Query for Statement<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
 
 /// One change as a statement with bound parameters, the rows it touched checked; an INSERT
 /// joins `pending` (sent with the next change that cannot join it), any other change sends

@@ -24,9 +24,9 @@ use diesel::Connection as _;
 use diesel::connection::SimpleConnection as _;
 use diesel::pg::PgConnection;
 
-use super::cdc;
 use super::decode::Lsn;
 use super::{NodeRole, guard_is_current, read_role, unguarded_tables};
+use super::{cdc, verify};
 
 #[derive(Debug, Clone)]
 pub struct CutoverSettings {
@@ -214,11 +214,12 @@ pub fn dry_run(
     });
     let new_epoch = epochs.0.max(epochs.1) + 1;
     let steps = vec![
+        "pre-verify while serving: digest both databases in full and follow their changes (own slots), so the verify in the pause re-reads only rows written since".to_string(),
         "drain the old active: /primary answers 503 so F5 stops sending; wait for in-flight requests".to_string(),
         format!("fence the old active's database: FENCED at epoch {new_epoch} (every write there is refused from now on)"),
         "note the old active's flushed WAL position (the fence position)".to_string(),
         "wait until the standby has applied everything up to the fence position".to_string(),
-        "verify both databases table by table: row counts and SM3 digests equal".to_string(),
+        "verify both databases table by table: row counts and SM3 digests equal (re-reading only rows changed since the pre-verify)".to_string(),
         "move the standby's serial sequences past the copied ids".to_string(),
         "start the reverse copy while both are quiet: slot on the standby, position in the fenced old active, both proved equal".to_string(),
         format!("promote the standby's database: ACTIVE at epoch {new_epoch}; its node answers 200 on /primary"),
@@ -315,6 +316,52 @@ impl Runner<'_> {
         self.steps.push(step);
         value.ok_or(detail)
     }
+}
+
+/// Refresh rounds the pre-verify runs after its full digests, each catching up with what was
+/// written during the one before (shorter each time while the databases keep up).
+const PRE_VERIFY_ROUNDS: usize = 4;
+/// Rows re-read in a round below which another round gains nothing worth waiting for.
+const PRE_VERIFY_SETTLED_ROWS: usize = 2_000;
+
+/// The pre-verify step: never refuses; without it the verify step reads every row in the pause.
+fn pre_verify(
+    active_url: &str,
+    standby_url: &str,
+    settings: &CutoverSettings,
+    following: &mut Option<verify::Incremental>,
+) -> String {
+    let fallback = "the verify step reads every row in the write pause";
+    let mut started =
+        match verify::Incremental::start(active_url, standby_url, settings.statement_timeout) {
+            Ok(started) => started,
+            Err(e) => return format!("not available ({e:#}): {fallback}"),
+        };
+    let rows = |digests: Vec<super::TableDigest>| digests.iter().map(|d| d.rows).sum::<u64>();
+    let mut rounds = Vec::new();
+    for _ in 0..PRE_VERIFY_ROUNDS {
+        match started.refresh() {
+            Ok((a, s)) => {
+                rounds.push(format!("{a}+{s}"));
+                if a + s < PRE_VERIFY_SETTLED_ROWS {
+                    break;
+                }
+            }
+            Err(e) => {
+                started.finish();
+                return format!("following the changes failed ({e:#}): {fallback}");
+            }
+        }
+    }
+    let detail = format!(
+        "both databases digested while serving ({} rows on the active, {} on the standby); rows \
+         re-read per refresh (active+standby): {}; the verify step re-reads only what is written from here",
+        rows(started.active.digests()),
+        rows(started.standby.digests()),
+        rounds.join(", ")
+    );
+    *following = Some(started);
+    detail
 }
 
 /// What a failed cutover must undo before it can report a refusal.
@@ -468,6 +515,15 @@ pub fn execute(
         fenced: false,
         reverse_started: false,
     };
+    // 0. While business still runs: digest both databases in full and follow their changes
+    // from there, so the verify step in the pause re-reads only the rows written since.
+    let mut incremental: Option<verify::Incremental> = None;
+    let _ = runner.step("pre-verify", || {
+        Ok((
+            (),
+            pre_verify(active_url, standby_url, settings, &mut incremental),
+        ))
+    });
     let paused_at = Instant::now();
 
     let result = (|| -> Result<(), String> {
@@ -507,7 +563,10 @@ pub fn execute(
             )?;
             // A transaction that passed the guard before the fence may still be writing and
             // commit after it: the fence position is read once every such transaction ended.
-            let open = super::open_transactions(&mut active)?;
+            // The pre-verify's snapshot only reads; openGauss lists it among the open ones.
+            let reading = incremental.as_ref().map(|i| i.active.snapshot_pid());
+            let mut open = super::open_transactions(&mut active)?;
+            open.retain(|t| Some(t.pid) != reading);
             let mut still_open = || -> anyhow::Result<Vec<String>> {
                 let now = super::open_transactions(&mut active)?;
                 Ok(open
@@ -566,7 +625,33 @@ pub fn execute(
         })?;
         // 4. Verify.
         runner.step("verify", || {
-            let (a, s) = super::database_digests(&mut active, &mut standby)?;
+            let followed = incremental.take().map(|mut following| {
+                let refreshed = following.refresh();
+                let digests = (following.active.digests(), following.standby.digests());
+                following.finish();
+                refreshed.map(|reread| (digests, reread))
+            });
+            let (a, s, how) = match followed {
+                Some(Ok(((a, s), (on_active, on_standby)))) => (
+                    a,
+                    s,
+                    format!(
+                        "counts and sums of row SM3 digests equal; re-read since the pre-verify: \
+                         {on_active} rows on the active, {on_standby} on the standby"
+                    ),
+                ),
+                fallen_back => {
+                    let (a, s) = super::database_digests(&mut active, &mut standby)?;
+                    let how = match fallen_back {
+                        Some(Err(e)) => format!(
+                            "counts and SM3 digests equal (every row read: following the changes \
+                             since the pre-verify failed: {e:#})"
+                        ),
+                        _ => "counts and SM3 digests equal (every row read)".to_string(),
+                    };
+                    (a, s, how)
+                }
+            };
             let differences = super::digest_differences(&a, &s);
             anyhow::ensure!(
                 differences.is_empty(),
@@ -574,13 +659,7 @@ pub fn execute(
                 differences.join("; ")
             );
             let rows: u64 = a.iter().map(|d| d.rows).sum();
-            Ok((
-                (),
-                format!(
-                    "{} tables, {rows} rows: counts and SM3 digests equal",
-                    a.len()
-                ),
-            ))
+            Ok(((), format!("{} tables, {rows} rows: {how}", a.len())))
         })?;
         // 5. Sequences.
         runner.step("sequences", || {
@@ -652,6 +731,9 @@ pub fn execute(
     })();
 
     let write_pause = paused_at.elapsed();
+    if let Some(following) = incremental.take() {
+        following.finish();
+    }
     if let Err(reason) = result {
         let outcome = match undo.run(&mut active, &mut standby) {
             Ok(put_back) => Outcome::Refused {

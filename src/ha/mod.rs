@@ -18,6 +18,7 @@
 pub mod cdc;
 pub mod cutover;
 pub mod decode;
+pub mod verify;
 
 use std::fmt;
 use std::str::FromStr;
