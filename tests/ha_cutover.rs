@@ -58,6 +58,10 @@ fn cutover_and_rollback_under_debit_load_lose_nothing_and_apply_nothing_twice() 
             "step {step} reported:\n{report}"
         );
     }
+    assert!(
+        report.contains("re-read since the pre-verify"),
+        "the verify step re-read only what changed since the pre-verify:\n{report}"
+    );
     assert_eq!(role(&pair.b.url()).role, NodeRole::Active);
     assert_eq!(role(&pair.b.url()).epoch, 2);
     assert_eq!(role(&pair.a.url()).role, NodeRole::Standby);
@@ -368,6 +372,14 @@ fn the_fence_waits_for_transactions_that_wrote_before_it() {
     assert_eq!(code, 0, "done\n{report}");
     assert!(
         report.contains("1 transaction(s) open at the fence ended"),
+        "{report}"
+    );
+    // The same open transaction kept the pre-verify from making its slot: it said so, and the
+    // verify step read every row instead.
+    assert!(
+        report.contains("not available (cannot create the verify slot")
+            && report.contains("idle in transaction")
+            && report.contains("(every row read)"),
         "{report}"
     );
     let both = "SELECT count(*) AS n FROM seen_message WHERE inst_id = 'OPS'";

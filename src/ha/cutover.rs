@@ -2,7 +2,10 @@
 //! `kunpayctl rollback`: [`dry_run`] checks both databases and lists what each step would do,
 //! changing nothing; [`execute`] does it, reporting every step with its duration.
 //!
-//! Owns: the order of the steps and the checks before them. The order is the safety argument:
+//! Owns: the order of the steps and the checks before them. Before the pause, the pre-verify
+//! digests both databases in full and follows them (`verify.rs`), so the verify step in the pause
+//! re-reads only what changed since; it never refuses (without it the verify step reads every
+//! row). The order is the safety argument:
 //! drain the old active (503 on /primary, in-flight work finishes) -> fence it (FENCED at the new
 //! epoch: from here nothing writes there) -> note its flushed WAL position -> wait until the
 //! standby has applied everything up to that position -> verify both databases table by table

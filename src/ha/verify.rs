@@ -42,6 +42,9 @@ pub const MAX_CHANGED_ROWS: usize = 2_000_000;
 const KEYS_PER_LOOKUP: usize = 256;
 /// Stream rows one read of a verify slot asks for (it returns whole transactions).
 const CHANGES_PER_READ: i64 = 10_000;
+/// How long the start waits for transactions that hold an id, when making its slot (which
+/// waits for them) and after.
+const OPEN_TRANSACTIONS_WAIT: Duration = Duration::from_secs(10);
 pub const SLOT_PREFIX: &str = "kunpay_verify_";
 const APPLICATION_NAME: &str = "kunpayctl verify";
 
@@ -292,15 +295,37 @@ impl Side {
                  FROM pg_create_logical_replication_slot($1, 'test_decoding')"
             }
         };
-        diesel::sql_query(create)
+        // Making a slot waits for every transaction that holds an id: an operator's session
+        // left open must not hold the cutover for the whole statement timeout.
+        slot_conn.batch_execute(&format!(
+            "SET statement_timeout = {}",
+            OPEN_TRANSACTIONS_WAIT.as_millis()
+        ))?;
+        let created = diesel::sql_query(create)
             .bind::<Text, _>(&slot)
-            .execute(&mut slot_conn)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot create the verify slot {slot} on the {which} database ({e}); it needs \
-                     a free max_replication_slots entry"
-                )
-            })?;
+            .execute(&mut slot_conn);
+        if let Err(e) = created {
+            let holding = super::open_transactions(&mut slot_conn)
+                .map(|open| {
+                    open.iter()
+                        .map(|t| t.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_default();
+            anyhow::bail!(
+                "cannot create the verify slot {slot} on the {which} database ({}); it needs a free \
+                 max_replication_slots entry and no transaction open there for more than {:?}{}",
+                e.to_string().lines().next().unwrap_or(""),
+                OPEN_TRANSACTIONS_WAIT,
+                if holding.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (open now: {holding})")
+                }
+            );
+        }
+        slot_conn.batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis()))?;
         let side = Side::after_slot(url, which, timeout, dialect, slot.clone(), slot_conn);
         if side.is_err() && dialect == Dialect::OpenGauss {
             // No temporary slots there: take it away again.
@@ -320,7 +345,7 @@ impl Side {
         mut slot_conn: PgConnection,
     ) -> anyhow::Result<Side> {
         let open_then = super::open_transactions(&mut slot_conn)?;
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + OPEN_TRANSACTIONS_WAIT;
         loop {
             let now = super::open_transactions(&mut slot_conn)?;
             let lingering: Vec<String> = open_then
@@ -333,7 +358,8 @@ impl Side {
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "{} transaction(s) open on the {which} database did not end within {timeout:?}: {}",
+                "{} transaction(s) open on the {which} database when its verify slot was made did not end \
+                 within {OPEN_TRANSACTIONS_WAIT:?}: {}",
                 lingering.len(),
                 lingering.join("; ")
             );
