@@ -23,8 +23,6 @@
 
 use std::time::{Duration, Instant};
 
-use diesel::Connection as _;
-use diesel::connection::SimpleConnection as _;
 use diesel::pg::PgConnection;
 
 use super::decode::Lsn;
@@ -277,18 +275,7 @@ pub struct Execution {
 }
 
 fn open(url: &str, statement_timeout: Duration, which: &str) -> anyhow::Result<PgConnection> {
-    let mut conn = PgConnection::establish(url).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot connect to the {which} database {}: {}",
-            crate::db::redact_url(url),
-            e.to_string().lines().next().unwrap_or("")
-        )
-    })?;
-    conn.batch_execute(&format!(
-        "SET statement_timeout = {}; SET application_name = 'kunpayctl cutover'",
-        statement_timeout.as_millis()
-    ))?;
-    Ok(conn)
+    super::connect_for(url, statement_timeout, which, "kunpayctl cutover")
 }
 
 struct Runner<'a> {

@@ -525,6 +525,33 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Session settings under which both databases print every value identically (the digests),
+/// and key text decoded from a slot parses back as it was printed (`verify.rs`).
+pub(crate) const DIGEST_SETTINGS: &str = "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'; \
+     SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'; SET extra_float_digits = 3";
+
+/// A connection for a cutover tool: its statement timeout and application name set, a failure
+/// naming which database and where (password hidden).
+pub(crate) fn connect_for(
+    url: &str,
+    statement_timeout: std::time::Duration,
+    which: &str,
+    application: &str,
+) -> anyhow::Result<PgConnection> {
+    let mut conn = PgConnection::establish(url).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to the {which} database {}: {}",
+            crate::db::redact_url(url),
+            e.to_string().lines().next().unwrap_or("")
+        )
+    })?;
+    conn.batch_execute(&format!(
+        "SET statement_timeout = {}; SET application_name = '{application}'",
+        statement_timeout.as_millis()
+    ))?;
+    Ok(conn)
+}
+
 /// Rows and SM3 digest of one table, to compare two databases.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableDigest {
@@ -558,10 +585,7 @@ struct RowText {
 /// both nodes print identical values identically; text keys sort with COLLATE "C" so the order
 /// does not depend on either database's locale. Rows stream one at a time (bounded memory).
 pub fn table_digest(conn: &mut PgConnection, table: &str) -> anyhow::Result<TableDigest> {
-    conn.batch_execute(
-        "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
-         SET bytea_output = 'hex'; SET extra_float_digits = 3",
-    )?;
+    conn.batch_execute(DIGEST_SETTINGS)?;
     let key: Vec<KeyColumn> = diesel::sql_query(
         "SELECT a.attname AS name, a.attcollation <> 0 AS collatable \
          FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \

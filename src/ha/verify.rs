@@ -91,14 +91,16 @@ impl RowSum {
     }
 
     pub fn subtract(&mut self, other: &RowSum) {
-        let mut borrow = false;
-        for (a, b) in self.sum.iter_mut().zip(other.sum) {
-            let (d1, b1) = a.overflowing_sub(b);
-            let (d2, b2) = d1.overflowing_sub(u64::from(borrow));
-            *a = d2;
-            borrow = b1 || b2;
-        }
-        self.rows = self.rows.wrapping_sub(other.rows);
+        // Adding the two's complement subtracts modulo 2^256.
+        let mut negated = RowSum {
+            rows: other.rows.wrapping_neg(),
+            sum: other.sum.map(|limb| !limb),
+        };
+        negated.add(&RowSum {
+            rows: 0,
+            sum: [1, 0, 0, 0],
+        });
+        self.add(&negated);
     }
 
     pub fn bytes(&self) -> [u8; 32] {
@@ -212,23 +214,9 @@ struct KeyPart {
     type_name: String,
 }
 
-/// Same settings as [`super::table_digest`]: both nodes print identical values identically,
-/// and key text read from the stream parses back the way it was printed.
-const SESSION_SETTINGS: &str = "SET TIME ZONE 'UTC'; SET DateStyle = 'ISO, YMD'; \
-     SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'; SET extra_float_digits = 3";
-
 fn open(url: &str, statement_timeout: Duration, which: &str) -> anyhow::Result<PgConnection> {
-    let mut conn = PgConnection::establish(url).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot connect to the {which} database {}: {}",
-            crate::db::redact_url(url),
-            e.to_string().lines().next().unwrap_or("")
-        )
-    })?;
-    conn.batch_execute(&format!(
-        "SET statement_timeout = {}; SET application_name = '{APPLICATION_NAME}'; {SESSION_SETTINGS}",
-        statement_timeout.as_millis()
-    ))?;
+    let mut conn = super::connect_for(url, statement_timeout, which, APPLICATION_NAME)?;
+    conn.batch_execute(super::DIGEST_SETTINGS)?;
     Ok(conn)
 }
 
