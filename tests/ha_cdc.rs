@@ -618,9 +618,25 @@ fn fencing(body: Option<kunpay::ha::cdc::Dialect>) {
     assert_eq!(mine.state, "idle in transaction");
     assert!(mine.transaction.parse::<u64>().is_ok(), "{mine}");
     ha::set_role(&mut operator, NodeRole::Fenced, 5, "test").unwrap();
+    // Still the same transaction while its session runs a statement ("active", no longer
+    // "idle in transaction"): the fence's wait keeps waiting for it.
+    let mine = vec![mine.clone()];
+    std::thread::scope(|scope| {
+        let busy = scope.spawn(|| writer.batch_execute("SELECT pg_sleep(0.8)").unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        let lingering =
+            ha::wait_until_ended(&mut operator, &mine, Duration::from_millis(100)).unwrap();
+        assert_eq!(lingering.len(), 1, "the busy transaction is still open");
+        busy.join().unwrap();
+    });
     writer
         .batch_execute(&format!("{}; COMMIT", insert("in-flight-2")))
         .unwrap();
+    assert_eq!(
+        ha::wait_until_ended(&mut operator, &mine, Duration::ZERO).unwrap(),
+        Vec::new(),
+        "ended"
+    );
     assert!(
         ha::open_transactions(&mut operator)
             .unwrap()

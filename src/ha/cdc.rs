@@ -229,16 +229,16 @@ fn setup_session(conn: &mut PgConnection, statement_timeout: Duration) -> QueryR
 
 /// A replicated table as the target knows it.
 #[derive(Debug, Clone)]
-struct TableInfo {
+pub(crate) struct TableInfo {
     /// name -> (type as test_decoding prints it, the type for a cast: "pg_catalog"."int4").
     columns: HashMap<String, (String, String)>,
     key: Vec<String>,
 }
 
 /// The target's replicated tables, read from its catalog: identifiers that reach SQL come from
-/// here, never from the change stream.
+/// here, never from the change stream. The cutover's verify reads each database's own.
 #[derive(Debug, Clone)]
-struct Catalog {
+pub(crate) struct Catalog {
     schema: String,
     tables: HashMap<String, TableInfo>,
 }
@@ -267,8 +267,18 @@ struct CatalogKey {
     key: String,
 }
 
+impl TableInfo {
+    /// The primary-key columns in key order, each with the type to cast its text to.
+    pub(crate) fn key_casts(&self) -> Vec<(&str, &str)> {
+        self.key
+            .iter()
+            .map(|k| (k.as_str(), self.columns[k].1.as_str()))
+            .collect()
+    }
+}
+
 impl Catalog {
-    fn load(conn: &mut PgConnection) -> Result<Catalog, CdcError> {
+    pub(crate) fn load(conn: &mut PgConnection) -> Result<Catalog, CdcError> {
         let schema: OneText = diesel::sql_query("SELECT current_schema() AS v").get_result(conn)?;
         let columns: Vec<CatalogColumn> = diesel::sql_query(
             "SELECT c.relname AS table_name, a.attname AS column_name, a.attnum, \
@@ -347,8 +357,13 @@ impl Catalog {
         })
     }
 
+    /// Every replicated table by name.
+    pub(crate) fn tables(&self) -> impl Iterator<Item = (&str, &TableInfo)> {
+        self.tables.iter().map(|(name, t)| (name.as_str(), t))
+    }
+
     /// `Ok(None)`: a table CDC leaves alone (node-local, or outside kunpay's schema).
-    fn table(&self, name: &TableName) -> Result<Option<&TableInfo>, CdcError> {
+    pub(crate) fn table(&self, name: &TableName) -> Result<Option<&TableInfo>, CdcError> {
         if name.schema != self.schema || NODE_LOCAL_TABLES.contains(&name.name.as_str()) {
             return Ok(None);
         }

@@ -314,18 +314,18 @@ const PRE_VERIFY_ROUNDS: usize = 4;
 /// Rows re-read in a round below which another round gains nothing worth waiting for.
 const PRE_VERIFY_SETTLED_ROWS: usize = 2_000;
 
-/// The pre-verify step: never refuses; without it the verify step reads every row in the pause.
+/// The pre-verify step: never refuses; without it (`None`) the verify step reads every row in
+/// the pause. The text says which, and why.
 fn pre_verify(
     active_url: &str,
     standby_url: &str,
     settings: &CutoverSettings,
-    following: &mut Option<verify::Incremental>,
-) -> String {
+) -> (Option<verify::Incremental>, String) {
     let fallback = "the verify step reads every row in the write pause";
     let mut started =
         match verify::Incremental::start(active_url, standby_url, settings.statement_timeout) {
             Ok(started) => started,
-            Err(e) => return format!("not available ({e:#}): {fallback}"),
+            Err(e) => return (None, format!("not available ({e:#}): {fallback}")),
         };
     let rows = |digests: Vec<super::TableDigest>| digests.iter().map(|d| d.rows).sum::<u64>();
     let mut rounds = Vec::new();
@@ -339,7 +339,10 @@ fn pre_verify(
             }
             Err(e) => {
                 started.finish();
-                return format!("following the changes failed ({e:#}): {fallback}");
+                return (
+                    None,
+                    format!("following the changes failed ({e:#}): {fallback}"),
+                );
             }
         }
     }
@@ -350,8 +353,7 @@ fn pre_verify(
         rows(started.standby.digests()),
         rounds.join(", ")
     );
-    *following = Some(started);
-    detail
+    (Some(started), detail)
 }
 
 /// What a failed cutover must undo before it can report a refusal.
@@ -507,13 +509,12 @@ pub fn execute(
     };
     // 0. While business still runs: digest both databases in full and follow their changes
     // from there, so the verify step in the pause re-reads only the rows written since.
-    let mut incremental: Option<verify::Incremental> = None;
-    let _ = runner.step("pre-verify", || {
-        Ok((
-            (),
-            pre_verify(active_url, standby_url, settings, &mut incremental),
-        ))
-    });
+    let mut incremental = runner
+        .step("pre-verify", || {
+            Ok(pre_verify(active_url, standby_url, settings))
+        })
+        .ok()
+        .flatten();
     let paused_at = Instant::now();
 
     let result = (|| -> Result<(), String> {
@@ -557,28 +558,19 @@ pub fn execute(
             let reading = incremental.as_ref().map(|i| i.active.snapshot_pid());
             let mut open = super::open_transactions(&mut active)?;
             open.retain(|t| Some(t.pid) != reading);
-            let mut still_open = || -> anyhow::Result<Vec<String>> {
-                let now = super::open_transactions(&mut active)?;
-                Ok(open
+            let lingering = super::wait_until_ended(&mut active, &open, settings.drain_timeout)?;
+            anyhow::ensure!(
+                lingering.is_empty(),
+                "{} transaction(s) that may have written before the fence did not end within {:?}: {}; \
+                 end them (commit, roll back, or pg_terminate_backend) and run the cutover again",
+                lingering.len(),
+                settings.drain_timeout,
+                lingering
                     .iter()
-                    .filter(|t| now.contains(t))
                     .map(|t| t.to_string())
-                    .collect())
-            };
-            let ended = wait_for(settings.drain_timeout, || {
-                Ok(still_open()?.is_empty().then(String::new))
-            })?;
-            if ended.is_none() {
-                let lingering = still_open()?;
-                anyhow::ensure!(
-                    lingering.is_empty(),
-                    "{} transaction(s) that may have written before the fence did not end within {:?}: {}; \
-                     end them (commit, roll back, or pg_terminate_backend) and run the cutover again",
-                    lingering.len(),
-                    settings.drain_timeout,
-                    lingering.join("; ")
-                );
-            }
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
             let fence = cdc::flush_lsn(&mut active)?;
             Ok((
                 fence,

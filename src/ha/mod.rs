@@ -445,6 +445,34 @@ pub fn open_transactions(conn: &mut PgConnection) -> QueryResult<Vec<OpenTransac
     .load(conn)
 }
 
+/// Waits, at most `timeout`, until none of `open` (an earlier [`open_transactions`]) is open any
+/// more; returns those still open then (empty: all ended).
+pub fn wait_until_ended(
+    conn: &mut PgConnection,
+    open: &[OpenTransaction],
+    timeout: std::time::Duration,
+) -> QueryResult<Vec<OpenTransaction>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let now = open_transactions(conn)?;
+        // The same transaction by session and transaction id (openGauss: start time), whatever
+        // its session's state now: one that runs a statement is no longer "idle in transaction"
+        // but has not ended.
+        let lingering: Vec<OpenTransaction> = open
+            .iter()
+            .filter(|t| {
+                now.iter()
+                    .any(|n| n.pid == t.pid && n.transaction == t.transaction)
+            })
+            .cloned()
+            .collect();
+        if lingering.is_empty() || std::time::Instant::now() >= deadline {
+            return Ok(lingering);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// (Re)defines the guard function for this server and puts the guard on every replicated table
 /// that lacks it; returns the tables it guarded. Run after every migration (`db::migrate`), so
 /// a table a later migration adds is guarded without that migration having to remember.

@@ -22,15 +22,15 @@
 //! session).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use diesel::connection::SimpleConnection as _;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
 
-use super::cdc::{Dialect, Statement};
-use super::decode::{self, Change, Column, Line, Lsn, Value};
+use super::cdc::{Catalog, Dialect, Statement};
+use super::decode::{self, Change, Column, Line, Lsn, TableName, Value};
 use super::{TableDigest, quote_ident};
 use crate::crypto::sm3::Sm3;
 
@@ -166,18 +166,12 @@ pub fn widen_xid(xid: u64, reference: u64) -> u64 {
     }
 }
 
-/// A replicated table and its primary key: column names and the types to cast key text to.
-#[derive(Debug, Clone)]
-struct TableKey {
-    key: Vec<(String, String)>,
-}
-
 /// One committed transaction from a verify slot: the row keys it touched per table.
 #[derive(Debug, Default)]
 struct StreamTransaction {
     txid: u64,
-    keys: BTreeMap<String, BTreeSet<Vec<String>>>,
-    truncated: BTreeSet<String>,
+    keys: BTreeMap<TableName, BTreeSet<Vec<String>>>,
+    truncated: BTreeSet<TableName>,
 }
 
 impl StreamTransaction {
@@ -202,16 +196,6 @@ struct StreamRow {
 struct RowText {
     #[diesel(sql_type = Nullable<Text>)]
     row: Option<String>,
-}
-
-#[derive(QueryableByName)]
-struct KeyPart {
-    #[diesel(sql_type = Text)]
-    table_name: String,
-    #[diesel(sql_type = Text)]
-    column_name: String,
-    #[diesel(sql_type = Text)]
-    type_name: String,
 }
 
 fn open(url: &str, statement_timeout: Duration, which: &str) -> anyhow::Result<PgConnection> {
@@ -250,10 +234,10 @@ pub struct Side {
     url: String,
     timeout: Duration,
     dialect: Dialect,
-    schema: String,
     slot: String,
     slot_conn: PgConnection,
-    tables: BTreeMap<String, TableKey>,
+    /// This database's replicated tables and their keys, as the CDC applier reads them.
+    catalog: Catalog,
     snapshot: Snapshot,
     sums: BTreeMap<String, RowSum>,
     /// Transactions read from the slot that the current snapshot does not see yet.
@@ -333,43 +317,33 @@ impl Side {
         mut slot_conn: PgConnection,
     ) -> anyhow::Result<Side> {
         let open_then = super::open_transactions(&mut slot_conn)?;
-        let deadline = Instant::now() + OPEN_TRANSACTIONS_WAIT;
-        loop {
-            let now = super::open_transactions(&mut slot_conn)?;
-            let lingering: Vec<String> = open_then
+        let lingering =
+            super::wait_until_ended(&mut slot_conn, &open_then, OPEN_TRANSACTIONS_WAIT)?;
+        anyhow::ensure!(
+            lingering.is_empty(),
+            "{} transaction(s) open on the {which} database when its verify slot was made did not end \
+             within {OPEN_TRANSACTIONS_WAIT:?}: {}",
+            lingering.len(),
+            lingering
                 .iter()
-                .filter(|t| now.contains(t))
                 .map(|t| t.to_string())
-                .collect();
-            if lingering.is_empty() {
-                break;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{} transaction(s) open on the {which} database when its verify slot was made did not end \
-                 within {OPEN_TRANSACTIONS_WAIT:?}: {}",
-                lingering.len(),
-                lingering.join("; ")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let schema: TextValue = diesel::sql_query("SELECT CAST(current_schema() AS TEXT) AS v")
-            .get_result(&mut slot_conn)?;
-        let tables = table_keys(&mut slot_conn)?;
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        let catalog = Catalog::load(&mut slot_conn)?;
         let mut snapshot = Snapshot::take(url, timeout, which)?;
         let mut sums = BTreeMap::new();
-        for table in tables.keys() {
-            sums.insert(table.clone(), full_sum(&mut snapshot.conn, table)?);
+        for (table, _) in catalog.tables() {
+            sums.insert(table.to_string(), full_sum(&mut snapshot.conn, table)?);
         }
         Ok(Side {
             which,
             url: url.to_string(),
             timeout,
             dialect,
-            schema: schema.v,
             slot,
             slot_conn,
-            tables,
+            catalog,
             snapshot,
             sums,
             pending: Vec::new(),
@@ -393,7 +367,7 @@ impl Side {
             .into_iter()
             .partition(|t| next.ids.sees(t.txid));
         self.pending = unseen;
-        let mut keys: BTreeMap<String, BTreeSet<Vec<String>>> = BTreeMap::new();
+        let mut keys: BTreeMap<TableName, BTreeSet<Vec<String>>> = BTreeMap::new();
         let mut truncated = BTreeSet::new();
         for transaction in seen {
             truncated.extend(transaction.truncated);
@@ -404,19 +378,23 @@ impl Side {
         let mut reread = 0;
         for table in &truncated {
             self.sums
-                .insert(table.clone(), full_sum(&mut next.conn, table)?);
+                .insert(table.name.clone(), full_sum(&mut next.conn, &table.name)?);
         }
         for (table, touched) in &keys {
             if truncated.contains(table) {
                 continue;
             }
-            let key = &self.tables[table].key;
+            let key = self
+                .catalog
+                .table(table)?
+                .expect("only replicated tables are noted")
+                .key_casts();
             let touched: Vec<&Vec<String>> = touched.iter().collect();
-            let old = keyed_sum(&mut self.snapshot.conn, table, key, &touched)?;
-            let new = keyed_sum(&mut next.conn, table, key, &touched)?;
+            let old = keyed_sum(&mut self.snapshot.conn, &table.name, &key, &touched)?;
+            let new = keyed_sum(&mut next.conn, &table.name, &key, &touched)?;
             let sum = self
                 .sums
-                .get_mut(table)
+                .get_mut(&table.name)
                 .expect("every replicated table has a sum");
             sum.subtract(&old);
             sum.add(&new);
@@ -516,24 +494,22 @@ impl Side {
             Change::Delete { table, key } => (table, vec![key]),
             Change::Truncate { tables, .. } => {
                 for t in tables {
-                    if t.schema == self.schema && self.tables.contains_key(&t.name) {
-                        transaction.truncated.insert(t.name.clone());
+                    if self.catalog.table(t)?.is_some() {
+                        transaction.truncated.insert(t.clone());
                     }
                 }
                 return Ok(());
             }
         };
-        if table.schema != self.schema {
-            return Ok(());
-        }
-        let Some(info) = self.tables.get(&table.name) else {
-            // A node-local table, or one this side does not replicate.
+        let Some(info) = self.catalog.table(table)? else {
+            // A node-local table, or one outside kunpay's schema.
             return Ok(());
         };
+        let key_columns = info.key_casts();
         for columns in keys {
-            let mut key = Vec::with_capacity(info.key.len());
-            for (name, _) in &info.key {
-                let value = columns.iter().find(|c| &c.name == name).map(|c| &c.value);
+            let mut key = Vec::with_capacity(key_columns.len());
+            for &(name, _) in &key_columns {
+                let value = columns.iter().find(|c| c.name == name).map(|c| &c.value);
                 match value {
                     Some(Value::Text(text)) => key.push(text.clone()),
                     _ => anyhow::bail!(
@@ -545,7 +521,7 @@ impl Side {
             }
             transaction
                 .keys
-                .entry(table.name.clone())
+                .entry(table.clone())
                 .or_default()
                 .insert(key);
         }
@@ -587,37 +563,6 @@ impl Side {
     }
 }
 
-/// Every replicated table's primary-key columns in key order, with their types.
-fn table_keys(conn: &mut PgConnection) -> anyhow::Result<BTreeMap<String, TableKey>> {
-    let replicated = super::replicated_tables(conn)?;
-    // generate_subscripts is in openGauss too; array_position is not.
-    let parts: Vec<KeyPart> = diesel::sql_query(
-        "SELECT CAST(c.relname AS TEXT) AS table_name, CAST(a.attname AS TEXT) AS column_name, \
-                format_type(a.atttypid, a.atttypmod) AS type_name \
-         FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
-         JOIN pg_namespace n ON n.oid = c.relnamespace \
-         JOIN generate_subscripts(i.indkey, 1) AS s(i) ON TRUE \
-         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[s.i] \
-         WHERE i.indisprimary AND n.nspname = current_schema() \
-         ORDER BY c.relname, s.i",
-    )
-    .load(conn)?;
-    let mut tables = BTreeMap::new();
-    for table in replicated {
-        let key: Vec<(String, String)> = parts
-            .iter()
-            .filter(|p| p.table_name == table)
-            .map(|p| (p.column_name.clone(), p.type_name.clone()))
-            .collect();
-        anyhow::ensure!(
-            !key.is_empty(),
-            "table {table} has no primary key: CDC and the verify need one"
-        );
-        tables.insert(table, TableKey { key });
-    }
-    Ok(tables)
-}
-
 /// Every row of a table in the connection's snapshot, summed. Rows stream one at a time.
 fn full_sum(conn: &mut PgConnection, table: &str) -> anyhow::Result<RowSum> {
     let mut sum = RowSum::default();
@@ -638,7 +583,7 @@ fn full_sum(conn: &mut PgConnection, table: &str) -> anyhow::Result<RowSum> {
 fn keyed_sum(
     conn: &mut PgConnection,
     table: &str,
-    key: &[(String, String)],
+    key: &[(&str, &str)],
     keys: &[&Vec<String>],
 ) -> anyhow::Result<RowSum> {
     let columns: Vec<String> = key
