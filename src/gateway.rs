@@ -197,6 +197,8 @@ pub struct Institution {
     queue: SyncSender<Job>,
     pub breaker: Arc<CircuitBreaker>,
     pub pool: Pool,
+    /// Group commit of its debit and credit statements (`payment/journal/group.rs`).
+    pub journal_group: crate::payment::journal::group::Group,
 }
 
 /// What every worker shares.
@@ -214,6 +216,36 @@ pub struct ChannelGateway {
     shared: Arc<Shared>,
     edge_rejections: SyncSender<EdgeRejection>,
     pub metrics: Arc<crate::ops::metrics::Metrics>,
+}
+
+/// The institution's journal group counters, registered in /metrics.
+fn journal_group_counters(
+    metrics: &crate::ops::metrics::Metrics,
+    institution: &str,
+) -> crate::payment::journal::group::GroupCounters {
+    use crate::ops::metrics::JournalGroupLabels;
+    use prometheus_client::metrics::{counter::Counter, family::Family};
+    let labels = |how: &'static str| JournalGroupLabels {
+        institution: institution.to_string(),
+        how,
+    };
+    // One call per statement: get_or_create's guard lives until the end of its statement, and
+    // a second call in the same statement would wait for it to create its series.
+    let counter = |family: &Family<JournalGroupLabels, Counter>, how| {
+        family.get_or_create(&labels(how)).clone()
+    };
+    let alone = counter(&metrics.journal_statements, "alone");
+    let grouped = counter(&metrics.journal_statements, "grouped");
+    let groups = counter(&metrics.journal_groups, "committed");
+    let rolled_back = counter(&metrics.journal_groups, "rolled_back");
+    let commit_failed = counter(&metrics.journal_groups, "commit_failed");
+    crate::payment::journal::group::GroupCounters {
+        alone,
+        grouped,
+        groups,
+        rolled_back,
+        commit_failed,
+    }
 }
 
 /// Per-institution database settings come from the main pool's settings with the
@@ -267,6 +299,11 @@ impl ChannelGateway {
                 queue,
                 breaker,
                 pool,
+                journal_group: crate::payment::journal::group::Group::with_counters(
+                    config.journal_group_max,
+                    config.journal_group_leaders,
+                    journal_group_counters(&metrics, &config.id),
+                ),
             });
             let jobs = Arc::new(Mutex::new(jobs));
             for index in 0..config.workers {
@@ -463,6 +500,8 @@ fn anonymous_institution() -> InstitutionConfig {
         workers: 1,
         queue_depth: 1,
         db_pool_size: 1,
+        journal_group_max: 1,
+        journal_group_leaders: 1,
         rate_limit_per_second: 1,
         rate_limit_burst: 1,
         breaker_failure_threshold: 1,
@@ -918,6 +957,7 @@ fn process(
     let digests = flows.field_digests(&fields);
     match flows.execute(
         &mut conn,
+        &institution.journal_group,
         institution.breaker.as_ref(),
         inst,
         job.msg_type,

@@ -321,6 +321,10 @@ pub struct InstitutionConfig {
     pub workers: usize,
     pub queue_depth: usize,
     pub db_pool_size: u32,
+    /// Debit and credit statements one journal group commits together at most (1: each
+    /// alone), and how many such groups run at once.
+    pub journal_group_max: usize,
+    pub journal_group_leaders: usize,
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
     pub breaker_failure_threshold: u32,
@@ -1113,6 +1117,8 @@ fn read_institutions(r: &mut Reader) -> Vec<InstitutionConfig> {
             workers: r.int_or(&p("workers"), 4, 1..=256) as usize,
             queue_depth: r.int_or(&p("queue_depth"), 256, 1..=100_000) as usize,
             db_pool_size: r.int_or(&p("db_pool_size"), 4, 1..=256) as u32,
+            journal_group_max: r.int_or(&p("journal_group_max"), 1, 1..=256) as usize,
+            journal_group_leaders: r.int_or(&p("journal_group_leaders"), 2, 1..=256) as usize,
             rate_limit_per_second: r.int_or(&p("rate_limit_per_second"), 2_000, 1..=1_000_000)
                 as u32,
             rate_limit_burst: r.int_or(&p("rate_limit_burst"), 500, 1..=1_000_000) as u32,

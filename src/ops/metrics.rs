@@ -39,6 +39,12 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JournalGroupLabels {
+    pub institution: String,
+    pub how: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
 }
@@ -75,6 +81,11 @@ pub struct Metrics {
     pub core_link_connected: Gauge,
     /// Replies received on the core link by verdict (`result`: matched, late, or why refused).
     pub core_replies: Family<ResultLabels, Counter>,
+    /// Debit and credit journal statements by how they committed (`how`: alone, grouped), and
+    /// journal groups by outcome (`how`: committed, rolled_back, commit_failed), per institution
+    /// (`payment/journal/group.rs`).
+    pub journal_statements: Family<JournalGroupLabels, Counter>,
+    pub journal_groups: Family<JournalGroupLabels, Counter>,
     /// Core requests that got no reply in time (or no broker confirm): UNKNOWN until resolved.
     pub core_timeouts: Counter,
     /// Reversals of postings the core applied after their transaction failed, by state.
@@ -145,6 +156,8 @@ impl Metrics {
             core_outbox_depth: Gauge::default(),
             core_link_connected: Gauge::default(),
             core_replies: Family::default(),
+            journal_statements: Family::default(),
+            journal_groups: Family::default(),
             core_timeouts: Counter::default(),
             core_reversals: Family::default(),
             risk_ruleset: Family::default(),
@@ -233,6 +246,16 @@ impl Metrics {
             "core_link_connected",
             "1 while the MQ bridge to core banking is connected to its broker",
             metrics.core_link_connected.clone(),
+        );
+        registry.register(
+            "journal_statements",
+            "Debit and credit journal statements committed alone or in a journal group",
+            metrics.journal_statements.clone(),
+        );
+        registry.register(
+            "journal_groups",
+            "Journal groups (several statements in one transaction) by outcome",
+            metrics.journal_groups.clone(),
         );
         registry.register(
             "core_replies",

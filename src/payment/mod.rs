@@ -89,6 +89,8 @@ const REFUND_NOT_SCREENED: journal::Opening<'static> = journal::Opening {
 /// A debit or credit as it arrived, verified and parsed.
 struct Arriving<'a> {
     inst: &'a InstitutionConfig,
+    /// The institution's group commit for the opening and outcome statements.
+    group: &'a journal::group::Group,
     msg_id: &'a str,
     serial: &'a str,
     amount_fen: i64,
@@ -392,6 +394,7 @@ impl Flows {
     pub fn execute(
         &self,
         conn: &mut PgConnection,
+        group: &journal::group::Group,
         core: &dyn CoreLink,
         inst: &InstitutionConfig,
         msg_type: MsgType,
@@ -414,6 +417,7 @@ impl Flows {
                 core,
                 &Arriving {
                     inst,
+                    group,
                     msg_id,
                     serial,
                     amount_fen: *amount_fen,
@@ -437,6 +441,7 @@ impl Flows {
                 core,
                 &Arriving {
                     inst,
+                    group,
                     msg_id,
                     serial,
                     amount_fen: *amount_fen,
@@ -872,6 +877,7 @@ impl Flows {
         };
         let opened = journal::open_debit(
             conn,
+            arriving.group,
             &new,
             &journal::Arrival {
                 msg_id: arriving.msg_id,
@@ -904,6 +910,10 @@ impl Flows {
         };
         self.finish_posting(
             conn,
+            Some((
+                arriving.group,
+                &journal::group::debit_lock_key(agreement_no),
+            )),
             core,
             inst,
             MsgType::Debit,
@@ -958,6 +968,7 @@ impl Flows {
         };
         let sight = journal::open_credit(
             conn,
+            arriving.group,
             &new,
             &journal::Arrival {
                 msg_id: arriving.msg_id,
@@ -989,6 +1000,7 @@ impl Flows {
         };
         self.finish_posting(
             conn,
+            Some((arriving.group, &journal::group::credit_lock_key(&hash))),
             core,
             inst,
             MsgType::Credit,
@@ -1271,6 +1283,7 @@ impl Flows {
         };
         self.finish_posting(
             conn,
+            None,
             core,
             inst,
             MsgType::Refund,
@@ -1282,11 +1295,13 @@ impl Flows {
         .map(Stored)
     }
 
-    /// Calls the core and records the outcome with the stored response in one statement.
+    /// Calls the core and records the outcome with the stored response in one statement
+    /// (through the institution's journal group when `grouped` names it and the lock key).
     #[allow(clippy::too_many_arguments)]
     fn finish_posting(
         &self,
         conn: &mut PgConnection,
+        grouped: Option<(&journal::group::Group, &str)>,
         core: &dyn CoreLink,
         inst: &InstitutionConfig,
         msg_type: MsgType,
@@ -1317,26 +1332,29 @@ impl Flows {
             &answer.fields,
             done,
         )?;
-        let recorded = journal::record_outcome(
-            conn,
-            &journal::OutcomeRecord {
-                txn_id,
-                from: TxnState::SentToCore,
-                to,
-                reason: &reason,
-                result_code: code.code(),
-                core_ref,
-                now: done,
-                notify: inst.callback_url.is_some(),
-            },
-            Some(&journal::AnswerToStore {
-                inst_id: &inst.id,
-                req_serial: serial,
-                msg_type: msg_type.name(),
-                field_digests: digests,
-                response: &reply.bytes,
-            }),
-        )?;
+        let record = journal::OutcomeRecord {
+            txn_id,
+            from: TxnState::SentToCore,
+            to,
+            reason: &reason,
+            result_code: code.code(),
+            core_ref,
+            now: done,
+            notify: inst.callback_url.is_some(),
+        };
+        let answer = journal::AnswerToStore {
+            inst_id: &inst.id,
+            req_serial: serial,
+            msg_type: msg_type.name(),
+            field_digests: digests,
+            response: &reply.bytes,
+        };
+        let recorded = match grouped {
+            Some((group, lock_key)) => {
+                journal::record_outcome_grouped(conn, group, lock_key, &record, Some(&answer))?
+            }
+            None => journal::record_outcome(conn, &record, Some(&answer))?,
+        };
         if !recorded {
             return Err(JournalError::StateMoved {
                 txn_id,

@@ -3,15 +3,21 @@
 //! this machine sending pre-signed requests over keep-alive TLS connections.
 //!
 //! `make bench` runs it (`cargo bench --bench payments`); results go to BENCHMARKS.md between
-//! the `bench:payments` markers (and `payments-broker`, `payments-audit`). Environment:
-//! KUNPAY_BENCH_DEBITS (default 20000), KUNPAY_BENCH_CONNECTIONS (default 32),
-//! KUNPAY_BENCH_ONLY (`in-process`: the in-process figure and the audit-log comparison;
-//! `risk`: in-process without and with risk control, then the two side by side in alternating
-//! blocks; `broker`; `audit`: the audit comparison alone), KUNPAY_BENCH_AUDIT_ROUNDS (rounds of
-//! each side-by-side comparison, default 1), KUNPAY_BENCH_AUDIT_BLOCK (default 2000),
-//! KUNPAY_BENCH_AUDIT_DIR (where the compared runs keep their log; default: the run's temporary
-//! directory), KUNPAY_BENCH_PGBENCH_SCRIPT (a path: the database-ceiling measurement writes its
-//! pgbench script there, for looking into the ceiling by hand), KUNPAY_TEST_DATABASE_URL.
+//! the `bench:payments` markers (and `payments-group`, `payments-broker`, `payments-audit`).
+//! Environment:
+//! - KUNPAY_BENCH_DEBITS (default 20000), KUNPAY_BENCH_CONNECTIONS (default 32);
+//! - KUNPAY_BENCH_ONLY: `in-process` (the in-process figure, the journal group comparison and
+//!   the audit-log comparison), `group` (the journal group comparison alone), `risk`
+//!   (in-process without and with risk control, then the two side by side in alternating
+//!   blocks), `broker`, `audit` (the audit comparison alone);
+//! - KUNPAY_BENCH_AUDIT_ROUNDS (rounds of each side-by-side comparison, default 1; 0 skips the
+//!   audit comparison), KUNPAY_BENCH_AUDIT_BLOCK (default 2000), KUNPAY_BENCH_AUDIT_DIR (where
+//!   the compared runs keep their log; default: the run's temporary directory);
+//! - KUNPAY_BENCH_WORKERS (the institution's workers and database connections, default 32),
+//!   KUNPAY_BENCH_JOURNAL_GROUP_MAX and KUNPAY_BENCH_JOURNAL_GROUP_LEADERS (its journal
+//!   group, defaults 32 and 3);
+//! - KUNPAY_BENCH_PGBENCH_SCRIPT (a path: the database-ceiling measurement writes its pgbench
+//!   script there, for looking into the ceiling by hand), KUNPAY_TEST_DATABASE_URL.
 
 #[allow(dead_code)]
 #[path = "../common/institution.rs"]
@@ -218,6 +224,21 @@ fn histogram_percentiles(
         f64::NAN
     };
     (at(0.5), at(0.99))
+}
+
+/// The institution's journal group settings: KUNPAY_BENCH_JOURNAL_GROUP_MAX (default 32) and
+/// KUNPAY_BENCH_JOURNAL_GROUP_LEADERS (default 3, for this 2-core machine: two leaders left
+/// the CPU idle while groups waited for their commits, more gave smaller groups). `grouped`
+/// false: every statement alone (`journal_group_max = 1`, the configuration's default).
+fn journal_group_settings(grouped: bool) -> String {
+    if !grouped {
+        return "journal_group_max = 1\n".into();
+    }
+    format!(
+        "journal_group_max = {}\njournal_group_leaders = {}\n",
+        env_number("KUNPAY_BENCH_JOURNAL_GROUP_MAX", 32),
+        env_number("KUNPAY_BENCH_JOURNAL_GROUP_LEADERS", 3)
+    )
 }
 
 /// pgbench from the PostgreSQL installation the tests use.
@@ -445,8 +466,15 @@ fn main() {
         println!("{section}");
         report::write_section("payments-risk", &section).expect("writing BENCHMARKS.md");
     }
-    if only.is_empty() || only == "in-process" || only == "audit" {
-        let rounds = env_number("KUNPAY_BENCH_AUDIT_ROUNDS", 1);
+    if only.is_empty() || only == "in-process" || only == "group" {
+        let rounds = env_number("KUNPAY_BENCH_AUDIT_ROUNDS", 1).max(1);
+        let section = group_commit_gain(debits, connections, rounds);
+        println!("{section}");
+        report::write_section("payments-group", &section).expect("writing BENCHMARKS.md");
+    }
+    let audit_rounds = env_number("KUNPAY_BENCH_AUDIT_ROUNDS", 1);
+    if (only.is_empty() || only == "in-process" || only == "audit") && audit_rounds > 0 {
+        let rounds = audit_rounds;
         let section = audit_overhead(debits, connections, rounds);
         println!("{section}");
         report::write_section("payments-audit", &section).expect("writing BENCHMARKS.md");
@@ -521,7 +549,13 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
         Err(_) => "in the run's temporary directory on the same disk as PostgreSQL".to_string(),
     };
     let (off, on, mut block_ratios) = compare(debits, connections, rounds, block, "audit", |on| {
-        prepare(CoreSetup::InProcess, debits, Audit::Compared(on), false)
+        prepare(
+            CoreSetup::InProcess,
+            debits,
+            Audit::Compared(on),
+            false,
+            true,
+        )
     });
     block_ratios.sort_by(f64::total_cmp);
     let median_ratio = block_ratios[block_ratios.len() / 2];
@@ -671,6 +705,7 @@ fn alternate(
                     cpu_after[side].0 - cpu_before[side].0,
                     cpu_after[side].1 - cpu_before[side].1,
                 ),
+                open_loop: (String::new(), String::new()),
             },
         );
         assert_eq!(measured.failures, 0, "every debit answered 0000");
@@ -687,7 +722,13 @@ fn risk_overhead(debits: usize, connections: usize, rounds: usize) -> String {
     let block = env_number("KUNPAY_BENCH_AUDIT_BLOCK", 2000).clamp(100, debits.max(100));
     let load_before = load_average();
     let (off, on, mut block_ratios) = compare(debits, connections, rounds, block, "risk", |on| {
-        prepare(CoreSetup::InProcess, debits, Audit::Compared(false), on)
+        prepare(
+            CoreSetup::InProcess,
+            debits,
+            Audit::Compared(false),
+            on,
+            true,
+        )
     });
     block_ratios.sort_by(f64::total_cmp);
     let median_ratio = block_ratios[block_ratios.len() / 2];
@@ -704,6 +745,55 @@ fn risk_overhead(debits: usize, connections: usize, rounds: usize) -> String {
         load_average(),
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
     )
+}
+
+/// Debit throughput with each journal statement alone and with the institution's journal
+/// group commit (`payment/journal/group.rs`), side by side in alternating blocks.
+fn group_commit_gain(debits: usize, connections: usize, rounds: usize) -> String {
+    let block = env_number("KUNPAY_BENCH_AUDIT_BLOCK", 2000).clamp(100, debits.max(100));
+    let load_before = load_average();
+    let (alone, grouped, mut block_ratios) =
+        compare(debits, connections, rounds, block, "group", |grouped| {
+            prepare(
+                CoreSetup::InProcess,
+                debits,
+                Audit::Compared(false),
+                false,
+                grouped,
+            )
+        });
+    block_ratios.sort_by(f64::total_cmp);
+    let median_ratio = block_ratios[block_ratios.len() / 2];
+    let mean = |side: &[Measured], value: fn(&Measured) -> f64| {
+        side.iter().map(value).sum::<f64>() / side.len() as f64
+    };
+    let (tps_alone, tps_grouped) = (mean(&alone, |m| m.tps), mean(&grouped, |m| m.tps));
+    let cpu = |side: &[Measured]| mean(side, |m| m.cpu_ms_per_debit);
+    let p99 = |side: &[Measured]| mean(side, |m| m.p99.as_secs_f64() * 1000.0);
+    format!(
+        "## Journal group commit (issues 3 and 4)\n\n\
+         | measure | each statement alone | group commit | ratio |\n\
+         |---|---:|---:|---:|\n\
+         | debit throughput over all blocks ({rounds} round(s) of {debits} debits each side) | {tps_alone:.0} TPS | {tps_grouped:.0} TPS | {:.3} |\n\
+         | median of the {} per-block ratios (blocks of {block}) | | | {median_ratio:.3} |\n\
+         | client-observed p99 | {:.1} ms | {:.1} ms | |\n\
+         | kunpayd CPU per debit | {:.3} ms | {:.3} ms | |\n\n\
+         Method: `KUNPAY_BENCH_ONLY=group cargo bench --bench payments` prepares two release daemons exactly as the in-process benchmark above (a database each, on the same PostgreSQL), one with `journal_group_max = 1` (every opening and outcome statement its own transaction) and one with the institution's journal group at {}, then sends their debits in alternating blocks from {connections} connections so that the machine's drift falls on both. Load average {load_before} before, {} after. Date: {}.\n",
+        tps_grouped / tps_alone,
+        block_ratios.len(),
+        p99(&alone),
+        p99(&grouped),
+        cpu(&alone),
+        cpu(&grouped),
+        journal_group_description(),
+        load_average(),
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+    )
+}
+
+/// The group settings a grouped run uses, for the method texts.
+fn journal_group_description() -> String {
+    journal_group_settings(true).trim().replace('\n', ", ")
 }
 
 /// A `kunpay-coresim` process and its queues, removed when dropped.
@@ -891,6 +981,8 @@ struct Timed {
     after: String,
     /// kunpayd's CPU seconds (whole process, audit writer thread) over the same span.
     cpu: (f64, f64),
+    /// Table rows and a method sentence of the open-loop phases that followed ("" if none).
+    open_loop: (String, String),
 }
 
 impl Prepared {
@@ -963,15 +1055,144 @@ impl Prepared {
     }
 }
 
+impl Prepared {
+    /// Sends `range` open loop: debit k of the range is due `k / rate` seconds after the start,
+    /// whatever became of the earlier ones, from `connections` threads. Each latency counts from
+    /// the debit's due time, so a debit that waited for a free connection because the daemon
+    /// fell behind counts that wait (no coordinated omission). Returns what [`Prepared::load`]
+    /// does.
+    fn load_at_rate(
+        &self,
+        range: std::ops::Range<usize>,
+        connections: usize,
+        rate: f64,
+    ) -> (Duration, Vec<Duration>, usize) {
+        assert!(rate > 0.0);
+        let next = Arc::new(AtomicUsize::new(range.start));
+        let (first, end) = (range.start, range.end);
+        let latencies = Arc::new(Mutex::new(Vec::with_capacity(range.len())));
+        let failures = Arc::new(AtomicUsize::new(0));
+        let port = self.port;
+        let clients: Vec<Client> = (0..connections)
+            .map(|_| Client::connect(port, &self.ca))
+            .collect();
+        let started = Instant::now();
+        let workers: Vec<_> = clients
+            .into_iter()
+            .map(|mut client| {
+                let (signed, next, latencies, failures) = (
+                    self.signed.clone(),
+                    next.clone(),
+                    latencies.clone(),
+                    failures.clone(),
+                );
+                std::thread::spawn(move || {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= end {
+                            break;
+                        }
+                        let due = started + Duration::from_secs_f64((i - first) as f64 / rate);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        let answer = client.post(MsgType::Debit.path(), &signed[i]);
+                        mine.push(due.elapsed());
+                        if result_code(&answer) != "0000" {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    latencies.lock().unwrap().extend(mine);
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        let elapsed = started.elapsed();
+        let latencies = latencies.lock().unwrap().clone();
+        (elapsed, latencies, failures.load(Ordering::Relaxed))
+    }
+}
+
+/// The open-loop phases after the in-process figure: the bar's rate, then twice the seed's.
+const OPEN_LOOP_RATES: [f64; 2] = [2000.0, 1000.0];
+const OPEN_LOOP_SECONDS: f64 = 10.0;
+/// Connections of the open-loop phases: enough that the generator is not what limits them
+/// (at 2000 TPS, 128 connections keep up while answers take up to 64 ms).
+const OPEN_LOOP_CONNECTIONS: usize = 128;
+
+/// Runs the open-loop phases on the debits from `first` on; returns the table rows and the
+/// method sentence for them.
+fn open_loop_phases(prepared: &Prepared, first: usize, connections: usize) -> (String, String) {
+    let mut rows = String::new();
+    let mut start = first;
+    for rate in OPEN_LOOP_RATES {
+        let count = (rate * OPEN_LOOP_SECONDS) as usize;
+        let before = prepared.scrape();
+        let (elapsed, mut latencies, failures) =
+            prepared.load_at_rate(start..start + count, OPEN_LOOP_CONNECTIONS, rate);
+        let after = prepared.scrape();
+        start += count;
+        latencies.sort();
+        let achieved = latencies.len() as f64 / elapsed.as_secs_f64();
+        let (server_p50, server_p99) = server_percentiles(&before, &after);
+        let p99 = percentile(&latencies, 0.99);
+        eprintln!(
+            "open loop at {rate:.0} TPS: {achieved:.0} TPS achieved, p99 {:.1} ms, {failures} failed",
+            p99.as_secs_f64() * 1000.0
+        );
+        let bar = if rate >= 2000.0 {
+            if achieved >= rate * 0.98 && server_p99 < 0.020 && failures == 0 {
+                "2000 TPS with p99 under 20 ms: met"
+            } else {
+                "2000 TPS with p99 under 20 ms: NOT met"
+            }
+        } else {
+            ""
+        };
+        rows.push_str(&format!(
+            "| open loop, {rate:.0} TPS offered for {OPEN_LOOP_SECONDS:.0} s: achieved; client p50 / p99 from the scheduled send; platform-internal p50 / p99 | {achieved:.0} TPS; {:.1} ms / {:.1} ms; {:.1} ms / {:.1} ms | | | {bar} |\n",
+            percentile(&latencies, 0.50).as_secs_f64() * 1000.0,
+            p99.as_secs_f64() * 1000.0,
+            server_p50 * 1000.0,
+            server_p99 * 1000.0,
+        ));
+        assert_eq!(failures, 0, "every open-loop debit answered 0000");
+    }
+    let method = format!(
+        " The open-loop rows then send further pre-signed debits at a fixed rate ({} TPS, {OPEN_LOOP_SECONDS:.0} s each) from {OPEN_LOOP_CONNECTIONS} connections, each debit at its scheduled time whatever became of the earlier ones; latency counts from the scheduled time, so queueing behind a daemon that falls behind is counted (no coordinated omission). The closed-loop latency above is that of {connections} clients that always wait for their answer, which at saturation measures the queue they form; the open-loop rows are the latency at a given load.",
+        OPEN_LOOP_RATES.map(|r| format!("{r:.0}")).join(" and "),
+    );
+    (rows, method)
+}
+
+/// Debits the open-loop phases send.
+fn open_loop_debits() -> usize {
+    OPEN_LOOP_RATES
+        .iter()
+        .map(|rate| (rate * OPEN_LOOP_SECONDS) as usize)
+        .sum()
+}
+
 /// One run: the daemon, all its debits at once, the figures; `risk`: with `[risk]` (the
-/// shipped library as shadow rules).
+/// shipped library as shadow rules). The in-process figure (no risk, no audit) is followed by
+/// the open-loop phases.
 fn run(setup: CoreSetup, debits: usize, connections: usize, audit: Audit, risk: bool) -> Measured {
-    let prepared = prepare(setup, debits, audit, risk);
+    let open_loop = setup == CoreSetup::InProcess && !risk && matches!(audit, Audit::Off);
+    let extra = if open_loop { open_loop_debits() } else { 0 };
+    let prepared = prepare(setup, debits + extra, audit, risk, true);
     let before = prepared.scrape();
     let cpu_before = prepared.cpu();
-    let (elapsed, latencies, failures) = prepared.load(0..prepared.signed.len(), connections);
+    let (elapsed, latencies, failures) = prepared.load(0..debits, connections);
     let after = prepared.scrape();
     let cpu_after = prepared.cpu();
+    let open_loop = if open_loop {
+        open_loop_phases(&prepared, debits, connections)
+    } else {
+        (String::new(), String::new())
+    };
     eprintln!(
         "{} debits in {elapsed:?}: {:.0} TPS",
         latencies.len(),
@@ -987,6 +1208,7 @@ fn run(setup: CoreSetup, debits: usize, connections: usize, audit: Audit, risk: 
             before,
             after,
             cpu: (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1),
+            open_loop,
         },
     )
 }
@@ -1019,7 +1241,7 @@ fn shadow_library(to: &Path) -> String {
     format!("[risk]\ndir = \"{}\"\n", to.display())
 }
 
-fn prepare(setup: CoreSetup, debits: usize, audit: Audit, risk: bool) -> Prepared {
+fn prepare(setup: CoreSetup, debits: usize, audit: Audit, risk: bool, grouped: bool) -> Prepared {
     let (audit, ceiling_wanted) = match audit {
         Audit::Off => (false, true),
         Audit::Compared(on) => (on, false),
@@ -1157,12 +1379,14 @@ level = "warn"
 {section}single_limit_fen = 100000000
 daily_limit_fen = 100000000000
 send_time_window = "1h"
-workers = 16
-db_pool_size = 16
+workers = {workers}
+db_pool_size = {workers}
 queue_depth = 4096
 rate_limit_per_second = 1000000
 rate_limit_burst = 1000000
-{risk_section}"#,
+{group_section}{risk_section}"#,
+        group_section = journal_group_settings(grouped),
+        workers = env_number("KUNPAY_BENCH_WORKERS", 32),
         risk_section = if risk {
             shadow_library(&dir.path().join("risk"))
         } else {
@@ -1322,6 +1546,7 @@ fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
         before,
         after,
         cpu,
+        open_loop: (open_loop_rows, open_loop_method),
     } = timed;
     let debits = latencies.len();
     let cpu_ms_per_debit = cpu.0 * 1000.0 / debits as f64;
@@ -1386,21 +1611,25 @@ fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
          | client-observed latency p50 / p99 | {:.1} ms / {:.1} ms | 45 ms average | | p99 under {bar_p99_ms} ms: {} |\n\
          | platform-internal time p50 / p99 (server histogram, interpolated) | {:.1} ms / {:.1} ms | 45 ms average | | |\n\
          | failed answers | {failures} of {} | 0 | | must be 0 |\n\
-         {ceiling_rows}\n\
+         {open_loop_rows}{ceiling_rows}\n\
          Method: `cargo bench --bench payments` starts a release `kunpayd` with the channel on TLS 1.3 \
          (self-signed certificate, verified by the client), its database on the shared PostgreSQL 15 \
          of this machine with default durability (fsync, synchronous commit), {core_method}. It signs an agreement for each customer through the \
          protocol, pre-signs {} debits of 100 fen round robin over the agreements (SM2/SM3 over the \
-         exact bytes), then sends them from {connections} keep-alive TLS connections on {connections} threads \
+         exact bytes), then sends {debits} of them from {connections} keep-alive TLS connections on {connections} threads, each waiting for its answer before it sends the next (closed loop), \
          and checks every answer's result code. Each debit: signature verification, send-time and \
          message-id replay checks, then one statement (message id recorded, stored answer looked up, \
          agreement share lock, daily usage raised under the limit, journal insert with three state \
          transitions), core posting, outcome transition with \
-         the signed answer stored for idempotency (one statement), signed response. The database \
+         the signed answer stored for idempotency (one statement), signed response. The institution \
+         has {workers} workers and database connections, and its opening and outcome statements \
+         commit in journal groups ({groups}: while the database is busy, statements that arrive \
+         meanwhile commit together in one transaction; the `payments-group` section compares it \
+         with each statement alone). The database \
          ceiling rows run the daemon's own two statements of a debit (`journal::debit_path_sql`, \
          prepared) from pgbench with {CEILING_CLIENTS} clients for {CEILING_SECONDS} s each on the same \
          database, with and without synchronous commit: what PostgreSQL on this machine can do with \
-         a debit's journal work when nothing else runs. Load generator, daemon and database share the machine: {cpu}, {} cores, {}. \
+         a debit's journal work when nothing else runs.{open_loop_method} Load generator, daemon and database share the machine: {cpu}, {} cores, {}. \
          Date: {}.\n",
         tps / 500.0,
         if tps >= bar_tps { "met" } else { "NOT met" },
@@ -1429,6 +1658,8 @@ fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
             .map(|kib| format!("{} GiB RAM", kib / 1024 / 1024))
             .unwrap_or_default(),
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        workers = env_number("KUNPAY_BENCH_WORKERS", 32),
+        groups = journal_group_description(),
     );
     let audit = audit.then(|| {
         let records = metric_value(&after, "kunpay_audit_records_appended_total")

@@ -33,6 +33,74 @@ pub enum Bind<'a> {
     Bool(bool),
 }
 
+impl Bind<'_> {
+    /// The same value, owned: for a statement another thread runs (`group.rs`).
+    pub fn to_owned_bind(&self) -> OwnedBind {
+        match self {
+            Bind::Text(value) => OwnedBind::Text((*value).to_owned()),
+            Bind::OptText(value) => OwnedBind::OptText(value.map(str::to_owned)),
+            Bind::BigInt(value) => OwnedBind::BigInt(*value),
+            Bind::Uuid(value) => OwnedBind::Uuid(*value),
+            Bind::OptUuid(value) => OwnedBind::OptUuid(*value),
+            Bind::Date(value) => OwnedBind::Date(*value),
+            Bind::Time(value) => OwnedBind::Time(*value),
+            Bind::Bytes(value) => OwnedBind::Bytes(value.to_vec()),
+            Bind::Bool(value) => OwnedBind::Bool(*value),
+        }
+    }
+}
+
+/// A [`Bind`] that owns its value.
+#[derive(Debug, Clone)]
+pub enum OwnedBind {
+    Text(String),
+    OptText(Option<String>),
+    BigInt(i64),
+    Uuid(Uuid),
+    OptUuid(Option<Uuid>),
+    Date(NaiveDate),
+    Time(DateTime<Utc>),
+    Bytes(Vec<u8>),
+    Bool(bool),
+}
+
+impl OwnedBind {
+    pub fn as_bind(&self) -> Bind<'_> {
+        match self {
+            OwnedBind::Text(value) => Bind::Text(value),
+            OwnedBind::OptText(value) => Bind::OptText(value.as_deref()),
+            OwnedBind::BigInt(value) => Bind::BigInt(*value),
+            OwnedBind::Uuid(value) => Bind::Uuid(*value),
+            OwnedBind::OptUuid(value) => Bind::OptUuid(*value),
+            OwnedBind::Date(value) => Bind::Date(*value),
+            OwnedBind::Time(value) => Bind::Time(*value),
+            OwnedBind::Bytes(value) => Bind::Bytes(value),
+            OwnedBind::Bool(value) => Bind::Bool(*value),
+        }
+    }
+}
+
+/// A [`FixedSql`] statement with owned binds: `Send + Sync + 'static`, so another thread can
+/// run it, and it can run more than once (a group that rolled back hands it back).
+pub struct Owned<S: FixedSql> {
+    binds: Vec<OwnedBind>,
+    statement: PhantomData<fn() -> S>,
+}
+
+impl<S: FixedSql> Owned<S> {
+    pub fn new(binds: &[Bind<'_>]) -> Self {
+        Owned {
+            binds: binds.iter().map(Bind::to_owned_bind).collect(),
+            statement: PhantomData,
+        }
+    }
+
+    /// The statement, ready to run.
+    pub fn fixed(&self) -> Fixed<'_, S> {
+        Fixed::new(self.binds.iter().map(OwnedBind::as_bind).collect())
+    }
+}
+
 /// A [`FixedSql`] statement with its binds, ready to run.
 pub struct Fixed<'a, S: FixedSql> {
     binds: Vec<Bind<'a>>,

@@ -23,6 +23,7 @@ use crate::db::schema::{
 use super::state::TxnState;
 
 mod fixed;
+pub mod group;
 pub mod reversal;
 pub mod risk;
 
@@ -42,6 +43,28 @@ pub fn is_unique_violation(error: &DieselError) -> bool {
         error,
         DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)
     )
+}
+
+/// Runs a fixed statement alone, or through `group` (its lock key orders it in a group).
+fn get_result_via<S, R>(
+    conn: &mut PgConnection,
+    group: Option<(&group::Group, &str)>,
+    binds: Vec<fixed::Bind<'_>>,
+) -> Result<R, DieselError>
+where
+    S: fixed::FixedSql,
+    R: Send + 'static,
+    for<'b> fixed::Fixed<'b, S>: diesel::query_dsl::LoadQuery<'b, PgConnection, R>,
+{
+    match group {
+        None => fixed::Fixed::<S>::new(binds).get_result(conn),
+        Some((group, lock_key)) => {
+            let owned = fixed::Owned::<S>::new(&binds);
+            group.run(conn, lock_key.to_owned(), move |conn| {
+                owned.fixed().get_result(conn)
+            })
+        }
+    }
 }
 
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -800,29 +823,35 @@ fn is_replay(error: &DieselError) -> bool {
 /// Runs an opening statement at most twice: the first debit or credit of the day on an
 /// account finds no usage row to raise, creates it and tries again (without recording the
 /// message id a second time). `run` returns its own columns' verdict (`Ok(Some(..))` ends it),
-/// the [`Sighting`], and the account's hash for the usage row.
+/// the [`Sighting`], and the account's hash for the usage row. The first run goes through
+/// `group` (with `lock_key`); the rare second and third run alone.
+#[allow(clippy::too_many_arguments)]
 fn open_with_usage<'a, 'h>(
     conn: &mut PgConnection,
+    group: &group::Group,
+    lock_key: &str,
     new: &NewPosting<'a>,
     arrival: &Arrival<'a>,
     kind: &str,
     within_single_limit: bool,
     mut run: impl FnMut(
         &mut PgConnection,
+        Option<(&group::Group, &str)>,
         [fixed::Bind<'a>; 6],
     ) -> Result<(Option<FirstSight>, SightingRow, Cow<'h, str>), DieselError>,
 ) -> Result<FirstSight, DieselError> {
     debug_assert!(new.amount_fen > 0);
     let mut record = arrival.record;
+    let mut via = Some((group, lock_key));
     // At most: create the day's row, then see it; one more for a row another debit created
     // after our statement's snapshot.
     for _ in 0..3 {
-        let (verdict, row, account_hash) = match run(conn, first_sight_binds(new, arrival, record))
-        {
-            Ok(found) => found,
-            Err(e) if is_replay(&e) => return Ok(FirstSight::Replay),
-            Err(e) => return Err(e),
-        };
+        let (verdict, row, account_hash) =
+            match run(conn, via.take(), first_sight_binds(new, arrival, record)) {
+                Ok(found) => found,
+                Err(e) if is_replay(&e) => return Ok(FirstSight::Replay),
+                Err(e) => return Err(e),
+            };
         let mut sighting = Sighting::read(row, record);
         record = false;
         if let Some(settled) = sighting.settled(within_single_limit) {
@@ -894,6 +923,7 @@ impl fixed::FixedSql for OpenDebit {
 /// account number to post against.
 pub fn open_debit(
     conn: &mut PgConnection,
+    group: &group::Group,
     new: &NewPosting<'_>,
     arrival: &Arrival<'_>,
     agreement_no: &str,
@@ -902,13 +932,17 @@ pub fn open_debit(
 ) -> Result<(FirstSight, Option<String>), DieselError> {
     use fixed::Bind;
     let mut sealed = None;
+    // Debits of one agreement lock its row and its account's usage row: ordered by it.
+    let lock_key = group::debit_lock_key(agreement_no);
     let sight = open_with_usage(
         conn,
+        group,
+        &lock_key,
         new,
         arrival,
         "DEBIT",
         within_single_limit,
-        |conn, first| {
+        |conn, via, first| {
             let mut binds = Vec::with_capacity(40);
             binds.extend(first);
             binds.extend([
@@ -930,10 +964,10 @@ pub fn open_debit(
                 Bind::Time(new.now),
             ]);
             opening.push_history_binds(new.now, &mut binds);
-            let (state, account_hash, account_enc, row) = fixed::Fixed::<OpenDebit>::new(binds)
-                .get_result::<(Option<String>, Option<String>, Option<String>, SightingRow)>(
-                    conn,
-                )?;
+            let (state, account_hash, account_enc, row) = get_result_via::<
+                OpenDebit,
+                (Option<String>, Option<String>, Option<String>, SightingRow),
+            >(conn, via, binds)?;
             sealed = account_enc;
             let verdict = match state {
                 None => Some(FirstSight::NoAgreement),
@@ -983,6 +1017,7 @@ impl fixed::FixedSql for OpenCredit {
 /// inserts the transaction in SENT_TO_CORE with its history. All of it or none of it.
 pub fn open_credit(
     conn: &mut PgConnection,
+    group: &group::Group,
     new: &NewPosting<'_>,
     arrival: &Arrival<'_>,
     payee: &Payee<'_>,
@@ -990,13 +1025,16 @@ pub fn open_credit(
     opening: &Opening<'_>,
 ) -> Result<FirstSight, DieselError> {
     use fixed::Bind;
+    let lock_key = group::credit_lock_key(payee.account_hash);
     open_with_usage(
         conn,
+        group,
+        &lock_key,
         new,
         arrival,
         "CREDIT",
         within_single_limit,
-        |conn, first| {
+        |conn, via, first| {
             let mut binds = Vec::with_capacity(40);
             binds.extend(first);
             binds.extend([
@@ -1020,7 +1058,7 @@ pub fn open_credit(
                 Bind::Time(new.now),
             ]);
             opening.push_history_binds(new.now, &mut binds);
-            let row = fixed::Fixed::<OpenCredit>::new(binds).get_result::<SightingRow>(conn)?;
+            let row = get_result_via::<OpenCredit, SightingRow>(conn, via, binds)?;
             Ok((None, row, Cow::Borrowed(payee.account_hash)))
         },
     )
@@ -1197,6 +1235,26 @@ pub fn record_outcome(
     record: &OutcomeRecord<'_>,
     answer: Option<&AnswerToStore<'_>>,
 ) -> Result<bool, DieselError> {
+    record_outcome_via(conn, None, record, answer)
+}
+
+/// [`record_outcome`] through the institution's journal group; `lock_key` as the opening's.
+pub fn record_outcome_grouped(
+    conn: &mut PgConnection,
+    group: &group::Group,
+    lock_key: &str,
+    record: &OutcomeRecord<'_>,
+    answer: Option<&AnswerToStore<'_>>,
+) -> Result<bool, DieselError> {
+    record_outcome_via(conn, Some((group, lock_key)), record, answer)
+}
+
+fn record_outcome_via(
+    conn: &mut PgConnection,
+    via: Option<(&group::Group, &str)>,
+    record: &OutcomeRecord<'_>,
+    answer: Option<&AnswerToStore<'_>>,
+) -> Result<bool, DieselError> {
     use fixed::Bind;
     assert!(
         record.from.can_become(record.to),
@@ -1232,7 +1290,7 @@ pub fn record_outcome(
         Bind::Time(record.now),
         Bind::Bool(answer.is_some()),
     ];
-    let moved = fixed::Fixed::<RecordOutcome>::new(binds).get_result::<i64>(conn)?;
+    let moved = get_result_via::<RecordOutcome, i64>(conn, via, binds)?;
     assert!(moved <= 1, "txn_id is the primary key");
     Ok(moved == 1)
 }
