@@ -554,7 +554,7 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
             debits,
             Audit::Compared(on),
             false,
-            true,
+            false,
         )
     });
     block_ratios.sort_by(f64::total_cmp);
@@ -591,8 +591,11 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
          | append until fdatasync, p50 / p99 (server histogram) | | {} / {} | | |\n\
          | `kunpay-audit verify` on the run's log | | {:.1} M records/min | | 1 M/min |\n\n\
          Method: `KUNPAY_BENCH_ONLY=audit cargo bench --bench payments` prepares, per round, two \
-         release daemons exactly as the in-process debit benchmark above does (TLS, in-process \
-         core, {debits} pre-signed debits each, a database each), one without and one with \
+         release daemons as the in-process debit benchmark above does (TLS, in-process \
+         core, {debits} pre-signed debits each, a database each) but with each journal statement \
+         alone, the configuration's default (with journal groups, the log's added latency also \
+         shrinks the groups these closed-loop clients can form: 5.0-6.5% in three rounds on \
+         2026-11-24 against 2.0% alone), one without and one with \
          `[audit]` (defaults: checkpoint every 60 s or 10000 records, 256 MiB segments; the log \
          {where_logged}; every answer sent only after its group-committed fdatasync), then sends \
          their debits in alternating blocks of {block} from {connections} keep-alive TLS \
@@ -727,7 +730,7 @@ fn risk_overhead(debits: usize, connections: usize, rounds: usize) -> String {
             debits,
             Audit::Compared(false),
             on,
-            true,
+            false,
         )
     });
     block_ratios.sort_by(f64::total_cmp);
@@ -737,7 +740,7 @@ fn risk_overhead(debits: usize, connections: usize, rounds: usize) -> String {
     let ratio = tps_on / tps_off;
     format!(
         "| risk on / risk off, side by side ({rounds} round(s) of {debits} debits each side, alternating blocks of {block}): {tps_on:.0} vs {tps_off:.0} TPS | {:.1}% (median of {} block ratios: {:.1}%) | | | within 10%: {} |\n\n\
-         The ratio comes from a second pair of daemons prepared side by side (one without and one with `[risk]`, a database each) whose debits are sent in alternating blocks, as for the audit log below, so the machine's drift falls on both; the table above is a separate run with risk on. Load average {load_before} before, {} after. Date: {}.\n",
+         The ratio comes from a second pair of daemons prepared side by side (one without and one with `[risk]`, a database each, each journal statement alone) whose debits are sent in alternating blocks, as for the audit log below, so the machine's drift falls on both; the table above is a separate run with risk on. Load average {load_before} before, {} after. Date: {}.\n",
         ratio * 100.0,
         block_ratios.len(),
         median_ratio * 100.0,
@@ -1116,8 +1119,9 @@ impl Prepared {
     }
 }
 
-/// The open-loop phases after the in-process figure: the bar's rate, then twice the seed's.
-const OPEN_LOOP_RATES: [f64; 2] = [2000.0, 1000.0];
+/// The open-loop phases after the closed-loop figure: twice the seed's rate, then the bar's
+/// (in this order, so an overload at the bar's rate leaves no backlog in the other phase).
+const OPEN_LOOP_RATES: [f64; 2] = [1000.0, 2000.0];
 const OPEN_LOOP_SECONDS: f64 = 10.0;
 /// Connections of the open-loop phases: enough that the generator is not what limits them
 /// (at 2000 TPS, 128 connections keep up while answers take up to 64 ms).
@@ -1125,7 +1129,12 @@ const OPEN_LOOP_CONNECTIONS: usize = 128;
 
 /// Runs the open-loop phases on the debits from `first` on; returns the table rows and the
 /// method sentence for them.
-fn open_loop_phases(prepared: &Prepared, first: usize, connections: usize) -> (String, String) {
+fn open_loop_phases(
+    prepared: &Prepared,
+    first: usize,
+    connections: usize,
+    bar_p99_ms: u64,
+) -> (String, String) {
     let mut rows = String::new();
     let mut start = first;
     for rate in OPEN_LOOP_RATES {
@@ -1144,13 +1153,14 @@ fn open_loop_phases(prepared: &Prepared, first: usize, connections: usize) -> (S
             p99.as_secs_f64() * 1000.0
         );
         let bar = if rate >= 2000.0 {
-            if achieved >= rate * 0.98 && server_p99 < 0.020 && failures == 0 {
-                "2000 TPS with p99 under 20 ms: met"
-            } else {
-                "2000 TPS with p99 under 20 ms: NOT met"
-            }
+            let met =
+                achieved >= rate * 0.98 && server_p99 * 1000.0 < bar_p99_ms as f64 && failures == 0;
+            format!(
+                "2000 TPS with p99 under {bar_p99_ms} ms: {}",
+                if met { "met" } else { "NOT met" }
+            )
         } else {
-            ""
+            String::new()
         };
         rows.push_str(&format!(
             "| open loop, {rate:.0} TPS offered for {OPEN_LOOP_SECONDS:.0} s: achieved; client p50 / p99 from the scheduled send; platform-internal p50 / p99 | {achieved:.0} TPS; {:.1} ms / {:.1} ms; {:.1} ms / {:.1} ms | | | {bar} |\n",
@@ -1177,10 +1187,10 @@ fn open_loop_debits() -> usize {
 }
 
 /// One run: the daemon, all its debits at once, the figures; `risk`: with `[risk]` (the
-/// shipped library as shadow rules). The in-process figure (no risk, no audit) is followed by
-/// the open-loop phases.
+/// shipped library as shadow rules). The figures of issues 3 and 4 (no risk, no audit) are
+/// followed by the open-loop phases.
 fn run(setup: CoreSetup, debits: usize, connections: usize, audit: Audit, risk: bool) -> Measured {
-    let open_loop = setup == CoreSetup::InProcess && !risk && matches!(audit, Audit::Off);
+    let open_loop = !risk && matches!(audit, Audit::Off);
     let extra = if open_loop { open_loop_debits() } else { 0 };
     let prepared = prepare(setup, debits + extra, audit, risk, true);
     let before = prepared.scrape();
@@ -1189,7 +1199,11 @@ fn run(setup: CoreSetup, debits: usize, connections: usize, audit: Audit, risk: 
     let after = prepared.scrape();
     let cpu_after = prepared.cpu();
     let open_loop = if open_loop {
-        open_loop_phases(&prepared, debits, connections)
+        let bar_p99_ms = match setup {
+            CoreSetup::InProcess => 20,
+            CoreSetup::Broker => 25,
+        };
+        open_loop_phases(&prepared, debits, connections, bar_p99_ms)
     } else {
         (String::new(), String::new())
     };

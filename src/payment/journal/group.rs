@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::Thread;
 
-use diesel::connection::Connection;
+use diesel::connection::{AnsiTransactionManager, Connection, TransactionManager};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::{PgConnection, QueryResult};
 use prometheus_client::metrics::counter::Counter;
@@ -237,6 +237,15 @@ impl Group {
         T: Send + 'static,
         F: Fn(&mut PgConnection) -> QueryResult<T> + Send + Sync + 'static,
     {
+        // A group's transaction must be its own: inside a caller's transaction the leader would
+        // put other workers' statements into it.
+        assert!(
+            matches!(
+                AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth(),
+                Ok(None)
+            ),
+            "a journal group statement runs outside any transaction"
+        );
         if self.max_batch == 1 {
             self.counters.alone.inc();
             return statement(conn);
