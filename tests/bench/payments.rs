@@ -1008,21 +1008,52 @@ impl Prepared {
         )
     }
 
-    /// Sends the pre-signed debits `range` from `connections` keep-alive connections; returns
-    /// the wall time, each debit's latency and how many were not answered 0000.
+    /// Sends the pre-signed debits `range` closed loop from `connections` threads: each sends its next debit once
+    /// the previous one was answered. Returns the time it took, every latency, and how many
+    /// answers were not 0000.
     fn load(
         &self,
         range: std::ops::Range<usize>,
         connections: usize,
     ) -> (Duration, Vec<Duration>, usize) {
+        self.send(range, connections, None)
+    }
+
+    /// Sends `range` open loop: debit k of the range is due `k / rate` seconds after the start,
+    /// whatever became of the earlier ones, from `connections` threads connected beforehand.
+    /// Each latency counts from the debit's due time, so a debit that waited for a free
+    /// connection because the daemon fell behind counts that wait (no coordinated omission).
+    fn load_at_rate(
+        &self,
+        range: std::ops::Range<usize>,
+        connections: usize,
+        rate: f64,
+    ) -> (Duration, Vec<Duration>, usize) {
+        assert!(rate > 0.0);
+        self.send(range, connections, Some(rate))
+    }
+
+    /// [`Prepared::load`] (`rate` None: each thread connects, then sends as answers come) and
+    /// [`Prepared::load_at_rate`] (`rate`: every connection made before the clock starts, each
+    /// debit sent at its due time and timed from it).
+    fn send(
+        &self,
+        range: std::ops::Range<usize>,
+        connections: usize,
+        rate: Option<f64>,
+    ) -> (Duration, Vec<Duration>, usize) {
         let next = Arc::new(AtomicUsize::new(range.start));
-        let end = range.end;
+        let (first, end) = (range.start, range.end);
         let latencies = Arc::new(Mutex::new(Vec::with_capacity(range.len())));
         let failures = Arc::new(AtomicUsize::new(0));
         let port = self.port;
+        let connected: Vec<Option<Client>> = (0..connections)
+            .map(|_| rate.map(|_| Client::connect(port, &self.ca)))
+            .collect();
         let started = Instant::now();
-        let workers: Vec<_> = (0..connections)
-            .map(|_| {
+        let workers: Vec<_> = connected
+            .into_iter()
+            .map(|connected| {
                 let (signed, next, latencies, failures, ca) = (
                     self.signed.clone(),
                     next.clone(),
@@ -1031,75 +1062,24 @@ impl Prepared {
                     self.ca.clone(),
                 );
                 std::thread::spawn(move || {
-                    let mut client = Client::connect(port, &ca);
+                    let mut client = connected.unwrap_or_else(|| Client::connect(port, &ca));
                     let mut mine = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= end {
                             break;
                         }
-                        let sent = Instant::now();
-                        let answer = client.post(MsgType::Debit.path(), &signed[i]);
-                        mine.push(sent.elapsed());
-                        if result_code(&answer) != "0000" {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    latencies.lock().unwrap().extend(mine);
-                })
-            })
-            .collect();
-        for worker in workers {
-            worker.join().unwrap();
-        }
-        let elapsed = started.elapsed();
-        let latencies = latencies.lock().unwrap().clone();
-        (elapsed, latencies, failures.load(Ordering::Relaxed))
-    }
-}
-
-impl Prepared {
-    /// Sends `range` open loop: debit k of the range is due `k / rate` seconds after the start,
-    /// whatever became of the earlier ones, from `connections` threads. Each latency counts from
-    /// the debit's due time, so a debit that waited for a free connection because the daemon
-    /// fell behind counts that wait (no coordinated omission). Returns what [`Prepared::load`]
-    /// does.
-    fn load_at_rate(
-        &self,
-        range: std::ops::Range<usize>,
-        connections: usize,
-        rate: f64,
-    ) -> (Duration, Vec<Duration>, usize) {
-        assert!(rate > 0.0);
-        let next = Arc::new(AtomicUsize::new(range.start));
-        let (first, end) = (range.start, range.end);
-        let latencies = Arc::new(Mutex::new(Vec::with_capacity(range.len())));
-        let failures = Arc::new(AtomicUsize::new(0));
-        let port = self.port;
-        let clients: Vec<Client> = (0..connections)
-            .map(|_| Client::connect(port, &self.ca))
-            .collect();
-        let started = Instant::now();
-        let workers: Vec<_> = clients
-            .into_iter()
-            .map(|mut client| {
-                let (signed, next, latencies, failures) = (
-                    self.signed.clone(),
-                    next.clone(),
-                    latencies.clone(),
-                    failures.clone(),
-                );
-                std::thread::spawn(move || {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= end {
-                            break;
-                        }
-                        let due = started + Duration::from_secs_f64((i - first) as f64 / rate);
-                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                            std::thread::sleep(wait);
-                        }
+                        let due = match rate {
+                            Some(rate) => {
+                                let due =
+                                    started + Duration::from_secs_f64((i - first) as f64 / rate);
+                                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                                    std::thread::sleep(wait);
+                                }
+                                due
+                            }
+                            None => Instant::now(),
+                        };
                         let answer = client.post(MsgType::Debit.path(), &signed[i]);
                         mine.push(due.elapsed());
                         if result_code(&answer) != "0000" {
