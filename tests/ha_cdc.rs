@@ -266,6 +266,10 @@ fn a_crash_between_the_target_commit_and_the_slot_advance_applies_nothing_twice(
         status.slot_confirmed.unwrap().0 < position.applied_lsn as u64,
         "the slot should still be behind: {status:?}"
     );
+    assert!(
+        status.slot_restart.unwrap() <= status.slot_confirmed.unwrap(),
+        "decoding restarts at or before the confirmed position: {status:?}"
+    );
 
     // More writes, then a new applier (as after a restart): it skips what was applied.
     for i in 10..13 {
@@ -849,6 +853,11 @@ fn a_standby_daemon_copies_and_a_fenced_daemon_with_a_stale_config_stays_out() {
     );
     assert!(stdout.contains("10 transactions"), "{stdout}");
     assert!(stdout.contains("within the lag bound"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("slot restart  ")
+            && l.contains("bytes of WAL before the confirmed position")),
+        "{stdout}"
+    );
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(
         daemon.wait_exit(Duration::from_secs(20)).unwrap().code(),

@@ -1035,6 +1035,12 @@ fn ha(command: HaCommand) -> anyhow::Result<u8> {
                     .slot_confirmed
                     .map_or("MISSING on the source".into(), |l| l.to_string())
             );
+            if let (Some(restart), Some(confirmed)) = (status.slot_restart, status.slot_confirmed) {
+                println!(
+                    "slot restart  {restart} ({} bytes of WAL before the confirmed position,                      decoded again by every read of the slot)",
+                    confirmed.bytes_after(restart)
+                );
+            }
             println!(
                 "source WAL    {} at {}",
                 status.source_flush,

@@ -170,10 +170,12 @@ impl Dialect {
         match self {
             Dialect::Postgres => {
                 "SELECT plugin AS name, CAST(confirmed_flush_lsn AS TEXT) AS lsn, \
+                 CAST(restart_lsn AS TEXT) AS restart, \
                  CAST(database AS TEXT) AS db FROM pg_replication_slots WHERE slot_name = $1"
             }
             Dialect::OpenGauss => {
                 "SELECT plugin AS name, CAST(confirmed_flush AS TEXT) AS lsn, \
+                 CAST(restart_lsn AS TEXT) AS restart, \
                  CAST(database AS TEXT) AS db FROM pg_replication_slots WHERE slot_name = $1"
             }
         }
@@ -192,6 +194,9 @@ struct SlotRow {
     name: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     lsn: Option<String>,
+    /// Where decoding restarts: the slot keeps the source's WAL from here on.
+    #[diesel(sql_type = Nullable<Text>)]
+    restart: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     db: Option<String>,
 }
@@ -1574,6 +1579,10 @@ pub struct CdcStatus {
     pub position: Option<Position>,
     pub source_flush: Lsn,
     pub slot_confirmed: Option<Lsn>,
+    /// Where the slot's decoding restarts: every read of the slot decodes from here, and the
+    /// source keeps its WAL from here on. Far behind `slot_confirmed` (a long transaction, a
+    /// burst of deletes), each read of the applier decodes much more than it returns.
+    pub slot_restart: Option<Lsn>,
     pub source_now: DateTime<Utc>,
     /// Source WAL after the point up to which the standby is known complete.
     pub lag_bytes: u64,
@@ -1600,12 +1609,13 @@ pub fn status(
     let rows: Vec<SlotRow> = diesel::sql_query(dialect.slot_position())
         .bind::<Text, _>(slot)
         .load(source)?;
-    let slot_confirmed = rows
-        .into_iter()
-        .next()
-        .and_then(|r| r.lsn)
-        .map(|l| Lsn::parse(&l))
-        .transpose()?;
+    let (slot_confirmed, slot_restart) = match rows.into_iter().next() {
+        Some(row) => (
+            row.lsn.map(|l| Lsn::parse(&l)).transpose()?,
+            row.restart.map(|l| Lsn::parse(&l)).transpose()?,
+        ),
+        None => (None, None),
+    };
     let (lag_bytes, lag_seconds) = match &position {
         None => (source_flush.0, None),
         Some(p) => {
@@ -1626,6 +1636,7 @@ pub fn status(
         position,
         source_flush,
         slot_confirmed,
+        slot_restart,
         source_now: wal.now,
         lag_bytes,
         lag_seconds,
