@@ -277,7 +277,17 @@ impl Group {
                 let take = queue.waiting.len().min(self.max_batch);
                 let members: Vec<Arc<dyn Member>> = queue.waiting.drain(..take).collect();
                 queue.leaders += 1;
+                // Several leaders that finish at once all wake the same front worker; whoever
+                // takes a group passes the wake-up on while slots and statements are left.
+                let next = if queue.leaders < self.max_leaders {
+                    queue.waiting.front().map(|member| member.waiter().clone())
+                } else {
+                    None
+                };
                 drop(queue);
+                if let Some(next) = next {
+                    next.unpark();
+                }
                 self.lead(
                     conn,
                     Leading {
