@@ -10,19 +10,10 @@ mod common;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use common::TestDb;
+use common::{TestDb, scalar};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use kunpay::payment::journal::group::Group;
-
-fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
-    #[derive(QueryableByName)]
-    struct N {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    diesel::sql_query(sql).get_result::<N>(conn).unwrap().n
-}
+use kunpay::payment::journal::group::{Group, LockKey};
 
 /// A statement a test hands to the group.
 type Statement = Box<dyn Fn(&mut PgConnection) -> QueryResult<usize> + Send + Sync>;
@@ -50,7 +41,7 @@ fn behind_a_busy_leader(
         std::thread::spawn(move || {
             let mut conn = PgConnection::establish(&url).unwrap();
             let seconds = hold.as_secs_f64();
-            group.run(&mut conn, "0".into(), move |conn| {
+            group.run(&mut conn, LockKey::debit("0"), move |conn| {
                 started.wait();
                 diesel::sql_query("SELECT pg_sleep($1)")
                     .bind::<diesel::sql_types::Double, _>(seconds)
@@ -66,7 +57,7 @@ fn behind_a_busy_leader(
             let (group, url) = (group.clone(), db.url().to_string());
             std::thread::spawn(move || {
                 let mut conn = PgConnection::establish(&url).unwrap();
-                group.run(&mut conn, key, statement)
+                group.run(&mut conn, LockKey::debit(&key), statement)
             })
         })
         .collect();

@@ -5,7 +5,7 @@
 mod common;
 
 use chrono::Utc;
-use common::TestDb;
+use common::{TestDb, scalar};
 use diesel::prelude::*;
 use kunpay::payment::journal::{self, AnswerToStore, OutcomeRecord};
 use kunpay::payment::state::TxnState;
@@ -57,15 +57,6 @@ fn record(conn: &mut PgConnection, outcomes: &[Outcome]) -> Vec<bool> {
         .iter()
         .map(|o| journal::record_outcome(conn, &o.record, o.answer.as_ref()).unwrap())
         .collect()
-}
-
-fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
-    #[derive(QueryableByName)]
-    struct N {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    diesel::sql_query(sql).get_result::<N>(conn).unwrap().n
 }
 
 #[test]

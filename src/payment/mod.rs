@@ -910,10 +910,7 @@ impl Flows {
         };
         self.finish_posting(
             conn,
-            Some((
-                arriving.group,
-                &journal::group::debit_lock_key(agreement_no),
-            )),
+            Some((arriving.group, journal::group::LockKey::debit(agreement_no))),
             core,
             inst,
             MsgType::Debit,
@@ -1000,7 +997,7 @@ impl Flows {
         };
         self.finish_posting(
             conn,
-            Some((arriving.group, &journal::group::credit_lock_key(&hash))),
+            Some((arriving.group, journal::group::LockKey::credit(&hash))),
             core,
             inst,
             MsgType::Credit,
@@ -1301,7 +1298,7 @@ impl Flows {
     fn finish_posting(
         &self,
         conn: &mut PgConnection,
-        grouped: Option<(&journal::group::Group, &str)>,
+        grouped: Option<(&journal::group::Group, journal::group::LockKey<'_>)>,
         core: &dyn CoreLink,
         inst: &InstitutionConfig,
         msg_type: MsgType,
@@ -1349,12 +1346,7 @@ impl Flows {
             field_digests: digests,
             response: &reply.bytes,
         };
-        let recorded = match grouped {
-            Some((group, lock_key)) => {
-                journal::record_outcome_grouped(conn, group, lock_key, &record, Some(&answer))?
-            }
-            None => journal::record_outcome(conn, &record, Some(&answer))?,
-        };
+        let recorded = journal::record_outcome_via(conn, grouped, &record, Some(&answer))?;
         if !recorded {
             return Err(JournalError::StateMoved {
                 txn_id,

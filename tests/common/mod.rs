@@ -434,6 +434,16 @@ pub fn shared_dir() -> PathBuf {
 
 /// A transaction of institution `T` journaled in SENT_TO_CORE at `at` (as the flows leave it
 /// before the core call), on account hash `acct`; its id.
+/// The one BIGINT column `n` of a query's one row.
+pub fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(sql).get_result::<N>(conn).unwrap().n
+}
+
 pub fn open_sent_to_core(
     conn: &mut diesel::PgConnection,
     serial: &str,

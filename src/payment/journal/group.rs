@@ -28,15 +28,29 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::{PgConnection, QueryResult};
 use prometheus_client::metrics::counter::Counter;
 
-/// The lock key of a debit's statements: they lock its agreement's row and its account's
-/// usage row.
-pub fn debit_lock_key(agreement_no: &str) -> String {
-    format!("debit\u{0}{agreement_no}")
+/// What a statement locks, to order a group by: a debit's statements lock its agreement's row
+/// and its account's usage row (keyed by the agreement), a credit's its account's usage row
+/// (keyed by the account's hash). Borrowed: nothing is allocated unless the statement waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LockKey<'a> {
+    kind: &'static str,
+    id: &'a str,
 }
 
-/// The lock key of a credit's statements: they lock its account's usage row.
-pub fn credit_lock_key(account_hash: &str) -> String {
-    format!("credit\u{0}{account_hash}")
+impl<'a> LockKey<'a> {
+    pub fn debit(agreement_no: &'a str) -> LockKey<'a> {
+        LockKey {
+            kind: "debit",
+            id: agreement_no,
+        }
+    }
+
+    pub fn credit(account_hash: &'a str) -> LockKey<'a> {
+        LockKey {
+            kind: "credit",
+            id: account_hash,
+        }
+    }
 }
 
 /// What a group did (shared with /metrics: `kunpay_journal_statements`, `kunpay_journal_groups`).
@@ -68,7 +82,7 @@ struct Queue {
 
 /// A statement in the queue, seen by the leader that runs it.
 trait Member: Send + Sync {
-    fn lock_key(&self) -> &str;
+    fn lock_key(&self) -> LockKey<'_>;
     /// The worker thread waiting for it: woken when it is settled, or to lead.
     fn waiter(&self) -> &Thread;
     /// Runs the statement; its result is kept until the group is settled. False if it failed.
@@ -95,7 +109,8 @@ enum Slot<T> {
 }
 
 struct Pending<T, F> {
-    lock_key: String,
+    lock_kind: &'static str,
+    lock_id: String,
     waiter: Thread,
     statement: F,
     slot: Mutex<Slot<T>>,
@@ -111,8 +126,11 @@ where
     T: Send + 'static,
     F: Fn(&mut PgConnection) -> QueryResult<T> + Send + Sync + 'static,
 {
-    fn lock_key(&self) -> &str {
-        &self.lock_key
+    fn lock_key(&self) -> LockKey<'_> {
+        LockKey {
+            kind: self.lock_kind,
+            id: &self.lock_id,
+        }
     }
 
     fn waiter(&self) -> &Thread {
@@ -224,6 +242,11 @@ impl Group {
         Group::new(1, 1)
     }
 
+    /// Whether statements may wait for each other to commit together (`max_batch` above 1).
+    pub fn groups_statements(&self) -> bool {
+        self.max_batch > 1
+    }
+
     /// Runs `statement` (one statement, no transaction of its own) alone or in a group, and
     /// returns its result once it is committed. `lock_key` orders the statements of a group:
     /// statements that lock the same rows must have the same key. `conn` is this worker's
@@ -231,7 +254,7 @@ impl Group {
     pub fn run<T, F>(
         &self,
         conn: &mut PgConnection,
-        lock_key: String,
+        lock_key: LockKey<'_>,
         statement: F,
     ) -> QueryResult<T>
     where
@@ -247,12 +270,13 @@ impl Group {
             ),
             "a journal group statement runs outside any transaction"
         );
-        if self.max_batch == 1 {
+        if !self.groups_statements() {
             self.counters.alone.inc();
             return statement(conn);
         }
         let member = Arc::new(Pending {
-            lock_key,
+            lock_kind: lock_key.kind,
+            lock_id: lock_key.id.to_owned(),
             waiter: std::thread::current(),
             statement,
             slot: Mutex::new(Slot::Waiting),
@@ -319,7 +343,7 @@ impl Group {
         }
         leading
             .members
-            .sort_by(|a, b| a.lock_key().cmp(b.lock_key()));
+            .sort_by(|a, b| a.lock_key().cmp(&b.lock_key()));
         let (mut began, mut failed_statement) = (false, false);
         let committed = conn.transaction::<(), DieselError, _>(|conn| {
             began = true;

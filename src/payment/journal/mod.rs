@@ -45,10 +45,12 @@ pub fn is_unique_violation(error: &DieselError) -> bool {
     )
 }
 
-/// Runs a fixed statement alone, or through `group` (its lock key orders it in a group).
+/// Runs a fixed statement alone, or through `group` (its lock key orders it in a group). With
+/// grouping off it runs at once on borrowed binds: the owned copy a waiting statement needs is
+/// made only when statements may wait.
 fn get_result_via<S, R>(
     conn: &mut PgConnection,
-    group: Option<(&group::Group, &str)>,
+    via: Option<(&group::Group, group::LockKey<'_>)>,
     binds: Vec<fixed::Bind<'_>>,
 ) -> Result<R, DieselError>
 where
@@ -56,14 +58,16 @@ where
     R: Send + 'static,
     for<'b> fixed::Fixed<'b, S>: diesel::query_dsl::LoadQuery<'b, PgConnection, R>,
 {
-    match group {
-        None => fixed::Fixed::<S>::new(binds).get_result(conn),
-        Some((group, lock_key)) => {
+    match via {
+        Some((group, lock_key)) if group.groups_statements() => {
             let owned = fixed::Owned::<S>::new(&binds);
-            group.run(conn, lock_key.to_owned(), move |conn| {
-                owned.fixed().get_result(conn)
-            })
+            group.run(conn, lock_key, move |conn| owned.fixed().get_result(conn))
         }
+        Some((group, _)) => {
+            group.counters.alone.inc();
+            fixed::Fixed::<S>::new(binds).get_result(conn)
+        }
+        None => fixed::Fixed::<S>::new(binds).get_result(conn),
     }
 }
 
@@ -829,14 +833,14 @@ fn is_replay(error: &DieselError) -> bool {
 fn open_with_usage<'a, 'h>(
     conn: &mut PgConnection,
     group: &group::Group,
-    lock_key: &str,
+    lock_key: group::LockKey<'_>,
     new: &NewPosting<'a>,
     arrival: &Arrival<'a>,
     kind: &str,
     within_single_limit: bool,
     mut run: impl FnMut(
         &mut PgConnection,
-        Option<(&group::Group, &str)>,
+        Option<(&group::Group, group::LockKey<'_>)>,
         [fixed::Bind<'a>; 6],
     ) -> Result<(Option<FirstSight>, SightingRow, Cow<'h, str>), DieselError>,
 ) -> Result<FirstSight, DieselError> {
@@ -932,12 +936,10 @@ pub fn open_debit(
 ) -> Result<(FirstSight, Option<String>), DieselError> {
     use fixed::Bind;
     let mut sealed = None;
-    // Debits of one agreement lock its row and its account's usage row: ordered by it.
-    let lock_key = group::debit_lock_key(agreement_no);
     let sight = open_with_usage(
         conn,
         group,
-        &lock_key,
+        group::LockKey::debit(agreement_no),
         new,
         arrival,
         "DEBIT",
@@ -1025,11 +1027,10 @@ pub fn open_credit(
     opening: &Opening<'_>,
 ) -> Result<FirstSight, DieselError> {
     use fixed::Bind;
-    let lock_key = group::credit_lock_key(payee.account_hash);
     open_with_usage(
         conn,
         group,
-        &lock_key,
+        group::LockKey::credit(payee.account_hash),
         new,
         arrival,
         "CREDIT",
@@ -1238,20 +1239,11 @@ pub fn record_outcome(
     record_outcome_via(conn, None, record, answer)
 }
 
-/// [`record_outcome`] through the institution's journal group; `lock_key` as the opening's.
-pub fn record_outcome_grouped(
+/// [`record_outcome`] through the institution's journal group when `via` names it, with the
+/// lock key of the transaction's opening.
+pub fn record_outcome_via(
     conn: &mut PgConnection,
-    group: &group::Group,
-    lock_key: &str,
-    record: &OutcomeRecord<'_>,
-    answer: Option<&AnswerToStore<'_>>,
-) -> Result<bool, DieselError> {
-    record_outcome_via(conn, Some((group, lock_key)), record, answer)
-}
-
-fn record_outcome_via(
-    conn: &mut PgConnection,
-    via: Option<(&group::Group, &str)>,
+    via: Option<(&group::Group, group::LockKey<'_>)>,
     record: &OutcomeRecord<'_>,
     answer: Option<&AnswerToStore<'_>>,
 ) -> Result<bool, DieselError> {
