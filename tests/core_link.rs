@@ -532,6 +532,18 @@ fn the_daemon_pays_through_the_broker_and_kunpay_coresim() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(matched, Some(7));
+    // Every answered request's round trip is in its operation's histogram.
+    let (_, text) = http_get(&node.dir.ops_url("/metrics")).unwrap();
+    for (request, answered) in [("post", 5), ("bind", 1), ("code", 1)] {
+        assert_eq!(
+            metric(
+                &text,
+                &format!("kunpay_core_round_trip_seconds_count{{request=\"{request}\"}}")
+            ),
+            Some(answered),
+            "{request}: {text}"
+        );
+    }
 
     // The control endpoint changes the faults while it runs.
     let control = format!("http://127.0.0.1:{control_port}");
@@ -568,6 +580,24 @@ fn the_daemon_pays_through_the_broker_and_kunpay_coresim() {
     // A refused change left the faults as they were.
     let (_, unchanged) = http_get(&format!("{control}/faults")).unwrap();
     assert_eq!(unchanged, faults);
+    // A core that takes 300 ms to answer: the posting's round trip is measured as over 250 ms.
+    let quick_posts = |text: &str| {
+        metric(
+            text,
+            "kunpay_core_round_trip_seconds_bucket{le=\"0.25\",request=\"post\"}",
+        )
+    };
+    let (_, before) = http_get(&node.dir.ops_url("/metrics")).unwrap();
+    assert_eq!(
+        http_put(&format!("{control}/faults"), r#"{"latency": "300ms"}"#).0,
+        200
+    );
+    let slow = node.debit(&node.inst.next_id("D"), &agreement, "100");
+    assert_eq!(slow.code(), "0000", "{:?}", slow.fields);
+    let (_, after) = http_get(&node.dir.ops_url("/metrics")).unwrap();
+    let posts = "kunpay_core_round_trip_seconds_count{request=\"post\"}";
+    assert_eq!(metric(&after, posts), metric(&before, posts).map(|n| n + 1));
+    assert_eq!(quick_posts(&after), quick_posts(&before), "{after}");
     assert_eq!(http_put(&format!("{control}/faults"), "{}").0, 200);
     let paid = node.debit(&node.inst.next_id("D"), &agreement, "100");
     assert_eq!(paid.code(), "0000", "{:?}", paid.fields);

@@ -140,8 +140,13 @@ struct Shared {
     backlog: AtomicU64,
 }
 
+/// Told the round trip of every request that got its reply: from just before the publish to
+/// the reply in the caller's hands (broker both ways, the core's work, and our wake-up).
+pub type RoundTripObserver = Arc<dyn Fn(MessageType, Duration) + Send + Sync>;
+
 pub struct MqCore {
     link: Arc<dyn Transport>,
+    round_trips: Option<RoundTripObserver>,
     audit: AuditSink,
     /// Where the waits for replies run (the caller is a worker thread outside it).
     runtime: tokio::runtime::Handle,
@@ -229,12 +234,19 @@ impl MqCore {
             MqCore {
                 audit,
                 link,
+                round_trips: None,
                 runtime,
                 settings,
                 shared,
             },
             late_replies,
         )
+    }
+
+    /// Reports every answered request's round trip to `observer` (/metrics).
+    pub fn with_round_trip_observer(mut self, observer: RoundTripObserver) -> MqCore {
+        self.round_trips = Some(observer);
+        self
     }
 
     pub fn is_connected(&self) -> bool {
@@ -322,6 +334,7 @@ impl MqCore {
             tokio::runtime::Handle::try_current().is_err(),
             "core calls come from worker threads, never from the runtime"
         );
+        let started = std::time::Instant::now();
         let awaited: Result<CoreReply, PublishError> = self.runtime.block_on(async {
             let confirm = link
                 .send(request_queue, &envelope, Some(reply_queue))
@@ -356,6 +369,9 @@ impl MqCore {
         };
         match awaited {
             Ok(reply) => {
+                if let Some(observe) = &self.round_trips {
+                    observe(message_type, started.elapsed());
+                }
                 self.shared
                     .counters
                     .published

@@ -72,6 +72,18 @@ impl MessageType {
         }
     }
 
+    /// The operation a message belongs to, request and reply alike ("post", "query", "bind",
+    /// "code", "reverse"): the label of the core round-trip metric.
+    pub fn operation(self) -> &'static str {
+        match self {
+            MessageType::PostRequest | MessageType::PostReply => "post",
+            MessageType::QueryRequest | MessageType::QueryReply => "query",
+            MessageType::BindRequest | MessageType::BindReply => "bind",
+            MessageType::CodeRequest | MessageType::CodeReply => "code",
+            MessageType::ReverseRequest | MessageType::ReverseReply => "reverse",
+        }
+    }
+
     pub fn parse(name: &str) -> Option<MessageType> {
         MessageType::ALL.into_iter().find(|t| t.name() == name)
     }

@@ -733,7 +733,16 @@ fn start_core_bridge(
         keys,
         audit,
     );
-    let bridge = Arc::new(bridge);
+    let round_trips = state.metrics.core_round_trip.clone();
+    let bridge = Arc::new(
+        bridge.with_round_trip_observer(Arc::new(move |request, took| {
+            round_trips
+                .get_or_create(&crate::ops::metrics::CoreRequestLabels {
+                    request: request.operation(),
+                })
+                .observe(took.as_secs_f64());
+        })),
+    );
     tokio::spawn(watch_outbox(
         bridge.clone(),
         pool.clone(),

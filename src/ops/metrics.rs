@@ -39,6 +39,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CoreRequestLabels {
+    pub request: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JournalGroupLabels {
     pub institution: String,
     pub how: &'static str,
@@ -88,6 +93,9 @@ pub struct Metrics {
     pub journal_groups: Family<JournalGroupLabels, Counter>,
     /// Core requests that got no reply in time (or no broker confirm): UNKNOWN until resolved.
     pub core_timeouts: Counter,
+    /// Round trip of every answered core request over the MQ bridge, by operation (`request`:
+    /// post, query, bind, code, reverse): broker both ways plus the core's own time.
+    pub core_round_trip: Family<CoreRequestLabels, Histogram>,
     /// Reversals of postings the core applied after their transaction failed, by state.
     pub core_reversals: Family<StateLabels, Gauge>,
     /// 1 for the active risk rule set's version, 0 for earlier ones.
@@ -159,6 +167,9 @@ impl Metrics {
             journal_statements: Family::default(),
             journal_groups: Family::default(),
             core_timeouts: Counter::default(),
+            core_round_trip: Family::new_with_constructor(|| {
+                Histogram::new(REQUEST_DURATION_BUCKETS.iter().copied())
+            }),
             core_reversals: Family::default(),
             risk_ruleset: Family::default(),
             risk_reloads: Gauge::default(),
@@ -266,6 +277,11 @@ impl Metrics {
             "core_timeouts",
             "Core requests without a reply in time",
             metrics.core_timeouts.clone(),
+        );
+        registry.register(
+            "core_round_trip_seconds",
+            "Time from publishing a core request to its reply in hand, for answered requests, by operation",
+            metrics.core_round_trip.clone(),
         );
         registry.register(
             "risk_ruleset",

@@ -150,6 +150,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// The daemon's core round trip of postings (publish to reply in hand, `/metrics`), p50 and p99
+/// in seconds.
+fn core_round_trip(metrics_before: &str, metrics_after: &str) -> (f64, f64) {
+    histogram_percentiles(
+        metrics_before,
+        metrics_after,
+        "kunpay_core_round_trip_seconds_bucket{",
+        "request=\"post\"",
+    )
+}
+
 /// Server-side time from the daemon's histogram: (p50, p99) upper bucket bounds in seconds.
 fn server_percentiles(metrics_before: &str, metrics_after: &str) -> (f64, f64) {
     histogram_percentiles(
@@ -708,6 +719,7 @@ fn alternate(
                     cpu_after[side].0 - cpu_before[side].0,
                     cpu_after[side].1 - cpu_before[side].1,
                 ),
+                machine_cpu: Vec::new(),
                 open_loop: (String::new(), String::new()),
             },
         );
@@ -905,23 +917,53 @@ fn metric_value(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU clock ticks (user + system) in one `/proc/.../stat` line.
+fn ticks(stat: &str) -> f64 {
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat(5); 11 and 12 after the name.
+    field(11) + field(12)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// CPU seconds so far of every process whose command is `command` (PostgreSQL's backends,
+/// RabbitMQ's Erlang VM).
+fn cpu_seconds_named(command: &str) -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            stat.split_once('(')
+                .and_then(|(_, rest)| rest.rsplit_once(')'))
+                .is_some_and(|(name, _)| name == command)
+        })
+        .map(|stat| ticks(&stat))
+        .sum::<f64>()
+        / ticks_per_second()
+}
+
 /// CPU time (user + system) of process `pid`, or of its threads named `thread`, in seconds.
 fn cpu_seconds(pid: u32, thread: Option<&str>) -> f64 {
-    let ticks = |stat: &str| -> f64 {
-        // Fields after the command name (which may hold spaces) in parentheses.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let field = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // utime and stime are fields 14 and 15 of stat(5); 11 and 12 after the name.
-        field(11) + field(12)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let per_second = ticks_per_second();
     let total = match thread {
         None => std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| ticks(&s))
@@ -984,6 +1026,8 @@ struct Timed {
     after: String,
     /// kunpayd's CPU seconds (whole process, audit writer thread) over the same span.
     cpu: (f64, f64),
+    /// CPU seconds of every process on the debit path over the same span (empty: not taken).
+    machine_cpu: Vec<(&'static str, f64)>,
     /// Table rows and a method sentence of the open-loop phases that followed ("" if none).
     open_loop: (String, String),
 }
@@ -998,6 +1042,20 @@ impl Prepared {
             .body_mut()
             .read_to_string()
             .unwrap()
+    }
+
+    /// CPU seconds so far of each process a debit passes through, the load generator last.
+    fn machine_cpu(&self) -> Vec<(&'static str, f64)> {
+        let mut parts = vec![
+            ("kunpayd", cpu_seconds(self.node.child.id(), None)),
+            ("PostgreSQL", cpu_seconds_named("postgres")),
+        ];
+        if let Some(coresim) = &self._coresim {
+            parts.push(("RabbitMQ", cpu_seconds_named("beam.smp")));
+            parts.push(("kunpay-coresim", cpu_seconds(coresim.child.id(), None)));
+        }
+        parts.push(("load generator", cpu_seconds(std::process::id(), None)));
+        parts
     }
 
     fn cpu(&self) -> (f64, f64) {
@@ -1099,9 +1157,10 @@ impl Prepared {
     }
 }
 
-/// The open-loop phases after the closed-loop figure: twice the seed's rate, then the bar's
-/// (in this order, so an overload at the bar's rate leaves no backlog in the other phase).
-const OPEN_LOOP_RATES: [f64; 2] = [1000.0, 2000.0];
+/// The open-loop phases after the closed-loop figure: the seed's rate (its 45 ms average is
+/// the figure to compare with), twice it, then the bar's (in this order, so an overload at the
+/// bar's rate leaves no backlog in the other phases).
+const OPEN_LOOP_RATES: [f64; 3] = [500.0, 1000.0, 2000.0];
 const OPEN_LOOP_SECONDS: f64 = 10.0;
 /// Connections of the open-loop phases: enough that the generator is not what limits them
 /// (at 2000 TPS, 128 connections keep up while answers take up to 64 ms).
@@ -1127,6 +1186,13 @@ fn open_loop_phases(
         latencies.sort();
         let achieved = latencies.len() as f64 / elapsed.as_secs_f64();
         let (server_p50, server_p99) = server_percentiles(&before, &after);
+        let core_round_trip = match prepared.setup {
+            CoreSetup::InProcess => String::new(),
+            CoreSetup::Broker => {
+                let (p50, p99) = core_round_trip(&before, &after);
+                format!("; {:.1} ms / {:.1} ms", p50 * 1000.0, p99 * 1000.0)
+            }
+        };
         let p99 = percentile(&latencies, 0.99);
         eprintln!(
             "open loop at {rate:.0} TPS: {achieved:.0} TPS achieved, p99 {:.1} ms, {failures} failed",
@@ -1143,17 +1209,24 @@ fn open_loop_phases(
             String::new()
         };
         rows.push_str(&format!(
-            "| open loop, {rate:.0} TPS offered for {OPEN_LOOP_SECONDS:.0} s: achieved; client p50 / p99 from the scheduled send; platform-internal p50 / p99 | {achieved:.0} TPS; {:.1} ms / {:.1} ms; {:.1} ms / {:.1} ms | | | {bar} |\n",
+            "| open loop, {rate:.0} TPS offered for {OPEN_LOOP_SECONDS:.0} s: achieved; client p50 / p99 from the scheduled send; platform-internal p50 / p99{} | {achieved:.0} TPS; {:.1} ms / {:.1} ms; {:.1} ms / {:.1} ms{core_round_trip} | {} | | {bar} |\n",
+            if core_round_trip.is_empty() { "" } else { "; core round trip p50 / p99" },
             percentile(&latencies, 0.50).as_secs_f64() * 1000.0,
             p99.as_secs_f64() * 1000.0,
             server_p50 * 1000.0,
             server_p99 * 1000.0,
+            if rate == 500.0 { "45 ms average" } else { "" },
         ));
         assert_eq!(failures, 0, "every open-loop debit answered 0000");
     }
     let method = format!(
-        " The open-loop rows then send further pre-signed debits at a fixed rate ({} TPS, {OPEN_LOOP_SECONDS:.0} s each) from {OPEN_LOOP_CONNECTIONS} connections, each debit at its scheduled time whatever became of the earlier ones; latency counts from the scheduled time, so queueing behind a daemon that falls behind is counted (no coordinated omission). The closed-loop latency above is that of {connections} clients that always wait for their answer, which at saturation measures the queue they form; the open-loop rows are the latency at a given load.",
-        OPEN_LOOP_RATES.map(|r| format!("{r:.0}")).join(" and "),
+        " The open-loop rows then send further pre-signed debits at fixed rates ({} TPS: the seed's, twice it, the bar's; {OPEN_LOOP_SECONDS:.0} s each) from {OPEN_LOOP_CONNECTIONS} connections, each debit at its scheduled time whatever became of the earlier ones; latency counts from the scheduled time, so queueing behind a daemon that falls behind is counted (no coordinated omission). The closed-loop latency above is that of {connections} clients that always wait for their answer, which at saturation measures the queue they form; the open-loop rows are the latency at a given load.{}",
+        OPEN_LOOP_RATES.map(|r| format!("{r:.0}")).join(", "),
+        match prepared.setup {
+            CoreSetup::InProcess => "",
+            CoreSetup::Broker =>
+                " The core round trip is the daemon's own histogram of postings (`kunpay_core_round_trip_seconds{request=\"post\"}`): from just before the publish to the reply in the waiting worker's hands, so it holds RabbitMQ both ways and the simulator's work; the platform-internal time minus it is kunpay's own, including the wait for a worker.",
+        },
     );
     (rows, method)
 }
@@ -1175,9 +1248,16 @@ fn run(setup: CoreSetup, debits: usize, connections: usize, audit: Audit, risk: 
     let prepared = prepare(setup, debits + extra, audit, risk, true);
     let before = prepared.scrape();
     let cpu_before = prepared.cpu();
+    let machine_before = prepared.machine_cpu();
     let (elapsed, latencies, failures) = prepared.load(0..debits, connections);
+    let machine_after = prepared.machine_cpu();
     let after = prepared.scrape();
     let cpu_after = prepared.cpu();
+    let machine_cpu = machine_after
+        .iter()
+        .zip(&machine_before)
+        .map(|((name, after), (_, before))| (*name, after - before))
+        .collect();
     let open_loop = if open_loop {
         let bar_p99_ms = match setup {
             CoreSetup::InProcess => 20,
@@ -1202,6 +1282,7 @@ fn run(setup: CoreSetup, debits: usize, connections: usize, audit: Audit, risk: 
             before,
             after,
             cpu: (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1),
+            machine_cpu,
             open_loop,
         },
     )
@@ -1540,6 +1621,7 @@ fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
         before,
         after,
         cpu,
+        machine_cpu,
         open_loop: (open_loop_rows, open_loop_method),
     } = timed;
     let debits = latencies.len();
@@ -1558,6 +1640,24 @@ fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
     let p50 = percentile(&latencies, 0.50);
     let p99 = percentile(&latencies, 0.99);
     let cpu = report::cpu_model();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let machine_row = if machine_cpu.is_empty() {
+        String::new()
+    } else {
+        let per_debit = |seconds: f64| seconds * 1000.0 / debits as f64;
+        let total: f64 = machine_cpu.iter().map(|(_, s)| per_debit(*s)).sum();
+        format!(
+            "| CPU per debit over the closed loop, by process | {}; all {total:.2} ms | | | at most {:.0} debits/s on {cores} cores at this cost |\n",
+            machine_cpu
+                .iter()
+                .map(|(name, seconds)| format!("{name} {:.2} ms", per_debit(*seconds)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            cores as f64 * 1000.0 / total,
+        )
+    };
     let ceiling_rows = match ceiling {
         Some((durable, unsafe_async)) => format!(
             "| database ceiling: the same statements from pgbench, synchronous commit | {durable:.0} debits/s | | {:.2}x | |\n\
@@ -1605,7 +1705,7 @@ fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
          | client-observed latency p50 / p99 | {:.1} ms / {:.1} ms | 45 ms average | | p99 under {bar_p99_ms} ms: {} |\n\
          | platform-internal time p50 / p99 (server histogram, interpolated) | {:.1} ms / {:.1} ms | 45 ms average | | |\n\
          | failed answers | {failures} of {} | 0 | | must be 0 |\n\
-         {open_loop_rows}{ceiling_rows}\n\
+         {machine_row}{open_loop_rows}{ceiling_rows}\n\
          Method: `cargo bench --bench payments` starts a release `kunpayd` with the channel on TLS 1.3 \
          (self-signed certificate, verified by the client), its database on the shared PostgreSQL 15 \
          of this machine with default durability (fsync, synchronous commit), {core_method}. It signs an agreement for each customer through the \
@@ -1623,7 +1723,7 @@ fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
          ceiling rows run the daemon's own two statements of a debit (`journal::debit_path_sql`, \
          prepared) from pgbench with {CEILING_CLIENTS} clients for {CEILING_SECONDS} s each on the same \
          database, with and without synchronous commit: what PostgreSQL on this machine can do with \
-         a debit's journal work when nothing else runs.{open_loop_method} Load generator, daemon and database share the machine: {cpu}, {} cores, {}. \
+         a debit's journal work when nothing else runs. The CPU row is each process's user and system time (`/proc`) over the closed loop divided by its debits (PostgreSQL: every process of the shared server; RabbitMQ: its Erlang VM), and the debits/s that this machine's cores could carry at that cost if every one of them were busy.{open_loop_method} Load generator, daemon and database share the machine: {cpu}, {} cores, {}. \
          Date: {}.\n",
         tps / 500.0,
         if tps >= bar_tps { "met" } else { "NOT met" },
@@ -1638,9 +1738,7 @@ fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
         server_p99 * 1000.0,
         latencies.len(),
         signed.len(),
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        cores,
         std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|m| m.lines().next().map(|l| l
