@@ -855,7 +855,7 @@ fn a_standby_daemon_copies_and_a_fenced_daemon_with_a_stale_config_stays_out() {
     assert!(stdout.contains("within the lag bound"), "{stdout}");
     assert!(
         stdout.lines().any(|l| l.starts_with("slot restart  ")
-            && l.contains("bytes of WAL before the confirmed position")),
+            && l.ends_with("bytes of WAL before the confirmed position, decoded again by every read of the slot)")),
         "{stdout}"
     );
     daemon.signal(nix::sys::signal::Signal::SIGTERM);

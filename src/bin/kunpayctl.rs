@@ -1037,7 +1037,8 @@ fn ha(command: HaCommand) -> anyhow::Result<u8> {
             );
             if let (Some(restart), Some(confirmed)) = (status.slot_restart, status.slot_confirmed) {
                 println!(
-                    "slot restart  {restart} ({} bytes of WAL before the confirmed position,                      decoded again by every read of the slot)",
+                    "slot restart  {restart} ({} bytes of WAL before the confirmed position, \
+                     decoded again by every read of the slot)",
                     confirmed.bytes_after(restart)
                 );
             }

@@ -432,8 +432,6 @@ pub fn shared_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
 }
 
-/// A transaction of institution `T` journaled in SENT_TO_CORE at `at` (as the flows leave it
-/// before the core call), on account hash `acct`; its id.
 /// The one BIGINT column `n` of a query's one row.
 pub fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
     #[derive(QueryableByName)]
@@ -444,6 +442,8 @@ pub fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
     diesel::sql_query(sql).get_result::<N>(conn).unwrap().n
 }
 
+/// A transaction of institution `T` journaled in SENT_TO_CORE at `at` (as the flows leave it
+/// before the core call), on account hash `acct`; its id.
 pub fn open_sent_to_core(
     conn: &mut diesel::PgConnection,
     serial: &str,

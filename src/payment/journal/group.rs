@@ -8,8 +8,9 @@
 //! change; groups form only while the database is busy.
 //!
 //! Owns: the queue of waiting statements (at most one per worker of the institution: each
-//! worker waits for its own statement, so the institution's `workers` bounds it), who leads, the order statements run in a group (by
-//! their lock key, so two groups take the rows they share in the same order), and settling
+//! worker waits for its own statement, so the institution's `workers` bounds it), who leads,
+//! the order statements run in a group (by their lock key, so two groups take the rows they
+//! share in the same order), and settling
 //! every member: committed with its result, handed back to run alone (one statement of the
 //! group failed, so the group rolled back and each runs again by itself, where its own error
 //! reaches its own flow), or failed (the COMMIT failed: whether it committed is unknown, as it
