@@ -101,9 +101,7 @@ impl Screened {
             amount_fen,
             near_limit: d.event.near_limit,
             subjects_enc: &self.subjects_enc,
-            decided_at: Some(
-                DateTime::from_timestamp_millis(d.event.at_ms).expect("a decision's time"),
-            ),
+            decided_at: DateTime::from_timestamp_millis(d.event.at_ms).expect("a decision's time"),
         }
     }
 

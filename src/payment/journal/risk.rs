@@ -36,27 +36,8 @@ pub struct DecisionRow<'a> {
     pub near_limit: bool,
     /// The velocity subjects, sealed under the data key.
     pub subjects_enc: &'a str,
-    /// The velocity event's time (`None` only in [`DecisionRow::EMPTY`]).
-    pub decided_at: Option<DateTime<Utc>>,
-}
-
-impl DecisionRow<'static> {
-    /// The placeholder binds of an opening without a decision (never inserted).
-    pub const EMPTY: DecisionRow<'static> = DecisionRow {
-        kind: "",
-        outcome: "APPROVE",
-        ruleset: "",
-        score: 0,
-        fired: "",
-        seen: "",
-        errors: "",
-        budget_exceeded: false,
-        elapsed_us: 0,
-        amount_fen: 0,
-        near_limit: false,
-        subjects_enc: "",
-        decided_at: None,
-    };
+    /// The velocity event's time.
+    pub decided_at: DateTime<Utc>,
 }
 
 /// What a debit's decision needs from its agreement.
