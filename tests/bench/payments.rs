@@ -9,7 +9,8 @@
 //! - KUNPAY_BENCH_ONLY: `in-process` (the in-process figure, the journal group comparison and
 //!   the audit-log comparison), `group` (the journal group comparison alone), `risk`
 //!   (in-process without and with risk control, then the two side by side in alternating
-//!   blocks), `broker`, `audit` (the audit comparison alone);
+//!   blocks), `broker`, `audit` (the audit comparison alone), `versus` (this build against the
+//!   kunpayd named by KUNPAY_BENCH_VERSUS, in alternating blocks: for measuring a change);
 //! - KUNPAY_BENCH_AUDIT_ROUNDS (rounds of each side-by-side comparison, default 1; 0 skips the
 //!   audit comparison), KUNPAY_BENCH_AUDIT_BLOCK (default 2000), KUNPAY_BENCH_AUDIT_DIR (where
 //!   the compared runs keep their log; default: the run's temporary directory);
@@ -53,12 +54,19 @@ struct Client {
 }
 
 impl Client {
-    fn connect(port: u16, ca: &Path) -> Client {
+    /// The TLS client configuration trusting only the daemon's certificate. Built once per
+    /// daemon: building one loads the system's CA store as well (tens of milliseconds of CPU),
+    /// which per connection would put the load generator's set-up into every measured block.
+    fn tls(ca: &Path) -> SslConnector {
         let mut builder = SslConnector::builder(SslMethod::tls_client()).unwrap();
         builder.set_ca_file(ca).unwrap();
+        builder.build()
+    }
+
+    fn connect(port: u16, tls: &SslConnector) -> Client {
         let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
         tcp.set_nodelay(true).unwrap();
-        let tls = builder.build().connect("localhost", tcp).unwrap();
+        let tls = tls.connect("localhost", tcp).unwrap();
         Client {
             tls,
             buffer: Vec::with_capacity(16 * 1024),
@@ -454,6 +462,15 @@ fn main() {
         println!("{section}");
         report::write_section("payments-group", &section).expect("writing BENCHMARKS.md");
     }
+    if only == "versus" {
+        let baseline = std::env::var("KUNPAY_BENCH_VERSUS").expect(
+            "KUNPAY_BENCH_ONLY=versus needs KUNPAY_BENCH_VERSUS: the kunpayd to compare with",
+        );
+        let rounds = env_number("KUNPAY_BENCH_AUDIT_ROUNDS", 1).max(1);
+        let section = versus(Path::new(&baseline), debits, connections, rounds);
+        println!("{section}");
+        report::write_section("payments-versus", &section).expect("writing BENCHMARKS.md");
+    }
     let audit_rounds = env_number("KUNPAY_BENCH_AUDIT_ROUNDS", 1);
     if (only.is_empty() || only == "in-process" || only == "audit") && audit_rounds > 0 {
         let rounds = audit_rounds;
@@ -486,6 +503,8 @@ struct Measured {
     /// kunpayd's CPU time per debit during the timed part, and its audit writer thread's.
     cpu_ms_per_debit: f64,
     writer_cpu_ms_per_debit: f64,
+    /// CPU per debit (ms) of each process a debit passes through (empty when not measured).
+    machine_ms_per_debit: Vec<(&'static str, f64)>,
     /// With `[audit]`: what the log holds after the run.
     audit: Option<AuditFigures>,
 }
@@ -532,6 +551,7 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
     };
     let (off, on, mut block_ratios) = compare(debits, connections, rounds, block, "audit", |on| {
         prepare(
+            this_build(),
             CoreSetup::InProcess,
             debits,
             Audit::Compared(on),
@@ -656,12 +676,27 @@ fn alternate(
     let mut latencies: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
     let mut failures = [0usize; 2];
     let mut block_ratios = Vec::new();
+    // Each side's blocks run alone, so what every process spends during them is that side's.
+    let mut machine_cpu: [Vec<(&'static str, f64)>; 2] = [0, 1].map(|side| {
+        sides[side]
+            .machine_cpu()
+            .into_iter()
+            .map(|(name, _)| (name, 0.0))
+            .collect()
+    });
     for (index, start) in (0..debits).step_by(block).enumerate() {
         let range = start..(start + block).min(debits);
         let order = if index % 2 == 0 { [0, 1] } else { [1, 0] };
         let mut tps = [0.0; 2];
         for side in order {
+            let machine_before = sides[side].machine_cpu();
             let (took, seen, failed) = sides[side].load(range.clone(), connections);
+            for (total, (after, before)) in machine_cpu[side]
+                .iter_mut()
+                .zip(sides[side].machine_cpu().iter().zip(&machine_before))
+            {
+                total.1 += after.1 - before.1;
+            }
             tps[side] = range.len() as f64 / took.as_secs_f64();
             elapsed[side] += took;
             latencies[side].extend(seen);
@@ -690,7 +725,7 @@ fn alternate(
                     cpu_after[side].0 - cpu_before[side].0,
                     cpu_after[side].1 - cpu_before[side].1,
                 ),
-                machine_cpu: Vec::new(),
+                machine_cpu: std::mem::take(&mut machine_cpu[side]),
                 open_loop: (String::new(), String::new()),
             },
         );
@@ -709,6 +744,7 @@ fn risk_overhead(debits: usize, connections: usize, rounds: usize) -> String {
     let load_before = load_average();
     let (off, on, mut block_ratios) = compare(debits, connections, rounds, block, "risk", |on| {
         prepare(
+            this_build(),
             CoreSetup::InProcess,
             debits,
             Audit::Compared(false),
@@ -741,6 +777,7 @@ fn group_commit_gain(debits: usize, connections: usize, rounds: usize) -> String
     let (alone, grouped, mut block_ratios) =
         compare(debits, connections, rounds, block, "group", |grouped| {
             prepare(
+                this_build(),
                 CoreSetup::InProcess,
                 debits,
                 Audit::Compared(false),
@@ -774,6 +811,85 @@ fn group_commit_gain(debits: usize, connections: usize, rounds: usize) -> String
         journal_group_description(),
         load_average(),
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+    )
+}
+
+/// This build against another kunpayd (`KUNPAY_BENCH_VERSUS`, say one built from an earlier
+/// commit), side by side in alternating blocks: how a change moved throughput and the CPU each
+/// process spends per debit, measured in the same minutes, since this machine's speed drifts
+/// by up to 2x between hours.
+fn versus(baseline: &Path, debits: usize, connections: usize, rounds: usize) -> String {
+    assert!(
+        baseline.is_file(),
+        "KUNPAY_BENCH_VERSUS={}: no such kunpayd",
+        baseline.display()
+    );
+    let block = env_number("KUNPAY_BENCH_AUDIT_BLOCK", 2000).clamp(100, debits.max(100));
+    let load_before = load_average();
+    let (before, after, mut block_ratios) =
+        compare(debits, connections, rounds, block, "versus", |this| {
+            prepare(
+                if this { this_build() } else { baseline },
+                CoreSetup::InProcess,
+                debits,
+                Audit::Compared(false),
+                false,
+                true,
+            )
+        });
+    block_ratios.sort_by(f64::total_cmp);
+    let median_ratio = block_ratios[block_ratios.len() / 2];
+    let mean = |side: &[Measured], value: &dyn Fn(&Measured) -> f64| {
+        side.iter().map(value).sum::<f64>() / side.len() as f64
+    };
+    let (tps_before, tps_after) = (mean(&before, &|m| m.tps), mean(&after, &|m| m.tps));
+    let p99 = |side: &[Measured]| mean(side, &|m| m.p99.as_secs_f64() * 1000.0);
+    let names: Vec<&'static str> = before[0]
+        .machine_ms_per_debit
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+    let process_cpu = |side: &[Measured], name: &str| {
+        mean(side, &|m| {
+            m.machine_ms_per_debit
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0.0, |(_, ms)| *ms)
+        })
+    };
+    let mut cpu_rows = String::new();
+    for name in &names {
+        let (was, is) = (process_cpu(&before, name), process_cpu(&after, name));
+        cpu_rows.push_str(&format!(
+            "| {name} CPU per debit | {was:.3} ms | {is:.3} ms | {:.3} |\n",
+            is / was
+        ));
+    }
+    let all = |side: &[Measured]| names.iter().map(|n| process_cpu(side, n)).sum::<f64>();
+    format!(
+        "## This build against another kunpayd (issues 3 and 4)\n\n\
+         | measure | {baseline_name} | this build | ratio |\n\
+         |---|---:|---:|---:|\n\
+         | debit throughput over all blocks ({rounds} round(s) of {debits} debits each side) | {tps_before:.0} TPS | {tps_after:.0} TPS | {:.3} |\n\
+         | median of the {} per-block ratios (blocks of {block}) | | | {median_ratio:.3} |\n\
+         | client-observed p99 | {:.1} ms | {:.1} ms | |\n\
+         {cpu_rows}\
+         | all processes, CPU per debit | {:.3} ms | {:.3} ms | {:.3} |\n\n\
+         Method: `KUNPAY_BENCH_ONLY=versus KUNPAY_BENCH_VERSUS=<kunpayd> cargo bench --bench payments` prepares two daemons exactly as the in-process benchmark above (a database each, on the same PostgreSQL, journal group at {}), one running the given binary and one this build, then sends their debits in alternating blocks from {connections} connections so that the machine's drift falls on both. Each side's blocks run alone, so the CPU each process spends during them (from /proc; PostgreSQL: every process of the shared server) is that side's. Load average {load_before} before, {} after. Date: {}.\n",
+        tps_after / tps_before,
+        block_ratios.len(),
+        p99(&before),
+        p99(&after),
+        all(&before),
+        all(&after),
+        all(&after) / all(&before),
+        journal_group_description(),
+        load_average(),
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        baseline_name = baseline.file_name().map_or_else(
+            || baseline.display().to_string(),
+            |n| n.to_string_lossy().into_owned()
+        ),
     )
 }
 
@@ -982,7 +1098,7 @@ struct Prepared {
     audit_dir: std::path::PathBuf,
     port: u16,
     ops_port: u16,
-    ca: std::path::PathBuf,
+    tls: SslConnector,
     db_url: String,
     signed: Arc<Vec<Vec<u8>>>,
 }
@@ -1077,21 +1193,21 @@ impl Prepared {
         let failures = Arc::new(AtomicUsize::new(0));
         let port = self.port;
         let connected: Vec<Option<Client>> = (0..connections)
-            .map(|_| rate.map(|_| Client::connect(port, &self.ca)))
+            .map(|_| rate.map(|_| Client::connect(port, &self.tls)))
             .collect();
         let started = Instant::now();
         let workers: Vec<_> = connected
             .into_iter()
             .map(|connected| {
-                let (signed, next, latencies, failures, ca) = (
+                let (signed, next, latencies, failures, tls) = (
                     self.signed.clone(),
                     next.clone(),
                     latencies.clone(),
                     failures.clone(),
-                    self.ca.clone(),
+                    self.tls.clone(),
                 );
                 std::thread::spawn(move || {
-                    let mut client = connected.unwrap_or_else(|| Client::connect(port, &ca));
+                    let mut client = connected.unwrap_or_else(|| Client::connect(port, &tls));
                     let mut mine = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -1216,7 +1332,7 @@ fn open_loop_debits() -> usize {
 fn run(setup: CoreSetup, debits: usize, connections: usize, audit: Audit, risk: bool) -> Measured {
     let open_loop = !risk && matches!(audit, Audit::Off);
     let extra = if open_loop { open_loop_debits() } else { 0 };
-    let prepared = prepare(setup, debits + extra, audit, risk, true);
+    let prepared = prepare(this_build(), setup, debits + extra, audit, risk, true);
     let before = prepared.scrape();
     let cpu_before = prepared.cpu();
     let machine_before = prepared.machine_cpu();
@@ -1287,7 +1403,19 @@ fn shadow_library(to: &Path) -> String {
     format!("[risk]\ndir = \"{}\"\n", to.display())
 }
 
-fn prepare(setup: CoreSetup, debits: usize, audit: Audit, risk: bool, grouped: bool) -> Prepared {
+/// This build's daemon.
+fn this_build() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_kunpayd"))
+}
+
+fn prepare(
+    daemon: &Path,
+    setup: CoreSetup,
+    debits: usize,
+    audit: Audit,
+    risk: bool,
+    grouped: bool,
+) -> Prepared {
     let (audit, ceiling_wanted) = match audit {
         Audit::Off => (false, true),
         Audit::Compared(on) => (on, false),
@@ -1447,7 +1575,7 @@ rate_limit_burst = 1000000
     )
     .unwrap();
     std::fs::write(dir.path().join("kunpay.toml"), config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_kunpayd"))
+    let child = Command::new(daemon)
         .arg("--config")
         .arg(dir.path().join("kunpay.toml"))
         .stdout(Stdio::null())
@@ -1485,7 +1613,8 @@ rate_limit_burst = 1000000
     }
 
     // Agreements for every generated customer.
-    let mut setup_client = Client::connect(port, &ca);
+    let tls = Client::tls(&ca);
+    let mut setup_client = Client::connect(port, &tls);
     let mut agreements = Vec::new();
     for index in 0..CUSTOMERS {
         let account = kunpay::core::sim::generated_account(index);
@@ -1564,7 +1693,7 @@ rate_limit_burst = 1000000
         audit_dir,
         port,
         ops_port,
-        ca,
+        tls,
         db_url,
         signed: Arc::new(signed),
     }
@@ -1614,10 +1743,14 @@ fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let per_debit = |seconds: f64| seconds * 1000.0 / debits as f64;
+    let machine_ms_per_debit: Vec<(&'static str, f64)> = machine_cpu
+        .iter()
+        .map(|(name, seconds)| (*name, per_debit(*seconds)))
+        .collect();
     let machine_row = if machine_cpu.is_empty() {
         String::new()
     } else {
-        let per_debit = |seconds: f64| seconds * 1000.0 / debits as f64;
         let total: f64 = machine_cpu.iter().map(|(_, s)| per_debit(*s)).sum();
         format!(
             "| CPU per debit over the closed loop, by process | {}; all {total:.2} ms | | | at most {:.0} debits/s on {cores} cores at this cost |\n",
@@ -1784,6 +1917,7 @@ fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
         failures,
         cpu_ms_per_debit,
         writer_cpu_ms_per_debit,
+        machine_ms_per_debit,
         audit,
     }
 }
