@@ -141,4 +141,33 @@ fn each_outcome_is_a_compare_and_set_that_gives_back_what_a_failure_held() {
         0,
         "nothing is owed by the core after final outcomes"
     );
+
+    // Without a callback URL nothing is announced; an UNKNOWN outcome is not final (nothing
+    // announced) and the core still owes its answer.
+    let quiet = open(&mut conn, "D", "DEBIT", 10, None);
+    let unknown = open(&mut conn, "E", "DEBIT", 10, None);
+    let mut silent = outcome(quiet, TxnState::Succeeded, Some("D"));
+    silent.record.notify = false;
+    let mut unanswered = outcome(unknown, TxnState::Unknown, None);
+    unanswered.record.result_code = "9999";
+    assert_eq!(record(&mut conn, &[silent, unanswered]), [true, true]);
+    assert_eq!(
+        scalar(&mut conn, "SELECT count(*) AS n FROM notification"),
+        5,
+        "neither a success without callback nor an UNKNOWN is announced"
+    );
+    assert_eq!(
+        scalar(
+            &mut conn,
+            "SELECT count(*) AS n FROM core_pending p JOIN txn t ON t.txn_id = p.txn_id \
+             WHERE t.req_serial = 'E'"
+        ),
+        1,
+        "the UNKNOWN transaction is still owed by the core"
+    );
+    assert_eq!(
+        scalar(&mut conn, "SELECT used_fen AS n FROM daily_usage"),
+        1000 - 200 - 250,
+        "a success and an UNKNOWN give nothing back"
+    );
 }
