@@ -146,6 +146,12 @@ impl Drop for Node {
     }
 }
 
+/// The median of the per-block ratios of a side-by-side comparison (sorts them).
+fn median(ratios: &mut [f64]) -> f64 {
+    ratios.sort_by(f64::total_cmp);
+    ratios[ratios.len() / 2]
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -559,8 +565,7 @@ fn audit_overhead(debits: usize, connections: usize, rounds: usize) -> String {
             false,
         )
     });
-    block_ratios.sort_by(f64::total_cmp);
-    let median_ratio = block_ratios[block_ratios.len() / 2];
+    let median_ratio = median(&mut block_ratios);
     let load_after = load_average();
     let mean = |runs: &[Measured], f: &dyn Fn(&Measured) -> f64| {
         runs.iter().map(f).sum::<f64>() / runs.len() as f64
@@ -752,8 +757,7 @@ fn risk_overhead(debits: usize, connections: usize, rounds: usize) -> String {
             false,
         )
     });
-    block_ratios.sort_by(f64::total_cmp);
-    let median_ratio = block_ratios[block_ratios.len() / 2];
+    let median_ratio = median(&mut block_ratios);
     let tps_off = off.iter().map(|m| m.tps).sum::<f64>() / off.len() as f64;
     let tps_on = on.iter().map(|m| m.tps).sum::<f64>() / on.len() as f64;
     let ratio = tps_on / tps_off;
@@ -785,8 +789,7 @@ fn group_commit_gain(debits: usize, connections: usize, rounds: usize) -> String
                 grouped,
             )
         });
-    block_ratios.sort_by(f64::total_cmp);
-    let median_ratio = block_ratios[block_ratios.len() / 2];
+    let median_ratio = median(&mut block_ratios);
     let mean = |side: &[Measured], value: fn(&Measured) -> f64| {
         side.iter().map(value).sum::<f64>() / side.len() as f64
     };
@@ -837,8 +840,7 @@ fn versus(baseline: &Path, debits: usize, connections: usize, rounds: usize) -> 
                 true,
             )
         });
-    block_ratios.sort_by(f64::total_cmp);
-    let median_ratio = block_ratios[block_ratios.len() / 2];
+    let median_ratio = median(&mut block_ratios);
     let mean = |side: &[Measured], value: &dyn Fn(&Measured) -> f64| {
         side.iter().map(value).sum::<f64>() / side.len() as f64
     };
@@ -1743,20 +1745,19 @@ fn finish(prepared: Prepared, connections: usize, timed: Timed) -> Measured {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let per_debit = |seconds: f64| seconds * 1000.0 / debits as f64;
     let machine_ms_per_debit: Vec<(&'static str, f64)> = machine_cpu
         .iter()
-        .map(|(name, seconds)| (*name, per_debit(*seconds)))
+        .map(|(name, seconds)| (*name, seconds * 1000.0 / debits as f64))
         .collect();
-    let machine_row = if machine_cpu.is_empty() {
+    let machine_row = if machine_ms_per_debit.is_empty() {
         String::new()
     } else {
-        let total: f64 = machine_cpu.iter().map(|(_, s)| per_debit(*s)).sum();
+        let total: f64 = machine_ms_per_debit.iter().map(|(_, ms)| ms).sum();
         format!(
             "| CPU per debit over the closed loop, by process | {}; all {total:.2} ms | | | at most {:.0} debits/s on {cores} cores at this cost |\n",
-            machine_cpu
+            machine_ms_per_debit
                 .iter()
-                .map(|(name, seconds)| format!("{name} {:.2} ms", per_debit(*seconds)))
+                .map(|(name, ms)| format!("{name} {ms:.2} ms"))
                 .collect::<Vec<_>>()
                 .join(", "),
             cores as f64 * 1000.0 / total,

@@ -10,11 +10,10 @@
 //! Owns: the queue of waiting statements (at most one per worker of the institution: each
 //! worker waits for its own statement, so the institution's `workers` bounds it), who leads,
 //! the order statements run in a group (by their lock key, so two groups take the rows they
-//! share in the same order), and settling
-//! every member: committed with its result, handed back to run alone (one statement of the
-//! group failed, so the group rolled back and each runs again by itself, where its own error
-//! reaches its own flow), or failed (the COMMIT failed: whether it committed is unknown, as it
-//! is for a lone statement whose connection broke).
+//! share in the same order), and settling every member: committed with its result, handed back
+//! to run alone (one statement of the group failed, so the group rolled back and each runs
+//! again by itself, where its own error reaches its own flow), or failed (the COMMIT failed:
+//! whether it committed is unknown, as it is for a lone statement whose connection broke).
 //! Must never: report a statement as done before its group committed; keep the result of a
 //! rolled-back group; leave a member unsettled (its worker would wait for ever); hold more
 //! than `max_batch` statements in one transaction or run more than `max_leaders` groups at

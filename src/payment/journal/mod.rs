@@ -902,6 +902,43 @@ fn open_with_usage<'a, 'h>(
 struct WithoutDecision;
 struct WithDecision;
 
+/// An opening statement `$name<WithoutDecision | WithDecision>` from its SQL macro.
+macro_rules! opening_statement {
+    ($name:ident, $sql:ident, $row:ty) => {
+        struct $name<Form>(PhantomData<Form>);
+        impl fixed::FixedSql for $name<WithoutDecision> {
+            const SQL: &'static str = $sql!(plain);
+            type Row = $row;
+        }
+        impl fixed::FixedSql for $name<WithDecision> {
+            const SQL: &'static str = $sql!(decided);
+            type Row = $row;
+        }
+    };
+}
+
+/// Runs the form of an opening statement that `opening` needs: `Decided` with a risk decision,
+/// `Plain` without.
+fn get_opening_via<Plain, Decided, R>(
+    conn: &mut PgConnection,
+    via: Option<(&group::Group, group::LockKey<'_>)>,
+    opening: &Opening<'_>,
+    binds: Vec<fixed::Bind<'_>>,
+) -> Result<R, DieselError>
+where
+    Plain: fixed::FixedSql,
+    Decided: fixed::FixedSql,
+    R: Send + 'static,
+    for<'b> fixed::Fixed<'b, Plain>: diesel::query_dsl::LoadQuery<'b, PgConnection, R>,
+    for<'b> fixed::Fixed<'b, Decided>: diesel::query_dsl::LoadQuery<'b, PgConnection, R>,
+{
+    if opening.decision.is_some() {
+        get_result_via::<Decided, R>(conn, via, binds)
+    } else {
+        get_result_via::<Plain, R>(conn, via, binds)
+    }
+}
+
 macro_rules! open_debit_sql {
     ($form:tt) => {
         concat!(
@@ -940,15 +977,7 @@ type OpenDebitRow = (
     SightingSql,
 );
 
-struct OpenDebit<Form>(PhantomData<Form>);
-impl fixed::FixedSql for OpenDebit<WithoutDecision> {
-    const SQL: &'static str = open_debit_sql!(plain);
-    type Row = OpenDebitRow;
-}
-impl fixed::FixedSql for OpenDebit<WithDecision> {
-    const SQL: &'static str = open_debit_sql!(decided);
-    type Row = OpenDebitRow;
-}
+opening_statement!(OpenDebit, open_debit_sql, OpenDebitRow);
 
 /// A debit's first statement: records its message id (a duplicate is a replay), reads the
 /// stored answer for its serial, and (when there is none and `within_single_limit`) opens
@@ -999,11 +1028,10 @@ pub fn open_debit(
             ]);
             opening.push_history_binds(new.now, &mut binds);
             type Found = (Option<String>, Option<String>, Option<String>, SightingRow);
-            let (state, account_hash, account_enc, row) = if opening.decision.is_some() {
-                get_result_via::<OpenDebit<WithDecision>, Found>(conn, via, binds)?
-            } else {
-                get_result_via::<OpenDebit<WithoutDecision>, Found>(conn, via, binds)?
-            };
+            let (state, account_hash, account_enc, row) =
+                get_opening_via::<OpenDebit<WithoutDecision>, OpenDebit<WithDecision>, Found>(
+                    conn, via, opening, binds,
+                )?;
             sealed = account_enc;
             let verdict = match state {
                 None => Some(FirstSight::NoAgreement),
@@ -1047,15 +1075,7 @@ macro_rules! open_credit_sql {
     };
 }
 
-struct OpenCredit<Form>(PhantomData<Form>);
-impl fixed::FixedSql for OpenCredit<WithoutDecision> {
-    const SQL: &'static str = open_credit_sql!(plain);
-    type Row = SightingSql;
-}
-impl fixed::FixedSql for OpenCredit<WithDecision> {
-    const SQL: &'static str = open_credit_sql!(decided);
-    type Row = SightingSql;
-}
+opening_statement!(OpenCredit, open_credit_sql, SightingSql);
 
 /// A credit's first statement, as [`open_debit`] for a debit: records its message id (a
 /// duplicate is a replay), reads the stored answer for its serial, and (when there is none and
@@ -1103,11 +1123,11 @@ pub fn open_credit(
                 Bind::Time(new.now),
             ]);
             opening.push_history_binds(new.now, &mut binds);
-            let row = if opening.decision.is_some() {
-                get_result_via::<OpenCredit<WithDecision>, SightingRow>(conn, via, binds)?
-            } else {
-                get_result_via::<OpenCredit<WithoutDecision>, SightingRow>(conn, via, binds)?
-            };
+            let row = get_opening_via::<
+                OpenCredit<WithoutDecision>,
+                OpenCredit<WithDecision>,
+                SightingRow,
+            >(conn, via, opening, binds)?;
             Ok((None, row, Cow::Borrowed(payee.account_hash)))
         },
     )
@@ -1129,15 +1149,7 @@ macro_rules! insert_opened_sql {
     };
 }
 
-struct InsertOpened<Form>(PhantomData<Form>);
-impl fixed::FixedSql for InsertOpened<WithoutDecision> {
-    const SQL: &'static str = insert_opened_sql!(plain);
-    type Row = diesel::sql_types::BigInt;
-}
-impl fixed::FixedSql for InsertOpened<WithDecision> {
-    const SQL: &'static str = insert_opened_sql!(decided);
-    type Row = diesel::sql_types::BigInt;
-}
+opening_statement!(InsertOpened, insert_opened_sql, diesel::sql_types::BigInt);
 
 /// Inserts a transaction in SENT_TO_CORE with its three history rows, in the caller's database
 /// transaction (a refund, which checks and reserves against its original first).
@@ -1166,11 +1178,9 @@ pub fn insert_opened(
     ];
     assert_eq!(opening.open_as, OpenAs::SentToCore, "refunds are not held");
     opening.push_history_binds(new.created_at, &mut binds);
-    let opened = if opening.decision.is_some() {
-        fixed::Fixed::<InsertOpened<WithDecision>>::new(binds).get_result::<i64>(conn)?
-    } else {
-        fixed::Fixed::<InsertOpened<WithoutDecision>>::new(binds).get_result::<i64>(conn)?
-    };
+    let opened = get_opening_via::<InsertOpened<WithoutDecision>, InsertOpened<WithDecision>, i64>(
+        conn, None, opening, binds,
+    )?;
     assert_eq!(opened, 1, "an INSERT ... VALUES inserts its row or fails");
     Ok(())
 }
@@ -1284,10 +1294,10 @@ macro_rules! record_outcome_sql {
             SELECT COUNT(*) FROM moved"
         )
     };
-    (give_back no) => {
+    (give_back false) => {
         ""
     };
-    (give_back yes) => {
+    (give_back true) => {
         "released AS ( \
             UPDATE daily_usage SET used_fen = daily_usage.used_fen - moved.amount_fen \
             FROM moved \
@@ -1301,10 +1311,10 @@ macro_rules! record_outcome_sql {
             WHERE moved.kind = 'REFUND' AND txn.txn_id = moved.orig_txn_id \
         ), "
     };
-    (announce no) => {
+    (announce false) => {
         ""
     };
-    (announce yes) => {
+    (announce true) => {
         "announced AS ( \
             INSERT INTO notification (event_id, txn_id, inst_id, txn_state, status, attempts, \
                                       next_at, created_at) \
@@ -1314,22 +1324,16 @@ macro_rules! record_outcome_sql {
 }
 
 struct RecordOutcome<const GIVE_BACK: bool, const ANNOUNCE: bool>;
-impl fixed::FixedSql for RecordOutcome<false, false> {
-    const SQL: &'static str = record_outcome_sql!(give_back: no, announce: no);
-    type Row = diesel::sql_types::BigInt;
+macro_rules! record_outcome_forms {
+    ($(($give_back:tt, $announce:tt)),*) => {
+        $(impl fixed::FixedSql for RecordOutcome<$give_back, $announce> {
+            const SQL: &'static str =
+                record_outcome_sql!(give_back: $give_back, announce: $announce);
+            type Row = diesel::sql_types::BigInt;
+        })*
+    };
 }
-impl fixed::FixedSql for RecordOutcome<false, true> {
-    const SQL: &'static str = record_outcome_sql!(give_back: no, announce: yes);
-    type Row = diesel::sql_types::BigInt;
-}
-impl fixed::FixedSql for RecordOutcome<true, false> {
-    const SQL: &'static str = record_outcome_sql!(give_back: yes, announce: no);
-    type Row = diesel::sql_types::BigInt;
-}
-impl fixed::FixedSql for RecordOutcome<true, true> {
-    const SQL: &'static str = record_outcome_sql!(give_back: yes, announce: yes);
-    type Row = diesel::sql_types::BigInt;
-}
+record_outcome_forms!((false, false), (false, true), (true, false), (true, true));
 
 /// Records an outcome in one statement: the compare-and-set transition with its history row,
 /// on FAILED the day's usage (debit, credit) or the original's reservation (refund) given
@@ -1360,7 +1364,8 @@ pub fn record_outcome_via(
     );
     let give_back = record.to == TxnState::Failed;
     let announce = record.notify && record.to.is_final();
-    let mut binds = Vec::with_capacity(26);
+    // The transition, its history and settling (11), the notification (4), the answer (8).
+    let mut binds = Vec::with_capacity(23);
     binds.extend([
         Bind::Text(record.to.as_str()),
         Bind::Text(record.result_code),
