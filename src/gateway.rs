@@ -37,7 +37,9 @@ use axum::routing::post;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::audit::{AuditSink, Direction, Durable, NewRecord, PeerSignature};
+use crate::audit::{
+    AuditFailure, AuditSink, Direction, NewRecord, PeerSignature, SubmittedRequest,
+};
 use crate::channel::codes::ResultCode;
 use crate::channel::envelope::MessageKey;
 use crate::channel::message::{self, Element};
@@ -137,13 +139,16 @@ struct Job {
     header: Element,
     body: Element,
     received: DateTime<Utc>,
-    reply: tokio::sync::oneshot::Sender<Answered>,
 }
 
-/// A worker's signed answer, with its audit records on their way to the disk.
+/// Where a worker's answer goes: the handler waiting to send it.
+type ReplyTo = tokio::sync::oneshot::Sender<Answered>;
+
+/// A worker's signed answer, handed over once the log holds it and its request (at once
+/// without `[audit]`); Err: it could not be logged, so it must not be sent.
 struct Answered {
     bytes: Vec<u8>,
-    logged: Option<Logged>,
+    logged: Result<(), AuditFailure>,
 }
 
 impl Job {
@@ -194,7 +199,7 @@ pub struct Institution {
     pub config: InstitutionConfig,
     verifier: Verifier,
     limiter: Limiter,
-    queue: SyncSender<Job>,
+    queue: SyncSender<(Job, ReplyTo)>,
     pub breaker: Arc<CircuitBreaker>,
     pub pool: Pool,
     /// Group commit of its debit and credit statements (`payment/journal/group.rs`).
@@ -286,7 +291,7 @@ impl ChannelGateway {
             .allow_burst(NonZeroU32::new(config.rate_limit_burst).expect("validated >= 1"));
             let pool = institution_pool(settings, config.db_pool_size)
                 .map_err(|e| anyhow::anyhow!("institution {}: {e}", config.id))?;
-            let (queue, jobs) = std::sync::mpsc::sync_channel::<Job>(config.queue_depth);
+            let (queue, jobs) = std::sync::mpsc::sync_channel::<(Job, ReplyTo)>(config.queue_depth);
             let breaker = Arc::new(CircuitBreaker::new(
                 core.clone(),
                 config.breaker_failure_threshold,
@@ -611,18 +616,16 @@ async fn handle(
         header,
         body: body_element,
         received: Utc::now(),
-        reply: reply_tx,
     };
-    let refusal = match institution.queue.try_send(job) {
+    let refusal = match institution.queue.try_send((job, reply_tx)) {
+        // Handed over only once the log holds it (and the request before it).
         Ok(()) => match reply_rx.await {
-            Ok(Answered { bytes, logged }) => {
-                // Sent only once the log holds it (and the request before it).
-                if let Some(logged) = logged
-                    && logged.durable().await.is_err()
-                {
-                    return gateway.unlogged(&institution.config, msg_type);
-                }
-                return xml_response(bytes);
+            Ok(Answered {
+                bytes,
+                logged: Ok(()),
+            }) => return xml_response(bytes),
+            Ok(Answered { logged: Err(_), .. }) => {
+                return gateway.unlogged(&institution.config, msg_type);
             }
             Err(_) => (ResultCode::InternalError, "the worker failed"),
         },
@@ -726,17 +729,16 @@ fn resolver(institution: &Institution, shared: &Shared, started: chrono::DateTim
     }
 }
 
-fn worker(institution: &Institution, shared: &Shared, jobs: &Mutex<Receiver<Job>>) {
+fn worker(institution: &Institution, shared: &Shared, jobs: &Mutex<Receiver<(Job, ReplyTo)>>) {
     loop {
-        let job = {
+        let (job, reply_to) = {
             let receiver = jobs.lock().unwrap_or_else(|p| p.into_inner());
             match receiver.recv() {
-                Ok(job) => job,
+                Ok(queued) => queued,
                 Err(_) => return,
             }
         };
-        let answered = serve(institution, shared, &job);
-        let _ = job.reply.send(answered);
+        serve(institution, shared, &job, reply_to);
     }
 }
 
@@ -745,7 +747,7 @@ struct RequestLog<'a> {
     audit: &'a AuditSink,
     inst_id: &'a str,
     job: &'a Job,
-    request: Option<Durable>,
+    request: Option<SubmittedRequest>,
 }
 
 impl RequestLog<'_> {
@@ -766,52 +768,45 @@ impl RequestLog<'_> {
         if self.audit.is_enabled() {
             self.request = Some(
                 self.audit
-                    .submit_durable(self.record(PeerSignature::Verified), false),
+                    .submit_request(self.record(PeerSignature::Verified)),
             );
         }
         !self.audit.is_failed()
     }
 
     /// Hands the answer to the log (and the request, as refused, if it was not logged as
-    /// verified); what the handler awaits before it sends the answer. None without a log.
-    fn answer(mut self, reply: &Reply) -> Option<Logged> {
-        if !self.audit.is_enabled() {
-            return None;
-        }
+    /// verified); the log hands it to the handler once both are durable.
+    fn answer(mut self, reply: Reply, reply_to: ReplyTo) {
+        let record = self
+            .audit
+            .is_enabled()
+            .then(|| answer_record(self.inst_id.to_string(), self.job.msg_type, &reply.bytes));
+        let hand_over = move |logged| {
+            // A handler that gave up (its client went away) is gone; nothing to tell it.
+            let _ = reply_to.send(Answered {
+                bytes: reply.bytes,
+                logged,
+            });
+        };
+        let Some(answer) = record else {
+            hand_over(Ok(()));
+            return;
+        };
         let request = match self.request.take() {
             Some(request) => request,
             None => self
                 .audit
-                .submit_durable(self.record(PeerSignature::NotVerified), false),
+                .submit_request(self.record(PeerSignature::NotVerified)),
         };
-        let answer = self.audit.submit_durable(
-            answer_record(self.inst_id.to_string(), self.job.msg_type, &reply.bytes),
-            true,
-        );
-        Some(Logged { request, answer })
-    }
-}
-
-/// A request and its answer on their way to the disk.
-struct Logged {
-    request: Durable,
-    answer: Durable,
-}
-
-impl Logged {
-    /// Ok once both are durable (the answer's fdatasync covers the request: one order).
-    async fn durable(self) -> Result<(), crate::audit::AuditFailure> {
-        let answer = self.answer.wait().await;
-        let request = self.request.wait().await;
-        answer.and(request).map(|_| ())
+        self.audit.submit_answer(request, answer, hand_over);
     }
 }
 
 /// One request on a worker: verification and the flow; the answer is handed to the log here,
-/// and `handle` waits for the disk before sending it. The worker does not wait: it takes its
+/// which hands it to the handler once it is on disk. The worker does not wait: it takes its
 /// next request while the fdatasync runs (the worker pool, with its database connections, is
 /// what bounds an institution's throughput).
-fn serve(institution: &Institution, shared: &Shared, job: &Job) -> Answered {
+fn serve(institution: &Institution, shared: &Shared, job: &Job, reply_to: ReplyTo) {
     let mut log = RequestLog {
         audit: &shared.audit,
         inst_id: &institution.config.id,
@@ -819,10 +814,7 @@ fn serve(institution: &Institution, shared: &Shared, job: &Job) -> Answered {
         request: None,
     };
     let reply = process(institution, shared, job, &mut log);
-    Answered {
-        logged: log.answer(&reply),
-        bytes: reply.bytes,
-    }
+    log.answer(reply, reply_to);
 }
 
 /// The verification steps and the flow, on an institution's worker thread.

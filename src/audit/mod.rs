@@ -66,7 +66,7 @@ pub use self::checkpoint::Checkpoint;
 pub use self::error::AuditError;
 pub use self::pubkeys::Pubkeys;
 pub use self::record::{Direction, FORMAT_VERSION, PeerSignature};
-pub use self::sink::{AuditFailure, AuditSink, Durable, Ticket};
+pub use self::sink::{AuditFailure, AuditSink, SubmittedRequest, Ticket};
 pub use self::verify::{Report, verify, verify_with_anchors};
 pub use self::writer::{
     AuditKey, AuditLog, AuditSettings, AuditStats, CheckpointInfo, MAX_CHECKPOINT_EVERY_RECORDS,

@@ -10,8 +10,8 @@
 //! edges call it from their own threads, or through `spawn_blocking`); be read by business
 //! logic (the log is a sink, data flows into it only).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::error::AuditError;
@@ -65,31 +65,15 @@ impl Ticket {
     }
 }
 
-/// A record on its way to the disk whose outcome is awaited without holding a thread (the
-/// writer completes it when the batch's fdatasync returned).
-pub struct Durable {
-    pending: Option<(DurableAnswer, Arc<Inner>)>,
-    refused: Option<AuditFailure>,
+/// A request's record on its way to the disk, for the answer that follows it
+/// (`submit_answer`): the writer completes records in the order they were handed over, so the
+/// request's fate is known by the time its answer's is.
+pub struct SubmittedRequest {
+    fate: RequestFate,
 }
 
-/// What the writer thread sends once a record is on disk (or refused).
-type DurableAnswer = tokio::sync::oneshot::Receiver<Result<u64, AuditError>>;
-
-impl Durable {
-    /// The record's sequence number once it is on disk (0 at once without `[audit]`).
-    pub async fn wait(self) -> Result<u64, AuditFailure> {
-        if let Some(failure) = self.refused {
-            return Err(failure);
-        }
-        match self.pending {
-            None => Ok(0),
-            Some((answer, inner)) => match answer.await {
-                Ok(result) => result.map_err(|e| inner.fail(&e)),
-                Err(_) => Err(inner.fail(&AuditError::Closed)),
-            },
-        }
-    }
-}
+/// Set once by the writer thread (or at hand-off, when the log is closed).
+type RequestFate = Arc<OnceLock<Result<u64, AuditFailure>>>;
 
 impl AuditSink {
     /// No log (`[audit]` absent: tests and development): every call succeeds at once.
@@ -140,38 +124,65 @@ impl AuditSink {
         }
     }
 
-    /// Hands `record` to the writer (blocking only while its bounded queue is full) and
-    /// returns what an async task awaits until the record is durable: a worker thread logs an
-    /// answer this way and goes on to its next request while the disk works; the answer is
-    /// sent once the wait is over. `timed`: the wait counts in the append-latency histogram.
-    pub fn submit_durable(&self, record: NewRecord, timed: bool) -> Durable {
+    /// Hands a request's record to the writer without waiting for the disk (blocking only
+    /// while its bounded queue is full); `submit_answer` reads its fate. A failure to hand it
+    /// over marks the log failed at once, so `is_failed` right after says whether anything
+    /// may act on the request.
+    pub fn submit_request(&self, record: NewRecord) -> SubmittedRequest {
+        let fate = RequestFate::default();
         let Some(inner) = &self.inner else {
-            return Durable {
-                pending: None,
-                refused: None,
-            };
+            let _ = fate.set(Ok(0));
+            return SubmittedRequest { fate };
         };
-        let (done, answer) = tokio::sync::oneshot::channel();
+        let noted = fate.clone();
+        let failing = inner.clone();
+        // On Err the callback has already run (with Closed) and noted it.
+        let _ = inner.log.submit_then(record, move |result| {
+            let _ = noted.set(result.map_err(|e| failing.fail(&e)));
+        });
+        SubmittedRequest { fate }
+    }
+
+    /// Hands the answer to `request` to the writer and returns at once; `then` runs exactly
+    /// once, on the writer thread after the fdatasync that made both records durable, with Ok
+    /// only when both are (a request refused on its own, a malformed record, fails its answer
+    /// too: an answer is sent only for a request in the log). It must return quickly. Without
+    /// `[audit]` it runs at once, with Ok.
+    ///
+    /// This is how a worker answers with the log on: the handler waiting for the answer is
+    /// woken once, by `then`, instead of once by the worker and again by the disk.
+    pub fn submit_answer(
+        &self,
+        request: SubmittedRequest,
+        answer: NewRecord,
+        then: impl FnOnce(Result<(), AuditFailure>) + Send + 'static,
+    ) {
+        let Some(inner) = &self.inner else {
+            then(Ok(()));
+            return;
+        };
         let started = Instant::now();
-        let metrics = inner.state.metrics.clone();
-        let handed = inner.log.submit_then(record, move |result| {
-            if timed && result.is_ok() {
-                metrics
+        let failing = inner.clone();
+        // On Err the callback has already run, with Closed.
+        let _ = inner.log.submit_then(answer, move |result| {
+            let answer = result.map_err(|e| failing.fail(&e));
+            if answer.is_ok() {
+                failing
+                    .state
+                    .metrics
                     .audit_append_duration
                     .observe(started.elapsed().as_secs_f64());
             }
-            let _ = done.send(result);
+            let request = match request.fate.get() {
+                Some(fate) => fate.clone(),
+                // Not reachable while the writer answers in order; if it ever is, the request
+                // is not known to be on disk and its answer must not be sent.
+                None => Err(AuditFailure(
+                    "the request's record was not confirmed before its answer's".into(),
+                )),
+            };
+            then(answer.and(request).map(|_| ()));
         });
-        match handed {
-            Ok(()) => Durable {
-                pending: Some((answer, inner.clone())),
-                refused: None,
-            },
-            Err(error) => Durable {
-                pending: None,
-                refused: Some(inner.fail(&error)),
-            },
-        }
     }
 
     /// Logs `record` and returns its sequence number once it is durable (a group-committed
@@ -267,5 +278,118 @@ impl Inner {
             );
         }
         failure
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{Receiver, channel};
+
+    use diesel::PgConnection;
+    use diesel::r2d2::ConnectionManager;
+
+    use super::*;
+    use crate::audit::writer::{AuditKey, AuditSettings};
+    use crate::audit::{Direction, PeerSignature};
+    use crate::crypto::sm2::{PrivateKey, Signer};
+
+    fn sink(dir: &std::path::Path) -> AuditSink {
+        let key = PrivateKey::generate().unwrap();
+        let log = AuditLog::open(
+            dir,
+            AuditSettings {
+                node_id: "node-t".into(),
+                max_segment_bytes: 1 << 20,
+                checkpoint_every_records: 1000,
+                checkpoint_every: Duration::from_secs(60),
+                queue_bound: 16,
+            },
+            AuditKey {
+                key_id: "k1".into(),
+                signer: Signer::new(&key, "1234567812345678").unwrap(),
+            },
+        )
+        .unwrap();
+        // Never connected: the sink only reports its state through it.
+        let pool = r2d2::Pool::builder().build_unchecked(ConnectionManager::<PgConnection>::new(
+            "postgres://127.0.0.1:1/none",
+        ));
+        let state = NodeState::new(
+            "node-t".into(),
+            crate::config::Role::Active,
+            pool,
+            Duration::from_secs(2),
+            Duration::from_secs(10),
+        );
+        AuditSink::new(log, state)
+    }
+
+    fn record(direction: Direction, peer: &str) -> NewRecord {
+        NewRecord {
+            direction,
+            peer: peer.into(),
+            message_type: "DEBIT".into(),
+            txn_id: None,
+            peer_signature: PeerSignature::NotVerified,
+            bytes: b"<root/>".to_vec(),
+        }
+    }
+
+    /// Submits a request and its answer; the receiver hears each run of `then`.
+    fn exchange(sink: &AuditSink, request_peer: &str) -> Receiver<Result<(), AuditFailure>> {
+        let (heard, hear) = channel();
+        let request = sink.submit_request(record(Direction::In, request_peer));
+        sink.submit_answer(request, record(Direction::Out, "inst-a"), move |result| {
+            heard.send(result).unwrap();
+        });
+        hear
+    }
+
+    fn once(hear: Receiver<Result<(), AuditFailure>>) -> Result<(), AuditFailure> {
+        let result = hear.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            hear.recv_timeout(Duration::from_millis(50)).is_err(),
+            "then ran twice"
+        );
+        result
+    }
+
+    #[test]
+    fn an_answer_is_handed_over_once_both_records_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = sink(dir.path());
+        assert_eq!(once(exchange(&sink, "inst-a")), Ok(()));
+        assert!(sink.stats().unwrap().durable_seq >= 2);
+        assert!(!sink.is_failed());
+    }
+
+    #[test]
+    fn a_request_refused_on_its_own_fails_its_answer_while_the_log_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = sink(dir.path());
+        // A peer with a space is a malformed record: refused alone, its answer appended.
+        let refused = once(exchange(&sink, "inst a")).unwrap_err();
+        assert!(refused.0.contains("peer"), "{refused}");
+        assert!(
+            !sink.is_failed(),
+            "one malformed record must not stop the log"
+        );
+        assert_eq!(once(exchange(&sink, "inst-a")), Ok(()));
+        let stats = sink.stats().unwrap();
+        assert_eq!((stats.appended, stats.refused), (3, 1));
+    }
+
+    #[test]
+    fn after_close_then_runs_once_with_a_failure_instead_of_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = sink(dir.path());
+        sink.close().unwrap();
+        assert!(once(exchange(&sink, "inst-a")).is_err());
+    }
+
+    #[test]
+    fn without_a_log_then_runs_at_once() {
+        let sink = AuditSink::disabled();
+        assert_eq!(once(exchange(&sink, "inst-a")), Ok(()));
     }
 }

@@ -167,7 +167,7 @@ pub struct CheckpointInfo {
 /// runs once the batch is durable (it must be quick: it runs on the writer thread).
 enum AppendReply {
     Channel(SyncSender<Result<u64, AuditError>>),
-    Callback(Box<dyn FnOnce(Result<u64, AuditError>) + Send>),
+    Callback(OnDurable),
 }
 
 impl AppendReply {
@@ -177,7 +177,30 @@ impl AppendReply {
             AppendReply::Channel(reply) => {
                 let _ = reply.send(result);
             }
-            AppendReply::Callback(callback) => callback(result),
+            AppendReply::Callback(callback) => callback.run(result),
+        }
+    }
+}
+
+/// A `submit_then` callback that runs exactly once: with the record's outcome, or with
+/// `Closed` when it is dropped unrun (the log closed, or its thread gone, with the record
+/// still queued). A caller waiting on it is never left waiting forever.
+struct OnDurable(Option<DurableCallback>);
+
+type DurableCallback = Box<dyn FnOnce(Result<u64, AuditError>) + Send>;
+
+impl OnDurable {
+    fn run(mut self, result: Result<u64, AuditError>) {
+        if let Some(callback) = self.0.take() {
+            callback(result);
+        }
+    }
+}
+
+impl Drop for OnDurable {
+    fn drop(&mut self) {
+        if let Some(callback) = self.0.take() {
+            callback(Err(AuditError::Closed));
         }
     }
 }
@@ -333,8 +356,10 @@ impl AuditLog {
 
     /// `submit`, with `on_durable` run by the writer thread once the record is on disk (or
     /// refused) instead of a `Pending` to wait on: for callers that must not block while the
-    /// disk works (an async task completing a oneshot). `on_durable` must return quickly. When
-    /// the log is closed it is dropped without being run and Err(Closed) is returned.
+    /// disk works (an async task completing a oneshot). `on_durable` must return quickly.
+    /// It runs exactly once: when the log is closed (Err(Closed) returned) it has already run,
+    /// with Err(Closed), on this thread; a record still queued when the writer stops gets
+    /// Err(Closed) too.
     pub fn submit_then(
         &self,
         record: NewRecord,
@@ -343,8 +368,9 @@ impl AuditLog {
         self.sender
             .send(Command::Append {
                 record,
-                reply: AppendReply::Callback(Box::new(on_durable)),
+                reply: AppendReply::Callback(OnDurable(Some(Box::new(on_durable)))),
             })
+            // The refused command, dropped here, runs the callback with Closed.
             .map_err(|_| AuditError::Closed)
     }
 
