@@ -828,6 +828,8 @@ fn versus(baseline: &Path, debits: usize, connections: usize, rounds: usize) -> 
         baseline.display()
     );
     let block = env_number("KUNPAY_BENCH_AUDIT_BLOCK", 2000).clamp(100, debits.max(100));
+    // KUNPAY_BENCH_VERSUS_AUDIT=on: both sides log every message (for changes to the log).
+    let audit = std::env::var("KUNPAY_BENCH_VERSUS_AUDIT").is_ok_and(|v| v == "on");
     let load_before = load_average();
     let (before, after, mut block_ratios) =
         compare(debits, connections, rounds, block, "versus", |this| {
@@ -835,7 +837,7 @@ fn versus(baseline: &Path, debits: usize, connections: usize, rounds: usize) -> 
                 if this { this_build() } else { baseline },
                 CoreSetup::InProcess,
                 debits,
-                Audit::Compared(false),
+                Audit::Compared(audit),
                 false,
                 true,
             )
@@ -877,7 +879,7 @@ fn versus(baseline: &Path, debits: usize, connections: usize, rounds: usize) -> 
          | client-observed p99 | {:.1} ms | {:.1} ms | |\n\
          {cpu_rows}\
          | all processes, CPU per debit | {:.3} ms | {:.3} ms | {:.3} |\n\n\
-         Method: `KUNPAY_BENCH_ONLY=versus KUNPAY_BENCH_VERSUS=<kunpayd> cargo bench --bench payments` prepares two daemons exactly as the in-process benchmark above (a database each, on the same PostgreSQL, journal group at {}), one running the given binary and one this build, then sends their debits in alternating blocks from {connections} connections so that the machine's drift falls on both. Each side's blocks run alone, so the CPU each process spends during them (from /proc; PostgreSQL: every process of the shared server) is that side's. Load average {load_before} before, {} after. Date: {}.\n",
+         Method: `KUNPAY_BENCH_ONLY=versus KUNPAY_BENCH_VERSUS=<kunpayd> cargo bench --bench payments` prepares two daemons exactly as the in-process benchmark above (a database each, on the same PostgreSQL, journal group at {}, audit log {}), one running the given binary and one this build, then sends their debits in alternating blocks from {connections} connections so that the machine's drift falls on both. Each side's blocks run alone, so the CPU each process spends during them (from /proc; PostgreSQL: every process of the shared server) is that side's. Load average {load_before} before, {} after. Date: {}.\n",
         tps_after / tps_before,
         block_ratios.len(),
         p99(&before),
@@ -886,6 +888,11 @@ fn versus(baseline: &Path, debits: usize, connections: usize, rounds: usize) -> 
         all(&after),
         all(&after) / all(&before),
         journal_group_description(),
+        if audit {
+            "on (KUNPAY_BENCH_VERSUS_AUDIT=on)"
+        } else {
+            "off"
+        },
         load_average(),
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         baseline_name = baseline.file_name().map_or_else(
