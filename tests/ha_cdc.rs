@@ -990,9 +990,9 @@ fn the_cutover_dry_run_checks_everything_and_changes_nothing() {
     assert!(plan.refusal().is_none(), "{:#?}", plan.checks);
     assert_eq!(plan.checks.len(), 5);
     assert_eq!(plan.new_epoch, 2, "above both epochs (0 and 1)");
-    assert_eq!(plan.steps.len(), 11);
+    assert_eq!(plan.steps.len(), 12);
     assert!(
-        plan.steps[2].contains("FENCED at epoch 2"),
+        plan.steps[3].contains("FENCED at epoch 2"),
         "{:?}",
         plan.steps
     );

@@ -42,6 +42,7 @@ fn cutover_and_rollback_under_debit_load_lose_nothing_and_apply_nothing_twice() 
     );
     for step in [
         "pre-verify",
+        "close the gap",
         "drain",
         "fence",
         "catch up",
@@ -240,23 +241,57 @@ fn cutover_and_rollback_under_debit_load_lose_nothing_and_apply_nothing_twice() 
     pair.coresim.stop();
 }
 
-/// The standby's copy stops (its daemon is down) just before a cutover: the catch-up step
-/// cannot finish, the cutover is refused, and the old active, already fenced, is put back and
-/// takes business again by itself; the load it answered meanwhile is all there, once.
+/// The standby's copy stops right after the cutover's last look at it while serving (a lock
+/// on its `txn` table holds its applier): the catch-up step in the pause cannot finish, the
+/// cutover is refused, and the old active, already fenced, is put back and takes business
+/// again by itself; the load it answered meanwhile is all there, once.
 #[test]
 fn a_cutover_that_cannot_catch_up_is_refused_and_the_old_active_serves_again() {
-    let mut pair = Pair::start();
+    let pair = Pair::start();
     let agreement = pair.sign_agreement();
     let load = Load::start(&pair, &agreement, 2);
     wait_until("load on A", Duration::from_secs(60), || {
         load.answered() >= 50
     });
-    assert_eq!(pair.b.daemon.as_mut().unwrap().stop(), Some(0));
-    let (code, stdout, stderr) = run(kunpayctl()
+    // kunpayctl reports each step as it ends: once the gap is closed (and before the drain,
+    // which waits for the old active's next role check), the standby's applier is held.
+    let mut cutover = kunpayctl()
         .arg("cutover")
         .arg("--config")
         .arg(pair.b.dir.config_path())
-        .args(["--catch-up-timeout", "2s"]));
+        .args(["--catch-up-timeout", "2s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = {
+        let mut pipe = cutover.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut pipe, &mut text).unwrap();
+            text
+        })
+    };
+    let mut stdout = String::new();
+    let mut holding = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(cutover.stdout.take().unwrap())) {
+        let line = line.unwrap();
+        if holding.is_none() && line.trim_start().starts_with("ok   close the gap") {
+            let mut lock = PgConnection::establish(&pair.b.url()).unwrap();
+            lock.batch_execute("BEGIN; LOCK TABLE txn IN EXCLUSIVE MODE")
+                .unwrap();
+            holding = Some(lock);
+        }
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    let code = cutover.wait().unwrap().code().unwrap_or(-1);
+    let stderr = stderr.join().unwrap();
+    assert!(
+        holding.is_some(),
+        "the gap was closed first:\n{stdout}{stderr}"
+    );
+    drop(holding);
     let report = format!("{stdout}{stderr}");
     eprintln!("{report}");
     assert_eq!(code, 4, "refused\n{report}");
@@ -325,11 +360,70 @@ fn a_cutover_that_cannot_catch_up_is_refused_and_the_old_active_serves_again() {
         ) as usize,
         answered.len()
     );
-    // B, started again, catches up with A as before.
-    pair.b.daemon = Some(Supervised::start(pair.b.dir.clone()));
+    // B, its applier free again, catches up with A as before.
     wait_until("B to copy again", Duration::from_secs(60), || {
         pair.b.ops("/standby") == 200
     });
+    pair.coresim.stop();
+}
+
+/// A standby that does not keep up while the active serves (here its daemon, and with it its
+/// applier, is down) is refused before the drain: nothing changed, and the active served
+/// throughout, without a pause.
+#[test]
+fn a_standby_that_cannot_close_the_gap_is_refused_before_the_drain() {
+    let mut pair = Pair::start();
+    let agreement = pair.sign_agreement();
+    let load = Load::start(&pair, &agreement, 2);
+    wait_until("load on A", Duration::from_secs(60), || {
+        load.answered() >= 50
+    });
+    let before = role(&pair.a.url());
+    assert_eq!(pair.b.daemon.as_mut().unwrap().stop(), Some(0));
+    let (code, stdout, stderr) = run(kunpayctl()
+        .arg("cutover")
+        .arg("--config")
+        .arg(pair.b.dir.config_path())
+        .args(["--catch-up-timeout", "2s"]));
+    let report = format!("{stdout}{stderr}");
+    eprintln!("{report}");
+    assert_eq!(code, 4, "refused\n{report}");
+    assert!(report.contains("FAIL close the gap"), "{report}");
+    assert!(
+        report.contains("does not keep up with this load"),
+        "{report}"
+    );
+    let stepped = |name: &str| {
+        report.lines().any(|l| {
+            let l = l.trim_start();
+            l.starts_with(&format!("ok   {name} ")) || l.starts_with(&format!("FAIL {name} "))
+        })
+    };
+    assert!(stepped("pre-verify"), "{report}");
+    for later in ["drain", "fence", "catch up"] {
+        assert!(!stepped(later), "no {later} step: {report}");
+    }
+    assert_eq!(
+        count(
+            &pair.a.url(),
+            "SELECT count(*) AS n FROM operator_action WHERE command = 'HA_CUTOVER' \
+             AND detail LIKE 'outcome: REFUSED: %' AND detail LIKE '%step: FAIL close the gap %'",
+        ),
+        1,
+        "the refusal is recorded for the audit log"
+    );
+    let after = role(&pair.a.url());
+    assert_eq!((after.role, after.epoch), (before.role, before.epoch));
+    assert_eq!(pair.a.daemon().restarts.load(Ordering::SeqCst), 0);
+    let n = load.answered();
+    wait_until(
+        "load on A after the refusal",
+        Duration::from_secs(60),
+        || load.answered() >= n + 50,
+    );
+    let (answered, unanswered) = load.finish();
+    assert_eq!(unanswered, 0);
+    assert!(answered.values().all(|a| a.node == 0), "only A answered");
     pair.coresim.stop();
 }
 

@@ -875,7 +875,7 @@ fn read_ha(r: &mut Reader, role: Role) -> Option<HaConfig> {
             "ha.source_password_credential",
         ),
         slot,
-        batch: r.int_or("ha.batch", 1000, 1..=100_000) as u32,
+        batch: r.int_or("ha.batch", 10_000, 1..=100_000) as u32,
         poll_every: r.duration_or(
             "ha.poll_every",
             Duration::from_millis(200),
@@ -1286,7 +1286,7 @@ mod tests {
         .unwrap();
         let ha = config.ha.unwrap();
         assert_eq!(ha.slot, "kunpay_cdc");
-        assert_eq!(ha.batch, 1000);
+        assert_eq!(ha.batch, 10_000);
         assert_eq!(ha.max_lag_bytes, 1024 * 1024);
         assert_eq!(ha.poll_every, Duration::from_millis(200));
         assert!(parse(base).unwrap().ha.is_none());

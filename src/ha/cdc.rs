@@ -48,6 +48,10 @@ pub struct CdcSettings {
     /// The logical slot on the source (created with test_decoding when missing).
     pub slot: String,
     /// Rows one peek returns at most (BEGIN and COMMIT count; a transaction is never split).
+    /// Every batch costs a fixed amount besides its rows (a peek that decodes the source's WAL
+    /// from the slot's restart point, the slot's advance, the target transaction with its
+    /// position row), so small batches cap the apply rate: at full debit load on the 2-core
+    /// machine, 1,000 applied 1.03x the write rate and 10,000 applied 1.25x (2026-11-24).
     pub batch: u32,
     /// Bound on each statement on either side.
     pub statement_timeout: Duration,
@@ -57,7 +61,7 @@ impl Default for CdcSettings {
     fn default() -> Self {
         CdcSettings {
             slot: "kunpay_cdc".into(),
-            batch: 1000,
+            batch: 10_000,
             statement_timeout: Duration::from_secs(60),
         }
     }

@@ -5,7 +5,10 @@
 //! Owns: the order of the steps and the checks before them. Before the pause, the pre-verify
 //! digests both databases in full and follows them (`verify.rs`), so the verify step in the pause
 //! re-reads only what changed since; it never refuses (without it the verify step reads every
-//! row). The order is the safety argument:
+//! row). Then, still serving, "close the gap" waits until the standby has applied what the
+//! active wrote meanwhile (the pre-verify's reads slow the copy), so the pause does not start
+//! with a backlog; a standby that cannot catch up under the load is refused there, before
+//! anything changed. The order is the safety argument:
 //! drain the old active (503 on /primary, in-flight work finishes) -> fence it (FENCED at the new
 //! epoch: from here nothing writes there) -> note its flushed WAL position -> wait until the
 //! standby has applied everything up to that position -> verify both databases table by table
@@ -216,6 +219,7 @@ pub fn dry_run(
     let new_epoch = epochs.0.max(epochs.1) + 1;
     let steps = vec![
         "pre-verify while serving: digest both databases in full and follow their changes (own slots), so the verify in the pause re-reads only rows written since".to_string(),
+        "close the gap while serving: wait until the standby has applied what the active had written (rounds, until one is short), then let the digests follow, so the pause starts with little to copy and re-read".to_string(),
         "drain the old active: /primary answers 503 so F5 stops sending; wait for in-flight requests".to_string(),
         format!("fence the old active's database: FENCED at epoch {new_epoch} (every write there is refused from now on)"),
         "note the old active's flushed WAL position (the fence position)".to_string(),
@@ -437,6 +441,86 @@ fn wait_for(
     }
 }
 
+/// Some(what it holds) once the standby has applied everything up to `position` of the active.
+fn standby_holds(
+    active: &mut PgConnection,
+    standby: &mut PgConnection,
+    slot: &str,
+    position: Lsn,
+) -> anyhow::Result<Option<String>> {
+    let status = cdc::status(active, standby, slot)?;
+    let complete = status
+        .position
+        .as_ref()
+        .map(|p| Lsn(p.applied_lsn.max(p.complete_lsn).max(0) as u64))
+        .unwrap_or_default();
+    Ok((complete >= position).then(|| {
+        format!(
+            "the standby holds everything up to {complete} ({} transactions applied in all)",
+            status.position.as_ref().map_or(0, |p| p.transactions)
+        )
+    }))
+}
+
+/// Catch-up rounds before the drain: each waits until the standby holds what the active had
+/// flushed when the round began, and the next copies what was written meanwhile. They stop
+/// once a round is this short (what is left is about what the pause would copy anyway)...
+const GAP_SETTLED: Duration = Duration::from_millis(300);
+/// ...or after this many: under a load the copy only just keeps up, each round is about as
+/// long as the one before, and more rounds gain nothing.
+const GAP_ROUNDS: usize = 4;
+
+/// The "close the gap" step (see `execute`); Err refuses the cutover before anything changed.
+fn close_the_gap(
+    active: &mut PgConnection,
+    standby: &mut PgConnection,
+    incremental: &mut Option<verify::Incremental>,
+    settings: &CutoverSettings,
+) -> anyhow::Result<((), String)> {
+    let mut rounds = Vec::new();
+    for _ in 0..GAP_ROUNDS {
+        let started = Instant::now();
+        let written = cdc::flush_lsn(active)?;
+        let caught = wait_for(settings.catch_up_timeout, || {
+            standby_holds(active, standby, &settings.slot, written)
+        })?;
+        anyhow::ensure!(
+            caught.is_some(),
+            "the standby did not apply what the active had written up to {written} within {:?} \
+             while the active served: it does not keep up with this load (nothing was changed; \
+             run the cutover when the load is lower, and see `kunpayctl ha status` for the lag)",
+            settings.catch_up_timeout
+        );
+        let took = started.elapsed();
+        rounds.push(format!("{} ms", took.as_millis()));
+        if took < GAP_SETTLED {
+            break;
+        }
+    }
+    let digests = match incremental.as_mut().map(|following| following.refresh()) {
+        None => String::new(),
+        Some(Ok((on_active, on_standby))) => format!(
+            "; the digests followed ({on_active} rows re-read on the active, {on_standby} on the standby)"
+        ),
+        Some(Err(e)) => {
+            if let Some(following) = incremental.take() {
+                following.finish();
+            }
+            format!(
+                "; following the changes failed ({e:#}): the verify step reads every row in the write pause"
+            )
+        }
+    };
+    Ok((
+        (),
+        format!(
+            "the standby caught up with the serving active in {} round(s): {}{digests}",
+            rounds.len(),
+            rounds.join(", ")
+        ),
+    ))
+}
+
 /// Moves the active role from the database at `active_url` to the one at `standby_url` (see
 /// the module comment for the order and why). `on_step` sees every check and step as it ends.
 pub fn execute(
@@ -515,6 +599,22 @@ pub fn execute(
         })
         .ok()
         .flatten();
+    // 0b. Still serving: the pre-verify's reads slowed the copy, so the standby is further
+    // behind than the lag check saw; whatever it still lacks at the drain is copied inside the
+    // pause. A standby that cannot catch up while serving is refused here, before anything
+    // changed.
+    if let Err(reason) = runner.step("close the gap", || {
+        close_the_gap(&mut active, &mut standby, &mut incremental, settings)
+    }) {
+        if let Some(following) = incremental.take() {
+            following.finish();
+        }
+        return refused(
+            plan,
+            runner.steps,
+            format!("step \"close the gap\" failed: {reason}"),
+        );
+    }
     let paused_at = Instant::now();
 
     let result = (|| -> Result<(), String> {
@@ -584,18 +684,7 @@ pub fn execute(
         // 3. Catch up.
         runner.step("catch up", || {
             let caught = wait_for(settings.catch_up_timeout, || {
-                let status = cdc::status(&mut active, &mut standby, &settings.slot)?;
-                let complete = status
-                    .position
-                    .as_ref()
-                    .map(|p| Lsn(p.applied_lsn.max(p.complete_lsn).max(0) as u64))
-                    .unwrap_or_default();
-                Ok((complete >= fence).then(|| {
-                    format!(
-                        "the standby holds everything up to {complete} ({} transactions applied in all)",
-                        status.position.as_ref().map_or(0, |p| p.transactions)
-                    )
-                }))
+                standby_holds(&mut active, &mut standby, &settings.slot, fence)
             })?;
             caught.map(|d| ((), d)).ok_or_else(|| {
                 anyhow::anyhow!(

@@ -101,6 +101,10 @@ fn lag_bytes(pair: &Pair) -> u64 {
 fn main() {
     let workers = env_number("KUNPAY_BENCH_HA_WORKERS", 16) as usize;
     let cutover_workers = env_number("KUNPAY_BENCH_HA_CUTOVER_WORKERS", 1) as usize;
+    let max_lag = std::env::var("KUNPAY_BENCH_HA_MAX_LAG").map_or_else(
+        |_| "1MiB (the default)".to_string(),
+        |b| format!("{b} (KUNPAY_BENCH_HA_MAX_LAG)"),
+    );
     let seconds = env_number("KUNPAY_BENCH_HA_SECONDS", 10);
     let mut pair = Pair::start();
     let agreement = pair.sign_agreement();
@@ -244,14 +248,16 @@ fn main() {
          signed and sealed like an institution's, sent to the node that takes business and moved to \
          the other on 503 or a refused connection, as F5 does (KUNPAY_BENCH_HA_WORKERS={workers} for \
          the apply phase, KUNPAY_BENCH_HA_CUTOVER_WORKERS={cutover_workers} around the cutover, \
-         KUNPAY_BENCH_HA_SECONDS={seconds} per phase). Pause = the longest gap between two consecutive \
+         KUNPAY_BENCH_HA_SECONDS={seconds} per phase; `ha.max_lag` {max_lag}, `ha.batch` the default). Pause = the longest gap between two consecutive \
          answers from the start of `kunpayctl cutover` to the end of the phase after it. {} debits \
          answered, none lost (every answer is checked by tests/ha_cutover.rs, not here). The pause is \
          made of the drain (the role-watch period is 100 ms), the verify step, and the promotion \
          (pool, core link). The journal held {history_rows} rows of copied history besides the \
          load's ({total_rows} rows in its five largest tables before the cutover). The pre-verify \
          step, before the drain and outside the pause, digested both databases in full while the \
-         load went on: {:.0} ms in the cutover ({}), {:.0} ms in the rollback. The verify step in \
+         load went on: {:.0} ms in the cutover ({}), {:.0} ms in the rollback. Then, still \
+         serving, the standby caught up with the active (close the gap): {gap_cutover:.0} ms in \
+         the cutover ({gap_detail}), {gap_rollback:.0} ms in the rollback. The verify step in \
          the pause then re-read only the rows written since: {:.0} ms ({}) in the cutover, {:.0} ms \
          in the rollback, where a full digest of every row took ~7.7 us per row with both \
          databases read at once (587 ms for 70,935 rows, stop 16). The applier sends consecutive \
@@ -279,6 +285,9 @@ fn main() {
         step(&cutover_report, "verify").0,
         step(&cutover_report, "verify").1,
         step(&rollback_report, "verify").0,
+        gap_cutover = step(&cutover_report, "close the gap").0,
+        gap_detail = step(&cutover_report, "close the gap").1,
+        gap_rollback = step(&rollback_report, "close the gap").0,
     );
     eprintln!("{cutover_report}\n{rollback_report}");
     print!("{section}");

@@ -48,6 +48,14 @@ pub fn count(url: &str, sql: &str) -> i64 {
     diesel::sql_query(sql).get_result::<N>(&mut conn).unwrap().n
 }
 
+/// `ha.max_lag` for both nodes: the default (1 MiB) unless the HA benchmark is told another
+/// bound (`KUNPAY_BENCH_HA_MAX_LAG`, say "8MiB": the lag a cutover accepts under more load).
+fn max_lag_line() -> String {
+    std::env::var("KUNPAY_BENCH_HA_MAX_LAG")
+        .map(|bound| format!("max_lag = \"{bound}\"\n"))
+        .unwrap_or_default()
+}
+
 pub fn role(url: &str) -> ha::RoleRecord {
     ha::read_role(&mut PgConnection::establish(url).unwrap()).unwrap()
 }
@@ -247,12 +255,13 @@ impl Pair {
                     "[core]\nlink = \"amqp\"\n\n[core.amqp]\nurl = \"{scheme}://{user}@{host}/%2f\"\n\
                      password_file = \"{}\"\nrequest_queue = \"{}\"\nreply_queue = \"{}\"\n\
                      dead_letter_queue = \"{}\"\nmac_key_id = \"test-2026\"\nmac_key_file = \"{}\"\n\n\
-                     [ha]\nsource_url = \"{peer}\"\nbatch = 1000\npoll_every = \"20ms\"\nmax_lag_time = \"30s\"\n",
+                     [ha]\nsource_url = \"{peer}\"\npoll_every = \"20ms\"\nmax_lag_time = \"30s\"\n{max_lag}",
                     password_file.display(),
                     queues.request,
                     queues.reply,
                     queues.dead,
                     mac_file.display(),
+                    max_lag = max_lag_line(),
                 ),
             );
         };
