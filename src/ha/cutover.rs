@@ -466,18 +466,35 @@ fn standby_holds(
 /// flushed when the round began, and the next copies what was written meanwhile. They stop
 /// once a round is this short (what is left is about what the pause would copy anyway)...
 const GAP_SETTLED: Duration = Duration::from_millis(300);
-/// ...or after this many: under a load the copy only just keeps up, each round is about as
-/// long as the one before, and more rounds gain nothing.
+/// ...or when a round was not clearly shorter than the one before (the copy only just keeps
+/// up with this load: more rounds gain nothing, and the pause will copy about one round's
+/// writes), or after this many.
 const GAP_ROUNDS: usize = 4;
 
 /// The "close the gap" step (see `execute`); Err refuses the cutover before anything changed.
+/// The digests follow first, so that the last thing before the drain is the catch-up.
 fn close_the_gap(
     active: &mut PgConnection,
     standby: &mut PgConnection,
     incremental: &mut Option<verify::Incremental>,
     settings: &CutoverSettings,
 ) -> anyhow::Result<((), String)> {
-    let mut rounds = Vec::new();
+    let digests = match incremental.as_mut().map(|following| following.refresh()) {
+        None => String::new(),
+        Some(Ok((on_active, on_standby))) => format!(
+            "; the digests followed first ({on_active} rows re-read on the active, {on_standby} on the standby)"
+        ),
+        Some(Err(e)) => {
+            if let Some(following) = incremental.take() {
+                following.finish();
+            }
+            format!(
+                "; following the changes failed ({e:#}): the verify step reads every row in the write pause"
+            )
+        }
+    };
+    let mut rounds: Vec<Duration> = Vec::new();
+    let mut verdict = "";
     for _ in 0..GAP_ROUNDS {
         let started = Instant::now();
         let written = cdc::flush_lsn(active)?;
@@ -492,31 +509,28 @@ fn close_the_gap(
             settings.catch_up_timeout
         );
         let took = started.elapsed();
-        rounds.push(format!("{} ms", took.as_millis()));
+        let previous = rounds.last().copied();
+        rounds.push(took);
         if took < GAP_SETTLED {
+            verdict = "; settled";
+            break;
+        }
+        if previous.is_some_and(|p| took * 3 > p * 2) {
+            verdict = "; not converging: the copy only just keeps up with this load, and the pause \
+                       will copy about one round's writes";
             break;
         }
     }
-    let digests = match incremental.as_mut().map(|following| following.refresh()) {
-        None => String::new(),
-        Some(Ok((on_active, on_standby))) => format!(
-            "; the digests followed ({on_active} rows re-read on the active, {on_standby} on the standby)"
-        ),
-        Some(Err(e)) => {
-            if let Some(following) = incremental.take() {
-                following.finish();
-            }
-            format!(
-                "; following the changes failed ({e:#}): the verify step reads every row in the write pause"
-            )
-        }
-    };
     Ok((
         (),
         format!(
-            "the standby caught up with the serving active in {} round(s): {}{digests}",
+            "the standby caught up with the serving active in {} round(s): {}{verdict}{digests}",
             rounds.len(),
-            rounds.join(", ")
+            rounds
+                .iter()
+                .map(|r| format!("{} ms", r.as_millis()))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     ))
 }
