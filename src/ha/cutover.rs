@@ -219,7 +219,7 @@ pub fn dry_run(
     let new_epoch = epochs.0.max(epochs.1) + 1;
     let steps = vec![
         "pre-verify while serving: digest both databases in full and follow their changes (own slots), so the verify in the pause re-reads only rows written since".to_string(),
-        "close the gap while serving: wait until the standby has applied what the active had written (rounds, until one is short), then let the digests follow, so the pause starts with little to copy and re-read".to_string(),
+        "close the gap while serving: let the digests follow, then wait until the standby has applied what the active had written (in rounds, until one is short or they stop shrinking), so the pause starts with little to copy and re-read".to_string(),
         "drain the old active: /primary answers 503 so F5 stops sending; wait for in-flight requests".to_string(),
         format!("fence the old active's database: FENCED at epoch {new_epoch} (every write there is refused from now on)"),
         "note the old active's flushed WAL position (the fence position)".to_string(),
@@ -765,8 +765,8 @@ pub fn execute(
                     active_url,
                     cdc::CdcSettings {
                         slot: settings.slot.clone(),
-                        batch: 1000,
                         statement_timeout: settings.statement_timeout,
+                        ..cdc::CdcSettings::default()
                     },
                 ) {
                     Ok(()) => {

@@ -451,12 +451,28 @@ pub fn longest_gap(
 }
 
 pub fn handover(kind: &str, node: &Node) -> (i32, String) {
-    let (code, stdout, stderr) = run(kunpayctl()
+    handover_with(
+        kind,
+        node,
+        &["--drain-timeout", "15s", "--catch-up-timeout", "60s"],
+    )
+}
+
+/// `kunpayctl cutover|rollback` on `node` with these timeouts; its exit code and report.
+pub fn handover_with(kind: &str, node: &Node, timeouts: &[&str]) -> (i32, String) {
+    let (code, stdout, stderr) = run(&mut handover_command(kind, node, timeouts));
+    (code, format!("{stdout}{stderr}"))
+}
+
+/// The `kunpayctl cutover|rollback` command for `node`, for a test that runs it itself.
+pub fn handover_command(kind: &str, node: &Node, timeouts: &[&str]) -> std::process::Command {
+    let mut command = kunpayctl();
+    command
         .arg(kind)
         .arg("--config")
         .arg(node.dir.config_path())
-        .args(["--drain-timeout", "15s", "--catch-up-timeout", "60s"]));
-    (code, format!("{stdout}{stderr}"))
+        .args(timeouts);
+    command
 }
 
 pub fn debit(pair: &Pair, base: &str, agreement: &str) -> (u16, String) {
