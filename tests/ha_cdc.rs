@@ -1053,7 +1053,8 @@ fn the_cutover_dry_run_checks_everything_and_changes_nothing() {
 
 /// A first figure for the applier's rate (not the benchmark, which issue 8 asks of `make
 /// bench`): 20,000 journal-sized rows in 2,000 source transactions, applied in batches of 1,000
-/// rows. Run by hand: `cargo test --test ha_cdc cdc_apply_rate -- --ignored --nocapture`.
+/// rows; 20,000 deletes in one transaction; 1,000 debits as the journal writes them. Run by
+/// hand (add `--release` for figures comparable with docs/operations.md): `cargo test --test ha_cdc cdc_apply_rate -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn cdc_apply_rate() {
@@ -1080,9 +1081,10 @@ fn cdc_apply_rate() {
         out.transactions as f64 / took.as_secs_f64()
     );
     assert_same(&active, &standby);
-    // A pruning job's deletes, one statement each on the standby. Sending a run of them as one
-    // `DELETE ... WHERE (inst_id, msg_id) IN (...)` of 32 keys was measured slower (3,852 vs
-    // 8,386 rows/s, 2026-11-24) and not kept.
+    // A pruning job's deletes, sixteen to a statement on the standby (one CTE each). Sending
+    // a run of them as one `DELETE ... WHERE (inst_id, msg_id) IN (...)` of 32 keys was
+    // measured slower than one statement each (3,852 vs 8,386 rows/s, 2026-11-24) and not
+    // kept; the CTEs keep each key's own plan.
     src.batch_execute(
         "DELETE FROM seen_message WHERE inst_id = 'R' AND msg_id LIKE 'm-1%'; \
          DELETE FROM seen_message WHERE inst_id = 'R'",
@@ -1098,6 +1100,24 @@ fn cdc_apply_rate() {
         out.transactions,
         took.as_secs_f64(),
         out.changes as f64 / took.as_secs_f64()
+    );
+    assert_same(&active, &standby);
+    // Debits as the journal writes them: two source transactions of four to six changes over
+    // six tables each, which the applier sends as one statement per source transaction.
+    for n in 0..1000 {
+        journal_debit(&mut src, &format!("RATE-{n}"), 1);
+    }
+    let started = Instant::now();
+    let out = cdc.drain(1000).unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.transactions, 2000);
+    println!(
+        "applied {} changes of 1,000 debits in {} transactions in {:.2} s: {:.0} rows/s, {:.0} debits/s",
+        out.changes,
+        out.transactions,
+        took.as_secs_f64(),
+        out.changes as f64 / took.as_secs_f64(),
+        1000.0 / took.as_secs_f64()
     );
     assert_same(&active, &standby);
 }
@@ -1212,6 +1232,88 @@ fn a_diverged_standby_refuses_the_whole_batch_and_applies_it_once_settled() {
     assert!(cdc.drain(10).unwrap().caught_up);
     assert_eq!(count(&mut s, "SELECT count(*) AS n FROM batch_pairs"), 19);
     assert_same(&active, &standby);
+}
+
+/// The applier sends a source transaction's changes together (one statement, a CTE per change,
+/// which run in no defined order); changes whose order matters still land in the source's
+/// order: the same row inserted, updated twice, deleted and inserted again; a primary key
+/// changed and the old key reused; a unique value freed by a DELETE or an UPDATE and taken by
+/// an INSERT in the same transaction; parent and child rows inserted and deleted together.
+#[test]
+fn changes_whose_order_matters_land_in_the_sources_order() {
+    let (active, standby) = pair();
+    let ddl = "CREATE TABLE order_parent (id BIGINT NOT NULL, code TEXT NOT NULL, v TEXT, \
+                   CONSTRAINT order_parent_pk PRIMARY KEY (id), CONSTRAINT order_parent_code_uk UNIQUE (code)); \
+               CREATE TABLE order_child (id BIGINT NOT NULL, parent BIGINT NOT NULL, \
+                   CONSTRAINT order_child_pk PRIMARY KEY (id), \
+                   CONSTRAINT order_child_parent_fk FOREIGN KEY (parent) REFERENCES order_parent (id))";
+    connect(&active).batch_execute(ddl).unwrap();
+    connect(&standby).batch_execute(ddl).unwrap();
+    let mut cdc = applier(&active, &standby, 1000);
+    cdc.drain(10).unwrap();
+    connect(&active)
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO order_parent VALUES (1, 'a', 'first');
+             UPDATE order_parent SET v = 'second' WHERE id = 1;
+             UPDATE order_parent SET v = 'third' WHERE id = 1;
+             INSERT INTO order_parent VALUES (2, 'b', 'gone');
+             INSERT INTO order_child VALUES (20, 2);
+             DELETE FROM order_child WHERE id = 20;
+             DELETE FROM order_parent WHERE id = 2;
+             INSERT INTO order_parent VALUES (2, 'b', 'again');
+             INSERT INTO order_child VALUES (21, 2);
+             COMMIT;
+             BEGIN;
+             DELETE FROM order_parent WHERE id = 1;
+             INSERT INTO order_parent VALUES (3, 'a', 'took a from 1');
+             UPDATE order_parent SET code = 'c' WHERE id = 3;
+             INSERT INTO order_parent VALUES (4, 'a', 'took a from 3');
+             UPDATE order_parent SET id = 30 WHERE id = 3;
+             INSERT INTO order_parent VALUES (3, 'd', 'reused key 3');
+             INSERT INTO order_child VALUES (22, 30);
+             INSERT INTO order_child VALUES (23, 3);
+             COMMIT;",
+        )
+        .unwrap();
+    let out = cdc.drain(10).unwrap();
+    assert!(out.caught_up);
+    assert_eq!(out.transactions, 2);
+    assert_eq!(out.changes, 17);
+    assert_same(&active, &standby);
+    let rows: Vec<(i64, String, String)> = {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            id: i64,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            code: String,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            v: String,
+        }
+        diesel::sql_query("SELECT id, code, v FROM order_parent ORDER BY id")
+            .load::<Row>(&mut connect(&standby))
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.id, r.code, r.v))
+            .collect()
+    };
+    assert_eq!(
+        rows,
+        [
+            (2, "b".into(), "again".into()),
+            (3, "d".into(), "reused key 3".into()),
+            (4, "a".into(), "took a from 3".into()),
+            (30, "c".into(), "took a from 1".into()),
+        ]
+    );
+    assert_eq!(
+        count(
+            &mut connect(&standby),
+            "SELECT count(*) AS n FROM order_child"
+        ),
+        3
+    );
 }
 
 /// A cutover promotes the standby and retires its copy (the position row goes) possibly before

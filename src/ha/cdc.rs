@@ -12,7 +12,9 @@
 //! 3. in one target transaction (`SET LOCAL kunpay.cdc_apply = 'on'` lets it past the write
 //!    guard; the role row is share-locked, so a promotion waits for the batch), stream
 //!    `pg_logical_slot_peek_changes(slot, NULL, batch)` row by row and apply each change as a
-//!    parameterised statement keyed by primary key; every COMMIT must come after the stored
+//!    parameterised statement keyed by primary key, a source transaction's changes sent
+//!    together as one statement where their order cannot matter ([`PendingStatement`]);
+//!    every COMMIT must come after the stored
 //!    position; then update the position row and commit;
 //! 4. advance the slot to the last applied commit (`pg_replication_slot_advance`).
 //!
@@ -242,6 +244,9 @@ pub(crate) struct TableInfo {
     /// name -> (type as test_decoding prints it, the type for a cast: "pg_catalog"."int4").
     columns: HashMap<String, (String, String)>,
     key: Vec<String>,
+    /// A unique index besides the primary key (the applier's statements order changes to such
+    /// a table).
+    other_unique: bool,
 }
 
 /// The target's replicated tables, read from its catalog: identifiers that reach SQL come from
@@ -266,6 +271,12 @@ struct CatalogColumn {
     type_schema: String,
     #[diesel(sql_type = Text)]
     type_name: String,
+}
+
+#[derive(QueryableByName)]
+struct NameOnly {
+    #[diesel(sql_type = Text)]
+    name: String,
 }
 
 #[derive(QueryableByName)]
@@ -306,6 +317,13 @@ impl Catalog {
              WHERE n.nspname = current_schema() AND i.indisprimary",
         )
         .load(conn)?;
+        let other_unique: Vec<NameOnly> = diesel::sql_query(
+            "SELECT DISTINCT c.relname AS name \
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND i.indisunique AND NOT i.indisprimary",
+        )
+        .load(conn)?;
         let mut tables: HashMap<String, TableInfo> = HashMap::new();
         let mut attnames: HashMap<(String, i16), String> = HashMap::new();
         for c in columns {
@@ -326,6 +344,7 @@ impl Catalog {
                 .or_insert_with(|| TableInfo {
                     columns: HashMap::new(),
                     key: Vec::new(),
+                    other_unique: false,
                 })
                 .columns
                 .insert(c.column_name, (c.base_type, cast));
@@ -351,6 +370,11 @@ impl Catalog {
                         ))
                     })?;
                 table.key.push(name);
+            }
+        }
+        for unique in other_unique {
+            if let Some(table) = tables.get_mut(&unique.name) {
+                table.other_unique = true;
             }
         }
         for (name, table) in &tables {
@@ -424,12 +448,23 @@ pub(crate) const PARAM: &str = "\0";
 pub(crate) struct Statement<'a> {
     sql: String,
     binds: Vec<Option<&'a str>>,
+    /// Whether diesel keeps it prepared (see [`PREPARED_SHAPES`]).
+    kept: bool,
 }
 
 impl<'a> Statement<'a> {
     pub(crate) fn new(sql: String, binds: Vec<Option<&'a str>>) -> Self {
         debug_assert_eq!(sql.matches(PARAM).count(), binds.len());
-        Statement { sql, binds }
+        Statement {
+            sql,
+            binds,
+            kept: true,
+        }
+    }
+
+    fn kept(mut self, kept: bool) -> Self {
+        self.kept = kept;
+        self
     }
 }
 
@@ -443,6 +478,9 @@ impl diesel::query_builder::QueryFragment<Pg> for Statement<'_> {
         &'b self,
         mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
     ) -> QueryResult<()> {
+        if !self.kept {
+            out.unsafe_to_cache_prepared();
+        }
         let mut binds = self.binds.iter();
         for (index, part) in self.sql.split(PARAM).enumerate() {
             if index > 0 {
@@ -469,25 +507,51 @@ impl diesel::query_builder::Query for Statement<'_> {
     type SqlType = diesel::sql_types::Untyped;
 }
 
-/// One change as a statement with bound parameters, the rows it touched checked; an INSERT
-/// joins `pending` (sent with the next change that cannot join it), any other change sends
-/// `pending` first. Returns whether the change is for this target.
+/// One change as a part of the statement that carries its source transaction to the target
+/// (see [`PendingStatement`]). Returns whether the change is for this target.
 fn apply_change(
     conn: &mut PgConnection,
     catalog: &Catalog,
     change: &Change,
-    pending: &mut PendingInserts,
+    pending: &mut PendingStatement,
+    shapes: &mut PreparedShapes,
 ) -> Result<bool, CdcError> {
-    if !matches!(change, Change::Insert { .. }) {
-        // Every other change goes to the target after the inserts that came before it.
-        pending.flush(conn)?;
-    }
     match change {
         Change::Insert { table: name, new } => {
-            let Some(row) = insert_row(catalog, name, new)? else {
+            let Some(table) = catalog.table(name)? else {
                 return Ok(false);
             };
-            pending.add(conn, row)?;
+            let mut columns = Vec::with_capacity(new.len());
+            let mut values = Vec::with_capacity(new.len());
+            for c in new {
+                if c.value == Value::UnchangedToast {
+                    return Err(CdcError::Refused(format!(
+                        "INSERT into {name} carries an unchanged-toast marker for {}",
+                        c.name
+                    )));
+                }
+                let cast = column_cast(table, name, c)?;
+                columns.push(quote_ident(&c.name));
+                values.push(format!("CAST({PARAM} AS {cast})"));
+            }
+            let part = Part {
+                kind: PartKind::Insert,
+                table: name.clone(),
+                other_unique: table.other_unique,
+                head: format!(
+                    "INSERT INTO {}.{} ({}) VALUES ",
+                    quote_ident(&name.schema),
+                    quote_ident(&name.name),
+                    columns.join(", ")
+                ),
+                rows: vec![format!("({})", values.join(", "))],
+                binds: new
+                    .iter()
+                    .map(|c| value_of(c).map(str::to_string))
+                    .collect(),
+            };
+            let keys = row_key(table, name, new).into_iter().collect();
+            pending.add(conn, shapes, part, keys)?;
             Ok(true)
         }
         Change::Update {
@@ -500,14 +564,14 @@ fn apply_change(
             };
             let key_source = old_key.as_ref().unwrap_or(new);
             let mut sets = Vec::new();
-            let mut binds: Vec<Option<&str>> = Vec::new();
+            let mut binds: Vec<Option<String>> = Vec::new();
             for c in new {
                 if c.value == Value::UnchangedToast {
                     // Not in the WAL because it did not change: keep the target's copy.
                     continue;
                 }
                 let cast = column_cast(table, name, c)?;
-                binds.push(value_of(c));
+                binds.push(value_of(c).map(str::to_string));
                 sets.push(format!(
                     "{} = CAST({PARAM} AS {cast})",
                     quote_ident(&c.name)
@@ -517,14 +581,26 @@ fn apply_change(
             if sets.is_empty() {
                 return Ok(true);
             }
-            let sql = format!(
-                "UPDATE {}.{} SET {} WHERE {}",
-                quote_ident(&name.schema),
-                quote_ident(&name.name),
-                sets.join(", "),
-                wheres.join(" AND ")
-            );
-            expect_one(Statement { sql, binds }.execute(conn)?, "UPDATE of", name)?;
+            // The row before and, when the key changed, after: both are this change's.
+            let keys = [row_key(table, name, key_source), row_key(table, name, new)]
+                .into_iter()
+                .flatten()
+                .collect();
+            let part = Part {
+                kind: PartKind::Update,
+                table: name.clone(),
+                other_unique: table.other_unique,
+                head: format!(
+                    "UPDATE {}.{} SET {} WHERE {}",
+                    quote_ident(&name.schema),
+                    quote_ident(&name.name),
+                    sets.join(", "),
+                    wheres.join(" AND ")
+                ),
+                rows: Vec::new(),
+                binds,
+            };
+            pending.add(conn, shapes, part, keys)?;
             Ok(true)
         }
         Change::Delete { table: name, key } => {
@@ -539,13 +615,21 @@ fn apply_change(
             }
             let mut binds = Vec::new();
             let wheres = key_conditions(table, name, key, &mut binds)?;
-            let sql = format!(
-                "DELETE FROM {}.{} WHERE {}",
-                quote_ident(&name.schema),
-                quote_ident(&name.name),
-                wheres.join(" AND ")
-            );
-            expect_one(Statement { sql, binds }.execute(conn)?, "DELETE from", name)?;
+            let part = Part {
+                kind: PartKind::Delete,
+                table: name.clone(),
+                other_unique: table.other_unique,
+                head: format!(
+                    "DELETE FROM {}.{} WHERE {}",
+                    quote_ident(&name.schema),
+                    quote_ident(&name.name),
+                    wheres.join(" AND ")
+                ),
+                rows: Vec::new(),
+                binds,
+            };
+            let keys = row_key(table, name, key).into_iter().collect();
+            pending.add(conn, shapes, part, keys)?;
             Ok(true)
         }
         Change::Truncate {
@@ -566,6 +650,8 @@ fn apply_change(
             if names.is_empty() {
                 return Ok(false);
             }
+            // Everything before it first; nothing after it joins what came before.
+            pending.flush(conn, shapes)?;
             let sql = format!(
                 "TRUNCATE TABLE {}{}{}",
                 names.join(", "),
@@ -583,11 +669,11 @@ fn apply_change(
 }
 
 /// `"k" = CAST($n AS type)` for each primary-key column, from the old key (or the new row).
-fn key_conditions<'a>(
+fn key_conditions(
     table: &TableInfo,
     name: &TableName,
-    key_source: &'a [Column],
-    binds: &mut Vec<Option<&'a str>>,
+    key_source: &[Column],
+    binds: &mut Vec<Option<String>>,
 ) -> Result<Vec<String>, CdcError> {
     let mut wheres = Vec::with_capacity(table.key.len());
     for key_column in &table.key {
@@ -606,7 +692,7 @@ fn key_conditions<'a>(
             )));
         };
         let cast = column_cast(table, name, c)?;
-        binds.push(Some(value));
+        binds.push(Some(value.to_string()));
         wheres.push(format!(
             "{} = CAST({PARAM} AS {cast})",
             quote_ident(key_column)
@@ -615,115 +701,244 @@ fn key_conditions<'a>(
     Ok(wheres)
 }
 
-/// Rows an applier INSERT carries at most: consecutive inserts into one table with the same
-/// columns go to the target as one multi-row INSERT (one round trip instead of one per row;
-/// the target sees the same rows in the same order). Bounded so statements stay far below the
-/// protocol's 65,535 parameters and the prepared-statement cache holds few shapes.
-const INSERT_ROWS_PER_STATEMENT: usize = 32;
+/// The row a change touches, as (table, primary-key values): `None` when `columns` lack a key
+/// value (the change then goes to the target in a statement of its own).
+fn row_key(table: &TableInfo, name: &TableName, columns: &[Column]) -> Option<RowKey> {
+    let mut values = Vec::with_capacity(table.key.len());
+    for key_column in &table.key {
+        values.push(value_of(columns.iter().find(|c| &c.name == key_column)?)?.to_string());
+    }
+    Some((name.name.clone(), values))
+}
 
-/// One row of an INSERT change, ready to join others of its table and columns.
-struct InsertRow {
+type RowKey = (String, Vec<String>);
+
+/// Rows an applier INSERT carries at most: consecutive inserts into one table with the same
+/// columns go to the target as one multi-row INSERT (the target sees the same rows in the same
+/// order). Bounded so the prepared-statement cache holds few shapes.
+const INSERT_ROWS_PER_STATEMENT: usize = 32;
+/// Parts (one data-modifying CTE each) one statement carries at most: a debit's opening has
+/// five, its outcome four; a bigger source transaction goes in several statements.
+const PARTS_PER_STATEMENT: usize = 16;
+/// Bound values one statement carries at most (the protocol allows 65,535).
+const BINDS_PER_STATEMENT: usize = 4_096;
+/// Distinct shapes of combined statements kept prepared on the target connection. diesel's
+/// cache of prepared statements has no eviction, and combined shapes are combinations of
+/// single changes: a source with unusual transactions could otherwise grow it without end.
+/// Shapes beyond the bound are planned on every use; a single change's statement is always
+/// kept (its shapes are bounded by the schema).
+const PREPARED_SHAPES: usize = 256;
+
+/// Which combined statements the target connection keeps prepared (see [`PREPARED_SHAPES`]).
+#[derive(Default)]
+pub(crate) struct PreparedShapes {
+    kept: std::collections::HashSet<String>,
+}
+
+impl PreparedShapes {
+    fn keep(&mut self, sql: &str) -> bool {
+        if self.kept.contains(sql) {
+            return true;
+        }
+        if self.kept.len() < PREPARED_SHAPES {
+            self.kept.insert(sql.to_string());
+            return true;
+        }
+        false
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartKind {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl PartKind {
+    fn what(self) -> &'static str {
+        match self {
+            PartKind::Insert => "INSERT into",
+            PartKind::Update => "UPDATE of",
+            PartKind::Delete => "DELETE from",
+        }
+    }
+}
+
+/// One change (or a run of inserts into one table) of a pending statement.
+struct Part {
+    kind: PartKind,
     table: TableName,
-    /// `INSERT INTO schema.table (columns) VALUES `: rows with the same head share a statement.
+    /// The table has a unique index besides its primary key (see [`PendingStatement::add`]).
+    other_unique: bool,
+    /// The whole statement, or for an INSERT its `INSERT INTO schema.table (columns) VALUES `.
     head: String,
-    /// `(CAST(? AS type), ...)`.
-    values: String,
+    /// An INSERT's rows, `(CAST(? AS type), ...)` each; empty otherwise.
+    rows: Vec<String>,
     binds: Vec<Option<String>>,
 }
 
-/// `None` when the table is not replicated into this target.
-fn insert_row(
-    catalog: &Catalog,
-    name: &TableName,
-    new: &[Column],
-) -> Result<Option<InsertRow>, CdcError> {
-    let Some(table) = catalog.table(name)? else {
-        return Ok(None);
-    };
-    let mut columns = Vec::with_capacity(new.len());
-    let mut values = Vec::with_capacity(new.len());
-    for c in new {
-        if c.value == Value::UnchangedToast {
-            return Err(CdcError::Refused(format!(
-                "INSERT into {name} carries an unchanged-toast marker for {}",
-                c.name
-            )));
+impl Part {
+    fn sql(&self) -> String {
+        match self.kind {
+            PartKind::Insert => format!("{}{}", self.head, self.rows.join(", ")),
+            PartKind::Update | PartKind::Delete => self.head.clone(),
         }
-        let cast = column_cast(table, name, c)?;
-        columns.push(quote_ident(&c.name));
-        values.push(format!("CAST({PARAM} AS {cast})"));
     }
-    Ok(Some(InsertRow {
-        table: name.clone(),
-        head: format!(
-            "INSERT INTO {}.{} ({}) VALUES ",
-            quote_ident(&name.schema),
-            quote_ident(&name.name),
-            columns.join(", ")
-        ),
-        values: format!("({})", values.join(", ")),
-        binds: new
-            .iter()
-            .map(|c| value_of(c).map(str::to_string))
-            .collect(),
-    }))
+
+    /// Rows the part must touch on the target: each INSERT row lands, an UPDATE or DELETE by
+    /// primary key finds its row.
+    fn expected(&self) -> usize {
+        match self.kind {
+            PartKind::Insert => self.rows.len(),
+            PartKind::Update | PartKind::Delete => 1,
+        }
+    }
 }
 
-/// Consecutive INSERT rows of one table and column list, not yet sent to the target. Every
-/// other change flushes them first, so the target applies changes in the source's order.
+#[derive(QueryableByName)]
+struct PartRows {
+    #[diesel(sql_type = Integer)]
+    part: i32,
+    #[diesel(sql_type = BigInt)]
+    rows: i64,
+}
+
+/// The changes of one source transaction not yet sent to the target. They go as one
+/// statement, each change a data-modifying CTE that reports the rows it touched: one round
+/// trip per source transaction instead of one per change (a debit's opening is five changes,
+/// its outcome four), with every change's row count checked as before.
+///
+/// The CTEs of one statement run in no defined order and do not see each other's rows, so a
+/// change joins only when that cannot matter: it touches no row an earlier part touches (same
+/// table and primary key), and on a table with another unique index, an UPDATE or DELETE does
+/// not share the statement with any other change of that table (a unique value freed by one
+/// and taken by another must be freed first). Foreign keys are checked at the end of the
+/// statement, after every part, as the daemon's own combined statements rely on. A change
+/// that cannot join sends what is pending first, so the target applies the source's changes
+/// in an order that gives the same rows; the source transaction's COMMIT sends the rest.
 #[derive(Default)]
-struct PendingInserts {
-    rows: Vec<InsertRow>,
+struct PendingStatement {
+    parts: Vec<Part>,
+    binds: usize,
+    touched: std::collections::HashSet<RowKey>,
+    /// A part without a known key is pending: nothing may join it.
+    closed: bool,
 }
 
-impl PendingInserts {
-    /// Adds `row`, sending what is pending first when `row` cannot join it.
-    fn add(&mut self, conn: &mut PgConnection, row: InsertRow) -> Result<(), CdcError> {
-        let joins = self
-            .rows
-            .first()
-            .is_some_and(|first| first.head == row.head)
-            && self.rows.len() < INSERT_ROWS_PER_STATEMENT;
-        if !joins {
-            self.flush(conn)?;
+impl PendingStatement {
+    /// Adds `part`, which touches `keys` (empty: unknown), sending what is pending first when
+    /// it cannot join.
+    fn add(
+        &mut self,
+        conn: &mut PgConnection,
+        shapes: &mut PreparedShapes,
+        part: Part,
+        keys: Vec<RowKey>,
+    ) -> Result<(), CdcError> {
+        let conflicts = self.closed
+            || keys.is_empty()
+            || keys.iter().any(|k| self.touched.contains(k))
+            || (part.other_unique
+                && self.parts.iter().any(|p| {
+                    p.table == part.table
+                        && (p.kind != PartKind::Insert || part.kind != PartKind::Insert)
+                }))
+            || self.parts.len() >= PARTS_PER_STATEMENT
+            || self.binds + part.binds.len() > BINDS_PER_STATEMENT;
+        if conflicts {
+            self.flush(conn, shapes)?;
         }
-        self.rows.push(row);
-        Ok(())
-    }
-
-    /// Sends the pending rows as one INSERT; every row must land.
-    fn flush(&mut self, conn: &mut PgConnection) -> Result<(), CdcError> {
-        let Some(first) = self.rows.first() else {
+        self.closed = keys.is_empty();
+        self.touched.extend(keys);
+        self.binds += part.binds.len();
+        if let Some(last) = self.parts.last_mut()
+            && part.kind == PartKind::Insert
+            && last.kind == PartKind::Insert
+            && last.head == part.head
+            && last.rows.len() < INSERT_ROWS_PER_STATEMENT
+        {
+            last.rows.extend(part.rows);
+            last.binds.extend(part.binds);
             return Ok(());
-        };
-        let mut sql = first.head.clone();
-        for (at, row) in self.rows.iter().enumerate() {
-            if at > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&row.values);
         }
-        let statement = Statement {
-            sql,
-            binds: self
-                .rows
-                .iter()
-                .flat_map(|row| row.binds.iter().map(Option::as_deref))
-                .collect(),
-        };
-        expect_rows(
-            statement.execute(conn)?,
-            self.rows.len(),
-            "INSERT into",
-            &first.table,
-        )?;
-        self.rows.clear();
+        self.parts.push(part);
         Ok(())
     }
-}
 
-fn expect_one(rows: usize, what: &str, name: &TableName) -> Result<(), CdcError> {
-    expect_rows(rows, 1, what, name)
+    /// Sends the pending parts as one statement; every part must touch its rows.
+    fn flush(
+        &mut self,
+        conn: &mut PgConnection,
+        shapes: &mut PreparedShapes,
+    ) -> Result<(), CdcError> {
+        let parts = std::mem::take(&mut self.parts);
+        self.binds = 0;
+        self.touched.clear();
+        self.closed = false;
+        let binds = || {
+            parts
+                .iter()
+                .flat_map(|p| p.binds.iter().map(Option::as_deref))
+                .collect()
+        };
+        match parts.as_slice() {
+            [] => Ok(()),
+            [one] => expect_rows(
+                Statement::new(one.sql(), binds()).execute(conn)?,
+                one.expected(),
+                one.kind.what(),
+                &one.table,
+            ),
+            _ => {
+                let mut sql = String::from("WITH ");
+                for (at, part) in parts.iter().enumerate() {
+                    if at > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push_str(&format!("p{at} AS ({} RETURNING 1)", part.sql()));
+                }
+                for at in 0..parts.len() {
+                    sql.push_str(if at == 0 {
+                        " SELECT "
+                    } else {
+                        " UNION ALL SELECT "
+                    });
+                    sql.push_str(&format!(
+                        "{at} AS part, CAST(COUNT(*) AS BIGINT) AS rows FROM p{at}"
+                    ));
+                }
+                let keep = shapes.keep(&sql);
+                let counts: Vec<PartRows> = Statement::new(sql, binds()).kept(keep).load(conn)?;
+                if counts.len() != parts.len() {
+                    return Err(CdcError::Refused(format!(
+                        "the target answered {} row counts for a statement of {} changes",
+                        counts.len(),
+                        parts.len()
+                    )));
+                }
+                for count in counts {
+                    let part = usize::try_from(count.part)
+                        .ok()
+                        .and_then(|at| parts.get(at))
+                        .ok_or_else(|| {
+                            CdcError::Refused(format!(
+                                "the target answered a row count for part {} of a statement of {} changes",
+                                count.part,
+                                parts.len()
+                            ))
+                        })?;
+                    expect_rows(
+                        usize::try_from(count.rows).unwrap_or(usize::MAX),
+                        part.expected(),
+                        part.kind.what(),
+                        &part.table,
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 fn expect_rows(rows: usize, expected: usize, what: &str, name: &TableName) -> Result<(), CdcError> {
@@ -916,6 +1131,8 @@ pub struct Applier {
     /// When an idle batch last refreshed `complete_*` in the target.
     last_idle_write: Option<Instant>,
     start_proof: StartProof,
+    /// The combined statements kept prepared on `target`.
+    shapes: PreparedShapes,
     pub fault: Option<Fault>,
 }
 
@@ -1056,6 +1273,7 @@ impl Applier {
             catalog,
             last_idle_write: None,
             start_proof,
+            shapes: PreparedShapes::default(),
             fault: None,
         };
         applier.ensure_slot_and_position()?;
@@ -1328,6 +1546,7 @@ impl Applier {
             dialect,
             source_id,
             catalog,
+            shapes,
             ..
         } = self;
         let peek_sql = dialect.peek();
@@ -1357,7 +1576,7 @@ impl Applier {
             };
             let mut open: Option<u64> = None;
             let mut last_xid: Option<u64> = None;
-            let mut pending = PendingInserts::default();
+            let mut pending = PendingStatement::default();
             let rows = diesel::sql_query(peek_sql)
                 .bind::<Text, _>(&slot)
                 .bind::<Integer, _>(batch as i32)
@@ -1381,7 +1600,7 @@ impl Applier {
                                 row.xid
                             )));
                         }
-                        if apply_change(target, catalog, &change, &mut pending)? {
+                        if apply_change(target, catalog, &change, &mut pending, shapes)? {
                             out.changes += 1;
                         }
                     }
@@ -1392,6 +1611,7 @@ impl Applier {
                             )));
                         }
                         open = None;
+                        pending.flush(target, shapes)?;
                         let lsn = Lsn::parse(&row.lsn)?;
                         // The slot was advanced to the stored position before this peek, so a
                         // transaction at or before it means the slot went back; applying it
@@ -1416,7 +1636,7 @@ impl Applier {
                     "the change stream ended inside transaction {xid}"
                 )));
             }
-            pending.flush(target)?;
+            pending.flush(target, shapes)?;
             out.caught_up = out.rows < u64::from(batch);
             let (complete_lsn, complete_at) = if out.caught_up {
                 (out.applied_lsn.max(source_flush), Some(wal.now))
@@ -1650,6 +1870,17 @@ pub fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn combined_statements_stay_prepared_up_to_the_bound_and_no_further() {
+        let mut shapes = PreparedShapes::default();
+        for n in 0..PREPARED_SHAPES {
+            assert!(shapes.keep(&format!("shape {n}")));
+        }
+        assert!(!shapes.keep("one shape too many"), "beyond the bound");
+        assert!(shapes.keep("shape 0"), "a kept shape stays kept");
+        assert_eq!(shapes.kept.len(), PREPARED_SHAPES);
+    }
 
     #[test]
     fn backoff_doubles_to_a_ceiling() {
