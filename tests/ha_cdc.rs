@@ -1316,6 +1316,62 @@ fn changes_whose_order_matters_land_in_the_sources_order() {
     );
 }
 
+/// A cutover starts the reverse copy inside its write pause: a slot on the database about to be
+/// promoted. A new logical slot waits until no transaction that ran at its creation still runs
+/// and the server has logged that (every 15 s), so one transaction open there (in a cutover:
+/// that node's applier writing its position) could hold the pause for seconds. The start is
+/// bounded instead: it reports "not yet" within about a second, leaves no slot behind, and once
+/// the transaction ends the next try starts the copy at once.
+#[test]
+fn a_reverse_copy_start_under_the_fence_does_not_wait_out_an_open_transaction() {
+    let (old_active, new_active) = pair();
+    ha::set_role(
+        &mut connect(&old_active),
+        NodeRole::Fenced,
+        2,
+        "test: fenced by a cutover",
+    )
+    .unwrap();
+    let slots = |c: &mut PgConnection| {
+        count(
+            c,
+            "SELECT count(*) AS n FROM pg_replication_slots WHERE slot_name = 'kunpay_cdc'",
+        )
+    };
+    let mut holder = connect(&new_active);
+    holder
+        .batch_execute("BEGIN; SELECT txid_current();")
+        .unwrap();
+    let started = Instant::now();
+    let refused =
+        Applier::prepare_after_verify(&new_active.url(), &old_active.url(), settings(100))
+            .unwrap_err();
+    assert!(matches!(refused, CdcError::NotQuiet(_)), "{refused}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(slots(&mut connect(&new_active)), 0, "no slot left behind");
+    holder.batch_execute("COMMIT").unwrap();
+    let started = Instant::now();
+    Applier::prepare_after_verify(&new_active.url(), &old_active.url(), settings(100)).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "at once: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(slots(&mut connect(&new_active)), 1);
+    assert_eq!(
+        count(
+            &mut connect(&old_active),
+            "SELECT count(*) AS n FROM ha_cdc_position WHERE slot_name = 'kunpay_cdc'"
+        ),
+        1,
+        "the copy's position is in the old active"
+    );
+}
+
 /// A cutover promotes the standby and retires its copy (the position row goes) possibly before
 /// the standby's daemon stops its applier: the applier's next batch says what happened instead
 /// of reporting a vanished position.

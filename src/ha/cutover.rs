@@ -778,11 +778,10 @@ pub fn execute(
                             ),
                         ));
                     }
-                    // The standby's own applier writes its position now and then; the copy is
-                    // proved only in a quiet moment, which comes within milliseconds.
-                    Err(cdc::CdcError::Refused(why))
-                        if why.contains("was writing") && started.elapsed() < Duration::from_secs(10) =>
-                    {
+                    // The standby's own applier writes its position now and then; the slot is
+                    // created and the copy proved only in a quiet moment, which comes within
+                    // milliseconds.
+                    Err(cdc::CdcError::NotQuiet(_)) if started.elapsed() < Duration::from_secs(10) => {
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     Err(e) => return Err(e.into()),

@@ -260,9 +260,10 @@ fn main() {
          the cutover ({gap_detail}), {gap_rollback:.0} ms in the rollback. The verify step in \
          the pause then re-read only the rows written since: {:.0} ms ({}) in the cutover, {:.0} ms \
          in the rollback, where a full digest of every row took ~7.7 us per row with both \
-         databases read at once (587 ms for 70,935 rows, stop 16). The applier sends consecutive \
-         inserts into one table as one multi-row INSERT (up to 32 rows) and every other change as \
-         one statement; a debit's changes alternate between tables, so most are still one round \
+         databases read at once (587 ms for 70,935 rows, stop 16). The applier sends a source \
+         transaction's changes to the standby as one statement (a data-modifying CTE per change, \
+         split where their order could matter; consecutive inserts into one table as one \
+         multi-row INSERT of up to 32 rows): a debit's opening and its outcome are one round \
          trip each.\n\n",
         written_for.as_secs_f64(),
         catch_up.as_secs_f64(),
