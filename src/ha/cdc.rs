@@ -13,9 +13,8 @@
 //!    guard; the role row is share-locked, so a promotion waits for the batch), stream
 //!    `pg_logical_slot_peek_changes(slot, NULL, batch)` row by row and apply each change as a
 //!    parameterised statement keyed by primary key, a source transaction's changes sent
-//!    together as one statement where their order cannot matter ([`PendingStatement`]);
-//!    every COMMIT must come after the stored
-//!    position; then update the position row and commit;
+//!    together as one statement where their order cannot matter ([`PendingStatement`]); every
+//!    COMMIT must come after the stored position; then update the position row and commit;
 //! 4. advance the slot to the last applied commit (`pg_replication_slot_advance`).
 //!
 //! A crash before step 3's commit leaves the target without the batch and the slot where it
