@@ -80,8 +80,9 @@ pub enum CdcError {
     Connect(String),
     #[error("CDC cannot decode the source's change stream: {0}")]
     Decode(#[from] DecodeError),
-    /// Starting a copy under a cutover's fence needs a moment without transactions on the
-    /// source, which did not come this time; trying again soon succeeds.
+    /// Starting a copy needs a quiet moment on the source (no business write while it is
+    /// proved; under a cutover's fence also no transaction while its slot is created), which
+    /// did not come this time; trying again soon succeeds.
     #[error("CDC start not possible yet: {0}")]
     NotQuiet(String),
     /// A test's fault hook fired (the applier stops as if the process died there).
