@@ -539,20 +539,20 @@ fn apply_change(
                 values.push(format!("CAST({PARAM} AS {cast})"));
             }
             let part = Part {
-                kind: PartKind::Insert,
-                table: name.clone(),
-                other_unique: table.other_unique,
-                head: format!(
-                    "INSERT INTO {}.{} ({}) VALUES ",
-                    quote_ident(&name.schema),
-                    quote_ident(&name.name),
-                    columns.join(", ")
-                ),
                 rows: vec![format!("({})", values.join(", "))],
-                binds: new
-                    .iter()
-                    .map(|c| value_of(c).map(str::to_string))
-                    .collect(),
+                ..Part::new(
+                    PartKind::Insert,
+                    table,
+                    name,
+                    format!(
+                        "INSERT INTO {} ({}) VALUES ",
+                        qualified(name),
+                        columns.join(", ")
+                    ),
+                    new.iter()
+                        .map(|c| value_of(c).map(str::to_string))
+                        .collect(),
+                )
             };
             let keys = row_key(table, name, new).into_iter().collect();
             pending.add(conn, shapes, part, keys)?;
@@ -590,20 +590,18 @@ fn apply_change(
                 .into_iter()
                 .flatten()
                 .collect();
-            let part = Part {
-                kind: PartKind::Update,
-                table: name.clone(),
-                other_unique: table.other_unique,
-                head: format!(
-                    "UPDATE {}.{} SET {} WHERE {}",
-                    quote_ident(&name.schema),
-                    quote_ident(&name.name),
+            let part = Part::new(
+                PartKind::Update,
+                table,
+                name,
+                format!(
+                    "UPDATE {} SET {} WHERE {}",
+                    qualified(name),
                     sets.join(", "),
                     wheres.join(" AND ")
                 ),
-                rows: Vec::new(),
                 binds,
-            };
+            );
             pending.add(conn, shapes, part, keys)?;
             Ok(true)
         }
@@ -619,19 +617,17 @@ fn apply_change(
             }
             let mut binds = Vec::new();
             let wheres = key_conditions(table, name, key, &mut binds)?;
-            let part = Part {
-                kind: PartKind::Delete,
-                table: name.clone(),
-                other_unique: table.other_unique,
-                head: format!(
-                    "DELETE FROM {}.{} WHERE {}",
-                    quote_ident(&name.schema),
-                    quote_ident(&name.name),
+            let part = Part::new(
+                PartKind::Delete,
+                table,
+                name,
+                format!(
+                    "DELETE FROM {} WHERE {}",
+                    qualified(name),
                     wheres.join(" AND ")
                 ),
-                rows: Vec::new(),
                 binds,
-            };
+            );
             let keys = row_key(table, name, key).into_iter().collect();
             pending.add(conn, shapes, part, keys)?;
             Ok(true)
@@ -644,11 +640,7 @@ fn apply_change(
             let mut names = Vec::new();
             for name in tables {
                 if catalog.table(name)?.is_some() {
-                    names.push(format!(
-                        "{}.{}",
-                        quote_ident(&name.schema),
-                        quote_ident(&name.name)
-                    ));
+                    names.push(qualified(name));
                 }
             }
             if names.is_empty() {
@@ -670,6 +662,11 @@ fn apply_change(
             Ok(true)
         }
     }
+}
+
+/// `"schema"."table"`.
+fn qualified(name: &TableName) -> String {
+    format!("{}.{}", quote_ident(&name.schema), quote_ident(&name.name))
 }
 
 /// `"k" = CAST($n AS type)` for each primary-key column, from the old key (or the new row).
@@ -783,6 +780,24 @@ struct Part {
 }
 
 impl Part {
+    /// A part without rows of its own (an UPDATE or DELETE, or an INSERT whose caller sets them).
+    fn new(
+        kind: PartKind,
+        table: &TableInfo,
+        name: &TableName,
+        head: String,
+        binds: Vec<Option<String>>,
+    ) -> Part {
+        Part {
+            kind,
+            table: name.clone(),
+            other_unique: table.other_unique,
+            head,
+            rows: Vec::new(),
+            binds,
+        }
+    }
+
     fn sql(&self) -> String {
         match self.kind {
             PartKind::Insert => format!("{}{}", self.head, self.rows.join(", ")),
