@@ -241,6 +241,19 @@ fn cutover_and_rollback_under_debit_load_lose_nothing_and_apply_nothing_twice() 
     pair.coresim.stop();
 }
 
+/// Refused cutovers recorded as operator actions in the database at `url` whose failed step is
+/// `step`.
+fn refusals_recorded(url: &str, step: &str) -> i64 {
+    assert!(step.chars().all(|c| c.is_ascii_lowercase() || c == ' '));
+    count(
+        url,
+        &format!(
+            "SELECT count(*) AS n FROM operator_action WHERE command = 'HA_CUTOVER' \
+             AND detail LIKE 'outcome: REFUSED: %' AND detail LIKE '%step: FAIL {step} %'"
+        ),
+    )
+}
+
 /// The standby's copy stops right after the cutover's last look at it while serving (a lock
 /// on its `txn` table holds its applier): the catch-up step in the pause cannot finish, the
 /// cutover is refused, and the old active, already fenced, is put back and takes business
@@ -297,11 +310,7 @@ fn a_cutover_that_cannot_catch_up_is_refused_and_the_old_active_serves_again() {
         "the refusal is recorded for the audit log: {report}"
     );
     assert_eq!(
-        count(
-            &pair.a.url(),
-            "SELECT count(*) AS n FROM operator_action WHERE command = 'HA_CUTOVER' \
-             AND detail LIKE 'outcome: REFUSED: %' AND detail LIKE '%step: FAIL catch up %'",
-        ),
+        refusals_recorded(&pair.a.url(), "catch up"),
         1,
         "in the old active's database, ACTIVE again"
     );
@@ -395,11 +404,7 @@ fn a_standby_that_cannot_close_the_gap_is_refused_before_the_drain() {
         assert!(!stepped(later), "no {later} step: {report}");
     }
     assert_eq!(
-        count(
-            &pair.a.url(),
-            "SELECT count(*) AS n FROM operator_action WHERE command = 'HA_CUTOVER' \
-             AND detail LIKE 'outcome: REFUSED: %' AND detail LIKE '%step: FAIL close the gap %'",
-        ),
+        refusals_recorded(&pair.a.url(), "close the gap"),
         1,
         "the refusal is recorded for the audit log"
     );

@@ -7,7 +7,9 @@
 //! Knobs: KUNPAY_BENCH_HA_WORKERS (load threads, default 16), KUNPAY_BENCH_HA_SECONDS (each
 //! measured phase, default 10), KUNPAY_BENCH_HA_HISTORY_ROWS (rows of settled history written
 //! (refused requests) on the active and copied before the cutover, so the verify runs on a
-//! journal of some size; default 1,000,000).
+//! journal of some size; default 1,000,000), KUNPAY_BENCH_HA_CUTOVER_WORKERS (load threads
+//! around the cutover, default 1), KUNPAY_BENCH_HA_MAX_LAG (both nodes' `ha.max_lag`, default
+//! the configuration's 1 MiB).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -101,8 +103,8 @@ fn lag_bytes(pair: &Pair) -> u64 {
 fn main() {
     let workers = env_number("KUNPAY_BENCH_HA_WORKERS", 16) as usize;
     let cutover_workers = env_number("KUNPAY_BENCH_HA_CUTOVER_WORKERS", 1) as usize;
-    let max_lag = std::env::var("KUNPAY_BENCH_HA_MAX_LAG").map_or_else(
-        |_| "1MiB (the default)".to_string(),
+    let max_lag = bench_max_lag().map_or_else(
+        || "1MiB (the default)".to_string(),
         |b| format!("{b} (KUNPAY_BENCH_HA_MAX_LAG)"),
     );
     let seconds = env_number("KUNPAY_BENCH_HA_SECONDS", 10);

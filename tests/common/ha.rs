@@ -48,10 +48,15 @@ pub fn count(url: &str, sql: &str) -> i64 {
     diesel::sql_query(sql).get_result::<N>(&mut conn).unwrap().n
 }
 
-/// `ha.max_lag` for both nodes: the default (1 MiB) unless the HA benchmark is told another
-/// bound (`KUNPAY_BENCH_HA_MAX_LAG`, say "8MiB": the lag a cutover accepts under more load).
+/// The `ha.max_lag` the HA benchmark was told (`KUNPAY_BENCH_HA_MAX_LAG`, say "8MiB": the lag
+/// a cutover accepts under more load); None: the default (1 MiB).
+pub fn bench_max_lag() -> Option<String> {
+    std::env::var("KUNPAY_BENCH_HA_MAX_LAG").ok()
+}
+
+/// `ha.max_lag` for both nodes (see [`bench_max_lag`]).
 fn max_lag_line() -> String {
-    std::env::var("KUNPAY_BENCH_HA_MAX_LAG")
+    bench_max_lag()
         .map(|bound| format!("max_lag = \"{bound}\"\n"))
         .unwrap_or_default()
 }
