@@ -241,6 +241,24 @@ fn cutover_and_rollback_under_debit_load_lose_nothing_and_apply_nothing_twice() 
     pair.coresim.stop();
 }
 
+/// After a refused cutover: A answers 50 more debits, then the load stops with every debit
+/// answered, and A answered them all; returns the answers.
+fn a_alone_served_on(load: Load) -> std::collections::BTreeMap<String, Answered> {
+    let n = load.answered();
+    wait_until(
+        "load on A after the refusal",
+        Duration::from_secs(60),
+        || load.answered() >= n + 50,
+    );
+    let (answered, unanswered) = load.finish();
+    assert_eq!(unanswered, 0);
+    assert!(
+        answered.values().all(|a| a.node == 0),
+        "only A ever answered"
+    );
+    answered
+}
+
 /// Refused cutovers recorded as operator actions in the database at `url` whose failed step is
 /// `step`.
 fn refusals_recorded(url: &str, step: &str) -> i64 {
@@ -328,18 +346,7 @@ fn a_cutover_that_cannot_catch_up_is_refused_and_the_old_active_serves_again() {
     wait_until("A to take business again", Duration::from_secs(30), || {
         pair.a.ops("/primary") == 200
     });
-    let n = load.answered();
-    wait_until(
-        "load on A after the refusal",
-        Duration::from_secs(60),
-        || load.answered() >= n + 50,
-    );
-    let (answered, unanswered) = load.finish();
-    assert_eq!(unanswered, 0);
-    assert!(
-        answered.values().all(|a| a.node == 0),
-        "only A ever answered"
-    );
+    let answered = a_alone_served_on(load);
     wait_until("nothing owed to the core", Duration::from_secs(120), || {
         count(&pair.a.url(), "SELECT count(*) AS n FROM core_pending") == 0
     });
@@ -411,15 +418,7 @@ fn a_standby_that_cannot_close_the_gap_is_refused_before_the_drain() {
     let after = role(&pair.a.url());
     assert_eq!((after.role, after.epoch), (before.role, before.epoch));
     assert_eq!(pair.a.daemon().restarts.load(Ordering::SeqCst), 0);
-    let n = load.answered();
-    wait_until(
-        "load on A after the refusal",
-        Duration::from_secs(60),
-        || load.answered() >= n + 50,
-    );
-    let (answered, unanswered) = load.finish();
-    assert_eq!(unanswered, 0);
-    assert!(answered.values().all(|a| a.node == 0), "only A answered");
+    a_alone_served_on(load);
     pair.coresim.stop();
 }
 
